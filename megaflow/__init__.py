@@ -1,0 +1,1 @@
+from megaflow.settings import Settings

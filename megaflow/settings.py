@@ -1,0 +1,219 @@
+"""One settings model for every MegaFlow process.
+
+Read once in an entry point (``Settings.load()``) from ``MEGAFLOW_*`` environment variables and,
+when ``MEGAFLOW_CONFIG`` names one, a YAML file (environment wins over the file). Clients are
+built from it in entry points or worker start-up, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def _default_state_dir() -> str:
+    return str(Path(os.environ.get("HOME", "/tmp")) / ".megaflow")
+
+
+class Settings(BaseSettings):
+    """Fleet-wide settings. Every field maps to ``MEGAFLOW_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="MEGAFLOW_", extra="forbid", validate_default=True)
+
+    # --- connections -------------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis used as Celery broker, episode state, semaphores and event stream. "
+        "Put the password in the URL (redis://:PASSWORD@host:6379/0).",
+    )
+    key_prefix: str = Field("mf", description="Prefix of every Redis key MegaFlow owns.")
+    state_dir: str = Field(
+        default_factory=_default_state_dir,
+        description="Local directory for the embedded stores, fleet pid files and logs.",
+    )
+    metadata_url: str = Field(
+        "",
+        description="Metadata store: sqlite:///PATH (default: STATE_DIR/megaflow.db) or "
+        "mongodb://user:pass@host:27017/megaflow.",
+    )
+    artifacts_url: str = Field(
+        "",
+        description="Artifact store: file:///DIR (default: STATE_DIR/artifacts) or s3://bucket/prefix.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for MinIO or other S3-compatible stores (None: AWS)."
+    )
+    mongo_ttl_days: float | None = Field(
+        None, description="If set, MongoDB event documents expire after this many days (TTL index)."
+    )
+
+    # --- workers -----------------------------------------------------------------------------
+    host_name: str = Field(
+        default_factory=socket.gethostname,
+        description="Name of this env host; its env worker consumes queue env.<host_name>.",
+    )
+    model_concurrency: int = Field(32, ge=1, description="Threads per model-gateway worker.")
+    agent_concurrency: int = Field(2, ge=1, description="Prefork processes per agent worker.")
+    env_concurrency: int = Field(8, ge=1, description="Threads per env worker.")
+    visibility_timeout_s: int = Field(
+        0,
+        ge=0,
+        description="Redis broker visibility timeout; 0 derives it from the longest step time "
+        "limit plus a margin (it must stay above it, or Celery redelivers running tasks).",
+    )
+
+    # --- resource manager --------------------------------------------------------------------
+    global_limit: int = Field(64, ge=1, description="Episodes running at once in the whole fleet.")
+    user_limit: int = Field(
+        16, ge=1, description="Default episodes running at once per user (override: megaflow quota set)."
+    )
+    host_capacity: int = Field(8, ge=1, description="Live episode containers per env host.")
+    boot_concurrency: int = Field(
+        4, ge=1, description="Containers being created at the same time on one env host."
+    )
+    boot_rate_per_s: float | None = Field(
+        None, description="Optional cap on container creations started per second per host."
+    )
+    lease_s: float = Field(
+        60.0, gt=0, description="Semaphore lease length; a holder that stops renewing loses its slots after this."
+    )
+    host_ttl_s: float = Field(
+        30.0, gt=0, description="An env host whose heartbeat is older than this is removed."
+    )
+    sweep_interval_s: float = Field(15.0, gt=0, description="Period of the safety sweep.")
+
+    # --- environments ------------------------------------------------------------------------
+    env_mode: Literal["ephemeral", "persistent"] = Field(
+        "ephemeral", description="Default environment mode for episodes that do not set one."
+    )
+    default_image: str = Field("megaflow-sandbox:latest", description="Image used when a task names none.")
+    warm_pool_size: int = Field(2, ge=0, description="Warm containers kept per image per host (persistent mode).")
+    warm_idle_s: float = Field(900.0, gt=0, description="A warm container idle longer than this is removed.")
+    container_cpus: float = Field(1.0, gt=0, description="CPU limit of each episode container.")
+    container_memory: str = Field("1g", description="Memory limit of each episode container (docker syntax).")
+    container_pids: int = Field(256, ge=16, description="Process limit of each episode container.")
+    output_cap_bytes: int = Field(16384, ge=256, description="Command output kept per exec (head+tail).")
+    image_disk_budget_gb: float = Field(
+        40.0, gt=0, description="Disk used by images per env host before LRU eviction."
+    )
+    registry_url: str | None = Field(None, description="Registry to log in to before pulls.")
+    registry_username: str | None = Field(None, description="Registry user.")
+    registry_password: SecretStr | None = Field(None, description="Registry password or token.")
+
+    # --- time limits (command < agent budget < container lifetime < episode guard) -------------
+    command_timeout_s: float = Field(60.0, gt=0, description="Time limit of one shell command in a container.")
+    eval_timeout_s: float = Field(300.0, gt=0, description="Time limit of the evaluation command.")
+    episode_budget_s: float = Field(1800.0, gt=0, description="Agent wall-time budget per episode.")
+    container_lifetime_s: float = Field(
+        2400.0, gt=0, description="A container's main process ends by itself after this (dead-man's switch)."
+    )
+    episode_guard_s: float = Field(
+        3000.0, gt=0, description="The sweep times out an episode still live after this."
+    )
+    pull_timeout_s: float = Field(900.0, gt=0, description="Deadline of one image pull.")
+    boot_timeout_s: float = Field(120.0, gt=0, description="Deadline of creating and starting a container.")
+    max_steps: int = Field(50, ge=1, description="Default agent step limit per episode.")
+
+    # --- model service -----------------------------------------------------------------------
+    model_backend: str = Field("scripted", description="Default model backend: scripted or openai.")
+    model_name: str = Field("default", description="Model name sent to OpenAI-compatible endpoints.")
+    model_endpoints: list[str] = Field(
+        default_factory=list,
+        description="OpenAI-compatible base URLs (comma separated or JSON list), e.g. http://gpu1:8000/v1.",
+    )
+    model_api_key: SecretStr | None = Field(None, description="API key sent as Bearer token.")
+    endpoint_concurrency: int = Field(64, ge=1, description="Requests in flight per model endpoint.")
+    model_timeout_s: float = Field(120.0, gt=0, description="Time limit of one model request.")
+    model_max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/connection errors/time-outs.")
+    policy_version: str | None = Field(None, description="Default policy version tag sent with requests.")
+
+    # --- monitoring --------------------------------------------------------------------------
+    flower_port: int = Field(5555, description="Port of `megaflow flower`.")
+    flower_user: str | None = Field(None, description="Flower basic-auth user.")
+    flower_password: SecretStr | None = Field(None, description="Flower basic-auth password.")
+    metrics_port: int = Field(9808, description="Port of the Prometheus metrics endpoint.")
+    events_maxlen: int = Field(1_000_000, ge=1000, description="Approximate cap of the event stream.")
+
+    @field_validator("model_endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _derive(self) -> "Settings":
+        if not self.metadata_url:
+            self.metadata_url = f"sqlite:///{Path(self.state_dir) / 'megaflow.db'}"
+        if not self.artifacts_url:
+            self.artifacts_url = f"file://{Path(self.state_dir) / 'artifacts'}"
+        if self.visibility_timeout_s == 0:
+            self.visibility_timeout_s = int(self.step_time_limit_s * 2 + 60)
+        elif self.visibility_timeout_s <= self.step_time_limit_s:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must be above the longest step "
+                f"time limit ({self.step_time_limit_s:.0f}s); raise MEGAFLOW_VISIBILITY_TIMEOUT_S or set it to 0"
+            )
+        if not (self.command_timeout_s < self.episode_budget_s < self.container_lifetime_s < self.episode_guard_s):
+            raise ValueError(
+                "time limits must line up: command_timeout_s < episode_budget_s < "
+                "container_lifetime_s < episode_guard_s"
+            )
+        return self
+
+    @property
+    def step_time_limit_s(self) -> float:
+        """Hard time limit of the longest single step task (plus slack for bookkeeping)."""
+        return max(self.command_timeout_s, self.eval_timeout_s, self.model_timeout_s * (self.model_max_retries + 1),
+                   self.boot_timeout_s + self.pull_timeout_s) + 30
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("MEGAFLOW_CONFIG")
+        if path:
+            from pydantic_settings import YamlConfigSettingsSource
+
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> "Settings":
+        """Build settings from the environment (and MEGAFLOW_CONFIG YAML), with explicit overrides."""
+        return cls(**overrides)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        import json
+
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if isinstance(value, list):
+                value = json.dumps(value)
+            out[f"MEGAFLOW_{name.upper()}"] = str(value)
+        for name in ("model_api_key", "registry_password", "flower_password"):
+            secret = getattr(self, name)
+            if secret is not None:
+                out[f"MEGAFLOW_{name.upper()}"] = secret.get_secret_value()
+        return out

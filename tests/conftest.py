@@ -1,0 +1,131 @@
+"""Shared fixtures: a real redis-server per test session on a free port, Docker, settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from megaflow.settings import Settings
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server child process on 127.0.0.1:<port> that tests may stop and restart."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.dir = tmp
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if not exe:
+            pytest.fail("redis-server is not installed; run `make test`, which installs it")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client on the session's redis-server, flushed before and after the test."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    yield client
+    try:
+        client.flushall()
+    except redis.ConnectionError:
+        pass
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_server, redis_client, tmp_path) -> Settings:
+    """Settings pointing at the test redis-server and a per-test state directory."""
+    return Settings.load(redis_url=redis_server.url, state_dir=str(tmp_path / "state"), host_name="test-host")
+
+
+def docker_available() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+        client.close()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A Docker SDK client; skips locally when no engine runs, fails in CI."""
+    if not docker_available():
+        if IN_CI:
+            pytest.fail("no Docker engine: `make test` starts dockerd; it must run in CI")
+        pytest.skip("no Docker engine running (start it with `make test`)")
+    import docker
+
+    client = docker.from_env(timeout=120)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(docker_client) -> str:
+    """The locally built sandbox image (megaflow images build), built once if missing."""
+    from megaflow.env_hosts.images import ensure_sandbox_image
+
+    settings = Settings.load()
+    return ensure_sandbox_image(docker_client, settings.default_image)
