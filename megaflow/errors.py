@@ -62,3 +62,7 @@ class ModelError(MegaflowError):
 
 class ContextLengthError(ModelError):
     """The prompt no longer fits the model's context window; the episode ends cleanly."""
+
+
+class ModelUnavailableError(ModelError, RetryableInfraError):
+    """Model endpoints kept failing (429, 5xx, connection errors, time-outs) after every retry."""

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint for MinIO or other S3-compatible stores (None: AWS)."
     )
+    s3_region: str | None = Field(
+        None, description="S3 region (None: boto3's usual AWS_REGION / ~/.aws/config lookup)."
+    )
     mongo_ttl_days: float | None = Field(
         None, description="If set, MongoDB event documents expire after this many days (TTL index)."
     )
@@ -131,6 +134,23 @@ class Settings(BaseSettings):
     model_timeout_s: float = Field(120.0, gt=0, description="Time limit of one model request.")
     model_max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/connection errors/time-outs.")
     policy_version: str | None = Field(None, description="Default policy version tag sent with requests.")
+    model_backoff_base_s: float = Field(
+        0.5, gt=0, description="First retry delay of a model request; doubles each retry, with jitter."
+    )
+    model_backoff_max_s: float = Field(8.0, gt=0, description="Longest delay between two model request retries.")
+    model_unhealthy_after: int = Field(
+        3, ge=1, description="Consecutive failures after which a model endpoint is taken out of the pool."
+    )
+    model_cooldown_s: float = Field(
+        15.0, gt=0, description="How long an unhealthy model endpoint stays out before it is probed back in."
+    )
+    model_sticky_ttl_s: float = Field(
+        3600.0, gt=0, description="How long an episode keeps its model endpoint after its last call."
+    )
+    model_endpoint_ttl_s: float = Field(
+        30.0, gt=0, description="A registered model endpoint (`megaflow model serve`) whose heartbeat is older "
+        "than this leaves the pool."
+    )
 
     # --- monitoring --------------------------------------------------------------------------
     flower_port: int = Field(5555, description="Port of `megaflow flower`.")
