@@ -1,0 +1,82 @@
+"""Helpers every store backend shares: the merge rule of task documents, event ordering, URLs.
+
+Keeping the rules here is what lets every backend pass the same contract tests.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from megaflow.errors import SpecError
+
+# Fields of a task document that never change once stored: the earliest value wins ($min).
+STICKY_MIN_FIELDS = ("created_at",)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to put in an error message)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def check_task_doc(doc: dict[str, Any]) -> str:
+    """The episode id of a task document, or SpecError when it has none."""
+    episode_id = doc.get("episode_id")
+    if not isinstance(episode_id, str) or not episode_id:
+        raise SpecError("a task document needs a non-empty string 'episode_id'", field="episode_id")
+    phases = doc.get("phases")
+    if phases is not None and not isinstance(phases, dict):
+        raise SpecError("'phases' must be a mapping of phase name -> unix time", field="phases")
+    return episode_id
+
+
+def merge_task(old: dict[str, Any] | None, doc: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """The stored document after upserting ``doc`` onto ``old``.
+
+    Top-level fields overwrite, ``phases`` merges key by key, ``created_at`` keeps the earliest
+    value (set to ``now`` when no upsert ever gave one). MongoDB does the same with $set on
+    dotted ``phases.<k>`` keys and $min on created_at.
+    """
+    now = time.time() if now is None else now
+    new = dict(old or {})
+    for key, value in doc.items():
+        if key == "phases":
+            merged = dict(new.get("phases") or {})
+            merged.update(value or {})
+            new["phases"] = merged
+        elif key in STICKY_MIN_FIELDS:
+            continue
+        else:
+            new[key] = value
+    for key in STICKY_MIN_FIELDS:
+        candidates = [v for v in ((old or {}).get(key), doc.get(key)) if v is not None]
+        new[key] = min(candidates) if candidates else now
+    new.setdefault("phases", {})
+    return new
+
+
+def stream_order(event: dict[str, Any]) -> tuple[int, int]:
+    """Sort key of an event: its Redis stream id ``<ms>-<seq>`` as numbers (falls back to ``ts``)."""
+    event_id = str(event.get("event_id", ""))
+    ms, _, seq = event_id.partition("-")
+    if ms.isdigit() and (seq.isdigit() or seq == ""):
+        return int(ms), int(seq or 0)
+    ts = event.get("ts")
+    return (int(float(ts) * 1000) if isinstance(ts, (int, float)) else 0), 0
+
+
+def check_event(event: dict[str, Any]) -> str:
+    """The event id of an event document, or SpecError when it has none."""
+    event_id = event.get("event_id")
+    if not isinstance(event_id, str) or not event_id:
+        raise SpecError("an event document needs a non-empty string 'event_id'", field="event_id")
+    return event_id
