@@ -89,6 +89,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="An env host whose heartbeat is older than this is removed."
     )
     sweep_interval_s: float = Field(15.0, gt=0, description="Period of the safety sweep.")
+    admit_start_timeout_s: float = Field(
+        600.0, gt=0, description="The sweep re-queues an episode admitted but not started within this."
+    )
 
     # --- environments ------------------------------------------------------------------------
     env_mode: Literal["ephemeral", "persistent"] = Field(
