@@ -1,0 +1,47 @@
+"""The agent service's step: decide what an episode does next and hand it to the model or env."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from megaflow import lifecycle, states
+from megaflow.agents.bash import BashAgent
+from megaflow.runtime import Runtime
+
+
+def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
+    """Run step ``step`` of the episode's agent; return what it decided (for logs and tests)."""
+    ep = rt.engine.claim(episode_id, step)
+    if ep is None:
+        return "dropped"
+    if ep.fields.get("cancel") == "1":
+        lifecycle.finish(rt, ep, states.CANCELLED, cause=states.CAUSE_CANCELLED)
+        return "cancelled"
+    spec = ep.spec
+    agent = BashAgent(spec.agent, max_steps=rt.settings.max_steps)
+    budget = spec.agent.wall_time_s or rt.settings.episode_budget_s
+    started = float(ep.fields.get("t:env_ready") or ep.fields.get("created_at") or time.time())
+    if time.time() - started > budget:
+        lifecycle.finish(rt, ep, states.TIMED_OUT, cause=states.CAUSE_TIMEOUT,
+                         error=f"agent wall-time budget of {budget:.0f}s used up")
+        return "timed_out"
+    if not ep.history:
+        rt.engine.advance(ep, history=agent.initial_messages(spec), next_task=lifecycle.to_model())
+        return "model"
+    tokens = int(ep.num("prompt_tokens") + ep.num("completion_tokens"))
+    action = agent.decide(ep.history, tokens_used=tokens)
+    if action.kind == "limit":
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_AGENT_LIMIT, error=action.reason)
+    elif action.kind == "model":
+        rt.engine.advance(ep, next_task=lifecycle.to_model())
+    elif action.kind == "exec":
+        rt.engine.advance(ep, fields={"pending": json.dumps({"command": action.command})},
+                          next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host))
+    elif action.kind == "submit":
+        rt.engine.advance(ep, state=states.EVALUATING, phase="evaluating",
+                          next_task=lifecycle.to_host(lifecycle.ENV_EVALUATE, ep.host))
+    else:  # format_error: tell the model and ask again
+        rt.engine.advance(ep, history=[{"role": "user", "content": action.message, "kind": "format_error"}],
+                          incr={"format_errors": 1}, next_task=lifecycle.to_model())
+    return action.kind

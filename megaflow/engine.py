@@ -1,0 +1,296 @@
+"""The episode engine: episode state in Redis, advanced step by step with compare-and-set.
+
+An episode is a chain of short Celery tasks (provision -> (model -> exec)* -> evaluate -> finish).
+Each task carries ``(episode_id, step)``; it is applied only if the episode is still at that step,
+and the advance (state fields, history, event, next task) is one Lua script, so a redelivered
+task is dropped instead of forking the episode.
+
+Keys owned (see megaflow.keys.Keys): ``ep:{id}`` (hash), ``ep:{id}:hist`` (list), ``batch:{id}``,
+``batch:{id}:eps``, ``batch:{id}:done``, ``batches``, ``live`` and the ``events`` stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from megaflow import states
+from megaflow.errors import NotFoundError
+from megaflow.keys import Keys
+from megaflow.settings import Settings
+from megaflow.spec import TaskSpec
+
+log = logging.getLogger(__name__)
+
+EPISODE_TTL_S = 7 * 24 * 3600
+
+# Compare-and-set advance of one episode.
+# KEYS[1] episode hash, KEYS[2] history list, KEYS[3] events stream, KEYS[4] live zset,
+# KEYS[5] batch done set
+# ARGV[1] expected step, ARGV[2] new step, ARGV[3] JSON object of hash fields (string values),
+# ARGV[4] JSON array of history records (each already a JSON string), ARGV[5] event JSON or "",
+# ARGV[6] JSON object of numeric increments, ARGV[7] "1" when the episode becomes terminal,
+# ARGV[8] stream max length, ARGV[9] TTL of a terminal episode, ARGV[10] episode id,
+# ARGV[11] phase name to stamp with Redis time, or ""
+# Returns 1 when applied, 0 when the episode is not at the expected step (or already terminal).
+ADVANCE_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'step')
+if (not cur) or cur ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'terminal') == '1' then return 0 end
+local t = redis.call('TIME')
+local nowstr = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+redis.call('HSET', KEYS[1], 'step', ARGV[2], 'updated_at', nowstr)
+for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
+for k, v in pairs(cjson.decode(ARGV[6])) do redis.call('HINCRBYFLOAT', KEYS[1], k, v) end
+for _, rec in ipairs(cjson.decode(ARGV[4])) do redis.call('RPUSH', KEYS[2], rec) end
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 't:' .. ARGV[11], nowstr) end
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'e', ARGV[5], 'ts', nowstr, 'step', ARGV[2])
+end
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'terminal', '1')
+  redis.call('ZREM', KEYS[4], ARGV[10])
+  local b = redis.call('HGET', KEYS[1], 'batch_id')
+  redis.call('SADD', KEYS[5], ARGV[10])
+  redis.call('EXPIRE', KEYS[1], ARGV[9])
+  redis.call('EXPIRE', KEYS[2], ARGV[9])
+else
+  redis.call('ZADD', KEYS[4], nowstr, ARGV[10])
+end
+return 1
+"""
+
+
+@dataclass
+class Episode:
+    """A snapshot of one episode's state, loaded from Redis."""
+
+    id: str
+    fields: dict[str, str]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return int(self.fields.get("step", "0"))
+
+    @property
+    def state(self) -> str:
+        return self.fields.get("state", "")
+
+    @property
+    def batch_id(self) -> str:
+        return self.fields.get("batch_id", "")
+
+    @property
+    def user(self) -> str:
+        return self.fields.get("user", "")
+
+    @property
+    def host(self) -> str:
+        return self.fields.get("host", "")
+
+    @property
+    def terminal(self) -> bool:
+        return self.fields.get("terminal") == "1"
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec.model_validate_json(self.fields["spec"])
+
+    @property
+    def container(self) -> dict[str, Any] | None:
+        raw = self.fields.get("container")
+        return json.loads(raw) if raw else None
+
+    @property
+    def pending(self) -> dict[str, Any] | None:
+        raw = self.fields.get("pending")
+        return json.loads(raw) if raw else None
+
+    def phase_times(self) -> dict[str, float]:
+        return {k[2:]: float(v) for k, v in self.fields.items() if k.startswith("t:")}
+
+    def num(self, name: str) -> float:
+        return float(self.fields.get(name) or 0)
+
+
+@dataclass
+class NextTask:
+    """The task an advance hands the episode to."""
+
+    name: str
+    queue: str
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "queue": self.queue})
+
+
+Sender = Callable[[str, list[Any], str], None]
+
+
+class EpisodeEngine:
+    """Creates, loads and advances episodes; sends the next task of each advance."""
+
+    def __init__(self, redis_client: redis.Redis, settings: Settings, keys: Keys, send: Sender):
+        self.r = redis_client
+        self.settings = settings
+        self.keys = keys
+        self._send = send
+        self._advance = redis_client.register_script(ADVANCE_LUA)
+
+    # --- creation --------------------------------------------------------------------------
+    def create_batch(self, specs: list[TaskSpec], user: str, batch_id: str | None = None) -> tuple[str, list[str]]:
+        """Write the episodes of a validated batch (state QUEUED) in one MULTI; return (batch, ids)."""
+        batch_id = batch_id or f"b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        ids = [f"{batch_id}-{i:05d}" for i in range(len(specs))]
+        now = f"{time.time():.6f}"
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.keys.batch(batch_id), mapping={"user": user, "size": len(specs), "created_at": now})
+        pipe.zadd(self.keys.batches, {batch_id: float(now)})
+        pipe.rpush(self.keys.batch_episodes(batch_id), *ids)
+        for i, (eid, spec) in enumerate(zip(ids, specs)):
+            image = spec.image or self.settings.default_image
+            mode = spec.mode or self.settings.env_mode
+            pipe.hset(self.keys.episode(eid), mapping={
+                "id": eid, "batch_id": batch_id, "user": user, "task_id": spec.task_id, "index": i,
+                "spec": spec.model_dump_json(), "state": states.QUEUED, "step": 0, "attempt": 1,
+                "image": image, "mode": mode, "created_at": now, "t:submitted": now, "t:queued": now,
+                "policy_version": spec.policy_version or self.settings.policy_version or "",
+            })
+            base = {"episode_id": eid, "batch_id": batch_id, "user": user, "task_id": spec.task_id}
+            fields = {"image": image, "mode": mode, "attempt": 1, "created_at": float(now),
+                      "policy_version": spec.policy_version or self.settings.policy_version}
+            for st in (states.SUBMITTED, states.QUEUED):
+                ev = dict(base, state=st, phase=st.lower(), fields=fields)
+                pipe.xadd(self.keys.events, {"e": json.dumps(ev), "ts": now, "step": 0},
+                          maxlen=self.settings.events_maxlen, approximate=True)
+        pipe.execute()
+        return batch_id, ids
+
+    # --- loading ---------------------------------------------------------------------------
+    def load(self, episode_id: str, *, history: bool = True) -> Episode:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.keys.episode(episode_id))
+        if history:
+            pipe.lrange(self.keys.history(episode_id), 0, -1)
+        res = pipe.execute()
+        if not res[0]:
+            raise NotFoundError(f"episode {episode_id} not found (expired or never submitted)")
+        hist = [json.loads(h) for h in res[1]] if history else []
+        return Episode(episode_id, res[0], hist)
+
+    def claim(self, episode_id: str, step: int) -> Episode | None:
+        """The episode if it is at ``step`` and live; else None (a duplicate or a stale callback).
+
+        A redelivered task whose advance went through but whose next task was lost (a crash
+        between the two) finds the episode one step ahead and sends that next task again.
+        """
+        try:
+            ep = self.load(episode_id)
+        except NotFoundError:
+            log.warning("dropping step %s of unknown episode %s", step, episode_id)
+            return None
+        if ep.terminal:
+            return None
+        if ep.step == step:
+            return ep
+        nxt = ep.fields.get("next")
+        if ep.step == step + 1 and nxt:
+            spec = json.loads(nxt)
+            log.warning("episode %s: resending %s for step %s after a redelivery", episode_id, spec["name"], ep.step)
+            self._send(spec["name"], [episode_id, ep.step], spec["queue"])
+        return None
+
+    # --- advancing -------------------------------------------------------------------------
+    def advance(
+        self,
+        ep: Episode,
+        *,
+        fields: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        state: str | None = None,
+        phase: str | None = None,
+        event_fields: dict[str, Any] | None = None,
+        incr: dict[str, float] | None = None,
+        next_task: NextTask | None = None,
+        terminal: bool = False,
+        keep_step: bool = False,
+    ) -> bool:
+        """Apply one step's results if ``ep`` is still at its step; send ``next_task`` if applied."""
+        new_step = ep.step if keep_step else ep.step + 1
+        fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (fields or {}).items()}
+        if state:
+            fields["state"] = state
+        if next_task:
+            fields["next"] = next_task.to_json()
+        event = ""
+        if state or phase or event_fields:
+            event = json.dumps({
+                "episode_id": ep.id, "batch_id": ep.batch_id, "user": ep.user,
+                "task_id": ep.fields.get("task_id"), "state": state or ep.state,
+                "phase": phase, "fields": event_fields or {},
+            })
+        now = time.time()
+        records = [json.dumps(dict(rec, t=rec.get("t", now))) for rec in (history or [])]
+        applied = self._advance(
+            keys=[self.keys.episode(ep.id), self.keys.history(ep.id), self.keys.events, self.keys.live,
+                  self.keys.batch_done(ep.batch_id)],
+            args=[ep.step, new_step, json.dumps(fields), json.dumps(records), event, json.dumps(incr or {}),
+                  "1" if terminal else "0", self.settings.events_maxlen, EPISODE_TTL_S, ep.id, phase or ""],
+        )
+        if not applied:
+            log.info("episode %s moved past step %s; dropping this result", ep.id, ep.step)
+            return False
+        ep.fields.update(fields)
+        ep.fields["step"] = str(new_step)
+        if next_task:
+            self._send(next_task.name, [ep.id, new_step], next_task.queue)
+        return True
+
+    # --- queries ---------------------------------------------------------------------------
+    def batch_ids(self, batch_id: str) -> list[str]:
+        ids = self.r.lrange(self.keys.batch_episodes(batch_id), 0, -1)
+        if not ids and not self.r.exists(self.keys.batch(batch_id)):
+            raise NotFoundError(f"batch {batch_id} not found")
+        return ids
+
+    def summaries(self, episode_ids: list[str]) -> list[dict[str, Any]]:
+        """Light views of many episodes (no history), pipelined."""
+        pipe = self.r.pipeline(transaction=False)
+        for eid in episode_ids:
+            pipe.hgetall(self.keys.episode(eid))
+        out = []
+        for eid, f in zip(episode_ids, pipe.execute()):
+            if f:
+                out.append(episode_view(Episode(eid, f)))
+        return out
+
+
+def episode_view(ep: Episode) -> dict[str, Any]:
+    """The public view of an episode: what Client.results returns."""
+    f = ep.fields
+    reward = f.get("reward")
+    return {
+        "episode_id": ep.id,
+        "batch_id": ep.batch_id,
+        "task_id": f.get("task_id"),
+        "user": ep.user,
+        "state": ep.state,
+        "reward": float(reward) if reward not in (None, "") else None,
+        "cause": f.get("cause") or None,
+        "error": f.get("error") or None,
+        "host": f.get("host") or None,
+        "mode": f.get("mode"),
+        "attempt": int(f.get("attempt") or 1),
+        "steps": int(ep.num("model_calls")),
+        "prompt_tokens": int(ep.num("prompt_tokens")),
+        "completion_tokens": int(ep.num("completion_tokens")),
+        "artifact_uri": f.get("artifact_uri") or None,
+        "phases": ep.phase_times(),
+    }

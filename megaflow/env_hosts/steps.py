@@ -1,0 +1,140 @@
+"""The environment service's steps: provision, exec, evaluate and close an episode's container."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from megaflow import lifecycle, states
+from megaflow.agents.bash import observation
+from megaflow.errors import InfraError, RetryableError, TaskError
+from megaflow.runtime import Runtime
+
+BOOT_BUSY = "boot_busy"
+
+
+def _labels(rt: Runtime, ep) -> dict[str, str]:
+    return {"megaflow.run": ep.batch_id, "megaflow.episode": ep.id, "megaflow.user": ep.user,
+            "megaflow.host": rt.host, "megaflow.prefix": rt.settings.key_prefix}
+
+
+def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
+    """Create the episode's container, write its files, run its set-up, then hand it to the agent."""
+    ep = rt.engine.claim(episode_id, step)
+    if ep is None:
+        return "dropped"
+    if ep.fields.get("cancel") == "1":
+        lifecycle.finish(rt, ep, states.CANCELLED, cause=states.CAUSE_CANCELLED)
+        return "cancelled"
+    rt.resources.mark_started(ep.id)
+    if ep.state != states.ENV_STARTING:
+        rt.engine.advance(ep, keep_step=True, state=states.ENV_STARTING, phase="env_starting")
+    if not rt.resources.acquire_boot(rt.host, ep.id):
+        return BOOT_BUSY
+    spec = ep.spec
+    try:
+        handle = rt.env_host.create(ep.id, ep.fields.get("image") or rt.settings.default_image,
+                                    labels=_labels(rt, ep), mode=ep.fields.get("mode") or rt.settings.env_mode,
+                                    network=spec.network)
+        try:
+            _setup(rt, handle, spec)
+        except BaseException:
+            rt.env_host.close(handle)
+            raise
+    except RetryableError as exc:
+        if not final_attempt:
+            rt.engine.advance(ep, keep_step=True, incr={"attempt": 1}, event_fields={"retry": str(exc)[:500]})
+            raise
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"provision: {exc}")
+        return "failed"
+    except TaskError as exc:
+        lifecycle.finish(rt, ep, states.FAILED, cause="setup", error=str(exc))
+        return "failed"
+    except InfraError as exc:
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"provision: {exc}")
+        return "failed"
+    finally:
+        rt.resources.release_boot(rt.host, ep.id)
+    applied = rt.engine.advance(
+        ep, state=states.RUNNING, phase="env_ready", fields={"container": handle},
+        event_fields={"host": rt.host, "container_id": handle.get("container_id"), "mode": handle.get("mode")},
+        next_task=lifecycle.to_agent(),
+    )
+    if not applied:  # a duplicate delivery won the race: this container is ours to remove
+        rt.env_host.close(handle)
+        return "dropped"
+    return "ok"
+
+
+def _setup(rt: Runtime, handle: dict[str, Any], spec) -> None:
+    rt.env_host.execute(handle, f"mkdir -p {shlex.quote(spec.workdir)}", timeout=rt.settings.command_timeout_s)
+    if spec.files:
+        rt.env_host.put_files(handle, spec.files)
+    for command in spec.setup:
+        res = rt.env_host.execute(handle, command, timeout=rt.settings.command_timeout_s, workdir=spec.workdir)
+        if res.timed_out or res.exit_code != 0:
+            raise TaskError(f"set-up command failed (exit {res.exit_code}): {command[:200]}\n{res.output[-1000:]}")
+
+
+def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
+    """Run the agent's pending command and report its output back to the agent."""
+    ep = rt.engine.claim(episode_id, step)
+    if ep is None:
+        return "dropped"
+    spec = ep.spec
+    command = (ep.pending or {}).get("command", "")
+    timeout = spec.agent.command_timeout_s or rt.settings.command_timeout_s
+    try:
+        res = rt.env_host.execute(ep.container, command, timeout=timeout, workdir=spec.workdir)
+    except RetryableError:
+        if not final_attempt:
+            raise
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error="exec: environment unavailable",
+                         close_here=True)
+        return "failed"
+    except InfraError as exc:
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"exec: {exc}", close_here=True)
+        return "failed"
+    record = {"role": "user", "content": observation(res.exit_code, res.output, res.timed_out),
+              "kind": "observation", "exit_code": res.exit_code, "timed_out": res.timed_out,
+              "duration_s": round(res.duration_s, 4), "command": command}
+    rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
+    return "ok"
+
+
+def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
+    """Run the evaluation command; its exit code gives the reward; then end the episode."""
+    ep = rt.engine.claim(episode_id, step)
+    if ep is None:
+        return "dropped"
+    spec = ep.spec
+    handle = ep.container
+    try:
+        if spec.eval.files:
+            rt.env_host.put_files(handle, spec.eval.files)
+        res = rt.env_host.execute(handle, spec.eval.command, timeout=spec.eval.timeout_s or rt.settings.eval_timeout_s,
+                                  workdir=spec.workdir)
+    except RetryableError:
+        if not final_attempt:
+            raise
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error="evaluate: environment unavailable",
+                         close_here=True)
+        return "failed"
+    except InfraError as exc:
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"evaluate: {exc}", close_here=True)
+        return "failed"
+    reward = 1.0 if (res.exit_code == 0 and not res.timed_out) else 0.0
+    record = {"role": "evaluation", "content": res.output, "exit_code": res.exit_code,
+              "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4)}
+    if not rt.engine.advance(ep, history=[record], fields={"eval_exit_code": str(res.exit_code)}):
+        return "dropped"
+    ep.history.append(record)
+    state = states.SUCCEEDED if reward > 0 else states.FAILED
+    lifecycle.finish(rt, ep, state, reward=reward, cause=None if reward > 0 else states.CAUSE_TESTS, close_here=True)
+    return state
+
+
+def close(rt: Runtime, episode_id: str, handle: dict[str, Any]) -> str:
+    """Remove a finished episode's container and release its slots."""
+    lifecycle.close_container(rt, episode_id, handle)
+    return "closed"

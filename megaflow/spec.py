@@ -1,0 +1,114 @@
+"""Task specs: what a user submits for one episode, validated before anything is enqueued."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from megaflow.errors import SpecError
+
+SUBMIT_WORD = "MEGAFLOW_SUBMIT"
+
+
+class ModelSpec(BaseModel):
+    """Which model answers this episode. Extra keys (endpoints, temperature, ...) go to the backend."""
+
+    model_config = ConfigDict(extra="allow")
+
+    backend: str | None = Field(None, description="Backend name (scripted, openai); default: settings.model_backend.")
+    replies: list[str] | None = Field(None, description="Replies replayed in order by the scripted backend.")
+
+
+class AgentSpec(BaseModel):
+    """How the agent behaves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["bash"] = Field("bash", description="Agent implementation.")
+    max_steps: int | None = Field(None, ge=1, description="Model calls allowed; default settings.max_steps.")
+    max_tokens: int | None = Field(None, ge=1, description="Total prompt+completion tokens allowed.")
+    wall_time_s: float | None = Field(None, gt=0, description="Agent wall-time budget; default settings.episode_budget_s.")
+    submit_word: str = Field(SUBMIT_WORD, min_length=3, description="A reply containing this word submits.")
+    system_template: str | None = Field(None, description="System prompt; {submit_word} is filled in.")
+    instance_template: str | None = Field(None, description="First user message; {problem_statement} is filled in.")
+    command_timeout_s: float | None = Field(None, gt=0, description="Per-command limit; default settings.command_timeout_s.")
+
+
+class EvalSpec(BaseModel):
+    """How the episode is scored: the command's exit code gives the reward (0 -> 1.0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: str = Field(..., min_length=1, description="Shell command run in the container after submit.")
+    timeout_s: float | None = Field(None, gt=0, description="Default settings.eval_timeout_s.")
+    files: dict[str, str] = Field(default_factory=dict, description="Files written just before evaluation (tests).")
+
+
+class TaskSpec(BaseModel):
+    """One episode: an image, files and set-up, a problem, a model, an agent and an evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(..., min_length=1, max_length=200, description="The task's name (instance id).")
+    image: str | None = Field(None, description="Container image; default settings.default_image.")
+    mode: Literal["ephemeral", "persistent"] | None = Field(None, description="Default settings.env_mode.")
+    network: bool = Field(False, description="Give the container a network (off by default).")
+    workdir: str = Field("/repo", description="Working directory of every command.")
+    files: dict[str, str] = Field(default_factory=dict, description="Absolute path -> text written before set-up.")
+    setup: list[str] = Field(default_factory=list, description="Shell commands run after the files are written.")
+    problem_statement: str = Field("", description="What the agent must do.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    agent: AgentSpec = Field(default_factory=AgentSpec)
+    eval: EvalSpec
+    policy_version: str | None = Field(None, description="Policy/model version tag recorded with each call.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form, kept on the record.")
+
+    @field_validator("files")
+    @classmethod
+    def _absolute(cls, v: dict[str, str]) -> dict[str, str]:
+        for path in v:
+            if not path.startswith("/"):
+                raise ValueError(f"file path {path!r} must be absolute (start with /)")
+        return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("workdir must be an absolute path")
+        return v
+
+
+def _describe(exc: ValidationError) -> tuple[str, str]:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(spec)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown field; remove it or check the spelling (allowed: see megaflow.spec.TaskSpec)"
+    elif err["type"] == "missing":
+        msg = "required field is missing; add it"
+    return field, msg
+
+
+def validate_specs(specs: Iterable[dict[str, Any] | TaskSpec]) -> list[TaskSpec]:
+    """Validate every spec; the first bad one raises SpecError naming its index and field."""
+    out: list[TaskSpec] = []
+    for i, raw in enumerate(specs):
+        if isinstance(raw, TaskSpec):
+            out.append(raw)
+            continue
+        if not isinstance(raw, dict):
+            raise SpecError(f"must be a JSON object, got {type(raw).__name__}", index=i)
+        try:
+            spec = TaskSpec.model_validate(raw)
+        except ValidationError as exc:
+            field, msg = _describe(exc)
+            raise SpecError(f"field '{field}': {msg}", index=i, field=field) from None
+        if spec.model.backend in (None, "scripted") and spec.model.replies is not None and not spec.model.replies:
+            raise SpecError("field 'model.replies': the scripted backend needs at least one reply", index=i,
+                            field="model.replies")
+        out.append(spec)
+    if not out:
+        raise SpecError("no specs given: submit at least one task")
+    return out
