@@ -37,8 +37,10 @@ class ModelReply:
     endpoint: str | None = None
     model_name: str | None = None
     policy_version: str | None = None
-    token_ids: list[int] | None = None
-    logprobs: list[float] | None = None
+    token_ids: list[int] | None = None  # completion token ids, when the server returns them
+    logprobs: list[float] | None = None  # one per completion token, when asked for (model.logprobs)
+    prompt_token_ids: list[int] | None = None  # when the server returns them (vLLM return_token_ids)
+    attempts: int = 1  # HTTP attempts this reply took (retries + 1)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
