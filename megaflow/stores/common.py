@@ -36,6 +36,10 @@ def check_task_doc(doc: dict[str, Any]) -> str:
     phases = doc.get("phases")
     if phases is not None and not isinstance(phases, dict):
         raise SpecError("'phases' must be a mapping of phase name -> unix time", field="phases")
+    for name in phases or {}:
+        if not isinstance(name, str) or not name or "." in name or name.startswith("$"):
+            raise SpecError(f"phase name {name!r} must be a non-empty string without '.' or a leading '$'",
+                            field="phases")
     return episode_id
 
 
