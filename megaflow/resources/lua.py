@@ -1,0 +1,398 @@
+"""The resource manager's Lua scripts, one named constant per atomic operation.
+
+Every script starts with ``PRELUDE``: Redis time in ms (``now``), the key names derived from
+ARGV[1] (the resource namespace, ``Keys.res()``), and small helpers. Per-user, per-host and
+per-queue keys are built inside the scripts from that namespace, so they are not declared in
+KEYS: this needs a single Redis (or one Redis Cluster slot), which is how MegaFlow runs. The key
+layout is listed in ``ResourceManager``'s docstring.
+
+Tier sorted sets (global, user:<u>, host:<h>) map holder (episode id) -> lease expiry in ms of
+Redis time; a member whose score is <= now has lapsed and is ignored or dropped on sight.
+"""
+
+from __future__ import annotations
+
+from megaflow.resources.semaphore import LUA_NOW
+
+PRELUDE = LUA_NOW + """
+local base = ARGV[1]
+local K = {
+  global = base .. ':global', held = base .. ':held', admitted = base .. ':admitted',
+  seq = base .. ':seq', queued = base .. ':queued', heads = base .. ':heads',
+  ready = base .. ':ready', parked = base .. ':parked', quotas = base .. ':quotas',
+  hosts = base .. ':hosts', drained = base .. ':drained',
+}
+local function ukey(u) return base .. ':user:' .. u end
+local function hkey(h) return base .. ':host:' .. h end
+local function qkey(u) return base .. ':q:' .. u end
+local function infokey(h) return base .. ':hostinfo:' .. h end
+local function imgkey(h) return base .. ':himages:' .. h end
+local function warmkey(h) return base .. ':hwarm:' .. h end
+
+-- live members of a tier after dropping lapsed ones
+local function live(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key)
+end
+
+local function alive(key, member)
+  local s = redis.call('ZSCORE', key, member)
+  return s and tonumber(s) > now
+end
+
+local function user_limit(u, default)
+  local q = redis.call('HGET', K.quotas, u)
+  if q then return tonumber(q) end
+  return default
+end
+
+-- after a user's queue changed: keep heads / ready (users not parked) in step with its head
+local function set_head(u)
+  local head = redis.call('ZRANGE', qkey(u), 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', K.heads, u)
+    redis.call('ZREM', K.ready, u)
+    redis.call('ZREM', K.parked, u)
+  else
+    redis.call('ZADD', K.heads, head[2], u)
+    if not redis.call('ZSCORE', K.parked, u) then redis.call('ZADD', K.ready, head[2], u) end
+  end
+end
+
+-- a parked user (at its limit) goes back among the ready ones, to be checked again
+local function unpark(u)
+  if redis.call('ZREM', K.parked, u) == 1 then set_head(u) end
+end
+
+-- a user at its limit leaves the ready set until a slot of its frees (release, lapse, quota)
+local function park(u, lease)
+  redis.call('ZREM', K.ready, u)
+  local first = redis.call('ZRANGE', ukey(u), 0, 0, 'WITHSCORES')
+  local recheck = now + lease
+  if #first > 0 then recheck = tonumber(first[2]) end
+  redis.call('ZADD', K.parked, recheck, u)
+end
+
+local function hold(ep, u, h, lease)
+  local exp = now + lease
+  redis.call('ZADD', K.global, exp, ep)
+  redis.call('ZADD', ukey(u), exp, ep)
+  redis.call('ZADD', hkey(h), exp, ep)
+end
+
+-- free every tier an episode holds; returns its placement record (or nil)
+local function drop(ep)
+  local raw = redis.call('HGET', K.held, ep)
+  redis.call('ZREM', K.global, ep)
+  redis.call('ZREM', K.admitted, ep)
+  if not raw then return nil end
+  local info = cjson.decode(raw)
+  redis.call('ZREM', ukey(info.user), ep)
+  redis.call('ZREM', hkey(info.host), ep)
+  redis.call('HDEL', K.held, ep)
+  unpark(info.user)
+  return info
+end
+
+-- all three tiers still live for a held episode
+local function held_live(ep, info)
+  return alive(K.global, ep) and alive(ukey(info.user), ep) and alive(hkey(info.host), ep)
+end
+"""
+
+# Append episodes to the FIFO in order, all or nothing; episodes already queued or held are skipped.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace   ARGV[2]: JSON list of {"episode_id", "user", "image"}
+# Returns the number of episodes appended.
+ENQUEUE_LUA = PRELUDE + """
+local items = cjson.decode(ARGV[2])
+local fresh = {}
+for _, it in ipairs(items) do
+  if redis.call('HEXISTS', K.queued, it.episode_id) == 0 and redis.call('HEXISTS', K.held, it.episode_id) == 0 then
+    fresh[#fresh + 1] = it
+  end
+end
+if #fresh == 0 then return 0 end
+local last = redis.call('INCRBY', K.seq, #fresh)
+local seq = last - #fresh
+local users = {}
+for _, it in ipairs(fresh) do
+  seq = seq + 1
+  redis.call('ZADD', qkey(it.user), seq, it.episode_id)
+  redis.call('HSET', K.queued, it.episode_id,
+    cjson.encode({user = it.user, image = it.image, seq = seq, t = now, requeues = 0}))
+  users[it.user] = true
+end
+for u, _ in pairs(users) do set_head(u) end
+return #fresh
+"""
+
+# Admit up to N of the oldest eligible episodes: for each, take the ready user with the oldest
+# head, park it if at its limit, else pick a host and reserve global, user and host slots.
+# Cost per admitted episode: O(log queue) for the sorted sets plus O(hosts) for the host choice;
+# users at their limit are parked, so they are never scanned again until a slot of theirs frees.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: max episodes  ARGV[3]: global limit  ARGV[4]: default user limit
+# ARGV[5]: lease (ms)  ARGV[6]: host heartbeat TTL (ms)
+# Returns a flat list: episode_id, user, host, image, episode_id, ...
+ADMIT_LUA = PRELUDE + """
+local max_n, glimit, udefault = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease, host_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+for _, u in ipairs(redis.call('ZRANGEBYSCORE', K.parked, '-inf', now, 'LIMIT', 0, 1000)) do unpark(u) end
+if redis.call('ZCARD', K.ready) == 0 then return {} end
+local gused = live(K.global)
+if gused >= glimit then return {} end
+local hosts = {}
+for _, h in ipairs(redis.call('ZRANGEBYSCORE', K.hosts, now - host_ttl, '+inf')) do
+  if redis.call('SISMEMBER', K.drained, h) == 0 then
+    local cap = tonumber(redis.call('HGET', infokey(h), 'capacity') or '0')
+    local used = live(hkey(h))
+    if used < cap then hosts[#hosts + 1] = {name = h, cap = cap, used = used} end
+  end
+end
+local out, n = {}, 0
+while n < max_n and gused < glimit and #hosts > 0 do
+  local top = redis.call('ZRANGE', K.ready, 0, 0)
+  if #top == 0 then break end
+  local u = top[1]
+  if live(ukey(u)) >= user_limit(u, udefault) then
+    park(u, lease)
+  else
+    local head = redis.call('ZRANGE', qkey(u), 0, 0, 'WITHSCORES')
+    local raw = #head > 0 and redis.call('HGET', K.queued, head[1])
+    if not raw then
+      if #head > 0 then redis.call('ZREM', qkey(u), head[1]) end
+      set_head(u)
+    else
+      local ep, item = head[1], cjson.decode(raw)
+      local bi, bw, bp, bload, bwarm = nil, -1, -1, 2, 0
+      for i, h in ipairs(hosts) do
+        local warm = tonumber(redis.call('HGET', warmkey(h.name), item.image) or '0')
+        local w = warm > 0 and 1 or 0
+        local p = redis.call('SISMEMBER', imgkey(h.name), item.image)
+        local load = h.used / h.cap
+        if w > bw or (w == bw and (p > bp or (p == bp and load < bload))) then
+          bi, bw, bp, bload, bwarm = i, w, p, load, warm
+        end
+      end
+      local h = hosts[bi]
+      hold(ep, u, h.name, lease)
+      redis.call('HSET', K.held, ep, cjson.encode({user = u, host = h.name, image = item.image,
+        seq = item.seq, t = item.t, requeues = item.requeues or 0, admitted = now}))
+      redis.call('ZADD', K.admitted, now, ep)
+      redis.call('ZREM', qkey(u), ep)
+      redis.call('HDEL', K.queued, ep)
+      set_head(u)
+      if bwarm > 0 then redis.call('HINCRBY', warmkey(h.name), item.image, -1) end
+      h.used = h.used + 1
+      if h.used >= h.cap then table.remove(hosts, bi) end
+      gused, n = gused + 1, n + 1
+      out[#out + 1] = ep; out[#out + 1] = u; out[#out + 1] = h.name; out[#out + 1] = item.image
+    end
+  end
+end
+return out
+"""
+
+# Reserve the three tiers for one episode on a named host, all or nothing (no FIFO involved).
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: episode id  ARGV[3]: user  ARGV[4]: host  ARGV[5]: image
+# ARGV[6]: global limit  ARGV[7]: default user limit  ARGV[8]: lease (ms)
+# Returns 'ok' (also when already held there: renewed), 'global', 'user', 'host' (that tier is
+# full), 'unknown_host' or 'elsewhere' (the episode holds slots on another host).
+ACQUIRE3_LUA = PRELUDE + """
+local ep, u, h, image = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local glimit, udefault, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local raw = redis.call('HGET', K.held, ep)
+if raw then
+  local info = cjson.decode(raw)
+  if info.host ~= h or info.user ~= u then return 'elsewhere' end
+  if held_live(ep, info) then hold(ep, u, h, lease); return 'ok' end
+  drop(ep)
+end
+local cap = redis.call('HGET', infokey(h), 'capacity')
+if not cap then return 'unknown_host' end
+if live(K.global) >= glimit then return 'global' end
+if live(ukey(u)) >= user_limit(u, udefault) then return 'user' end
+if live(hkey(h)) >= tonumber(cap) then return 'host' end
+hold(ep, u, h, lease)
+redis.call('HSET', K.held, ep, cjson.encode({user = u, host = h, image = image, seq = 0, t = now,
+  requeues = 0, admitted = now}))
+return 'ok'
+"""
+
+# Free every tier an episode holds and take it out of the FIFO if still queued (idempotent).
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: episode id
+# Returns 1 if it held slots, 2 if it was queued, 0 if neither.
+RELEASE_LUA = PRELUDE + """
+local ep = ARGV[2]
+if drop(ep) then return 1 end
+local raw = redis.call('HGET', K.queued, ep)
+if not raw then return 0 end
+local item = cjson.decode(raw)
+redis.call('HDEL', K.queued, ep)
+redis.call('ZREM', qkey(item.user), ep)
+set_head(item.user)
+return 2
+"""
+
+# Extend one episode's leases on all three tiers; if any tier's lease lapsed, free the rest.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: episode id  ARGV[3]: lease (ms)
+# Returns 1 if renewed, 0 if the lease was lost.
+RENEW_LUA = PRELUDE + """
+local ep, lease = ARGV[2], tonumber(ARGV[3])
+local raw = redis.call('HGET', K.held, ep)
+if not raw then redis.call('ZREM', K.global, ep); return 0 end
+local info = cjson.decode(raw)
+if held_live(ep, info) then hold(ep, info.user, info.host, lease); return 1 end
+drop(ep)
+return 0
+"""
+
+# Extend the leases of every episode holding a slot on one host (the env worker's heartbeat);
+# episodes whose lease already lapsed on any tier are freed instead.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: host  ARGV[3]: lease (ms)
+# Returns the number of episodes renewed.
+RENEW_HOST_LUA = PRELUDE + """
+local h, lease = ARGV[2], tonumber(ARGV[3])
+local n = 0
+for _, ep in ipairs(redis.call('ZRANGE', hkey(h), 0, -1)) do
+  local raw = redis.call('HGET', K.held, ep)
+  local info = raw and cjson.decode(raw)
+  if info and info.host == h and held_live(ep, info) then
+    hold(ep, info.user, h, lease)
+    n = n + 1
+  else
+    redis.call('ZREM', hkey(h), ep)
+    if info and info.host == h then drop(ep) end
+  end
+end
+return n
+"""
+
+# An env host's heartbeat: record capacity, free disk, images present and warm containers.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: host  ARGV[3]: capacity  ARGV[4]: disk free (GB)
+# ARGV[5]: JSON list of images  ARGV[6]: JSON object image -> warm containers
+# ARGV[7]: host heartbeat TTL (ms)
+# Returns 1 if the host joined (new, or back after its heartbeat had gone stale), else 0.
+REGISTER_HOST_LUA = PRELUDE + """
+local h, ttl = ARGV[2], tonumber(ARGV[7])
+local last = redis.call('ZSCORE', K.hosts, h)
+local joined = (not last or tonumber(last) <= now - ttl) and 1 or 0
+redis.call('ZADD', K.hosts, now, h)
+redis.call('HSET', infokey(h), 'capacity', ARGV[3], 'disk_free_gb', ARGV[4], 'heartbeat', now)
+redis.call('DEL', imgkey(h), warmkey(h))
+local images = cjson.decode(ARGV[5])
+for i = 1, #images, 500 do
+  redis.call('SADD', imgkey(h), unpack(images, i, math.min(i + 499, #images)))
+end
+for image, count in pairs(cjson.decode(ARGV[6])) do
+  if tonumber(count) > 0 then redis.call('HSET', warmkey(h), image, count) end
+end
+local keep = ttl * 4
+redis.call('PEXPIRE', infokey(h), keep)
+redis.call('PEXPIRE', imgkey(h), keep)
+redis.call('PEXPIRE', warmkey(h), keep)
+return joined
+"""
+
+# Mark an admitted episode as started (its provision task ran), so the sweep leaves it alone.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: episode id
+# Returns 1 if the episode holds its slots, 0 if not (it was released or re-queued meanwhile).
+MARK_STARTED_LUA = PRELUDE + """
+if redis.call('HEXISTS', K.held, ARGV[2]) == 0 then return 0 end
+redis.call('ZREM', K.admitted, ARGV[2])
+return 1
+"""
+
+# Let parked users be checked again (after a quota change).
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2..]: users
+# Returns 0.
+UNPARK_LUA = PRELUDE + """
+for i = 2, #ARGV do unpark(ARGV[i]) end
+return 0
+"""
+
+# Sweep step: free held episodes whose lease lapsed on any tier.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2..]: episode ids to check
+# Returns the number freed.
+REAP_LUA = PRELUDE + """
+local n = 0
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', K.held, ARGV[i])
+  if raw and not held_live(ARGV[i], cjson.decode(raw)) then drop(ARGV[i]); n = n + 1 end
+end
+redis.call('ZREMRANGEBYSCORE', K.global, '-inf', now)
+return n
+"""
+
+# Sweep step: put episodes admitted before a cutoff and never started back at their place in the FIFO.
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: cutoff (ms of Redis time)  ARGV[3..]: episode ids
+# Returns the number re-queued.
+REQUEUE_LUA = PRELUDE + """
+local cutoff, n = tonumber(ARGV[2]), 0
+for i = 3, #ARGV do
+  local ep = ARGV[i]
+  local at = redis.call('ZSCORE', K.admitted, ep)
+  if at and tonumber(at) <= cutoff then
+    local info = drop(ep)
+    if info and info.seq and info.seq > 0 then
+      redis.call('ZADD', qkey(info.user), info.seq, ep)
+      redis.call('HSET', K.queued, ep, cjson.encode({user = info.user, image = info.image,
+        seq = info.seq, t = info.t, requeues = (info.requeues or 0) + 1}))
+      set_head(info.user)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# Sweep step: remove env hosts whose heartbeat is older than the TTL (their episodes' leases
+# then lapse by themselves, since nobody renews them).
+# KEYS: none (see module docstring)
+# ARGV[1]: namespace  ARGV[2]: host heartbeat TTL (ms)
+# Returns the names removed.
+REMOVE_STALE_HOSTS_LUA = PRELUDE + """
+local gone = redis.call('ZRANGEBYSCORE', K.hosts, '-inf', now - tonumber(ARGV[2]))
+for _, h in ipairs(gone) do
+  redis.call('ZREM', K.hosts, h)
+  redis.call('DEL', infokey(h), imgkey(h), warmkey(h))
+end
+return gone
+"""
+
+# Boot limiter: take one of a host's container-creation slots, subject to an optional rate.
+# KEYS[1]: boot sorted set of the host (holder -> lease expiry)  KEYS[2]: rate bucket hash (tokens, ts)
+# ARGV[1]: holder  ARGV[2]: concurrency  ARGV[3]: lease (ms)  ARGV[4]: rate per s (0: none)
+# ARGV[5]: burst (tokens)
+# Returns 1 if taken (or already held: renewed), 0 if at the cap or over the rate.
+ACQUIRE_BOOT_LUA = LUA_NOW + """
+local key, bucket, holder = KEYS[1], KEYS[2], ARGV[1]
+local limit, lease, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+if redis.call('ZSCORE', key, holder) then redis.call('ZADD', key, now + lease, holder); return 1 end
+if redis.call('ZCARD', key) >= limit then return 0 end
+if rate > 0 then
+  local b = redis.call('HMGET', bucket, 'tokens', 'ts')
+  local tokens, ts = tonumber(b[1] or burst), tonumber(b[2] or now)
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+  if tokens < 1 then
+    redis.call('HSET', bucket, 'tokens', tokens, 'ts', now)
+    return 0
+  end
+  redis.call('HSET', bucket, 'tokens', tokens - 1, 'ts', now)
+  redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
+end
+redis.call('ZADD', key, now + lease, holder)
+redis.call('PEXPIRE', key, lease)
+return 1
+"""
