@@ -1,0 +1,144 @@
+"""Sandbox images: build the default image locally (mmdebstrap + docker import), pull from a registry.
+
+The local build needs no registry: ``mmdebstrap`` bootstraps a minimal Debian root file system
+from the host's apt sources into a tar, which ``docker import`` turns into an image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+from megaflow.errors import ConfigError, InfraError, RetryableInfraError
+
+SANDBOX_PACKAGES = ("python3", "git", "ca-certificates", "procps", "coreutils")
+DEFAULT_SUITE = "bookworm"
+DEFAULT_SOURCES = "/etc/apt/sources.list.d/debian.sources"
+
+
+def image_present(docker_client, image: str) -> bool:
+    """True when ``image`` is in the engine's local store."""
+    import docker.errors
+
+    try:
+        docker_client.images.get(image)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+    except docker.errors.APIError as exc:
+        raise RetryableInfraError(f"Docker engine error while looking up image {image}: {exc}") from exc
+
+
+def api_with_timeout(docker_client, timeout: float):
+    """A low-level client on the same engine whose socket timeout is ``timeout`` (pull / boot deadlines).
+
+    Unix-socket and plain-TCP engines get their own client; a TLS engine reuses the given one.
+    """
+    import docker
+
+    api = docker_client.api
+    base = api.base_url
+    if base.startswith("http+docker://"):
+        path = getattr(api.get_adapter(base), "socket_path", None)
+        if not path:
+            return api
+        base = "unix://" + path
+    elif base.startswith("https://"):
+        return api
+    return docker.APIClient(base_url=base, timeout=max(1, int(timeout)), version=api.api_version)
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    repo, sep, version = tag.rpartition(":")
+    if not sep or "/" in version:
+        return tag, "latest"
+    return repo, version
+
+
+def build_sandbox_image(docker_client, tag: str, *, progress: Callable[[str], None] = print,
+                        suite: str = DEFAULT_SUITE, mirror: str | None = None,
+                        packages: tuple[str, ...] = SANDBOX_PACKAGES) -> str:
+    """Bootstrap a minimal Debian with ``packages`` and import it as ``tag``; returns ``tag``.
+
+    ``mirror`` is an apt sources file or URL for mmdebstrap; by default the host's
+    ``/etc/apt/sources.list.d/debian.sources`` when it exists, else mmdebstrap's own default.
+    """
+    exe = shutil.which("mmdebstrap")
+    if not exe:
+        raise ConfigError("building the sandbox image needs mmdebstrap (apt-get install mmdebstrap), "
+                          "or pull a prebuilt image and set MEGAFLOW_DEFAULT_IMAGE")
+    if mirror is None and os.path.exists(DEFAULT_SOURCES):
+        mirror = DEFAULT_SOURCES
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="megaflow-image-") as tmp:
+        tar = os.path.join(tmp, "rootfs.tar")
+        cmd = [exe, "--variant=minbase", "--include=" + ",".join(packages),
+               "--skip=cleanup/reproducible", suite, tar]
+        if mirror:
+            cmd.append(mirror)
+        progress(f"building {tag}: {' '.join(cmd)}")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise InfraError(f"mmdebstrap failed (exit {proc.returncode}): {proc.stdout[-2000:]}")
+        repo, version = _split_tag(tag)
+        progress(f"importing {tar} as {tag}")
+        try:
+            docker_client.api.import_image_from_file(
+                tar, repository=repo, tag=version, changes=['CMD ["/bin/bash"]'])
+        except Exception as exc:  # docker.errors.APIError, requests errors
+            raise InfraError(f"docker import of {tag} failed: {exc}") from exc
+    if not image_present(docker_client, tag):
+        raise InfraError(f"docker import reported success but {tag} is not in the image store")
+    progress(f"built {tag} in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+def ensure_sandbox_image(docker_client, tag: str, *, progress: Callable[[str], None] = print) -> str:
+    """Return ``tag``, building the sandbox image first only if it is missing."""
+    if image_present(docker_client, tag):
+        return tag
+    return build_sandbox_image(docker_client, tag, progress=progress)
+
+
+def pull_image(docker_client, image: str, settings, *, timeout: float | None = None) -> None:
+    """Pull ``image`` with the registry credentials from settings, within ``settings.pull_timeout_s``.
+
+    An image that does not exist or is refused raises :class:`InfraError`; a daemon or
+    network failure raises :class:`RetryableInfraError`.
+    """
+    import docker.errors
+
+    deadline = timeout if timeout is not None else settings.pull_timeout_s
+    repo, version = _split_tag(image)
+    auth = None
+    if settings.registry_username:
+        auth = {"username": settings.registry_username,
+                "password": settings.registry_password.get_secret_value() if settings.registry_password else ""}
+        if settings.registry_url:
+            auth["serveraddress"] = settings.registry_url
+    # The pull runs on a client with its own socket timeout so a stalled registry ends at the
+    # deadline instead of holding an env-worker thread forever.
+    api = api_with_timeout(docker_client, deadline)
+    started = time.monotonic()
+    try:
+        api.pull(repo, tag=version, auth_config=auth)
+    except docker.errors.NotFound as exc:
+        raise InfraError(f"image {image} not found in the registry: {exc.explanation or exc}") from exc
+    except docker.errors.APIError as exc:
+        msg = str(exc.explanation or exc)
+        if exc.status_code and 400 <= exc.status_code < 500 or "denied" in msg or "not found" in msg:
+            raise InfraError(f"pull of {image} refused: {msg}") from exc
+        raise RetryableInfraError(f"pull of {image} failed: {msg}") from exc
+    except Exception as exc:  # requests.ReadTimeout, ConnectionError
+        took = time.monotonic() - started
+        raise RetryableInfraError(f"pull of {image} failed after {took:.0f}s "
+                                  f"(deadline {deadline:.0f}s): {exc}") from exc
+    finally:
+        if api is not docker_client.api:
+            api.close()
+    if not image_present(docker_client, image):
+        raise InfraError(f"pull of {image} finished but the image is not in the store")

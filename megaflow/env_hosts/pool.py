@@ -1,0 +1,180 @@
+"""Warm pool (persistent mode): started containers per image on one host, handed out after a liveness check.
+
+Bounded in size (``settings.warm_pool_size`` per image) and idle time (a container idle past
+``settings.warm_idle_s`` is replaced; an image nobody asked for in that time stops being kept
+warm). A warm container lives ``warm_idle_s + container_lifetime_s``, so one handed out always
+has a full episode lifetime left. Used containers are removed at close, never put back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from megaflow.env_hosts import labels as L
+from megaflow.errors import InfraError
+
+
+@dataclass
+class WarmEntry:
+    container_id: str
+    name: str
+    image: str
+    started: float  # unix time
+    lease_expiry: float
+
+
+class WarmPool:
+    """Warm containers of one DockerHost, by image."""
+
+    def __init__(self, host, images=()):
+        self.host = host
+        self.settings = host.settings
+        self._lock = threading.Lock()
+        self._items: dict[str, deque[WarmEntry]] = {}
+        self._wanted: dict[str, float] = {}  # image -> last time an episode asked for it
+        self._pinned: set[str] = set(images)  # images kept warm regardless of demand
+        self._refilling: set[str] = set()
+        self._taking: set[str] = set()  # popped from the pool, claim not yet recorded
+
+    def want(self, image: str) -> None:
+        """Note that an episode asked for ``image`` in persistent mode (keeps its pool alive)."""
+        with self._lock:
+            self._wanted[image] = time.time()
+            self._items.setdefault(image, deque())
+
+    def wanted(self) -> set[str]:
+        with self._lock:
+            return set(self._pinned) | set(self._wanted)
+
+    def owns(self, container_id: str) -> bool:
+        with self._lock:
+            return container_id in self._taking or any(
+                e.container_id == container_id for q in self._items.values() for e in q)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {image: len(q) for image, q in self._items.items() if q}
+
+    def take(self, image: str, episode_id: str, labels: dict[str, str]) -> dict | None:
+        """Hand out a live warm container of ``image`` claimed for ``episode_id``, or None."""
+        min_left = self.settings.container_lifetime_s
+        while True:
+            with self._lock:
+                q = self._items.get(image)
+                entry = q.popleft() if q else None
+                if entry is not None:
+                    self._taking.add(entry.container_id)
+            if entry is None:
+                return None
+            try:
+                if self._alive(entry, min_left):
+                    expiry = time.time() + self.settings.container_lifetime_s + 60
+                    self.host._record_claim(entry.container_id, {"episode_id": episode_id, "lease_expiry": expiry,
+                                                                 "labels": labels})
+                    self.host.images.touch(image)
+                    return self.host._handle(entry.container_id, entry.name, image, "persistent", episode_id,
+                                             expiry, warm=True)
+                self.host._remove(entry.container_id)
+            finally:
+                with self._lock:
+                    self._taking.discard(entry.container_id)
+
+    def _alive(self, entry: WarmEntry, min_left: float) -> bool:
+        """Liveness check: the container runs and has at least ``min_left`` seconds of lifetime left."""
+        if entry.started + self.settings.warm_idle_s + self.settings.container_lifetime_s - time.time() < min_left:
+            return False
+        try:
+            state = self.host.client.api.inspect_container(entry.container_id)["State"]
+        except Exception:
+            return False
+        return bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting")
+
+    def _start_one(self, image: str) -> WarmEntry:
+        from megaflow.env_hosts.docker_host import _container_name
+
+        lifetime = self.settings.warm_idle_s + self.settings.container_lifetime_s
+        labels = {L.EPISODE: "", L.MODE: "persistent", L.POOL_OWNER: self.host.instance_id}
+        cid, name, expiry = self.host._boot(image, labels, lifetime=lifetime, network=False,
+                                            name=_container_name(self.host.name, "warm"))
+        return WarmEntry(cid, name, image, time.time(), expiry)
+
+    def refill(self, image: str | None = None) -> int:
+        """Start containers until each wanted image (or just ``image``) has a full pool; returns how many."""
+        self.host._mark_owner_alive()
+        started = 0
+        images = [image] if image else sorted(self.wanted())
+        for img in images:
+            while True:
+                with self._lock:
+                    have = len(self._items.setdefault(img, deque()))
+                if have >= self.settings.warm_pool_size:
+                    break
+                try:
+                    self.host.ensure_image(img)
+                    entry = self._start_one(img)
+                except InfraError:
+                    break  # the next upkeep pass tries again
+                with self._lock:
+                    self._items[img].append(entry)
+                started += 1
+        return started
+
+    def refill_async(self, image: str) -> None:
+        """Refill ``image``'s pool in a background thread (at most one per image at a time)."""
+        with self._lock:
+            if image in self._refilling:
+                return
+            self._refilling.add(image)
+
+        def run():
+            try:
+                self.refill(image)
+            finally:
+                with self._lock:
+                    self._refilling.discard(image)
+
+        threading.Thread(target=run, name=f"warm-refill-{image}", daemon=True).start()
+
+    def trim(self) -> int:
+        """Remove warm containers idle past ``warm_idle_s`` or dead, and pools nobody asked for lately."""
+        now = time.time()
+        idle = self.settings.warm_idle_s
+        drop: list[WarmEntry] = []
+        with self._lock:
+            for image, last in list(self._wanted.items()):
+                if image not in self._pinned and now - last > idle:
+                    del self._wanted[image]
+            for image, q in self._items.items():
+                keep = deque()
+                for e in q:
+                    if now - e.started > idle or (image not in self._pinned and image not in self._wanted):
+                        drop.append(e)
+                    else:
+                        keep.append(e)
+                self._items[image] = keep
+        alive_checked: list[WarmEntry] = []
+        with self._lock:
+            candidates = [e for q in self._items.values() for e in q]
+        for e in candidates:
+            if not self._alive(e, 0):
+                alive_checked.append(e)
+        with self._lock:
+            for e in alive_checked:
+                q = self._items.get(e.image)
+                if q and e in q:
+                    q.remove(e)
+        for e in drop + alive_checked:
+            self.host._remove(e.container_id)
+        return len(drop) + len(alive_checked)
+
+    def drain(self) -> int:
+        """Remove every warm container of this pool."""
+        with self._lock:
+            entries = [e for q in self._items.values() for e in q]
+            self._items.clear()
+        for e in entries:
+            self.host._remove(e.container_id)
+        return len(entries)
