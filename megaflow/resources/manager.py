@@ -52,6 +52,7 @@ class ResourceManager:
     - ``R:hostinfo:<host>`` (hash capacity, disk_free_gb, heartbeat), ``R:himages:<host>`` (set),
       ``R:hwarm:<host>`` (hash image -> warm containers)
     - ``R:boot:<host>``: boot limiter sorted set; ``R:bootrate:<host>``: its token bucket
+    - ``R:wake``: list, at most one item: a request that the sweeper run admission now
     """
 
     def __init__(self, redis_client, settings, keys: Keys):
@@ -112,6 +113,17 @@ class ResourceManager:
         s = self.settings
         flat = self._admit(args=[self.base, max_n, s.global_limit, s.user_limit, self.lease_ms, self.host_ttl_ms])
         return [Admission(*flat[i:i + 4]) for i in range(0, len(flat), 4)]
+
+    def request_admission(self) -> None:
+        """Ask the sweeper to run admission soon (for events seen by a process that cannot send tasks)."""
+        pipe = self.redis.pipeline()
+        pipe.lpush(self._k("wake"), "1")
+        pipe.ltrim(self._k("wake"), 0, 0)
+        pipe.execute()
+
+    def wait_for_admission_request(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` for ``request_admission()``; True if one came."""
+        return self.redis.blpop([self._k("wake")], timeout=timeout_s) is not None
 
     def queue_length(self) -> int:
         """Episodes waiting in the FIFO."""

@@ -1,0 +1,125 @@
+"""Operator commands: ``megaflow capacity``, ``megaflow quota set USER N``, ``megaflow host drain NAME``.
+
+``app`` holds the three; the main CLI mounts them (``capacity`` as a command, ``quota`` and
+``host`` as groups).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(help="Capacity, quotas and env hosts.", no_args_is_help=True)
+quota_app = typer.Typer(help="Per-user limits of episodes running at once.", no_args_is_help=True)
+host_app = typer.Typer(help="Env hosts.", no_args_is_help=True)
+app.add_typer(quota_app, name="quota")
+app.add_typer(host_app, name="host")
+
+
+def _manager() -> Any:
+    import redis
+
+    from megaflow.keys import Keys
+    from megaflow.resources.manager import ResourceManager
+    from megaflow.settings import Settings
+
+    settings = Settings.load()
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return ResourceManager(client, settings, Keys(settings.key_prefix))
+
+
+def _fail(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def render_capacity(cap: dict[str, Any]) -> list[Any]:
+    """Rich renderables for ``capacity()``'s result: summary, users, hosts."""
+    from rich.table import Table
+
+    g, q = cap["global"], cap["queue"]
+    summary = Table(title="Capacity", show_header=True)
+    for col in ("tier", "used", "limit"):
+        summary.add_column(col, justify="right" if col != "tier" else "left")
+    summary.add_row("global", str(g["used"]), str(g["limit"]))
+    summary.add_row("queued", str(q["length"]), "")
+    oldest = q.get("oldest")
+    summary.add_row("oldest wait", f"{q['oldest_wait_s']:.1f}s" + (f" ({oldest['episode_id']})" if oldest else ""), "")
+    summary.add_row("admitted, not started", str(q["admitted_not_started"]), "")
+
+    users = Table(title="Users")
+    for col in ("user", "used", "limit", "queued", "at limit"):
+        users.add_column(col, justify="left" if col == "user" else "right")
+    for u in cap["users"]:
+        limit = f"{u['limit']}" + (" *" if u["override"] else "")
+        users.add_row(u["user"], str(u["used"]), limit, str(u["queued"]), "yes" if u["at_limit"] else "")
+
+    hosts = Table(title="Env hosts")
+    for col in ("host", "used", "capacity", "booting", "images", "warm", "disk free GB", "heartbeat", "state"):
+        hosts.add_column(col, justify="left" if col in ("host", "state") else "right")
+    for h in cap["hosts"]:
+        state = "drained" if h["drained"] else ("up" if h["alive"] else "stale")
+        hosts.add_row(h["name"], str(h["used"]), str(h["capacity"]), f"{h['booting']}/{h['boot_limit']}",
+                      str(h["images"]), str(sum(h["warm"].values())), f"{h['disk_free_gb']:.1f}",
+                      f"{h['heartbeat_age_s']:.1f}s ago", state)
+    return [summary, users, hosts]
+
+
+@app.command()
+def capacity(as_json: bool = typer.Option(False, "--json", help="Print the raw figures as JSON.")) -> None:
+    """Used / limit per tier, per user and per env host; queue length and oldest wait."""
+    cap = _manager().capacity()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(cap, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for table in render_capacity(cap):
+        console.print(table)
+
+
+@quota_app.command("set")
+def quota_set(
+    user: str = typer.Argument(..., help="User name."),
+    n: Optional[int] = typer.Argument(None, help="Episodes the user may run at once (omit with --default)."),
+    default: bool = typer.Option(False, "--default", help="Drop the override: back to MEGAFLOW_USER_LIMIT."),
+) -> None:
+    """Set a user's limit of episodes running at once (or drop the override with --default)."""
+    from megaflow.errors import QuotaError
+
+    if (n is None) == (not default):
+        _fail("give either N or --default")
+    mgr = _manager()
+    try:
+        mgr.set_quota(user, None if default else n)
+    except QuotaError as exc:
+        _fail(str(exc))
+    mgr.request_admission()  # a raised quota may let waiting episodes in (the sweeper admits)
+    typer.echo(f"quota of {user}: {mgr.quota(user)}" + (" (default)" if default else ""))
+
+
+@host_app.command("drain")
+def host_drain(
+    name: str = typer.Argument(..., help="Env host name (as in `megaflow capacity`)."),
+    undo: bool = typer.Option(False, "--undo", help="Accept new admissions again."),
+) -> None:
+    """Stop admitting episodes to a host; episodes already running there finish."""
+    from megaflow.errors import NotFoundError
+
+    mgr = _manager()
+    try:
+        mgr.drain_host(name, drain=not undo)
+    except NotFoundError as exc:
+        _fail(str(exc))
+    if undo:
+        mgr.request_admission()
+        typer.echo(f"host {name}: accepting admissions")
+    else:
+        used = next((h["used"] for h in mgr.hosts() if h["name"] == name), 0)
+        typer.echo(f"host {name}: drained ({used} episodes still running there will finish)")
