@@ -4,7 +4,8 @@ Collections in the URL's database (default ``megaflow``):
   tasks   one document per episode, ``_id`` = episode_id; indexes (user, state),
           (batch_id, created_at), phases.finished, created_at
   events  one document per event, ``_id`` = event_id; index (episode_id, stream order);
-          with ``ttl_days`` a TTL index on ``created`` (a datetime) expires old events
+          with ``ttl_days`` a TTL index on ``_created`` (the event's ``ts`` as a datetime) expires
+          events older than that
 
 Writes are idempotent: tasks upsert with $set (dotted ``phases.<k>`` keys, so phases merge) and
 $min on created_at; events insert by ``_id`` and a duplicate is reported, not raised.
@@ -17,14 +18,14 @@ import datetime as dt
 import time
 from typing import Any, Callable, TypeVar
 
-from megaflow.errors import ServiceUnavailableError
+from megaflow.errors import ConfigError, ServiceUnavailableError
 from megaflow.stores.common import STICKY_MIN_FIELDS, check_event, check_task_doc, redact_url, stream_order
 
 T = TypeVar("T")
 
 TTL_INDEX = "events_ttl"
 # Fields the store adds to event documents for ordering and expiry; never returned.
-_EVENT_INTERNAL = ("_id", "_sms", "_sseq", "created")
+_EVENT_INTERNAL = ("_id", "_sms", "_sseq", "_created")
 
 
 def _pymongo_errors() -> tuple[type[BaseException], ...]:
@@ -50,16 +51,19 @@ class MongoMetadataStore:
         from pymongo import uri_parser
 
         try:
-            db_name = uri_parser.parse_uri(url, warn=True)["database"] or "megaflow"
+            parsed = uri_parser.parse_uri(url, warn=True)
         except Exception as exc:  # InvalidURI, ConfigurationError, ValueError
-            from megaflow.errors import ConfigError
-
             raise ConfigError(f"MEGAFLOW_METADATA_URL: bad MongoDB URL {self.safe_url!r}: {exc}") from exc
+        db_name = parsed["database"] or "megaflow"
         if client is None:
             from pymongo import MongoClient
 
-            client = MongoClient(url, connect=False, serverSelectionTimeoutMS=server_selection_timeout_ms,
-                                 tz_aware=True, appname="megaflow")
+            options: dict[str, Any] = {"connect": False, "tz_aware": True}
+            if "serverSelectionTimeoutMS" not in parsed["options"]:  # options in the URL win
+                options["serverSelectionTimeoutMS"] = server_selection_timeout_ms
+            if "appname" not in parsed["options"]:
+                options["appname"] = "megaflow"
+            client = MongoClient(url, **options)
             self._owns_client = True
         else:
             self._owns_client = False
@@ -77,9 +81,9 @@ class MongoMetadataStore:
             raise ServiceUnavailableError(f"metadata store {self.safe_url} is unreachable: {exc}") from exc
         except Exception as exc:
             code = getattr(exc, "code", None)
-            if type(exc).__name__ == "OperationFailure" and code in (13, 18):  # Unauthorized, AuthenticationFailed
-                from megaflow.errors import ConfigError
+            from pymongo.errors import OperationFailure
 
+            if isinstance(exc, OperationFailure) and code in (13, 18):  # Unauthorized, AuthenticationFailed
                 raise ConfigError(f"MEGAFLOW_METADATA_URL: MongoDB refused the credentials of {self.safe_url}: "
                                   f"{exc}") from exc
             raise
@@ -96,14 +100,14 @@ class MongoMetadataStore:
         seconds = int(self.ttl_days * 86400)
         current = existing.get(TTL_INDEX, {}).get("expireAfterSeconds")
         if current is None:
-            self.event_docs.create_index([("created", 1)], name=TTL_INDEX, expireAfterSeconds=seconds)
+            self.event_docs.create_index([("_created", 1)], name=TTL_INDEX, expireAfterSeconds=seconds)
         elif current != seconds:
             try:
                 self.db.command({"collMod": self.event_docs.name,
                                  "index": {"name": TTL_INDEX, "expireAfterSeconds": seconds}})
             except NotImplementedError:  # mongomock has no collMod
                 self.event_docs.drop_index(TTL_INDEX)
-                self.event_docs.create_index([("created", 1)], name=TTL_INDEX, expireAfterSeconds=seconds)
+                self.event_docs.create_index([("_created", 1)], name=TTL_INDEX, expireAfterSeconds=seconds)
 
     @staticmethod
     def _task_out(doc: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -149,7 +153,7 @@ class MongoMetadataStore:
         ts = event.get("ts")
         created = (dt.datetime.fromtimestamp(float(ts), dt.timezone.utc) if isinstance(ts, (int, float))
                    else dt.datetime.now(dt.timezone.utc))
-        doc = {**event, "_id": event_id, "_sms": ms, "_sseq": seq, "created": created}
+        doc = {**event, "_id": event_id, "_sms": ms, "_sseq": seq, "_created": created}
         try:
             self._call(self.event_docs.insert_one, doc)
         except DuplicateKeyError:
