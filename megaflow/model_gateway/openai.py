@@ -184,7 +184,10 @@ class OpenAIBackend:
 
     def complete(self, request: ModelRequest) -> ModelReply:
         s = self.settings
-        call = parse_model_section(request.model, s)
+        try:
+            call = parse_model_section(request.model, s)
+        except SpecError as exc:  # submit should have caught it; at run time it ends the episode cleanly
+            raise ModelError(f"bad model section: {exc}") from None
         version = request.policy_version or call.policy_version or s.policy_version
         body: dict[str, Any] = {"model": call.model_name, "messages": request.messages, **call.params}
         metadata = {"session_id": str(request.session_id), "step": str(request.step)}
