@@ -31,6 +31,12 @@ LEASE_MARGIN_S = 60  # the lease label lapses this long after the container's ma
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_.-]+")
 log = logging.getLogger(__name__)
 
+# Runs "$2" under coreutils timeout (its own process group), then SIGKILLs whatever is left in
+# that group, so a fork bomb or a stray background job cannot outlive its command. The kill is
+# a builtin: it works even when the pids limit is exhausted. stderr joins stdout (in order).
+_WRAPPER = (f'timeout -k {KILL_GRACE_S} "$1" bash -lc "$2" & p=$!; wait $p; rc=$?; '
+            'kill -9 -- -$p 2>/dev/null; kill -9 -- -$p 2>/dev/null; exit $rc')
+
 
 @dataclass
 class ExecResult:
@@ -213,8 +219,7 @@ class DockerHost:
         is gone or a Docker failure raises an InfraError.
         """
         timeout = self.settings.command_timeout_s if timeout is None else float(timeout)
-        # stderr joins stdout inside the container so the agent sees them in order
-        argv = ["timeout", "-k", str(KILL_GRACE_S), f"{timeout:g}s", "bash", "-lc", "exec 2>&1\n" + command]
+        argv = ["bash", "-c", _WRAPPER, "megaflow-exec", f"{timeout:g}s", "exec 2>&1\n" + command]
         return self._exec(handle["container_id"], argv, timeout=timeout, workdir=workdir, env=env)
 
     def _exec(self, cid: str, argv: list[str], *, timeout: float, workdir: str | None, env: dict | None) -> ExecResult:

@@ -24,13 +24,14 @@ def image_present(docker_client, image: str) -> bool:
     """True when ``image`` is in the engine's local store."""
     import docker.errors
 
-    try:
-        docker_client.images.get(image)
-        return True
-    except docker.errors.ImageNotFound:
-        return False
-    except docker.errors.APIError as exc:
-        raise RetryableInfraError(f"Docker engine error while looking up image {image}: {exc}") from exc
+    from megaflow.env_hosts.errors import docker_errors
+
+    with docker_errors(f"look up image {image}"):
+        try:
+            docker_client.api.inspect_image(image)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
 
 
 def api_with_timeout(docker_client, timeout: float):

@@ -1,0 +1,88 @@
+"""``megaflow images ...``: build the sandbox image locally, prefetch images onto env hosts.
+
+Mount with ``main_app.add_typer(megaflow.env_hosts.cli.app, name="images")``.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="Sandbox images: build locally, prefetch onto env hosts.", no_args_is_help=True)
+
+PREFETCH_TASK = "megaflow.env.prefetch"
+
+
+def prefetch(docker_host, images: list[str]) -> dict[str, str]:
+    """Make each image present on ``docker_host`` (pull if missing); image -> present | pulled | error: ..."""
+    from megaflow.errors import InfraError
+
+    out: dict[str, str] = {}
+    for image in images:
+        try:
+            out[image] = "pulled" if docker_host.ensure_image(image) else "present"
+        except InfraError as exc:
+            out[image] = f"error: {exc}"
+    return out
+
+
+def _docker():
+    import docker
+
+    from megaflow.errors import ServiceUnavailableError
+
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+        return client
+    except Exception as exc:
+        raise ServiceUnavailableError(f"no Docker engine reachable (DOCKER_HOST or /var/run/docker.sock): {exc}")
+
+
+@app.command("build")
+def build(tag: str = typer.Option(None, "--tag", help="Image tag (default: MEGAFLOW_DEFAULT_IMAGE)."),
+          force: bool = typer.Option(False, "--force", help="Rebuild even if the tag exists.")) -> None:
+    """Build the sandbox image (Debian minbase + python3, git, procps) with mmdebstrap and docker import."""
+    from megaflow.env_hosts.images import build_sandbox_image, ensure_sandbox_image
+    from megaflow.settings import Settings
+
+    settings = Settings.load()
+    tag = tag or settings.default_image
+    client = _docker()
+    try:
+        (build_sandbox_image if force else ensure_sandbox_image)(client, tag, progress=typer.echo)
+    finally:
+        client.close()
+    typer.echo(tag)
+
+
+@app.command("prefetch")
+def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make present."),
+                 hosts: str = typer.Option("", "--hosts",
+                                           help="Comma-separated env hosts (default: this host). Other hosts "
+                                           "get a megaflow.env.prefetch task on their env.<host> queue.")) -> None:
+    """Pre-provision env hosts with images so episodes do not wait for pulls."""
+    from megaflow.settings import Settings
+
+    settings = Settings.load()
+    targets = [h.strip() for h in hosts.split(",") if h.strip()] or [settings.host_name]
+    failed = False
+    for host in targets:
+        if host == settings.host_name:
+            from megaflow.env_hosts.docker_host import DockerHost
+
+            client = _docker()
+            try:
+                for image, status in prefetch(DockerHost(client, settings, name=host), images).items():
+                    typer.echo(f"{host}\t{image}\t{status}")
+                    failed |= status.startswith("error")
+            finally:
+                client.close()
+        else:
+            from celery import Celery
+
+            sender = Celery("megaflow-cli", broker=settings.redis_url)
+            sender.conf.update(task_serializer="json", accept_content=["json"])
+            result = sender.send_task(PREFETCH_TASK, args=[list(images)], queue=f"env.{host}")
+            typer.echo(f"{host}\tqueued\t{result.id}")
+    if failed:
+        raise typer.Exit(1)
