@@ -12,9 +12,9 @@ import json
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
-from contextlib import contextmanager
 
 from megaflow.errors import ConfigError, ServiceUnavailableError
 from megaflow.stores.common import check_event, check_task_doc, merge_task, stream_order
