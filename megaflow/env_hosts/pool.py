@@ -38,6 +38,8 @@ class WarmPool:
         self._pinned: set[str] = set(images)  # images kept warm regardless of demand
         self._refilling: set[str] = set()
         self._taking: set[str] = set()  # popped from the pool, claim not yet recorded
+        self._threads: list[threading.Thread] = []
+        self._closed = False
 
     def want(self, image: str) -> None:
         """Note that an episode asked for ``image`` in persistent mode (keeps its pool alive)."""
@@ -107,7 +109,7 @@ class WarmPool:
         started = 0
         images = [image] if image else sorted(self.wanted())
         for img in images:
-            while True:
+            while not self._closed:
                 with self._lock:
                     have = len(self._items.setdefault(img, deque()))
                 if have >= self.settings.warm_pool_size:
@@ -115,10 +117,16 @@ class WarmPool:
                 try:
                     self.host.ensure_image(img)
                     entry = self._start_one(img)
-                except InfraError:
+                except InfraError as exc:
+                    self.host.log(f"warm pool refill of {img} failed: {exc}")
                     break  # the next upkeep pass tries again
                 with self._lock:
-                    self._items[img].append(entry)
+                    if not self._closed:
+                        self._items.setdefault(img, deque()).append(entry)
+                        entry = None
+                if entry is not None:  # drained while booting
+                    self.host._remove(entry.container_id)
+                    break
                 started += 1
         return started
 
@@ -132,11 +140,16 @@ class WarmPool:
         def run():
             try:
                 self.refill(image)
+            except Exception as exc:  # noqa: BLE001 - a background refill must not die loudly
+                self.host.log(f"warm pool refill of {image} failed: {exc!r}")
             finally:
                 with self._lock:
                     self._refilling.discard(image)
 
-        threading.Thread(target=run, name=f"warm-refill-{image}", daemon=True).start()
+        thread = threading.Thread(target=run, name=f"warm-refill-{image}", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
     def trim(self) -> int:
         """Remove warm containers idle past ``warm_idle_s`` or dead, and pools nobody asked for lately."""
@@ -171,7 +184,10 @@ class WarmPool:
         return len(drop) + len(alive_checked)
 
     def drain(self) -> int:
-        """Remove every warm container of this pool."""
+        """Remove every warm container of this pool (waits briefly for background refills)."""
+        self._closed = True
+        for thread in list(self._threads):
+            thread.join(timeout=self.settings.boot_timeout_s)
         with self._lock:
             entries = [e for q in self._items.values() for e in q]
             self._items.clear()

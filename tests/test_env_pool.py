@@ -1,0 +1,92 @@
+"""Persistent mode against the real Docker engine: warm pool fill, hand-out with liveness check, refill, trim."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from megaflow.env_hosts import DockerHost
+from megaflow.env_hosts import labels as L
+
+
+@pytest.fixture
+def warm_host(docker_client, sandbox_image, settings, redis_client):
+    name = f"t-env-{uuid.uuid4().hex[:8]}"
+    s = settings.model_copy(update={"env_mode": "persistent", "warm_pool_size": 2, "default_image": sandbox_image})
+    host = DockerHost(docker_client, s, name=name, redis_client=redis_client)
+    yield host
+    host.shutdown()
+    for c in docker_client.api.containers(all=True, filters={"label": f"{L.HOST}={name}"}):
+        docker_client.api.remove_container(c["Id"], force=True)
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_pool_fills_hands_out_and_refills(warm_host, docker_client, sandbox_image, redis_client):
+    host = warm_host
+    host.maintain()
+    assert host.report()["warm"] == {sandbox_image: 2}
+    warm_ids = {e.container_id for e in host.pool._items[sandbox_image]}
+
+    started = time.perf_counter()
+    handle = host.create("ep-w1", sandbox_image, labels={"run": "b1"}, mode="persistent")
+    took = time.perf_counter() - started
+    assert handle["warm"] is True and handle["container_id"] in warm_ids and handle["mode"] == "persistent"
+    assert took < 0.5
+    claim = host.claims()[handle["container_id"]]
+    assert claim["episode_id"] == "ep-w1" and claim["labels"] == {L.RUN: "b1"}
+    assert redis_client.hexists(host.keys.env(host.name, "claims"), handle["container_id"])
+    assert host.execute(handle, "echo warm", timeout=10).output == "warm\n"
+
+    wait_for(lambda: host.report()["warm"].get(sandbox_image) == 2)  # refilled in the background
+    host.close(handle)  # a used container is removed, never put back
+    assert not docker_client.api.containers(all=True, filters={"id": handle["container_id"]})
+    assert handle["container_id"] not in host.claims()
+    assert handle["container_id"] not in {e.container_id for e in host.pool._items[sandbox_image]}
+
+
+def test_liveness_check_skips_a_dead_warm_container(warm_host, docker_client, sandbox_image):
+    host = warm_host
+    host.maintain()
+    first, second = list(host.pool._items[sandbox_image])
+    docker_client.api.kill(first.container_id)  # dies while waiting in the pool
+    handle = host.create("ep-w2", sandbox_image, labels={}, mode="persistent")
+    assert handle["container_id"] == second.container_id
+    assert not docker_client.api.containers(all=True, filters={"id": first.container_id})
+    assert host.execute(handle, "true", timeout=10).exit_code == 0
+
+
+def test_empty_pool_boots_a_fresh_container(warm_host, sandbox_image):
+    host = warm_host
+    handle = host.create("ep-w3", sandbox_image, labels={}, mode="persistent")
+    assert handle["warm"] is False and handle["mode"] == "persistent"
+    assert host.execute(handle, "echo ok", timeout=10).output == "ok\n"
+    wait_for(lambda: host.report()["warm"].get(sandbox_image) == 2)
+
+
+def test_idle_warm_containers_are_replaced_and_unwanted_pools_dropped(warm_host, docker_client, sandbox_image):
+    host = warm_host
+    host.maintain()
+    old = {e.container_id for e in host.pool._items[sandbox_image]}
+    for e in host.pool._items[sandbox_image]:
+        e.started -= host.settings.warm_idle_s + 1  # pretend they idled too long
+    counts = host.maintain()
+    assert counts["warm_trimmed"] == 2 and counts["warm_started"] == 2
+    new = {e.container_id for e in host.pool._items[sandbox_image]}
+    assert not (old & new)
+    for cid in old:
+        assert not docker_client.api.containers(all=True, filters={"id": cid})
+
+    # an image asked for in persistent mode gets a pool; nobody asks for it again -> pool dropped
+    host.pool.want("megaflow-pool-extra:none")
+    host.pool._wanted["megaflow-pool-extra:none"] -= host.settings.warm_idle_s + 1
+    host.pool.trim()
+    assert "megaflow-pool-extra:none" not in host.pool.wanted()
+    assert sandbox_image in host.pool.wanted()  # the default image stays pinned in persistent mode
