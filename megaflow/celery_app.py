@@ -7,7 +7,7 @@ and registers the tasks of ``megaflow.tasks`` on that app.
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from megaflow.settings import Settings
 
@@ -19,6 +19,11 @@ ENV_QUEUE = "env"
 def env_host_queue(host: str) -> str:
     """The queue of operations on containers living on ``host``."""
     return f"{ENV_QUEUE}.{host}"
+
+
+def queue(name: str) -> Queue:
+    """A queue on its own direct exchange, so no two queues share a binding."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 ROUTES = {
@@ -51,7 +56,9 @@ def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
         task_send_sent_event=True,
         worker_send_task_events=True,
         task_default_queue=AGENT_QUEUE,
-        task_queues=[Queue(MODEL_QUEUE), Queue(AGENT_QUEUE), Queue(ENV_QUEUE)],
+        task_default_exchange=AGENT_QUEUE,
+        task_default_routing_key=AGENT_QUEUE,
+        task_queues=[queue(MODEL_QUEUE), queue(AGENT_QUEUE), queue(ENV_QUEUE)],
         task_create_missing_queues=True,
         task_routes=ROUTES,
         worker_hijack_root_logger=False,

@@ -1,0 +1,3 @@
+from megaflow.cli import main
+
+main()

@@ -1,0 +1,218 @@
+"""The ``megaflow`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from megaflow import states
+from megaflow.errors import MegaflowError, SpecError
+from megaflow.settings import Settings
+
+app = typer.Typer(help="MegaFlow: agent-environment episodes on a Celery fleet.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+
+def _settings() -> Settings:
+    return Settings.load()
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+
+# --- services ------------------------------------------------------------------------------------
+@app.command()
+def worker(
+    role: str = typer.Argument(..., help="model | agent | env"),
+    host: Optional[str] = typer.Option(None, help="Env host name (default MEGAFLOW_HOST_NAME / hostname)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="Pool size (default per role)."),
+    loglevel: str = typer.Option("INFO", help="Log level."),
+) -> None:
+    """Run one role's Celery worker in the foreground."""
+    from megaflow.worker import ROLES, run_worker
+
+    if role not in ROLES:
+        raise typer.BadParameter(f"choose one of {', '.join(ROLES)}", param_hint="ROLE")
+    _logging(loglevel)
+    run_worker(role, _settings(), host=host, concurrency=concurrency, loglevel=loglevel)
+
+
+@app.command()
+def control(loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
+    """Run the control service (recorder + safety sweep) in the foreground."""
+    import signal
+
+    from megaflow.control import Control
+    from megaflow.runtime import configure
+
+    _logging(loglevel)
+    ctl = Control(configure(_settings(), role="control"))
+    signal.signal(signal.SIGTERM, lambda *_: ctl.stop.set())
+    try:
+        ctl.run()
+    except KeyboardInterrupt:
+        ctl.stop.set()
+
+
+@app.command()
+def up(env_hosts: int = typer.Option(2, help="Env workers (distinct env hosts) to start.")) -> None:
+    """Start a local fleet: control service, model, agent and env workers."""
+    from megaflow import fleet
+
+    procs = fleet.up(_settings(), env_hosts=env_hosts, echo=console.print)
+    console.print(f"fleet up: {', '.join(f'{n} (pid {p})' for n, p in sorted(procs.items()))}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local fleet."""
+    from megaflow import fleet
+
+    stopped = fleet.down(_settings(), echo=console.print)
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def demo(
+    keep_fleet: bool = typer.Option(False, help="Leave the fleet running afterwards."),
+    env_hosts: int = typer.Option(2, help="Env hosts of the local fleet."),
+) -> None:
+    """Build the image if needed, start the fleet, run the demo tasks and print a summary."""
+    from megaflow.demo import run_demo
+
+    ok = run_demo(_settings(), console=console, env_hosts=env_hosts, keep_fleet=keep_fleet)
+    raise typer.Exit(0 if ok else 1)
+
+
+# --- work ------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    """Specs from a JSONL file; a bad line raises SpecError naming the line."""
+    if not path.exists():
+        raise SpecError(f"{path}: no such file")
+    specs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            specs.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return specs
+
+
+@app.command()
+def submit(
+    file: Path = typer.Argument(..., help="JSONL file, one task spec per line."),
+    user: str = typer.Option(..., "--user", "-u", help="User the batch runs as (quotas are per user)."),
+    wait: bool = typer.Option(False, help="Wait for the batch and print its results."),
+) -> None:
+    """Submit a batch of task specs; nothing is enqueued if any line is invalid."""
+    from megaflow.client import Client
+
+    specs = read_jsonl(file)
+    with Client(_settings()) as client:
+        try:
+            sub = client.submit(specs, user=user)
+        except SpecError as exc:
+            if exc.index is not None:  # name the file line, not the list index
+                lines = [n for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
+                raise SpecError(f"{file}:{lines[exc.index]}: {str(exc).split(': ', 1)[1]}") from None
+            raise
+        console.print(f"batch {sub.batch_id}: {len(sub.episode_ids)} episodes submitted for {user}")
+        if wait:
+            client.wait(sub.batch_id)
+            _print_results(client.results(sub.batch_id))
+
+
+def _print_results(results: list[dict]) -> None:
+    table = Table()
+    for col in ("episode", "task", "state", "reward", "cause", "host", "steps"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["episode_id"], r["task_id"] or "", r["state"],
+                      "" if r.get("reward") is None else f"{r['reward']:g}", r.get("cause") or "",
+                      r.get("host") or "", str(r.get("steps") or ""))
+    console.print(table)
+
+
+@app.command()
+def status(
+    batch: Optional[str] = typer.Argument(None, help="Batch id; omit for every recent batch."),
+    user: Optional[str] = typer.Option(None, help="Only this user's batches."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Records from the metadata store: counts by state, throughput and failure causes."""
+    from megaflow.status import batch_status, overview
+
+    settings = _settings()
+    data = batch_status(settings, batch) if batch else overview(settings, user=user)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    from megaflow.status import render
+
+    render(console, data)
+
+
+@app.command()
+def cancel(batch: str = typer.Argument(..., help="Batch id.")) -> None:
+    """Cancel every unfinished episode of a batch."""
+    from megaflow.client import Client
+
+    with Client(_settings()) as client:
+        n = client.cancel(batch)
+    console.print(f"batch {batch}: cancelling {n} unfinished episodes")
+
+
+@app.command()
+def report(
+    batch: str = typer.Argument(..., help="Batch id."),
+    out: Path = typer.Option(Path("report"), "--out", help="Output directory."),
+) -> None:
+    """Write an HTML report with plots for a batch, built from the metadata store."""
+    from megaflow.report import build_report
+    from megaflow.stores import open_metadata_store
+
+    settings = _settings()
+    store = open_metadata_store(settings.metadata_url, settings)
+    try:
+        path = build_report(store, batch, out)
+    finally:
+        store.close()
+    console.print(f"report written to {path}")
+
+
+def _mount() -> None:
+    from megaflow.env_hosts.cli import app as images_app
+    from megaflow.model_gateway.cli import app as model_app
+    from megaflow.resources.cli import app as resources_app
+
+    for command in resources_app.registered_commands:
+        app.registered_commands.append(command)
+    for group in resources_app.registered_groups:
+        app.registered_groups.append(group)
+    app.add_typer(images_app, name="images")
+    app.add_typer(model_app, name="model")
+
+
+_mount()
+
+
+def main() -> None:
+    try:
+        app()
+    except MegaflowError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

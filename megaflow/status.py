@@ -1,0 +1,97 @@
+"""``megaflow status``: what the metadata store says about batches and users."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from megaflow import states
+from megaflow.settings import Settings
+from megaflow.stores import open_metadata_store
+
+
+def _summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    counts = Counter(d.get("state") for d in docs)
+    finished = [d["phases"]["finished"] for d in docs if "finished" in d.get("phases", {})]
+    submitted = [d["phases"]["submitted"] for d in docs if "submitted" in d.get("phases", {})]
+    span = (max(finished) - min(submitted)) if finished and submitted else 0.0
+    causes = Counter(d.get("cause") or "unknown" for d in docs if d.get("state") in (states.FAILED, states.TIMED_OUT))
+    rewards = [d["reward"] for d in docs if isinstance(d.get("reward"), (int, float))]
+    return {
+        "total": len(docs),
+        "counts": dict(counts),
+        "finished": len(finished),
+        "throughput_per_min": round(len(finished) / span * 60, 2) if span > 0 else None,
+        "failures_by_cause": dict(causes),
+        "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
+    }
+
+
+def batch_status(settings: Settings, batch_id: str) -> dict[str, Any]:
+    store = open_metadata_store(settings.metadata_url, settings)
+    try:
+        docs = store.find_tasks(batch_id=batch_id)
+    finally:
+        store.close()
+    episodes = [{k: d.get(k) for k in ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")}
+                for d in docs]
+    return {"batch_id": batch_id, **_summarise(docs), "episodes": episodes}
+
+
+def overview(settings: Settings, *, user: str | None = None, limit: int = 20) -> dict[str, Any]:
+    store = open_metadata_store(settings.metadata_url, settings)
+    try:
+        batches = store.list_batches(user=user, limit=limit)
+        out_batches, per_user = [], {}
+        for b in batches:
+            docs = store.find_tasks(batch_id=b["batch_id"])
+            out_batches.append({"batch_id": b["batch_id"], "user": b.get("user"), "created_at": b.get("created_at"),
+                                **_summarise(docs)})
+            u = b.get("user") or "?"
+            agg = per_user.setdefault(u, Counter())
+            agg.update(Counter(d.get("state") for d in docs))
+    finally:
+        store.close()
+    return {"batches": out_batches, "users": {u: dict(c) for u, c in per_user.items()}}
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{s}={counts[s]}" for s in states.ORDER if counts.get(s))
+
+
+def render(console: Console, data: dict[str, Any]) -> None:
+    if "episodes" in data:
+        t = Table(title=f"batch {data['batch_id']}: {data['finished']}/{data['total']} finished")
+        for col in ("episode", "task", "state", "reward", "cause", "host", "steps"):
+            t.add_column(col)
+        for e in data["episodes"]:
+            t.add_row(*[("" if e.get(k) is None else str(e.get(k))) for k in
+                        ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")])
+        console.print(t)
+        console.print(f"states: {_counts(data['counts'])}")
+        console.print(f"throughput: {data['throughput_per_min'] or '-'} episodes/min; mean reward: "
+                      f"{data['mean_reward'] if data['mean_reward'] is not None else '-'}")
+        if data["failures_by_cause"]:
+            console.print("failures by cause: " + ", ".join(f"{k}={v}" for k, v in data["failures_by_cause"].items()))
+        if not data["episodes"]:
+            console.print("[yellow]no records yet: is the control service (recorder) running? `megaflow up`[/yellow]")
+        return
+    t = Table(title="recent batches")
+    for col in ("batch", "user", "created", "done", "states", "episodes/min", "failures by cause"):
+        t.add_column(col)
+    for b in data["batches"]:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["created_at"])) if b.get("created_at") else ""
+        t.add_row(b["batch_id"], b.get("user") or "", created, f"{b['finished']}/{b['total']}", _counts(b["counts"]),
+                  str(b["throughput_per_min"] or "-"),
+                  ", ".join(f"{k}={v}" for k, v in b["failures_by_cause"].items()))
+    console.print(t)
+    u = Table(title="per user")
+    u.add_column("user")
+    u.add_column("states")
+    for name, counts in data["users"].items():
+        u.add_row(name, _counts(counts))
+    console.print(u)
