@@ -235,7 +235,8 @@ def render_html(batch_id: str, s: dict[str, Any], *, generated: float | None = N
                       f"mean {v['mean_concurrency'] or 0:.2f} · peak {v['peak_concurrency']} · {v['episodes']} ep")
                      for h, v in s["hosts"].items()]
         host_label = "mean episodes held at once (admitted → finished)"
-    hosts = svgplot.bar_chart(host_bars, title="Per-host utilisation", x_label=host_label)
+    hosts = svgplot.bar_chart(host_bars, title="Per-host utilisation", x_label=host_label,
+                              fmt=(lambda v: f"{100 * v:.0f}%") if cap else svgplot.fmt_num, xmax=1.0 if cap else None)
     fails = svgplot.bar_chart([(c, float(n), str(n)) for c, n in s["failure_causes"].items()],
                               title="Failure causes", x_label="episodes")
     host_rows = [[h, v["episodes"], fmt_s(v["busy_s"]),

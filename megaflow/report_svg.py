@@ -24,7 +24,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def _num(v: float) -> str:
+def fmt_num(v: float) -> str:
     return f"{v:.1f}".rstrip("0").rstrip(".") if abs(v) < 1e6 else f"{v:.3g}"
 
 
@@ -46,7 +46,9 @@ class Scale:
 
     def ticks(self, n: int = 6) -> list[float]:
         if self.log:
-            return [10.0 ** e for e in range(math.ceil(self.lo), math.floor(self.hi) + 1)]
+            steps = (1,) if self.hi - self.lo > 2.5 else (1, 2, 5)
+            return [m * 10.0 ** e for e in range(math.floor(self.lo), math.ceil(self.hi) + 1) for m in steps
+                    if self.lo - 1e-9 <= math.log10(m * 10.0 ** e) <= self.hi + 1e-9]
         raw = (self.hi - self.lo) / max(n, 1)
         mag = 10 ** math.floor(math.log10(raw))
         step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
@@ -100,11 +102,11 @@ def step_chart(series: Sequence[tuple[str, list[tuple[float, float]]]], *, title
     ymax = max(p[1] for _, pts in series for p in pts) or 1.0
     xs = Scale(0, xmax, left, width - right)
     ys = Scale(0, ymax * 1.05, height - bottom, top)
-    body = _x_axis(xs, height - bottom, top, x_label, _num, (left + width - right) / 2)
+    body = _x_axis(xs, height - bottom, top, x_label, fmt_num, (left + width - right) / 2)
     for t in ys.ticks(5):
         y = ys(t)
         body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eee"/>')
-        body.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{_num(t)}</text>')
+        body.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{fmt_num(t)}</text>')
     body.append(f'<text x="14" y="{(top + height - bottom) / 2:.1f}" text-anchor="middle" fill="#333" '
                 f'transform="rotate(-90 14 {(top + height - bottom) / 2:.1f})">{escape(y_label)}</text>')
     for i, (name, pts) in enumerate(series):
@@ -121,7 +123,7 @@ def step_chart(series: Sequence[tuple[str, list[tuple[float, float]]]], *, title
 
 
 def box_chart(groups: Sequence[tuple[str, list[float]]], *, title: str, x_label: str,
-              fmt: Callable[[float], str] = _num, width: int = 900) -> str:
+              fmt: Callable[[float], str] = fmt_num, width: int = 900) -> str:
     """One horizontal box per group: box p25–p75, whiskers p5–p95, a bar at the median."""
     groups = [(name, sorted(v)) for name, v in groups]
     values = [x for _, v in groups for x in v]
@@ -132,7 +134,10 @@ def box_chart(groups: Sequence[tuple[str, list[float]]], *, title: str, x_label:
     positive = [x for x in values if x > 0]
     lo, hi = (min(positive) if positive else 0.0), max(values)
     log = bool(positive) and hi / lo > 50
-    xs = Scale(lo if log else 0.0, hi if hi > 0 else 1.0, left, width - right, log=log)
+    if log:
+        xs = Scale(lo / 1.25, hi * 1.25, left, width - right, log=True)
+    else:
+        xs = Scale(0.0, hi * 1.05 if hi > 0 else 1.0, left, width - right)
     body = _x_axis(xs, height - bottom, top, x_label + (" (log scale)" if log else ""), fmt,
                    (left + width - right) / 2)
     for i, (name, v) in enumerate(groups):
@@ -153,14 +158,15 @@ def box_chart(groups: Sequence[tuple[str, list[float]]], *, title: str, x_label:
     return _frame(width, height, title, body)
 
 
-def bar_chart(items: Sequence[tuple[str, float, str]], *, title: str, x_label: str, width: int = 900) -> str:
-    """Horizontal bars: (label, value, annotation) per row, longest first as given."""
+def bar_chart(items: Sequence[tuple[str, float, str]], *, title: str, x_label: str, width: int = 900,
+              fmt: Callable[[float], str] = fmt_num, xmax: float | None = None) -> str:
+    """Horizontal bars: (label, value, annotation) per row, in the order given."""
     if not items:
         return no_data(title, width)
     row, left, right, top, bottom = 26, 160, 260, 10, 50
     height = top + row * len(items) + bottom
-    xs = Scale(0.0, max(v for _, v, _ in items) or 1.0, left, width - right)
-    body = _x_axis(xs, height - bottom, top, x_label, _num, (left + width - right) / 2)
+    xs = Scale(0.0, max([v for _, v, _ in items] + [xmax or 0.0]) or 1.0, left, width - right)
+    body = _x_axis(xs, height - bottom, top, x_label, fmt, (left + width - right) / 2)
     for i, (name, v, note) in enumerate(items):
         y = top + row * i + 4
         color = COLORS[i % len(COLORS)]
