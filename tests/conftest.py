@@ -129,3 +129,35 @@ def sandbox_image(docker_client) -> str:
 
     settings = Settings.load()
     return ensure_sandbox_image(docker_client, settings.default_image)
+
+
+@pytest.fixture(scope="session")
+def fleet_redis(tmp_path_factory):
+    """A redis-server of its own for the shared fleet (tests that flush `redis_client` can't touch it)."""
+    server = RedisServer(tmp_path_factory.mktemp("fleet-redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fleet(fleet_redis, sandbox_image, tmp_path_factory):
+    """A real local fleet (control, model, agent and two env workers as processes) for the session.
+
+    Yields its Settings. Tests share it: submit with a user name of their own, never flush its Redis.
+    """
+    from megaflow import fleet as fleet_mod
+
+    settings = Settings.load(redis_url=fleet_redis.url, state_dir=str(tmp_path_factory.mktemp("fleet-state")),
+                             host_name="test-host", host_capacity=4, boot_concurrency=2,
+                             sweep_interval_s=2.0, lease_s=10.0, host_ttl_s=10.0, default_image=sandbox_image)
+    try:
+        fleet_mod.up(settings, env_hosts=2, wait_s=120, echo=lambda m: None)
+    except Exception:
+        logs = Path(settings.state_dir) / "logs"
+        for f in sorted(logs.glob("*.log")):
+            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
+        fleet_mod.down(settings, echo=lambda m: None)
+        raise
+    yield settings
+    fleet_mod.down(settings, echo=lambda m: None)
