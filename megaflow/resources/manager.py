@@ -229,7 +229,10 @@ class ResourceManager:
     # --- boot limiter -------------------------------------------------------------------------------
 
     def acquire_boot(self, host: str, holder: str) -> bool:
-        """Take one of the host's container-creation slots (cap and optional rate); never waits."""
+        """Take one of the host's container-creation slots (cap and optional rate); never waits.
+
+        The slot's lease is ``boot_timeout_s + lease_s``: a creator that crashes frees it after that.
+        """
         s = self.settings
         rate = s.boot_rate_per_s or 0.0
         burst = max(1.0, rate)
