@@ -79,6 +79,7 @@ class MotoServer:
     def __init__(self) -> None:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self._admin = None
 
     @property
     def endpoint(self) -> str:
@@ -107,11 +108,22 @@ class MotoServer:
                     pytest.skip(msg)
                 time.sleep(0.1)
 
+    def admin(self):
+        """One boto3 client for test set-up (creating a client per test is slow)."""
+        if self._admin is None:
+            import boto3
+
+            self._admin = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        return self._admin
+
     def stop(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
@@ -135,12 +147,9 @@ def s3_server():
 
 
 def make_bucket(server: MotoServer) -> str:
-    import boto3
-
+    """A new, empty bucket on the moto server."""
     bucket = f"mf-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=bucket)
-    client.close()
+    server.admin().create_bucket(Bucket=bucket)
     return bucket
 
 
