@@ -69,7 +69,8 @@ class SQLiteMetadataStore:
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[tuple[int, sqlite3.Connection]] = []
+        self._conns: list[sqlite3.Connection] = []  # opened by this process, closed by close()
+        self._pid = os.getpid()
         self._closed = False
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,7 @@ class SQLiteMetadataStore:
             return conn
         if self._closed:
             raise ServiceUnavailableError(f"metadata store {self.path} is closed")
+        self._forget_parent(pid)
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
                                    check_same_thread=False)
@@ -99,7 +101,7 @@ class SQLiteMetadataStore:
         conn.row_factory = sqlite3.Row
         self._local.conn, self._local.pid = conn, pid
         with self._lock:
-            self._conns.append((pid, conn))
+            self._conns.append(conn)
         return conn
 
     @contextmanager
@@ -197,14 +199,18 @@ class SQLiteMetadataStore:
         args.append(int(limit))
         return [dict(r) for r in self._query(sql, args)]
 
+    def _forget_parent(self, pid: int) -> None:
+        if self._pid != pid:  # first use after a fork: the parent's lock and connections are not ours
+            self._lock, self._conns, self._pid = threading.Lock(), [], pid
+
     def close(self) -> None:
         pid = os.getpid()
+        self._forget_parent(pid)
         with self._lock:
             conns, self._conns = self._conns, []
             self._closed = True
-        for owner, conn in conns:
-            if owner == pid:  # a connection inherited over fork belongs to the parent
-                conn.close()
+        for conn in conns:
+            conn.close()
         self._local = threading.local()
 
     @staticmethod
