@@ -41,6 +41,23 @@ def make_host(docker_client, sandbox_image, settings, redis_client):
         remove_host_containers(docker_client, name)
 
 
+@pytest.fixture(params=["ephemeral", "persistent"])
+def box(request, make_host):
+    """Factory of (host, handle): a fresh container, or a warm one driven through its exec session."""
+
+    def open_box(episode_id: str, **overrides):
+        if request.param == "ephemeral":
+            host = make_host(**overrides)
+            return host, host.create(episode_id, host.settings.default_image, labels={})
+        host = make_host(env_mode="persistent", warm_pool_size=1, **overrides)
+        host.pool.refill()
+        handle = host.create(episode_id, host.settings.default_image, labels={}, mode="persistent")
+        assert handle["warm"] and handle["container_id"] in host._sessions
+        return host, handle
+
+    return open_box
+
+
 def test_lifecycle_labels_and_limits(make_host, docker_client, sandbox_image):
     host = make_host()
     handle = host.create("ep-1", sandbox_image, labels={"run": "b1", "user": "alice"})
@@ -70,26 +87,35 @@ def test_lifecycle_labels_and_limits(make_host, docker_client, sandbox_image):
     assert isinstance(err.value, InfraError)
 
 
-def test_memory_hog_is_killed_and_container_survives(make_host):
-    host = make_host(container_memory="128m")
-    handle = host.create("ep-mem", host.settings.default_image, labels={})
+def test_exec_results_status_workdir_env(box):
+    host, handle = box("ep-exec")
+    r = host.execute(handle, "echo out; echo err >&2; exit 3", timeout=10)
+    assert (r.exit_code, r.output, r.timed_out, r.truncated) == (3, "out\nerr\n", False, False)
+    r = host.execute(handle, 'pwd; echo "$A"', timeout=10, workdir="/tmp", env={"A": 1})
+    assert (r.exit_code, r.output) == (0, "/tmp\n1\n")
+    assert host.execute(handle, "echo $0; shopt -q login_shell && echo login", timeout=10).output == "bash\nlogin\n"
+    host.close(handle)
+    with pytest.raises(ContainerLostError):
+        host.execute(handle, "true", timeout=5)
+
+
+def test_memory_hog_is_killed_and_container_survives(box):
+    host, handle = box("ep-mem", container_memory="128m")
     r = host.execute(handle, "python3 -c 'x = bytearray(600 * 1024 * 1024); print(len(x))'", timeout=30)
     assert r.exit_code == 137 and "629145600" not in r.output
     assert host.execute(handle, "echo alive", timeout=10).output == "alive\n"
 
 
-def test_fork_bomb_is_contained(make_host):
-    host = make_host(container_pids=64)
-    handle = host.create("ep-fork", host.settings.default_image, labels={})
+def test_fork_bomb_is_contained(box):
+    host, handle = box("ep-fork", container_pids=64)
     r = host.execute(handle, ":(){ :|:& };:", timeout=5)
     assert r.duration_s < 15
     after = host.execute(handle, "ps -e --no-headers | wc -l", timeout=10)
     assert after.exit_code == 0 and int(after.output) < 10  # the bomb's processes were killed
 
 
-def test_command_past_its_time_is_stopped(make_host):
-    host = make_host()
-    handle = host.create("ep-slow", host.settings.default_image, labels={})
+def test_command_past_its_time_is_stopped(box):
+    host, handle = box("ep-slow")
     r = host.execute(handle, "echo started; sleep 30 & sleep 30", timeout=1)
     assert r.timed_out and r.exit_code == 124 and r.output == "started\n"
     assert r.duration_s < 8
@@ -100,18 +126,16 @@ def test_command_past_its_time_is_stopped(make_host):
     assert isinstance(err.value, TaskError) and isinstance(err.value, TimeoutError)
 
 
-def test_output_is_capped_head_and_tail(make_host):
-    host = make_host(output_cap_bytes=1024)
-    handle = host.create("ep-out", host.settings.default_image, labels={})
+def test_output_is_capped_head_and_tail(box):
+    host, handle = box("ep-out", output_cap_bytes=1024)
     r = host.execute(handle, "echo FIRST; head -c 200000 /dev/zero | tr '\\0' x; echo; echo LAST", timeout=20)
     assert r.truncated and r.exit_code == 0
     assert r.output.startswith("FIRST\n") and r.output.endswith("LAST\n")
     assert "bytes of output omitted" in r.output and len(r.output) < 1200
 
 
-def test_network_is_off_by_default(make_host):
-    host = make_host()
-    handle = host.create("ep-net", host.settings.default_image, labels={})
+def test_network_is_off_by_default(box):
+    host, handle = box("ep-net")
     ifaces = host.execute(handle, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '", timeout=10).output.split()
     assert ifaces == ["lo"]
     r = host.execute(handle, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=3)\"",
@@ -119,9 +143,8 @@ def test_network_is_off_by_default(make_host):
     assert r.exit_code != 0 and "unreachable" in r.output
 
 
-def test_file_round_trip(make_host):
-    host = make_host()
-    handle = host.create("ep-files", host.settings.default_image, labels={})
+def test_file_round_trip(box):
+    host, handle = box("ep-files")
     blob = bytes(range(256)) * 64
     host.put_files(handle, {"/work/deep/dir/data.bin": blob, "/work/run.sh": "#!/bin/sh\necho ran\n",
                             "/tmp/note.txt": "héllo\n"})

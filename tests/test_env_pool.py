@@ -90,3 +90,18 @@ def test_idle_warm_containers_are_replaced_and_unwanted_pools_dropped(warm_host,
     host.pool.trim()
     assert "megaflow-pool-extra:none" not in host.pool.wanted()
     assert sandbox_image in host.pool.wanted()  # the default image stays pinned in persistent mode
+
+
+def test_broken_exec_session_falls_back_to_docker_exec(warm_host, docker_client, sandbox_image):
+    host = warm_host
+    host.maintain()
+    entries = list(host.pool._items[sandbox_image])
+    assert all(e.container_id in host._sessions for e in entries)
+    for e in entries:  # the runner dies while its container waits in the pool
+        exec_id = docker_client.api.exec_create(e.container_id, ["pkill", "-f", "python3 -u -c"])["Id"]
+        docker_client.api.exec_start(exec_id)
+    time.sleep(0.3)
+    handle = host.create("ep-w4", sandbox_image, labels={}, mode="persistent")
+    assert handle["warm"] and handle["container_id"] not in host._sessions  # liveness check dropped it
+    r = host.execute(handle, "echo via-exec", timeout=10)
+    assert (r.exit_code, r.output) == (0, "via-exec\n")

@@ -130,6 +130,8 @@ class DockerHost:
         self._boot_slots = threading.BoundedSemaphore(settings.boot_concurrency)
         self._boot_api = None
         self._claims: dict[str, dict] = {}  # used when there is no Redis
+        self._sessions: dict = {}  # container id -> ExecSession (warm containers; this process only)
+        self._sessions_lock = threading.Lock()
         self.images = ImageCache(docker_client, settings, name, redis_client=redis_client, keys=self.keys)
         self.pool = WarmPool(self, warm_images or ((settings.default_image,) if settings.env_mode == "persistent" else ()))
 
@@ -219,8 +221,69 @@ class DockerHost:
         is gone or a Docker failure raises an InfraError.
         """
         timeout = self.settings.command_timeout_s if timeout is None else float(timeout)
+        cid = handle["container_id"]
+        session = self._sessions.get(cid)
+        if session is not None and session.lock.acquire(blocking=False):  # busy: use plain docker exec
+            try:
+                result = self._exec_session(session, command, timeout=timeout, workdir=workdir, env=env)
+                if result is not None:
+                    return result
+            finally:
+                session.lock.release()
         argv = ["bash", "-c", _WRAPPER, "megaflow-exec", f"{timeout:g}s", "exec 2>&1\n" + command]
-        return self._exec(handle["container_id"], argv, timeout=timeout, workdir=workdir, env=env)
+        return self._exec(cid, argv, timeout=timeout, workdir=workdir, env=env)
+
+    def _exec_session(self, session, command: str, *, timeout: float, workdir: str | None,
+                      env: dict | None) -> ExecResult | None:
+        """Run through the container's exec session; None when it is unusable and nothing ran."""
+        from megaflow.env_hosts.session import SessionBroken
+
+        if session.broken:
+            self._drop_session(session.container_id)
+            return None
+        started = time.monotonic()
+        deadline = started + timeout + KILL_GRACE_S + CLIENT_SLACK_S
+        try:
+            session.send_command(command, timeout=timeout, workdir=workdir, env=env,
+                                 cap=self.settings.output_cap_bytes)
+        except SessionBroken:
+            self._drop_session(session.container_id)
+            return None
+        try:
+            reply = session.receive(deadline)
+        except SessionBroken as exc:
+            self._drop_session(session.container_id)
+            self._check_running(session.container_id)
+            raise RetryableInfraError(f"exec session in {session.container_id[:12]} broke mid-command: {exc}") from exc
+        duration = time.monotonic() - started
+        if reply is None:  # the client gave up; the in-container limit should have fired long before
+            self._drop_session(session.container_id)
+            return ExecResult(exit_code=None, output="", timed_out=True, duration_s=round(duration, 4),
+                              truncated=False)
+        code = reply.get("exit_code")
+        dropped = int(reply.get("dropped") or 0)
+        output = reply.get("head", "") + (f"\n[... {dropped} bytes of output omitted ...]\n" if dropped else "") \
+            + reply.get("tail", "")
+        return ExecResult(exit_code=code, output=output,
+                          timed_out=code in (124, 137) and duration >= timeout * 0.95,
+                          duration_s=round(duration, 4), truncated=dropped > 0)
+
+    def _open_session(self, cid: str) -> bool:
+        """Start an exec session in ``cid`` (warm containers, off the critical path); False if unavailable."""
+        from megaflow.env_hosts.session import ExecSession
+
+        session = ExecSession.open(self.client.api, cid, _WRAPPER)
+        if session is None:
+            return False
+        with self._sessions_lock:
+            self._sessions[cid] = session
+        return True
+
+    def _drop_session(self, cid: str) -> None:
+        with self._sessions_lock:
+            session = self._sessions.pop(cid, None)
+        if session is not None:
+            session.close()
 
     def _exec(self, cid: str, argv: list[str], *, timeout: float, workdir: str | None, env: dict | None) -> ExecResult:
         api = self.client.api
@@ -305,11 +368,14 @@ class DockerHost:
     # --- close ----------------------------------------------------------------------------------
     def close(self, handle: dict) -> None:
         """Remove the episode's container (a used warm container is never returned to the pool); idempotent."""
+        self._drop_session(handle["container_id"])
         self._remove(handle["container_id"])
         self._drop_claim(handle["container_id"])
 
     def _remove(self, cid: str) -> bool:
         import docker.errors
+
+        self._drop_session(cid)
 
         try:
             with docker_errors(f"remove {cid[:12]}"):
@@ -388,6 +454,8 @@ class DockerHost:
     def shutdown(self) -> None:
         """Remove this instance's warm containers (on a clean worker stop)."""
         self.pool.drain()
+        for cid in list(self._sessions):
+            self._drop_session(cid)
 
 
 def _read_frames(raw: socket.socket, cap: OutputCap, deadline: float) -> bool:

@@ -92,7 +92,11 @@ class WarmPool:
             state = self.host.client.api.inspect_container(entry.container_id)["State"]
         except Exception:
             return False
-        return bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting")
+        alive = bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting")
+        session = self.host._sessions.get(entry.container_id)
+        if alive and session is not None and not session.idle_ok():
+            self.host._drop_session(entry.container_id)  # the container is fine; plain docker exec then
+        return alive
 
     def _start_one(self, image: str) -> WarmEntry:
         from megaflow.env_hosts.docker_host import _container_name
@@ -101,6 +105,7 @@ class WarmPool:
         labels = {L.EPISODE: "", L.MODE: "persistent", L.POOL_OWNER: self.host.instance_id}
         cid, name, expiry = self.host._boot(image, labels, lifetime=lifetime, network=False,
                                             name=_container_name(self.host.name, "warm"))
+        self.host._open_session(cid)  # first exec then skips `docker exec` (falls back if unavailable)
         return WarmEntry(cid, name, image, time.time(), expiry)
 
     def refill(self, image: str | None = None) -> int:

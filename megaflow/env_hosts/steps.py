@@ -6,7 +6,7 @@ import shlex
 from typing import Any
 
 from megaflow import lifecycle, states
-from megaflow.agents.bash import observation
+from megaflow.agents import make_agent
 from megaflow.errors import InfraError, RetryableError, TaskError
 from megaflow.runtime import Runtime
 
@@ -85,7 +85,8 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     command = (ep.pending or {}).get("command", "")
     timeout = spec.agent.command_timeout_s or rt.settings.command_timeout_s
     try:
-        res = rt.env_host.execute(ep.container, command, timeout=timeout, workdir=spec.workdir)
+        res = rt.env_host.execute(ep.container, command, timeout=timeout, workdir=spec.workdir,
+                                  env=spec.agent.env or None)
     except RetryableError:
         if not final_attempt:
             raise
@@ -95,25 +96,32 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     except InfraError as exc:
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"exec: {exc}", close_here=True)
         return "failed"
-    record = {"role": "user", "content": observation(res.exit_code, res.output, res.timed_out),
-              "kind": "observation", "exit_code": res.exit_code, "timed_out": res.timed_out,
-              "duration_s": round(res.duration_s, 4), "command": command}
+    text = make_agent(spec.agent, rt.settings).observation(res.exit_code, res.output, res.timed_out, command)
+    record = {"role": "user", "content": text, "kind": "observation", "exit_code": res.exit_code,
+              "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4), "command": command,
+              "output": res.output}
     rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
     return "ok"
 
 
 def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
-    """Run the evaluation command; its exit code gives the reward; then end the episode."""
+    """Score the episode (exit code, or SWE-bench style per megaflow.evaluation), then end it."""
     ep = rt.engine.claim(episode_id, step)
     if ep is None:
         return "dropped"
     spec = ep.spec
     handle = ep.container
+    report = None
     try:
-        if spec.eval.files:
+        if spec.eval.swebench:
+            from megaflow.evaluation import evaluate_instance
+
+            report = evaluate_instance(rt, ep, handle)
+        elif spec.eval.files:
             rt.env_host.put_files(handle, spec.eval.files)
-        res = rt.env_host.execute(handle, spec.eval.command, timeout=spec.eval.timeout_s or rt.settings.eval_timeout_s,
-                                  workdir=spec.workdir)
+        if report is None:
+            res = rt.env_host.execute(handle, spec.eval.command,
+                                      timeout=spec.eval.timeout_s or rt.settings.eval_timeout_s, workdir=spec.workdir)
     except RetryableError:
         if not final_attempt:
             raise
@@ -123,10 +131,18 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
     except InfraError as exc:
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"evaluate: {exc}", close_here=True)
         return "failed"
-    reward = 1.0 if (res.exit_code == 0 and not res.timed_out) else 0.0
-    record = {"role": "evaluation", "content": res.output, "exit_code": res.exit_code,
-              "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4)}
-    if not rt.engine.advance(ep, history=[record], fields={"eval_exit_code": str(res.exit_code)}):
+    if report is not None:
+        reward = 1.0 if report["resolved"] else 0.0
+        record = {"role": "evaluation", "content": report.get("log_tail", ""), "exit_code": report.get("test_exit_code"),
+                  "timed_out": bool(report.get("test_timed_out")), "duration_s": report["duration_s"],
+                  "report": {k: v for k, v in report.items() if k != "log_tail"}}
+        fields = {"eval_exit_code": str(report.get("test_exit_code")), "report": record["report"]}
+    else:
+        reward = 1.0 if (res.exit_code == 0 and not res.timed_out) else 0.0
+        record = {"role": "evaluation", "content": res.output, "exit_code": res.exit_code,
+                  "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4)}
+        fields = {"eval_exit_code": str(res.exit_code)}
+    if not rt.engine.advance(ep, history=[record], fields=fields):
         return "dropped"
     ep.history.append(record)
     state = states.SUCCEEDED if reward > 0 else states.FAILED
