@@ -91,6 +91,27 @@ def test_host_choice_prefers_warm_then_image_then_least_loaded(make):
         int(m.redis.hget(m.keys.res("hwarm", "warm"), "img-w")) == 0
 
 
+def test_image_index_follows_heartbeats(make, redis_client):
+    m = make(global_limit=50, user_limit=50, host_ttl_s=0.5)
+    idx = m.keys.res("imghosts", "img-a")
+    m.register_host("h1", capacity=4, images=["img-a"], warm={"img-a": 2}, disk_free_gb=1)
+    m.register_host("h2", capacity=4, images=[], warm={}, disk_free_gb=1)
+    assert redis_client.hgetall(idx) == {"h1": "2"}
+    m.enqueue([{"episode_id": "a1", "user": "u", "image": "img-a"}])
+    assert [a.host for a in m.admit()] == ["h1"]
+    assert redis_client.hgetall(idx) == {"h1": "1"}  # one warm container taken
+    m.register_host("h1", capacity=4, images=["img-b"], warm={}, disk_free_gb=1)  # evicted img-a
+    assert redis_client.hgetall(idx) == {}
+    m.register_host("h2", capacity=4, images=["img-a"], warm={}, disk_free_gb=1)
+    assert m.acquire("x1", "v", "h2") == m.acquire("x2", "v", "h2") == "ok"  # h2: 2 of 4, h1: 1 of 4
+    m.enqueue([{"episode_id": "a2", "user": "u", "image": "img-a"}])
+    assert [a.host for a in m.admit()] == ["h2"]  # image present beats less loaded
+    time.sleep(0.6)
+    m.register_host("h1", capacity=4, images=["img-b"], warm={}, disk_free_gb=1)
+    assert m.sweep()["hosts_removed"] == 1
+    assert redis_client.hgetall(idx) == {}  # h2 gone, and out of the index
+
+
 def test_drained_and_stale_hosts_get_no_admissions(make):
     m = make(host_ttl_s=0.4)
     m.register_host("old", capacity=5, images=[], warm={}, disk_free_gb=1)

@@ -20,7 +20,7 @@ local K = {
   global = base .. ':global', held = base .. ':held', admitted = base .. ':admitted',
   seq = base .. ':seq', queued = base .. ':queued', heads = base .. ':heads',
   ready = base .. ':ready', parked = base .. ':parked', quotas = base .. ':quotas',
-  hosts = base .. ':hosts', drained = base .. ':drained',
+  hosts = base .. ':hosts', drained = base .. ':drained', hostcap = base .. ':hostcap',
 }
 local function ukey(u) return base .. ':user:' .. u end
 local function hkey(h) return base .. ':host:' .. h end
@@ -28,6 +28,7 @@ local function qkey(u) return base .. ':q:' .. u end
 local function infokey(h) return base .. ':hostinfo:' .. h end
 local function imgkey(h) return base .. ':himages:' .. h end
 local function warmkey(h) return base .. ':hwarm:' .. h end
+local function imgidx(image) return base .. ':imghosts:' .. image end
 
 -- live members of a tier after dropping lapsed ones
 local function live(key)
@@ -129,8 +130,10 @@ return #fresh
 
 # Admit up to N of the oldest eligible episodes: for each, take the ready user with the oldest
 # head, park it if at its limit, else pick a host and reserve global, user and host slots.
-# Cost per admitted episode: O(log queue) for the sorted sets plus O(hosts) for the host choice;
-# users at their limit are parked, so they are never scanned again until a slot of theirs frees.
+# Cost: one ZCOUNT per live host per call (to learn free capacity), then per admitted episode
+# O(log queue) for the sorted sets, one read of the image's host index (hosts that have it) and,
+# when no free host has it, a scan of the in-script host table (no Redis calls). Users at their
+# limit are parked, so they are not looked at again until a slot of theirs frees.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: max episodes  ARGV[3]: global limit  ARGV[4]: default user limit
 # ARGV[5]: lease (ms)  ARGV[6]: host heartbeat TTL (ms)
@@ -142,16 +145,24 @@ for _, u in ipairs(redis.call('ZRANGEBYSCORE', K.parked, '-inf', now, 'LIMIT', 0
 if redis.call('ZCARD', K.ready) == 0 then return {} end
 local gused = live(K.global)
 if gused >= glimit then return {} end
-local hosts = {}
+local caps, drained = {}, {}
+local hc = redis.call('HGETALL', K.hostcap)
+for i = 1, #hc, 2 do caps[hc[i]] = tonumber(hc[i + 1]) end
+for _, h in ipairs(redis.call('SMEMBERS', K.drained)) do drained[h] = true end
+local free, order, nfree = {}, {}, 0
 for _, h in ipairs(redis.call('ZRANGEBYSCORE', K.hosts, now - host_ttl, '+inf')) do
-  if redis.call('SISMEMBER', K.drained, h) == 0 then
-    local cap = tonumber(redis.call('HGET', infokey(h), 'capacity') or '0')
-    local used = live(hkey(h))
-    if used < cap then hosts[#hosts + 1] = {name = h, cap = cap, used = used} end
+  local cap = caps[h] or 0
+  if cap > 0 and not drained[h] then
+    local used = redis.call('ZCOUNT', hkey(h), '(' .. now, '+inf')
+    if used < cap then
+      free[h] = {cap = cap, used = used}
+      order[#order + 1] = h
+      nfree = nfree + 1
+    end
   end
 end
 local out, n = {}, 0
-while n < max_n and gused < glimit and #hosts > 0 do
+while n < max_n and gused < glimit and nfree > 0 do
   local top = redis.call('ZRANGE', K.ready, 0, 0)
   if #top == 0 then break end
   local u = top[1]
@@ -165,29 +176,40 @@ while n < max_n and gused < glimit and #hosts > 0 do
       set_head(u)
     else
       local ep, item = head[1], cjson.decode(raw)
-      local bi, bw, bp, bload, bwarm = nil, -1, -1, 2, 0
-      for i, h in ipairs(hosts) do
-        local warm = tonumber(redis.call('HGET', warmkey(h.name), item.image) or '0')
-        local w = warm > 0 and 1 or 0
-        local p = redis.call('SISMEMBER', imgkey(h.name), item.image)
-        local load = h.used / h.cap
-        if w > bw or (w == bw and (p > bp or (p == bp and load < bload))) then
-          bi, bw, bp, bload, bwarm = i, w, p, load, warm
+      -- a free host with a warm container, else one with the image, else the least loaded
+      local best, bw, bload = nil, -1, 2
+      local idx = redis.call('HGETALL', imgidx(item.image))
+      for i = 1, #idx, 2 do
+        local h = free[idx[i]]
+        if h then
+          local w = tonumber(idx[i + 1]) > 0 and 1 or 0
+          local load = h.used / h.cap
+          if w > bw or (w == bw and load < bload) then best, bw, bload = idx[i], w, load end
         end
       end
-      local h = hosts[bi]
-      hold(ep, u, h.name, lease)
-      redis.call('HSET', K.held, ep, cjson.encode({user = u, host = h.name, image = item.image,
+      if not best then
+        for _, name in ipairs(order) do
+          local h = free[name]
+          if h and h.used / h.cap < bload then best, bload = name, h.used / h.cap end
+        end
+      end
+      local h = free[best]
+      redis.call('ZREMRANGEBYSCORE', hkey(best), '-inf', now)
+      hold(ep, u, best, lease)
+      redis.call('HSET', K.held, ep, cjson.encode({user = u, host = best, image = item.image,
         seq = item.seq, t = item.t, requeues = item.requeues or 0, admitted = now}))
       redis.call('ZADD', K.admitted, now, ep)
       redis.call('ZREM', qkey(u), ep)
       redis.call('HDEL', K.queued, ep)
       set_head(u)
-      if bwarm > 0 then redis.call('HINCRBY', warmkey(h.name), item.image, -1) end
+      if bw == 1 then
+        redis.call('HINCRBY', warmkey(best), item.image, -1)
+        redis.call('HINCRBY', imgidx(item.image), best, -1)
+      end
       h.used = h.used + 1
-      if h.used >= h.cap then table.remove(hosts, bi) end
+      if h.used >= h.cap then free[best] = nil; nfree = nfree - 1 end
       gused, n = gused + 1, n + 1
-      out[#out + 1] = ep; out[#out + 1] = u; out[#out + 1] = h.name; out[#out + 1] = item.image
+      out[#out + 1] = ep; out[#out + 1] = u; out[#out + 1] = best; out[#out + 1] = item.image
     end
   end
 end
@@ -210,7 +232,7 @@ if raw then
   if held_live(ep, info) then hold(ep, u, h, lease); return 'ok' end
   drop(ep)
 end
-local cap = redis.call('HGET', infokey(h), 'capacity')
+local cap = redis.call('HGET', K.hostcap, h)
 if not cap then return 'unknown_host' end
 if live(K.global) >= glimit then return 'global' end
 if live(ukey(u)) >= user_limit(u, udefault) then return 'user' end
@@ -273,7 +295,8 @@ end
 return n
 """
 
-# An env host's heartbeat: record capacity, free disk, images present and warm containers.
+# An env host's heartbeat: record capacity, free disk, images present and warm containers. The
+# per-image host index (imghosts:<image>, host -> warm containers) is written only where it changed.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: host  ARGV[3]: capacity  ARGV[4]: disk free (GB)
 # ARGV[5]: JSON list of images  ARGV[6]: JSON object image -> warm containers
@@ -284,19 +307,30 @@ local h, ttl = ARGV[2], tonumber(ARGV[7])
 local last = redis.call('ZSCORE', K.hosts, h)
 local joined = (not last or tonumber(last) <= now - ttl) and 1 or 0
 redis.call('ZADD', K.hosts, now, h)
+redis.call('HSET', K.hostcap, h, ARGV[3])
 redis.call('HSET', infokey(h), 'capacity', ARGV[3], 'disk_free_gb', ARGV[4], 'heartbeat', now)
-redis.call('DEL', imgkey(h), warmkey(h))
-local images = cjson.decode(ARGV[5])
-for i = 1, #images, 500 do
-  redis.call('SADD', imgkey(h), unpack(images, i, math.min(i + 499, #images)))
-end
+local new, old = {}, {}
+for _, image in ipairs(cjson.decode(ARGV[5])) do new[image] = 0 end
 for image, count in pairs(cjson.decode(ARGV[6])) do
-  if tonumber(count) > 0 then redis.call('HSET', warmkey(h), image, count) end
+  if tonumber(count) > 0 then new[image] = tonumber(count) end
 end
-local keep = ttl * 4
-redis.call('PEXPIRE', infokey(h), keep)
-redis.call('PEXPIRE', imgkey(h), keep)
-redis.call('PEXPIRE', warmkey(h), keep)
+for _, image in ipairs(redis.call('SMEMBERS', imgkey(h))) do old[image] = 0 end
+local ow = redis.call('HGETALL', warmkey(h))
+for i = 1, #ow, 2 do if old[ow[i]] then old[ow[i]] = tonumber(ow[i + 1]) end end
+for image, _ in pairs(old) do
+  if new[image] == nil then
+    redis.call('SREM', imgkey(h), image)
+    redis.call('HDEL', warmkey(h), image)
+    redis.call('HDEL', imgidx(image), h)
+  end
+end
+for image, count in pairs(new) do
+  if old[image] == nil then redis.call('SADD', imgkey(h), image) end
+  if old[image] ~= count then
+    redis.call('HSET', imgidx(image), h, count)
+    if count > 0 then redis.call('HSET', warmkey(h), image, count) else redis.call('HDEL', warmkey(h), image) end
+  end
+end
 return joined
 """
 
@@ -364,7 +398,9 @@ return n
 REMOVE_STALE_HOSTS_LUA = PRELUDE + """
 local gone = redis.call('ZRANGEBYSCORE', K.hosts, '-inf', now - tonumber(ARGV[2]))
 for _, h in ipairs(gone) do
+  for _, image in ipairs(redis.call('SMEMBERS', imgkey(h))) do redis.call('HDEL', imgidx(image), h) end
   redis.call('ZREM', K.hosts, h)
+  redis.call('HDEL', K.hostcap, h)
   redis.call('DEL', infokey(h), imgkey(h), warmkey(h))
 end
 return gone

@@ -49,8 +49,9 @@ class ResourceManager:
     - ``R:parked``: sorted set user -> when to check again (users at their limit, with a queue)
     - ``R:quotas``: hash user -> limit override
     - ``R:hosts``: sorted set host -> last heartbeat; ``R:drained``: set of drained hosts
-    - ``R:hostinfo:<host>`` (hash capacity, disk_free_gb, heartbeat), ``R:himages:<host>`` (set),
-      ``R:hwarm:<host>`` (hash image -> warm containers)
+    - ``R:hostcap``: hash host -> capacity; ``R:hostinfo:<host>``: hash capacity, disk_free_gb,
+      heartbeat; ``R:himages:<host>``: set of images present; ``R:hwarm:<host>``: hash image ->
+      warm containers; ``R:imghosts:<image>``: hash host -> warm containers (hosts that have it)
     - ``R:boot:<host>``: boot limiter sorted set; ``R:bootrate:<host>``: its token bucket
     - ``R:wake``: list, at most one item: a request that the sweeper run admission now
     """
