@@ -91,3 +91,22 @@ def test_pull_with_registry_credentials_fails_as_infra_error(docker_client, sett
     with pytest.raises(InfraError, match="127.0.0.1:1/megaflow/absent"):
         pull_image(docker_client, "127.0.0.1:1/megaflow/absent:1", s)
     assert time.monotonic() - started < 30
+
+
+def test_images_cli_build_is_a_no_op_when_present_and_prefetch_runs_locally(
+        docker_client, sandbox_image, settings, monkeypatch):
+    from typer.testing import CliRunner
+
+    from megaflow.env_hosts.cli import app
+
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    built = runner.invoke(app, ["build", "--tag", sandbox_image])
+    assert built.exit_code == 0, built.output
+    assert built.output.strip().splitlines()[-1] == sandbox_image
+    fetched = runner.invoke(app, ["prefetch", sandbox_image, "--hosts", settings.host_name])
+    assert fetched.exit_code == 0, fetched.output
+    assert fetched.output.split() == [settings.host_name, sandbox_image, "present"]
+    missing = runner.invoke(app, ["prefetch", "megaflow-test/absent:nope"])
+    assert missing.exit_code == 1 and "error:" in missing.output

@@ -38,6 +38,18 @@ def _docker():
         raise ServiceUnavailableError(f"no Docker engine reachable (DOCKER_HOST or /var/run/docker.sock): {exc}")
 
 
+def _redis(settings):
+    """A Redis client for the LRU record, or None when Redis is not reachable (the CLI still works)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5)
+    try:
+        client.ping()
+        return client
+    except redis.RedisError:
+        return None
+
+
 @app.command("build")
 def build(tag: str = typer.Option(None, "--tag", help="Image tag (default: MEGAFLOW_DEFAULT_IMAGE)."),
           force: bool = typer.Option(False, "--force", help="Rebuild even if the tag exists.")) -> None:
@@ -72,7 +84,8 @@ def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make pr
 
             client = _docker()
             try:
-                for image, status in prefetch(DockerHost(client, settings, name=host), images).items():
+                docker_host = DockerHost(client, settings, name=host, redis_client=_redis(settings))
+                for image, status in prefetch(docker_host, images).items():
                     typer.echo(f"{host}\t{image}\t{status}")
                     failed |= status.startswith("error")
             finally:

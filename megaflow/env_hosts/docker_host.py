@@ -135,6 +135,11 @@ class DockerHost:
         self.images = ImageCache(docker_client, settings, name, redis_client=redis_client, keys=self.keys)
         self.pool = WarmPool(self, warm_images or ((settings.default_image,) if settings.env_mode == "persistent" else ()))
 
+    @property
+    def queues(self) -> list[str]:
+        """Celery queues this host's env worker consumes: shared provisioning and its own operations."""
+        return ["env", f"env.{self.name}"]
+
     # --- create ---------------------------------------------------------------------------------
     def ensure_image(self, image: str) -> bool:
         """Make ``image`` present on this host (pull if missing) and mark it used; True if pulled."""
