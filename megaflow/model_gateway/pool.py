@@ -26,6 +26,7 @@ Keys (all under ``keys.model(...)``):
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -108,6 +109,7 @@ class EndpointPool:
         self._sems: dict[str, LeaseSemaphore] = {}
         self._endpoints: list[str] = []
         self._read_at = -1e9
+        self._freed = threading.Condition()  # wakes this process's waiters when one of its slots frees
 
     # --- membership -------------------------------------------------------------------------------
     def endpoints(self) -> list[str]:
@@ -171,11 +173,14 @@ class EndpointPool:
             if time.monotonic() + pause > limit:
                 why = "every endpoint is at its concurrency limit" if healthy else "every endpoint is unhealthy"
                 raise ModelUnavailableError(f"model {self.model_name!r}: {why} ({len(endpoints)} endpoints)")
-            time.sleep(pause * (0.5 + random.random()))
+            with self._freed:  # a release in this process wakes us early; other processes' by polling
+                self._freed.wait(pause * (0.5 + random.random()))
             pause = min(pause * 2, 0.05 if healthy else 0.5)
 
     def release(self, lease: Lease) -> None:
         self.semaphore(lease.endpoint).release(lease.holder)
+        with self._freed:
+            self._freed.notify()
 
     # --- health -----------------------------------------------------------------------------------
     def succeeded(self, endpoint: str) -> None:
