@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import redis
 
@@ -122,6 +122,33 @@ class Client:
             self.rt.redis.hset(self.rt.keys.episode(eid), "cancel", "1")
         lifecycle.admit(self.rt)
         return n
+
+    def rollout(self, tasks: Iterable[Any], *, replicas: int = 1, policy_version: str | None = None,
+                user: str = "rollout", max_infra_retries: int = 2, timeout: float | None = None,
+                trajectories: bool = True) -> Iterator[dict[str, Any]]:
+        """Run every task ``replicas`` times; yield each group (rewards, trajectories, token data) once done.
+
+        Tasks are TaskSpec dicts or SWE-bench instances. Infra failures are retried as new episodes
+        up to ``max_infra_retries`` times; a group still holding one is yielded with ``masked: true``.
+        See megaflow.rollout.
+        """
+        from megaflow.rollout import Rollout
+
+        return Rollout(self, replicas=replicas, user=user, policy_version=policy_version,
+                       max_infra_retries=max_infra_retries, timeout=timeout, trajectories=trajectories).run(tasks)
+
+    def resume(self, batch_id: str):
+        """Re-run a batch's infra failures as a new batch; skip what finished. Returns a ResumeResult."""
+        from megaflow.rollout import resume
+
+        self._check_redis()
+        return resume(self, batch_id)
+
+    def final_results(self, batch_id: str) -> list[dict[str, Any]]:
+        """results() with re-runs (resume, rollout retries) in place of the episodes they replaced."""
+        from megaflow.rollout import final_results
+
+        return final_results(self, batch_id)
 
     def close(self) -> None:
         self.rt.redis.close()

@@ -67,14 +67,19 @@ def admit(rt: Runtime, max_n: int = 100) -> int:
 
 def trajectory(ep: Episode) -> dict[str, Any]:
     """The episode's whole record as one JSON document (the trajectory artifact)."""
+    from megaflow.agents.trajectory import token_data, trajectory_steps
     from megaflow.engine import episode_view
 
     spec = json.loads(ep.fields.get("spec", "{}"))
+    report = ep.fields.get("report")
     return {
         **episode_view(ep),
         "spec": spec,
         "policy_version": ep.fields.get("policy_version") or None,
         "messages": ep.history,
+        "steps": trajectory_steps(ep.history),
+        "tokens": token_data(ep.history),
+        "report": json.loads(report) if report else None,
     }
 
 
@@ -111,7 +116,8 @@ def finish(
         ep, state=state, phase="finished", fields=fields, terminal=True,
         event_fields={"reward": reward, "cause": cause, "error": fields["error"] or None, "artifact_uri": uri,
                       "steps": int(ep.num("model_calls")), "prompt_tokens": int(ep.num("prompt_tokens")),
-                      "completion_tokens": int(ep.num("completion_tokens"))},
+                      "completion_tokens": int(ep.num("completion_tokens")),
+                      "resolved": (view.get("report") or {}).get("resolved")},
     )
     if not applied:
         return False

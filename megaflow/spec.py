@@ -21,28 +21,71 @@ class ModelSpec(BaseModel):
 
 
 class AgentSpec(BaseModel):
-    """How the agent behaves."""
+    """How the agent behaves: its prompts, action format and limits.
+
+    ``bash`` templates use Python ``str.format`` fields; ``mini`` (mini-swe-agent compatible, see
+    megaflow.agents.mini) templates are Jinja2 and a command whose output's first line is
+    ``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`` submits.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["bash"] = Field("bash", description="Agent implementation.")
+    type: Literal["bash", "mini"] = Field("bash", description="Agent flavour: bash (submit word) or mini.")
     max_steps: int | None = Field(None, ge=1, description="Model calls allowed; default settings.max_steps.")
     max_tokens: int | None = Field(None, ge=1, description="Total prompt+completion tokens allowed.")
     wall_time_s: float | None = Field(None, gt=0, description="Agent wall-time budget; default settings.episode_budget_s.")
-    submit_word: str = Field(SUBMIT_WORD, min_length=3, description="A reply containing this word submits.")
+    max_format_errors: int | None = Field(None, ge=1, description="Format errors in a row that end the episode "
+                                                                  "(cause 'format'); default 3.")
+    submit_word: str = Field(SUBMIT_WORD, min_length=3, description="A reply containing this word submits (bash).")
     system_template: str | None = Field(None, description="System prompt; {submit_word} is filled in.")
     instance_template: str | None = Field(None, description="First user message; {problem_statement} is filled in.")
+    action_observation_template: str | None = Field(
+        None, description="User message reporting a command's result (vars: exit_code/output, or mini's output.*).")
+    format_error_template: str | None = Field(None, description="Reply to a model message without exactly one action.")
+    timeout_template: str | None = Field(None, description="User message after a command timed out.")
+    action_regex: str | None = Field(None, description="Regex whose one group is the command (DOTALL).")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every command.")
     command_timeout_s: float | None = Field(None, gt=0, description="Per-command limit; default settings.command_timeout_s.")
+
+    @field_validator("action_regex")
+    @classmethod
+    def _one_group(cls, v: str | None) -> str | None:
+        if v is not None:
+            import re
+
+            try:
+                groups = re.compile(v).groups
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+            if groups != 1:
+                raise ValueError("must have exactly one capturing group (the command)")
+        return v
 
 
 class EvalSpec(BaseModel):
-    """How the episode is scored: the command's exit code gives the reward (0 -> 1.0)."""
+    """How the episode is scored.
+
+    Plain: ``command``'s exit code gives the reward (0 -> 1.0). SWE-bench style (when
+    ``fail_to_pass`` or ``pass_to_pass`` is given): apply ``test_patch``, run ``command`` with the
+    listed tests, parse per-test results; reward 1.0 when resolved (see megaflow.evaluation).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    command: str = Field(..., min_length=1, description="Shell command run in the container after submit.")
+    command: str = Field(..., min_length=1, description="Shell command run in the container after submit "
+                                                        "(SWE-bench style: the test runner; tests are appended "
+                                                        "or fill a {tests} placeholder).")
     timeout_s: float | None = Field(None, gt=0, description="Default settings.eval_timeout_s.")
     files: dict[str, str] = Field(default_factory=dict, description="Files written just before evaluation (tests).")
+    test_patch: str | None = Field(None, description="Diff applied (git apply) before the tests run.")
+    fail_to_pass: list[str] = Field(default_factory=list, description="Tests that must pass after the fix.")
+    pass_to_pass: list[str] = Field(default_factory=list, description="Tests that must keep passing.")
+    log_parser: Literal["auto", "unittest", "pytest"] = Field("auto", description="How test output is read.")
+    fresh_container: bool = Field(False, description="Evaluate the agent's patch in a fresh container.")
+
+    @property
+    def swebench(self) -> bool:
+        return bool(self.fail_to_pass or self.pass_to_pass)
 
 
 class TaskSpec(BaseModel):

@@ -6,12 +6,17 @@ import json
 import time
 
 from megaflow import lifecycle, states
-from megaflow.agents.bash import BashAgent
+from megaflow.agents import make_agent
+from megaflow.errors import SpecError
 from megaflow.runtime import Runtime
 
 
 def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
-    """Run step ``step`` of the episode's agent; return what it decided (for logs and tests)."""
+    """Run step ``step`` of the episode's agent; return what it decided (for logs and tests).
+
+    Limits end the episode with a cause: wall time -> TIMED_OUT/timeout, steps and tokens ->
+    agent_limit, too many format errors in a row -> format.
+    """
     ep = rt.engine.claim(episode_id, step)
     if ep is None:
         return "dropped"
@@ -19,20 +24,24 @@ def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
         lifecycle.finish(rt, ep, states.CANCELLED, cause=states.CAUSE_CANCELLED)
         return "cancelled"
     spec = ep.spec
-    agent = BashAgent(spec.agent, max_steps=rt.settings.max_steps)
+    agent = make_agent(spec.agent, rt.settings)
     budget = spec.agent.wall_time_s or rt.settings.episode_budget_s
     started = float(ep.fields.get("t:env_ready") or ep.fields.get("created_at") or time.time())
     if time.time() - started > budget:
         lifecycle.finish(rt, ep, states.TIMED_OUT, cause=states.CAUSE_TIMEOUT,
-                         error=f"agent wall-time budget of {budget:.0f}s used up")
+                         error=f"wall-time limit reached (agent budget of {budget:g}s used up)")
         return "timed_out"
-    if not ep.history:
-        rt.engine.advance(ep, history=agent.initial_messages(spec), next_task=lifecycle.to_model())
-        return "model"
-    tokens = int(ep.num("prompt_tokens") + ep.num("completion_tokens"))
-    action = agent.decide(ep.history, tokens_used=tokens)
+    try:
+        if not ep.history:
+            rt.engine.advance(ep, history=agent.initial_messages(spec), next_task=lifecycle.to_model())
+            return "model"
+        tokens = int(ep.num("prompt_tokens") + ep.num("completion_tokens"))
+        action = agent.decide(ep.history, tokens_used=tokens)
+    except SpecError as exc:  # a template that does not render: the task's fault, end it clearly
+        lifecycle.finish(rt, ep, states.FAILED, cause="agent_config", error=str(exc))
+        return "agent_config"
     if action.kind == "limit":
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_AGENT_LIMIT, error=action.reason)
+        lifecycle.finish(rt, ep, states.FAILED, cause=action.cause or states.CAUSE_AGENT_LIMIT, error=action.reason)
     elif action.kind == "model":
         rt.engine.advance(ep, next_task=lifecycle.to_model())
     elif action.kind == "exec":

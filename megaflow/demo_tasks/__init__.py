@@ -96,6 +96,9 @@ def instances() -> list[dict[str, Any]]:
             "test_patch": _diff(test_path, "", test_src),
             "FAIL_TO_PASS": [f"{test_cls}.test_{t['id'].replace('-', '_')}"],
             "PASS_TO_PASS": [f"{test_cls}.test_still_works"],
+            "image_name": None,  # the sandbox image (settings.default_image)
+            "test_cmd": "python3 -m unittest -v",
+            "log_parser": "unittest",
             "repo_files": {mod_path: t["before"], "tests/__init__.py": "", "README.md": f"# {t['mod']}\n"},
             "test_files": {test_path: test_src},
         })
@@ -115,24 +118,16 @@ def noop_replies() -> list[str]:
 
 
 def task_spec(inst: dict[str, Any], *, replies: list[str], image: str | None = None,
-              mode: str | None = None) -> dict[str, Any]:
-    """A TaskSpec dict that runs one demo instance with the given scripted replies."""
-    files = {f"/repo/{p}": c for p, c in inst["repo_files"].items()}
-    tests = " ".join(inst["FAIL_TO_PASS"] + inst["PASS_TO_PASS"])
-    spec: dict[str, Any] = {
-        "task_id": inst["instance_id"],
-        "files": files,
-        "setup": ["git init -q && git add -A && git -c user.email=demo@megaflow -c user.name=demo commit -qm base"],
-        "problem_statement": inst["problem_statement"],
-        "model": {"backend": "scripted", "replies": replies},
-        "eval": {"command": f"python3 -m unittest -q {tests}",
-                 "files": {f"/repo/{p}": c for p, c in inst["test_files"].items()}},
-    }
-    if image:
-        spec["image"] = image
-    if mode:
-        spec["mode"] = mode
-    return spec
+              mode: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """A TaskSpec dict that runs one demo instance with the given scripted replies.
+
+    It is evaluated SWE-bench style (test patch, FAIL_TO_PASS / PASS_TO_PASS); see
+    megaflow.datasets.instance_to_spec for the other options.
+    """
+    from megaflow.datasets import instance_to_spec
+
+    return instance_to_spec(inst, model={"backend": "scripted", "replies": replies}, image=image, mode=mode,
+                            **kwargs)
 
 
 def demo_specs(kind: str = "fix", **kwargs: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,49 @@
+"""The per-step view of an episode's history: what the trajectory artifact lists under ``steps``.
+
+Each step is one model call with its accounting (latency, tokens, token ids/logprobs when the
+server gave them) and what came of it: the action (exec, submit, format_error) and its observation
+(exit code, duration, output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODEL_FIELDS = ("prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "endpoint", "model_name",
+                "policy_version", "attempts", "token_ids", "logprobs", "prompt_token_ids")
+
+
+def trajectory_steps(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per model call, in order, pairing the reply with its action and observation."""
+    steps: list[dict[str, Any]] = []
+    for rec in history:
+        role, kind = rec.get("role"), rec.get("kind")
+        if role == "assistant":
+            steps.append({"index": len(steps) + 1, "t": rec.get("t"), "reply": rec.get("content", ""),
+                          "model": {k: rec[k] for k in MODEL_FIELDS if rec.get(k) is not None},
+                          "action": None, "observation": None})
+        elif not steps:
+            continue
+        elif kind == "observation":
+            steps[-1]["action"] = {"type": "exec", "command": rec.get("command", "")}
+            steps[-1]["observation"] = {"exit_code": rec.get("exit_code"), "timed_out": rec.get("timed_out"),
+                                        "duration_s": rec.get("duration_s"), "output": rec.get("output"),
+                                        "message": rec.get("content", ""), "t": rec.get("t")}
+        elif kind == "format_error":
+            steps[-1]["action"] = {"type": "format_error"}
+            steps[-1]["observation"] = {"message": rec.get("content", ""), "t": rec.get("t")}
+        elif role == "evaluation" and steps[-1]["action"] is None:
+            steps[-1]["action"] = {"type": "submit"}
+    for cur, nxt in zip(steps, steps[1:]):
+        if cur.get("t") is not None and nxt.get("t") is not None:
+            cur["wall_s"] = round(float(nxt["t"]) - float(cur["t"]), 4)
+    return steps
+
+
+def token_data(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token accounting of an episode for trainers: totals and one entry per model call."""
+    turns = [{k: rec[k] for k in MODEL_FIELDS if rec.get(k) is not None and k not in ("endpoint", "model_name")}
+             for rec in history if rec.get("role") == "assistant"]
+    return {"prompt_tokens": sum(int(t.get("prompt_tokens") or 0) for t in turns),
+            "completion_tokens": sum(int(t.get("completion_tokens") or 0) for t in turns),
+            "turns": turns}
