@@ -73,3 +73,18 @@ def test_serve_registers_heartbeats_and_deregisters(tmp_path, settings, redis_se
     assert proc.returncode == 0, out
     assert "registered" in out and "deregistered" in out
     assert registered_endpoints(redis_client, Keys(), "fleet-model") == []
+
+
+def test_endpoints_lists_health_and_load(settings, redis_server, redis_client, monkeypatch):
+    from megaflow.model_gateway.registry import register_endpoint
+
+    monkeypatch.setenv("MEGAFLOW_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("MEGAFLOW_MODEL_NAME", "m1")
+    monkeypatch.setenv("MEGAFLOW_MODEL_ENDPOINTS", "http://static:8000/v1")
+    register_endpoint(redis_client, Keys(), "m1", "http://gpu7:8000/v1", ttl=30)
+    redis_client.zadd(Keys().model("down", "m1"), {"http://gpu7:8000/v1": 9e15})
+    result = CliRunner().invoke(app, ["endpoints"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("http://static:8000/v1" in line and "healthy" in line and "static" in line for line in lines)
+    assert any("http://gpu7:8000/v1" in line and "OUT" in line and "registered" in line for line in lines)
