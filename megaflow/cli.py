@@ -175,6 +175,57 @@ def cancel(batch: str = typer.Argument(..., help="Batch id.")) -> None:
 
 
 @app.command()
+def rollout(
+    file: Path = typer.Argument(..., help="JSONL file: SWE-bench instances or task specs, one a line."),
+    replicas: int = typer.Option(1, "--replicas", "-k", min=1, help="Episodes per task (one group)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSONL: one line per finished group."),
+    user: str = typer.Option("rollout", "--user", "-u", help="User the episodes run as."),
+    policy_version: Optional[str] = typer.Option(None, help="Policy version tag recorded with every call."),
+    agent_config: Optional[Path] = typer.Option(None, help="mini-swe-agent YAML config for instance lines."),
+    model: Optional[str] = typer.Option(None, help="JSON model section for instance lines."),
+    max_retries: int = typer.Option(2, min=0, help="Resubmissions of an infra-failed episode."),
+    timeout: Optional[float] = typer.Option(None, help="Give up after this many seconds."),
+) -> None:
+    """Run every task K times; write each group (rewards, trajectories, tokens) as soon as it is done."""
+    from megaflow.client import Client
+    from megaflow.datasets import read_records, to_specs
+
+    model_section = json.loads(model) if model else None
+    records = [r for _, r in read_records(file)]
+    tasks = to_specs(records, agent_config=agent_config, model=model_section, policy_version=policy_version)
+    n = masked = 0
+    with Client(_settings()) as client, out.open("w") as fh:
+        for group in client.rollout(tasks, replicas=replicas, policy_version=policy_version, user=user,
+                                    max_infra_retries=max_retries, timeout=timeout):
+            fh.write(json.dumps(group) + "\n")
+            fh.flush()
+            n += 1
+            masked += group["masked"]
+            console.print(f"group {group['index']} {group['task_id']}: rewards {group['rewards']}"
+                          + (" [yellow]masked[/yellow]" if group["masked"] else ""))
+    console.print(f"{n} groups written to {out} ({masked} masked)")
+
+
+@app.command()
+def resume(
+    batch: str = typer.Argument(..., help="Batch id."),
+    wait: bool = typer.Option(False, help="Wait for the re-run and print the batch's final results."),
+) -> None:
+    """Re-run a batch's infra failures; episodes that finished are skipped."""
+    from megaflow.client import Client
+
+    with Client(_settings()) as client:
+        res = client.resume(batch)
+        console.print(f"batch {batch}: {len(res.resubmitted)} infra failures re-run"
+                      + (f" as batch {res.rerun_batch}" if res.rerun_batch else "")
+                      + f"; {res.skipped_finished} finished (skipped), {res.still_running} still running")
+        if wait and res.rerun_batch:
+            client.wait(res.rerun_batch)
+        if wait:
+            _print_results(client.final_results(batch))
+
+
+@app.command()
 def report(
     batch: str = typer.Argument(..., help="Batch id."),
     out: Path = typer.Option(Path("report"), "--out", help="Output directory."),
