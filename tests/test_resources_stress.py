@@ -147,13 +147,13 @@ def check_limits(peak: dict, settings_overrides: dict) -> None:
             assert n <= HOSTS[tier.split(":", 1)[1]], (tier, n)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_stress_random_acquire_release_never_exceeds_a_limit(redis_server, redis_client, settings, tmp_path):
     m = setup_fleet(redis_client, settings, LIMITS)
     logs = [tmp_path / f"log{i}.json" for i in range(4)]
     procs = [spawn(redis_server.url, LIMITS, "acquire", i, 3.0, logs[i]) for i in range(4)]
     for p in procs:
-        assert p.wait(50) == 0
+        assert p.wait(80) == 0
     peak, where, _ = replay(logs)
     check_limits(peak, LIMITS)
     assert len(where) > 200, "enough traffic to mean something"
@@ -162,16 +162,16 @@ def test_stress_random_acquire_release_never_exceeds_a_limit(redis_server, redis
     assert m.capacity()["global"]["used"] == 0
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_concurrent_admission_never_double_admits(redis_server, redis_client, settings, tmp_path):
     m = setup_fleet(redis_client, settings, LIMITS)
     all_eps = [{"episode_id": f"e{i:04d}", "user": f"u{i % 5}", "image": "img"} for i in range(400)]
     for i in range(0, len(all_eps), 50):
         m.enqueue(all_eps[i:i + 50])
     logs = [tmp_path / f"log{i}.json" for i in range(4)]
-    procs = [spawn(redis_server.url, LIMITS, "admit", i, 30.0, logs[i]) for i in range(4)]
+    procs = [spawn(redis_server.url, LIMITS, "admit", i, 60.0, logs[i]) for i in range(4)]
     for p in procs:
-        assert p.wait(50) == 0
+        assert p.wait(80) == 0
     peak, _, admitted = replay(logs)
     assert sorted(admitted) == sorted(e["episode_id"] for e in all_eps), "each admitted exactly once"
     check_limits(peak, LIMITS)
@@ -192,8 +192,12 @@ def test_kill_9_holder_slots_return_within_one_lease(redis_server, redis_client,
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
         killed = time.monotonic()
+        sec, usec = redis_client.time()
+        expiry = redis_client.zscore(m.keys.res("global"), "victim")
+        assert expiry - (sec * 1000 + usec // 1000) <= 1000, "the lease ends at most one lease after the kill"
         while m.acquire("other", "v", "h") != "ok":
-            assert time.monotonic() - killed < 1.0 + 0.3, "slots not back within one lease"
+            # exact bound above (Redis time); this wall-clock bound leaves slack for a loaded machine
+            assert time.monotonic() - killed < 1.0 + 1.0, "slots not back within one lease"
             time.sleep(0.02)
         assert m.placement("victim") is not None  # nobody released it: it lapsed
         assert m.sweep()["leases_reclaimed"] == 1
