@@ -335,3 +335,79 @@ def test_local_writes_are_atomic(tmp_path):
     assert store.get_bytes("same/key") in blobs
     assert sorted(p.name for p in (tmp_path / "art" / "same").iterdir()) == ["key"]  # no temp files left
     assert store.list() == ["same/key"]
+
+
+class FlakyProxy:
+    """A loopback HTTP proxy in front of moto that answers the first ``failures`` requests with 503."""
+
+    def __init__(self, upstream: str, failures: int):
+        import http.server
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+        self.failures, self.seen = failures, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.seen += 1
+                if proxy.seen <= proxy.failures:
+                    err = b"<Error><Code>ServiceUnavailable</Code><Message>try again</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    self.wfile.write(err)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                req = urllib.request.Request(upstream + self.path, data=body or None, method=self.command,
+                                             headers=headers)
+                try:
+                    resp = urllib.request.urlopen(req, timeout=30)
+                except urllib.error.HTTPError as exc:
+                    resp = exc
+                payload = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("attempts, ok", [(3, True), (1, False)])
+def test_s3_retries_transient_errors(s3_server, attempts, ok):
+    from megaflow.stores.s3 import S3ArtifactStore
+
+    bucket = make_bucket(s3_server)
+    proxy = FlakyProxy(s3_server.endpoint, failures=2)
+    store = S3ArtifactStore(f"s3://{bucket}/p", endpoint_url=proxy.endpoint, region="us-east-1",
+                            max_attempts=attempts)
+    try:
+        assert store.client.meta.config.retries["mode"] == "standard"
+        if ok:
+            assert store.put_bytes("k", b"v") == f"s3://{bucket}/p/k"
+            assert proxy.seen == 3 and store.get_bytes("k") == b"v"
+        else:
+            with pytest.raises(ServiceUnavailableError, match=proxy.endpoint):
+                store.put_bytes("k", b"v")
+            assert proxy.seen == 1
+    finally:
+        store.close()
+        proxy.close()

@@ -30,7 +30,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 class S3ArtifactStore:
-    """ArtifactStore on an S3 bucket under a key prefix; URIs are ``s3://bucket/prefix/KEY``."""
+    """ArtifactStore on an S3 bucket under a key prefix; URIs are ``s3://bucket/prefix/KEY``.
+
+    ``max_attempts`` counts every try of one request (1: no retry); retried are throttling, 5xx
+    and connection errors, with botocore's standard back-off. Blobs of ``multipart_threshold``
+    bytes or more go up in ``multipart_chunksize`` parts, ``max_concurrency`` at a time.
+    """
 
     def __init__(
         self,
@@ -57,7 +62,7 @@ class S3ArtifactStore:
         self._where = f"artifact store {self.url}{where}"
         if client is None:
             options: dict[str, Any] = {
-                "retries": {"mode": "standard", "max_attempts": max_attempts},
+                "retries": {"mode": "standard", "total_max_attempts": max_attempts},  # the first try included
                 "connect_timeout": connect_timeout_s,
                 "read_timeout": read_timeout_s,
                 "max_pool_connections": max(10, max_concurrency * 2),
