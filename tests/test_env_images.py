@@ -110,3 +110,23 @@ def test_images_cli_build_is_a_no_op_when_present_and_prefetch_runs_locally(
     assert fetched.output.split() == [settings.host_name, sandbox_image, "present"]
     missing = runner.invoke(app, ["prefetch", "megaflow-test/absent:nope"])
     assert missing.exit_code == 1 and "error:" in missing.output
+
+
+def test_create_pulls_again_when_the_image_vanished(docker_client, sandbox_image, settings, redis_client):
+    """The presence cache may be stale (image removed by hand); create notices and goes through ensure again."""
+    tag = f"megaflow-test-vanish-{uuid.uuid4().hex[:6]}:1"
+    docker_client.api.tag(sandbox_image, *tag.split(":"))
+    host = DockerHost(docker_client, settings, name=f"t-env-{uuid.uuid4().hex[:8]}", redis_client=redis_client)
+    try:
+        host.ensure_image(tag)
+        docker_client.api.remove_image(tag)
+        with pytest.raises(InfraError, match="vanish"):  # gone for good: the pull fails, classified
+            host.create("ep-v", tag, labels={})
+        docker_client.api.tag(sandbox_image, *tag.split(":"))
+        handle = host.create("ep-v", tag, labels={})
+        host.close(handle)
+    finally:
+        try:
+            docker_client.api.remove_image(tag)
+        except Exception:
+            pass

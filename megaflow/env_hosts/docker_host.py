@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from megaflow.env_hosts import labels as L
-from megaflow.env_hosts.errors import ContainerLostError, docker_errors
+from megaflow.env_hosts.errors import ContainerLostError, ImageMissingError, docker_errors
 from megaflow.errors import CommandTimeoutError, InfraError, RetryableInfraError, TaskError
 
 KILL_GRACE_S = 5  # SIGKILL this long after SIGTERM when a command runs past its limit
@@ -162,11 +162,16 @@ class DockerHost:
                 self.pool.refill_async(image)
                 if handle is not None:
                     return handle
-        self.ensure_image(image)
-        lifetime = self.settings.container_lifetime_s
         all_labels = {**labels, L.EPISODE: episode_id, L.MODE: mode}
-        cid, name, expiry = self._boot(image, all_labels, lifetime=lifetime, network=network,
-                                       name=_container_name(self.name, episode_id))
+        for attempt in (1, 2):
+            self.ensure_image(image)
+            try:
+                cid, name, expiry = self._boot(image, all_labels, lifetime=self.settings.container_lifetime_s,
+                                               network=network, name=_container_name(self.name, episode_id))
+                break
+            except ImageMissingError:
+                if attempt == 2:  # removed from under us twice: give up
+                    raise
         return self._handle(cid, name, image, mode, episode_id, expiry, warm=False)
 
     def _handle(self, cid: str, name: str, image: str, mode: str, episode_id: str, expiry: float,
@@ -210,8 +215,8 @@ class DockerHost:
             self.images._present_cache.discard(image)
             if cid is not None:
                 self._remove(cid)
-            if "No such image" in str(exc) or "not found" in str(exc).lower() and cid is None:
-                raise InfraError(f"boot of {image} on {self.name}: image missing ({exc})") from exc
+            if cid is None and "no such image" in str(exc).lower():
+                raise ImageMissingError(f"boot of {image} on {self.name}: image missing ({exc})") from exc
             raise
         finally:
             self._boot_slots.release()

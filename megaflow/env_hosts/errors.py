@@ -11,6 +11,10 @@ class ContainerLostError(InfraError):
     """The episode's container is gone or no longer running (killed, expired, removed)."""
 
 
+class ImageMissingError(InfraError):
+    """The image vanished from the host between the presence check and the container create."""
+
+
 @contextmanager
 def docker_errors(what: str):
     """Re-raise Docker SDK / connection errors from the block as InfraError or RetryableInfraError."""

@@ -126,7 +126,18 @@ def pull_image(docker_client, image: str, settings, *, timeout: float | None = N
     api = api_with_timeout(docker_client, deadline)
     started = time.monotonic()
     try:
-        api.pull(repo, tag=version, auth_config=auth)
+        # Streamed: errors arrive as {"error": ...} lines, and the whole pull is held to the deadline
+        # (the socket timeout alone only bounds each read).
+        for line in api.pull(repo, tag=version, auth_config=auth, stream=True, decode=True):
+            if isinstance(line, dict) and line.get("error"):
+                msg = str(line["error"])
+                cls = InfraError if ("denied" in msg or "not found" in msg or "unauthorized" in msg) \
+                    else RetryableInfraError
+                raise cls(f"pull of {image} failed: {msg}")
+            if time.monotonic() - started > deadline:
+                raise RetryableInfraError(f"pull of {image} passed its deadline of {deadline:.0f}s")
+    except InfraError:
+        raise
     except docker.errors.NotFound as exc:
         raise InfraError(f"image {image} not found in the registry: {exc.explanation or exc}") from exc
     except docker.errors.APIError as exc:
