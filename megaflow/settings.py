@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 def _default_state_dir() -> str:
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     # --- model service -----------------------------------------------------------------------
     model_backend: str = Field("scripted", description="Default model backend: scripted or openai.")
     model_name: str = Field("default", description="Model name sent to OpenAI-compatible endpoints.")
-    model_endpoints: list[str] = Field(
+    model_endpoints: Annotated[list[str], NoDecode] = Field(  # NoDecode: comma lists reach the validator
         default_factory=list,
         description="OpenAI-compatible base URLs (comma separated or JSON list), e.g. http://gpu1:8000/v1.",
     )
