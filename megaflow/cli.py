@@ -243,6 +243,58 @@ def report(
     console.print(f"report written to {path}")
 
 
+# --- monitoring ------------------------------------------------------------------------------------
+@app.command()
+def flower(
+    port: Optional[int] = typer.Option(None, help="Port (default MEGAFLOW_FLOWER_PORT)."),
+    address: Optional[str] = typer.Option(None, help="Listen address (default MEGAFLOW_FLOWER_ADDRESS)."),
+    loglevel: str = typer.Option("INFO", help="Log level."),
+) -> None:
+    """Run Flower for the fleet (basic auth from settings, state kept in STATE_DIR/flower.db)."""
+    from megaflow.monitoring.flower import run_flower
+
+    _logging(loglevel)
+    run_flower(_settings(), port=port, address=address)
+
+
+@app.command()
+def metrics(
+    port: Optional[int] = typer.Option(None, help="Port (default MEGAFLOW_METRICS_PORT)."),
+    address: Optional[str] = typer.Option(None, help="Listen address (default MEGAFLOW_METRICS_ADDRESS)."),
+    once: bool = typer.Option(False, "--once", help="Print the metrics once and exit instead of serving."),
+    loglevel: str = typer.Option("INFO", help="Log level."),
+) -> None:
+    """Serve Prometheus metrics of MegaFlow's state (queues, admission, slots, warm pools, episodes)."""
+    import signal
+    import threading
+
+    import redis as redis_mod
+
+    from megaflow.keys import Keys
+    from megaflow.monitoring.metrics import collect, serve_metrics
+
+    settings = _settings()
+    if once:
+        client = redis_mod.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            typer.echo(collect(client, settings, Keys(settings.key_prefix)), nl=False)
+        finally:
+            client.close()
+        return
+    _logging(loglevel)
+    server = serve_metrics(settings, port=port, address=address)
+    console.print(f"metrics on http://{server.server_address[0]}:{server.port}/metrics")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
 def _mount() -> None:
     from megaflow.env_hosts.cli import app as images_app
     from megaflow.model_gateway.cli import app as model_app

@@ -64,11 +64,14 @@ class Control:
             self.stop.wait(self.rt.settings.sweep_interval_s)
 
     def run(self) -> None:
+        from megaflow.monitoring.metrics import start_for_service
+
         recorder = Recorder(self.rt.redis, self.rt.keys, self.rt.metadata)
         threads = [threading.Thread(target=recorder.run, args=(self.stop,), name="recorder", daemon=True),
                    threading.Thread(target=self.sweep_loop, name="sweep", daemon=True)]
         for t in threads:
             t.start()
+        metrics = start_for_service(self.rt.settings)
         try:
             while not self.stop.is_set():
                 self.rt.redis.set(self.rt.keys.worker_health("control", "control"),
@@ -76,5 +79,7 @@ class Control:
                 self.stop.wait(5)
         finally:
             self.stop.set()
+            if metrics is not None:
+                metrics.close()
             for t in threads:
                 t.join(5)

@@ -43,7 +43,9 @@ class Runtime:
         return self._app
 
     def send(self, name: str, args: list[Any], queue: str) -> None:
-        self.app.send_task(name, args=args, queue=queue)
+        from megaflow.monitoring.flower import task_argsrepr
+
+        self.app.send_task(name, args=args, queue=queue, argsrepr=task_argsrepr(name, args, queue))
 
     @cached_property
     def engine(self):

@@ -157,9 +157,18 @@ class Settings(BaseSettings):
 
     # --- monitoring --------------------------------------------------------------------------
     flower_port: int = Field(5555, description="Port of `megaflow flower`.")
+    flower_address: str = Field(
+        "127.0.0.1", description="Address `megaflow flower` listens on (0.0.0.0 to reach it from other machines)."
+    )
     flower_user: str | None = Field(None, description="Flower basic-auth user.")
     flower_password: SecretStr | None = Field(None, description="Flower basic-auth password.")
-    metrics_port: int = Field(9808, description="Port of the Prometheus metrics endpoint.")
+    metrics_port: int = Field(
+        9808, ge=0, description="Port of the Prometheus metrics endpoint (`megaflow metrics`, and the one "
+        "the control service starts; 0: the control service starts none)."
+    )
+    metrics_address: str = Field(
+        "127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus)."
+    )
     events_maxlen: int = Field(1_000_000, ge=1000, description="Approximate cap of the event stream.")
 
     @field_validator("model_endpoints", mode="before")

@@ -1,0 +1,105 @@
+"""``megaflow flower``: Flower for the fleet, with basic auth from settings and persistent state.
+
+Flower is started in this process on a Celery app built from settings (no app module path, no
+credentials on a command line where ``ps`` would show them). Flower and Tornado are imported only
+when it runs. ``task_argsrepr`` is the short form of a task's arguments that senders put in the
+message (Celery's ``argsrepr``), so Flower shows ``ep=<id> step=<k> host=<host>`` rather than a
+dict of container details.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from megaflow.errors import ConfigError
+from megaflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASKS_COLUMNS = "name,args,state,received,started,runtime,worker,uuid"
+STATE_SAVE_INTERVAL_MS = 60_000  # a crashed Flower loses at most a minute of task history
+_ARGS_MAX = 160
+
+
+def task_argsrepr(name: str, args: list[Any], queue: str) -> str:
+    """Short, readable arguments of a MegaFlow task: ``ep=<id> step=<k> host=<host>``."""
+    host = queue.split(".", 1)[1] if queue.startswith("env.") else None
+    try:
+        if len(args) == 2 and isinstance(args[0], str):
+            eid, second = args
+            if isinstance(second, dict):  # megaflow.env.close: (episode id, container handle)
+                parts = [f"ep={eid}"]
+                host = second.get("host") or host
+                cid = second.get("container_id")
+                if cid:
+                    parts.append(f"container={str(cid)[:12]}")
+            else:
+                parts = [f"ep={eid}", f"step={second}"]
+            if host:
+                parts.append(f"host={host}")
+            return " ".join(parts)[:_ARGS_MAX]
+    except Exception:  # never let a display string break a send
+        pass
+    return repr(args)[:_ARGS_MAX]
+
+
+def flower_options(settings: Settings, *, port: int | None = None, address: str | None = None) -> dict[str, Any]:
+    """Flower's option values for this fleet; fails with a ConfigError when credentials are missing."""
+    user = settings.flower_user
+    password = settings.flower_password.get_secret_value() if settings.flower_password else ""
+    if not user or not password:
+        raise ConfigError(
+            "Flower needs basic-auth credentials: set MEGAFLOW_FLOWER_USER and MEGAFLOW_FLOWER_PASSWORD "
+            "(or flower_user / flower_password in the MEGAFLOW_CONFIG file)")
+    if ":" in user:
+        raise ConfigError("MEGAFLOW_FLOWER_USER must not contain ':' (HTTP basic auth splits user and password there)")
+    state = Path(settings.state_dir)
+    return {
+        "port": settings.flower_port if port is None else port,
+        "address": settings.flower_address if address is None else address,
+        "basic_auth": [f"{user}:{password}"],
+        "persistent": True,
+        "db": str(state / "flower.db"),
+        "state_save_interval": STATE_SAVE_INTERVAL_MS,
+        "tasks_columns": TASKS_COLUMNS,
+    }
+
+
+def run_flower(settings: Settings, *, port: int | None = None, address: str | None = None) -> None:
+    """Run Flower in the foreground until SIGTERM / Ctrl-C (state is saved on the way out)."""
+    values = flower_options(settings, port=port, address=address)
+    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+
+    from flower.app import Flower
+    from flower.command import apply_env_options, extract_settings, setup_logging
+    from flower.urls import settings as web_settings
+    from tornado.options import options
+
+    from megaflow.celery_app import create_app
+
+    apply_env_options()  # FLOWER_* variables still tune what MegaFlow does not set
+    for name, value in values.items():
+        setattr(options, name, value)
+    extract_settings()
+    setup_logging()
+    capp = create_app(settings, register_tasks=False)
+    flower_app = Flower(capp=capp, options=options, **web_settings)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("signal %s: stopping Flower", signum)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    bound = flower_app.start_http_server()
+    log.info("Flower on http://%s:%s/ (basic auth user %r, state in %s)", values["address"], bound,
+             settings.flower_user, values["db"])
+    try:
+        flower_app.start()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        flower_app.stop()  # saves the persistent state
