@@ -411,3 +411,10 @@ def test_s3_retries_transient_errors(s3_server, attempts, ok):
     finally:
         store.close()
         proxy.close()
+
+
+def test_local_store_in_a_directory_with_odd_characters(tmp_path):
+    store = open_artifact_store(f"file://{tmp_path}/my%20art")  # the directory part is %-decoded
+    uri = store.put_bytes("a b/c%41.txt", b"x")  # keys are taken as they are
+    assert uri == f"file://{tmp_path / 'my art'}/a b/c%41.txt" and (tmp_path / "my art/a b/c%41.txt").exists()
+    assert store.get_bytes(uri) == b"x" and store.list("a b/") == ["a b/c%41.txt"]

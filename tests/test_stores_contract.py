@@ -108,6 +108,7 @@ def test_find_tasks_filters_and_order(populated):
     assert ids(populated.find_tasks(finished_after=30.0)) == ["a2", "d1", "c1"]
     assert ids(populated.find_tasks(batch_id="b1", finished_after=25.0)) == ["a2"]
     assert ids(populated.find_tasks(limit=2)) == ["x1", "a1"]
+    assert populated.find_tasks(limit=0) == []
     assert populated.find_tasks(batch_id="nope") == []
     assert "_id" not in populated.find_tasks(limit=1)[0]
 
@@ -128,6 +129,7 @@ def test_list_batches(populated):
     ]
     assert [b["batch_id"] for b in populated.list_batches(user="ann")] == ["b3", "b1"]
     assert [b["batch_id"] for b in populated.list_batches(limit=1)] == ["b2"]
+    assert populated.list_batches(limit=0) == []
 
 
 # --- artifact store ------------------------------------------------------------------------------

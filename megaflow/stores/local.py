@@ -49,7 +49,7 @@ class LocalArtifactStore:
     # --- addressing ------------------------------------------------------------------------------
     def _key(self, uri_or_key: str) -> str:
         if uri_or_key.startswith("file://"):
-            path = unquote(uri_or_key[len("file://"):])
+            path = uri_or_key[len("file://"):]  # URIs are made by uri(): the key is not %-encoded
             root = str(self.root).rstrip("/") + "/"
             if not path.startswith(root):
                 raise NotFoundError(f"artifact {uri_or_key} is not in the store {self.url}")

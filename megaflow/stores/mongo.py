@@ -15,6 +15,7 @@ Create the store after fork (PyMongo clients must not cross one).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from typing import Any, Callable, TypeVar
 
@@ -22,6 +23,7 @@ from megaflow.errors import ConfigError, ServiceUnavailableError
 from megaflow.stores.common import STICKY_MIN_FIELDS, check_event, check_task_doc, redact_url, stream_order
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 TTL_INDEX = "events_ttl"
 # Fields the store adds to event documents for ordering and expiry; never returned.
@@ -89,6 +91,8 @@ class MongoMetadataStore:
             raise
 
     def _ensure_indexes(self) -> None:
+        from pymongo.errors import OperationFailure
+
         self.tasks.create_index([("user", 1), ("state", 1)], name="user_state")
         self.tasks.create_index([("batch_id", 1), ("created_at", 1)], name="batch_created")
         self.tasks.create_index([("phases.finished", 1)], name="finished")
@@ -108,6 +112,8 @@ class MongoMetadataStore:
             except NotImplementedError:  # mongomock has no collMod
                 self.event_docs.drop_index(TTL_INDEX)
                 self.event_docs.create_index([("_created", 1)], name=TTL_INDEX, expireAfterSeconds=seconds)
+            except OperationFailure as exc:  # e.g. a user without collMod rights: keep working, say so
+                log.warning("could not change the events TTL to %s days on %s: %s", self.ttl_days, self.safe_url, exc)
 
     @staticmethod
     def _task_out(doc: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -172,6 +178,8 @@ class MongoMetadataStore:
         finished_after: float | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
+        if limit is not None and limit <= 0:
+            return []
         query = self._match(batch_id=batch_id, user=user, state=state)
         if finished_after is not None:
             query["phases.finished"] = {"$gte": finished_after}
@@ -197,6 +205,8 @@ class MongoMetadataStore:
         return {r["_id"]: r["n"] for r in self._call(lambda: list(self.tasks.aggregate(pipeline)))}
 
     def list_batches(self, *, user: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
         match: dict[str, Any] = {"batch_id": {"$ne": None}, **self._match(user=user)}
         pipeline = [
             {"$match": match},

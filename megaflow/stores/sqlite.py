@@ -166,6 +166,8 @@ class SQLiteMetadataStore:
         finished_after: float | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
+        if limit is not None and limit <= 0:
+            return []
         where, args = self._where(batch_id=batch_id, user=user, state=state)
         if finished_after is not None:
             where.append("finished_at >= ?")
@@ -190,6 +192,8 @@ class SQLiteMetadataStore:
         return {r["state"]: r["n"] for r in self._query(sql, args)}
 
     def list_batches(self, *, user: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
         where, args = self._where(user=user)
         where.append("batch_id IS NOT NULL")
         sql = (
