@@ -69,38 +69,47 @@ def manager(client: redis.Redis, url: str, prefix: str, **overrides) -> Resource
     return ResourceManager(client, settings, Keys(prefix))
 
 
-def bench_ops(client: redis.Redis, url: str, n: int) -> None:
+def bench_ops(client: redis.Redis, url: str, n: int, rounds: int = 10) -> None:
+    """The three contenders run in alternating rounds, so a load change on the machine hits all alike."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     m = manager(client, url, prefix, global_limit=1000, user_limit=1000)
     m.register_host("h", capacity=1000, images=[], warm={}, disk_free_gb=1)
-    for i in range(200):  # warm-up, and scripts loaded
-        m.acquire(f"w{i}", "u", "h")
-        m.release(f"w{i}")
-    t = time.perf_counter()
-    for i in range(n):
+    sem = LeaseSemaphore(client, f"{prefix}:sem", limit=1000, lease_s=60)
+    lock = client.lock(f"{prefix}:lock", timeout=60)
+
+    def tiers(i: int) -> None:
         assert m.acquire(f"e{i}", "u", "h") == "ok"
         m.release(f"e{i}")
-    tiers = n / (time.perf_counter() - t)
 
-    sem = LeaseSemaphore(client, f"{prefix}:sem", limit=1000, lease_s=60)
-    t = time.perf_counter()
-    for i in range(n):
+    def single(i: int) -> None:
         assert sem.acquire(f"e{i}")
         sem.release(f"e{i}")
-    single = n / (time.perf_counter() - t)
 
-    lock = client.lock(f"{prefix}:lock", timeout=60)
-    t = time.perf_counter()
-    for _ in range(n):
+    def plain(i: int) -> None:
         assert lock.acquire(blocking=False)
         lock.release()
-    plain = n / (time.perf_counter() - t)
+
+    contenders = {"three-tier (ResourceManager.acquire/release)": tiers,
+                  "one tier (LeaseSemaphore)": single, "redis-py Lock": plain}
+    spent = dict.fromkeys(contenders, 0.0)
+    for fn in contenders.values():  # warm-up, scripts loaded
+        for i in range(100):
+            fn(i)
+    per_round = max(1, n // rounds)
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            for i in range(r * per_round, (r + 1) * per_round):
+                fn(i)
+            spent[name] += time.perf_counter() - t
     wipe(client, prefix)
-    print(f"acquire+release, {n} each, one client, sequential:")
-    print(f"  three-tier (ResourceManager.acquire/release): {tiers:9.0f} ops/s")
-    print(f"  one tier (LeaseSemaphore)                   : {single:9.0f} ops/s")
-    print(f"  redis-py Lock                               : {plain:9.0f} ops/s")
-    print(f"  ratio three-tier / Lock                     : {tiers / plain:9.2f}")
+    total = per_round * rounds
+    ops = {name: total / t for name, t in spent.items()}
+    print(f"acquire+release, {total} each, one client, sequential, {rounds} alternating rounds:")
+    for name, v in ops.items():
+        print(f"  {name:<45}: {v:9.0f} ops/s")
+    tiers_ops, lock_ops = ops["three-tier (ResourceManager.acquire/release)"], ops["redis-py Lock"]
+    print(f"  {'ratio three-tier / Lock':<45}: {tiers_ops / lock_ops:9.2f}")
 
 
 def fill(m: ResourceManager, n: int, users: list[str]) -> None:
@@ -114,42 +123,46 @@ def fill(m: ResourceManager, n: int, users: list[str]) -> None:
         m.enqueue(batch)
 
 
-def latency_heavy_user(client: redis.Redis, url: str, queued: int, samples: int) -> list[float]:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    m = manager(client, url, prefix, global_limit=10_000, user_limit=10_000)
+def fleet(client: redis.Redis, url: str) -> ResourceManager:
+    m = manager(client, url, f"bench-{uuid.uuid4().hex[:8]}", global_limit=10_000, user_limit=10_000)
     for h in range(20):
         m.register_host(f"h{h}", capacity=100, images=[f"img{h}"], warm={}, disk_free_gb=100)
-    m.set_quota("heavy", 1)
-    fill(m, queued, ["heavy"])
-    assert len(m.admit(10)) == 1  # heavy takes its one slot, then is parked
-    out = []
-    for i in range(samples):
-        m.enqueue([{"episode_id": f"light{i}", "user": f"light{i % 10}", "image": "img3"}])
+    return m
+
+
+class HeavyUser:
+    """One user at its limit holds ``queued`` episodes; time admitting a light user's episode."""
+
+    def __init__(self, client: redis.Redis, url: str, queued: int):
+        self.m = fleet(client, url)
+        self.m.set_quota("heavy", 1)
+        fill(self.m, queued, ["heavy"])
+        assert len(self.m.admit(10)) == 1  # heavy takes its one slot, then is parked
+
+    def sample(self, i: int) -> float:
+        self.m.enqueue([{"episode_id": f"light{i}", "user": f"light{i % 10}", "image": "img3"}])
         t = time.perf_counter()
-        got = m.admit(1)
-        out.append(time.perf_counter() - t)
+        got = self.m.admit(1)
+        dt = time.perf_counter() - t
         assert [a.episode_id for a in got] == [f"light{i}"], got
-        m.release(f"light{i}")
-    assert m.queue_length() == queued - 1
-    wipe(client, prefix)
-    return out
+        self.m.release(f"light{i}")
+        return dt
 
 
-def latency_fifo_head(client: redis.Redis, url: str, queued: int, samples: int) -> list[float]:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    m = manager(client, url, prefix, global_limit=10_000, user_limit=10_000)
-    for h in range(20):
-        m.register_host(f"h{h}", capacity=100, images=[f"img{h}"], warm={}, disk_free_gb=100)
-    fill(m, queued, [f"user{u}" for u in range(100)])
-    out = []
-    for i in range(samples):
+class FifoHead:
+    """``queued`` episodes over 100 users, all under their limits; time admitting the oldest."""
+
+    def __init__(self, client: redis.Redis, url: str, queued: int):
+        self.m = fleet(client, url)
+        fill(self.m, queued, [f"user{u}" for u in range(100)])
+
+    def sample(self, i: int) -> float:
         t = time.perf_counter()
-        got = m.admit(1)
-        out.append(time.perf_counter() - t)
+        got = self.m.admit(1)
+        dt = time.perf_counter() - t
         assert [a.episode_id for a in got] == [f"q{i}"], got
-        m.release(f"q{i}")
-    wipe(client, prefix)
-    return out
+        self.m.release(f"q{i}")
+        return dt
 
 
 def fmt(xs: list[float]) -> str:
@@ -173,16 +186,23 @@ def main() -> None:
         info = client.info("server")
         print(f"Redis {info['redis_version']} at {url}; python {sys.version.split()[0]}")
         bench_ops(client, url, args.ops)
-        for name, fn in (("heavy user at its limit holds the queue", latency_heavy_user),
-                         ("FIFO head, 100 users under their limits", latency_fifo_head)):
-            print(f"admission latency, {name} (admit(1) call, {args.samples} samples):")
-            res = {}
-            for queued in (1_000, 100_000):
-                t = time.perf_counter()
-                res[queued] = fn(client, url, queued, args.samples)
-                print(f"  {queued:>7,} queued: {fmt(res[queued])}   (setup+run {time.perf_counter() - t:.1f}s)")
+        for title, scenario in (("heavy user at its limit holds the queue", HeavyUser),
+                                ("FIFO head, 100 users under their limits", FifoHead)):
+            t = time.perf_counter()
+            small, big = scenario(client, url, 1_000), scenario(client, url, 100_000)
+            setup = time.perf_counter() - t
+            res: dict[int, list[float]] = {1_000: [], 100_000: []}
+            for i in range(args.samples):  # alternate, so load changes hit both alike
+                res[1_000].append(small.sample(i))
+                res[100_000].append(big.sample(i))
+            print(f"admission latency, {title} (admit(1) call, {args.samples} samples each, alternating; "
+                  f"setup {setup:.1f}s):")
+            for queued, xs in res.items():
+                print(f"  {queued:>7,} queued: {fmt(xs)}")
             ratio = statistics.median(res[100_000]) / statistics.median(res[1_000])
             print(f"  ratio 100k / 1k (medians): {ratio:.2f}  (goal <= 2: {'met' if ratio <= 2 else 'NOT met'})")
+            wipe(client, small.m.keys.prefix)
+            wipe(client, big.m.keys.prefix)
     finally:
         client.close()
         if proc:
