@@ -52,6 +52,33 @@ def test_upsert_without_phases_or_created_at(metadata_store):
     assert metadata_store.get_task("e1")["created_at"] == 5.0
 
 
+def test_stale_write_merges_phases_but_moves_nothing_back(metadata_store):
+    metadata_store.upsert_task(task("e1", state="SUBMITTED", updated_at=100.0, phases={"submitted": 100.0}))
+    metadata_store.upsert_task(task("e1", state="RUNNING", host="h1", updated_at=110.0, phases={"env_ready": 110.0}))
+    # an older event redelivered after newer ones
+    metadata_store.upsert_task(task("e1", state="ADMITTED", host="h0", updated_at=105.0, phases={"admitted": 105.0}))
+    doc = metadata_store.get_task("e1")
+    assert doc["state"] == "RUNNING" and doc["host"] == "h1" and doc["updated_at"] == 110.0
+    assert doc["phases"] == {"submitted": 100.0, "admitted": 105.0, "env_ready": 110.0}
+    # same time again, or newer: applied
+    metadata_store.upsert_task(task("e1", state="EVALUATING", updated_at=110.0))
+    metadata_store.upsert_task(task("e1", state="SUCCEEDED", reward=1.0, updated_at=120.0, phases={"finished": 120.0}))
+    doc = metadata_store.get_task("e1")
+    assert doc["state"] == "SUCCEEDED" and doc["reward"] == 1.0 and len(doc["phases"]) == 4
+    # a stale write to a new episode still creates it
+    metadata_store.upsert_task(task("e2", state="QUEUED", updated_at=1.0))
+    assert metadata_store.get_task("e2")["state"] == "QUEUED"
+
+
+def test_created_at_defaults_to_the_earliest_time_seen(metadata_store):
+    metadata_store.upsert_task(task("e1", state="QUEUED", updated_at=101.0, phases={"queued": 101.0}))
+    assert metadata_store.get_task("e1")["created_at"] == 101.0
+    metadata_store.upsert_task(task("e1", updated_at=99.0, phases={"submitted": 100.0}))  # stale, yet earlier
+    assert metadata_store.get_task("e1")["created_at"] == 99.0
+    metadata_store.upsert_task(task("e1", state="RUNNING", updated_at=200.0))
+    assert metadata_store.get_task("e1")["created_at"] == 99.0
+
+
 @pytest.mark.parametrize("bad", [{}, {"episode_id": ""}, {"episode_id": "e", "phases": {"a.b": 1}},
                                  {"episode_id": "e", "phases": [1]}])
 def test_bad_task_doc_is_rejected(metadata_store, bad):

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from megaflow.errors import SpecError
 
-# Fields of a task document that never change once stored: the earliest value wins ($min).
+# Fields of a task document where the earliest value offered wins ($min), never overwritten.
 STICKY_MIN_FIELDS = ("created_at",)
 
 
@@ -43,27 +43,49 @@ def check_task_doc(doc: dict[str, Any]) -> str:
     return episode_id
 
 
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def created_candidate(doc: dict[str, Any], now: float | None = None) -> float:
+    """What an upsert offers for ``created_at``: its own value, else its earliest timestamp, else now."""
+    given = _num(doc.get("created_at"))
+    if given is not None:
+        return given
+    times = [t for t in (_num(v) for v in (doc.get("phases") or {}).values()) if t is not None]
+    if _num(doc.get("updated_at")) is not None:
+        times.append(_num(doc.get("updated_at")))  # type: ignore[arg-type]
+    return min(times) if times else (time.time() if now is None else now)
+
+
+def is_stale(old: dict[str, Any] | None, doc: dict[str, Any]) -> bool:
+    """Whether ``doc`` is older than what is stored (both carry ``updated_at`` and the new one is lower)."""
+    if not old:
+        return False
+    a, b = _num(old.get("updated_at")), _num(doc.get("updated_at"))
+    return a is not None and b is not None and b < a
+
+
 def merge_task(old: dict[str, Any] | None, doc: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """The stored document after upserting ``doc`` onto ``old``.
 
-    Top-level fields overwrite, ``phases`` merges key by key, ``created_at`` keeps the earliest
-    value (set to ``now`` when no upsert ever gave one). MongoDB does the same with $set on
-    dotted ``phases.<k>`` keys and $min on created_at.
+    Top-level fields overwrite, unless ``doc`` is stale (its ``updated_at`` is below the stored
+    one: an event redelivered after newer ones), so a replay never moves a task back. ``phases``
+    always merges key by key. ``created_at`` keeps the earliest value offered (created_candidate).
+    MongoDB does the same with $set on dotted ``phases.<k>`` keys and $min on created_at.
     """
-    now = time.time() if now is None else now
+    stale = is_stale(old, doc)
     new = dict(old or {})
     for key, value in doc.items():
         if key == "phases":
             merged = dict(new.get("phases") or {})
             merged.update(value or {})
             new["phases"] = merged
-        elif key in STICKY_MIN_FIELDS:
-            continue
-        else:
+        elif key not in STICKY_MIN_FIELDS and not stale:
             new[key] = value
-    for key in STICKY_MIN_FIELDS:
-        candidates = [v for v in ((old or {}).get(key), doc.get(key)) if v is not None]
-        new[key] = min(candidates) if candidates else now
+    offered = created_candidate(doc, now)
+    stored = _num((old or {}).get("created_at"))
+    new["created_at"] = offered if stored is None else min(stored, offered)
     new.setdefault("phases", {})
     return new
 

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from typing import Any, Callable, TypeVar
 
 from megaflow.errors import ConfigError, ServiceUnavailableError
-from megaflow.stores.common import STICKY_MIN_FIELDS, check_event, check_task_doc, redact_url, stream_order
+from megaflow.stores.common import (
+    STICKY_MIN_FIELDS,
+    check_event,
+    check_task_doc,
+    created_candidate,
+    redact_url,
+    stream_order,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -134,22 +140,31 @@ class MongoMetadataStore:
 
     # --- MetadataStore ---------------------------------------------------------------------------
     def upsert_task(self, doc: dict[str, Any]) -> None:
+        from pymongo.errors import DuplicateKeyError
+
         episode_id = check_task_doc(doc)
-        set_: dict[str, Any] = {}
-        for key, value in doc.items():
-            if key == "phases":
-                for phase, t in (value or {}).items():
-                    set_[f"phases.{phase}"] = t
-            elif key not in STICKY_MIN_FIELDS and key != "_id":
-                set_[key] = value
-        update: dict[str, Any] = {
-            "$min": {k: doc[k] if doc.get(k) is not None else time.time() for k in STICKY_MIN_FIELDS},
-        }
-        if set_:
-            update["$set"] = set_
-        if "phases" not in doc or not doc.get("phases"):
-            update["$setOnInsert"] = {"phases": {}}
-        self._call(self.tasks.update_one, {"_id": episode_id}, update, upsert=True)
+        phases = {f"phases.{k}": t for k, t in (doc.get("phases") or {}).items()}
+        fields = {k: v for k, v in doc.items() if k not in ("phases", "_id") and k not in STICKY_MIN_FIELDS}
+        created = {"created_at": created_candidate(doc)}
+        full: dict[str, Any] = {"$min": created, "$set": {**fields, **phases}}
+        if not phases:
+            full["$setOnInsert"] = {"phases": {}}
+        if not full["$set"]:
+            del full["$set"]
+        updated_at = doc.get("updated_at")
+        if not isinstance(updated_at, (int, float)):
+            self._call(self.tasks.update_one, {"_id": episode_id}, full, upsert=True)
+            return
+        # Apply the fields only if nothing newer is stored; when something is, the upsert collides
+        # with the existing _id and only the phases (and created_at) are merged.
+        fresh = {"_id": episode_id, "updated_at": {"$not": {"$gt": updated_at}}}
+        try:
+            self._call(self.tasks.update_one, fresh, full, upsert=True)
+        except DuplicateKeyError:
+            stale: dict[str, Any] = {"$min": created}
+            if phases:
+                stale["$set"] = phases
+            self._call(self.tasks.update_one, {"_id": episode_id}, stale)
 
     def add_event(self, event: dict[str, Any]) -> bool:
         from pymongo.errors import DuplicateKeyError
