@@ -204,6 +204,15 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def fleet_id(self) -> str:
+        """Identifies this fleet (Redis + key prefix) on shared Docker engines: the reaper touches only its own."""
+        import hashlib
+        import re
+
+        where = re.sub(r"//[^@/]*@", "//", self.redis_url)
+        return f"{self.key_prefix}-{hashlib.sha1(where.encode()).hexdigest()[:10]}"
+
+    @property
     def step_time_limit_s(self) -> float:
         """Hard time limit of the longest single step task (plus slack for bookkeeping)."""
         return max(self.command_timeout_s, self.eval_timeout_s, self.model_timeout_s * (self.model_max_retries + 1),

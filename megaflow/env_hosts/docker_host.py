@@ -191,7 +191,7 @@ class DockerHost:
         """Create and start one container within the boot deadline; returns (id, name, lease expiry)."""
         s = self.settings
         expiry = time.time() + lifetime + LEASE_MARGIN_S
-        labels = {**labels, L.MANAGED: "1", L.HOST: self.name, L.IMAGE: image,
+        labels = {**labels, L.MANAGED: "1", L.FLEET: self.settings.fleet_id, L.HOST: self.name, L.IMAGE: image,
                   L.LEASE_EXPIRY: f"{expiry:.0f}"}
         labels.setdefault(L.EPISODE, "")
         if not self._boot_slots.acquire(timeout=s.boot_timeout_s):
@@ -452,7 +452,8 @@ class DockerHost:
         """Images with a MegaFlow container on this host, or a warm pool, or the default image."""
         keep = {self.settings.default_image, *self.pool.wanted()}
         with docker_errors("list containers"):
-            for c in self.client.api.containers(all=True, filters={"label": f"{L.HOST}={self.name}"}):
+            for c in self.client.api.containers(all=True, filters={"label": [f"{L.HOST}={self.name}",
+                                                                                  f"{L.FLEET}={self.settings.fleet_id}"]}):
                 keep.add(c["Labels"].get(L.IMAGE) or c["Image"])
         return keep
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 PREFIX = "megaflow."
 MANAGED = PREFIX + "managed"  # "1" on every MegaFlow container
 HOST = PREFIX + "host"  # env host name that owns the container
+FLEET = PREFIX + "fleet"  # Settings.fleet_id: fleets sharing a Docker engine never reap each other's
 RUN = PREFIX + "run"  # run / batch id (optional)
 EPISODE = PREFIX + "episode"  # episode id; "" for a warm-pool container not yet handed out
 USER = PREFIX + "user"
@@ -13,7 +14,7 @@ LEASE_EXPIRY = PREFIX + "lease_expiry"  # unix time after which the container ma
 POOL_OWNER = PREFIX + "pool_owner"  # instance id of the DockerHost that keeps it warm
 IMAGE = PREFIX + "image"
 
-REQUIRED = (MANAGED, HOST, EPISODE, LEASE_EXPIRY)
+REQUIRED = (MANAGED, FLEET, HOST, EPISODE, LEASE_EXPIRY)
 
 
 def qualify(labels: dict[str, str] | None) -> dict[str, str]:

@@ -31,12 +31,14 @@ def reap(host, is_live: Callable[[str], bool] | None = None) -> list[str]:
     now = time.time()
     with docker_errors("list containers"):
         containers = host.client.api.containers(all=True, filters={"label": [f"{L.HOST}={host.name}",
+                                                                              f"{L.FLEET}={host.settings.fleet_id}",
                                                                               f"{L.MANAGED}=1"]})
     claims = host.claims()
     removed: list[str] = []
     for c in containers:
         labels = c.get("Labels") or {}
-        if not L.is_megaflow(labels) or labels.get(L.HOST) != host.name:
+        if (not L.is_megaflow(labels) or labels.get(L.HOST) != host.name
+                or labels.get(L.FLEET) != host.settings.fleet_id):
             continue
         cid = c["Id"]
         try:
