@@ -57,6 +57,7 @@ def test_liveness_check_skips_a_dead_warm_container(warm_host, docker_client, sa
     host.maintain()
     first, second = list(host.pool._items[sandbox_image])
     docker_client.api.kill(first.container_id)  # dies while waiting in the pool
+    docker_client.api.wait(first.container_id, timeout=20)
     handle = host.create("ep-w2", sandbox_image, labels={}, mode="persistent")
     assert handle["container_id"] == second.container_id
     assert not docker_client.api.containers(all=True, filters={"id": first.container_id})

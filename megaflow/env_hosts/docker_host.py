@@ -282,7 +282,7 @@ class DockerHost:
         """Start an exec session in ``cid`` (warm containers, off the critical path); False if unavailable."""
         from megaflow.env_hosts.session import ExecSession
 
-        session = ExecSession.open(self.client.api, cid, _WRAPPER)
+        session = ExecSession.open(self.client.api, cid, kill_grace_s=KILL_GRACE_S)
         if session is None:
             return False
         with self._sessions_lock:

@@ -85,18 +85,26 @@ class WarmPool:
                     self._taking.discard(entry.container_id)
 
     def _alive(self, entry: WarmEntry, min_left: float) -> bool:
-        """Liveness check: the container runs and has at least ``min_left`` seconds of lifetime left."""
+        """Liveness check: the container runs and has at least ``min_left`` seconds of lifetime left.
+
+        With an exec session, a ping round trip through the runner (about a millisecond); without,
+        Docker's view of the container state.
+        """
         if entry.started + self.settings.warm_idle_s + self.settings.container_lifetime_s - time.time() < min_left:
             return False
+        session = self.host._sessions.get(entry.container_id)
+        if session is not None and session.lock.acquire(blocking=False):
+            try:
+                if session.ping():  # the runner answered: the container runs commands right now
+                    return True
+            finally:
+                session.lock.release()
+            self.host._drop_session(entry.container_id)  # maybe only the runner died: ask Docker
         try:
             state = self.host.client.api.inspect_container(entry.container_id)["State"]
         except Exception:
             return False
-        alive = bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting")
-        session = self.host._sessions.get(entry.container_id)
-        if alive and session is not None and not session.idle_ok():
-            self.host._drop_session(entry.container_id)  # the container is fine; plain docker exec then
-        return alive
+        return bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting")
 
     def _start_one(self, image: str) -> WarmEntry:
         from megaflow.env_hosts.docker_host import _container_name

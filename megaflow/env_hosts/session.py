@@ -3,9 +3,10 @@
 A plain ``docker exec`` costs tens to hundreds of milliseconds (runc enters the container's
 namespaces and cgroups each time). A warm container gets, off the critical path, one long-lived
 ``docker exec -i python3 RUNNER`` whose stdin/stdout stay attached to this process; each command
-is then one JSON line in and one JSON line out. The runner starts every command exactly like
-the plain path (the same wrapper: ``timeout -k``, process-group kill afterwards, stderr joined,
-output capped head+tail), so results do not depend on which path ran them.
+is then one JSON line in and one JSON line out. The runner gives every command the plain path's
+semantics itself, with fewer processes: ``bash -lc`` in its own process group, TERM at the time
+limit and KILL after the grace (exit 124 / 137 like coreutils ``timeout -k``), the group killed
+after the command ends, stderr joined, output capped head+tail. The host tests run on both paths.
 
 A session lives in the process that opened it (the env worker); anywhere else, or for an image
 without python3, execution falls back to plain ``docker exec``.
@@ -20,9 +21,13 @@ import threading
 import time
 
 RUNNER = r"""
-import json, os, select, subprocess, sys, time
-wrapper = sys.argv[1]
+import json, os, select, signal, subprocess, sys, time
 out = sys.stdout
+def killpg(pid, sig):
+    try:
+        os.killpg(pid, sig)
+    except OSError:
+        pass
 for line in sys.stdin:
     req = json.loads(line)
     if req.get("ping"):
@@ -31,19 +36,34 @@ for line in sys.stdin:
     head = bytearray(); tail = bytearray(); dropped = 0
     env = dict(os.environ); env.update(req.get("env") or {})
     try:
-        p = subprocess.Popen(["bash", "-c", wrapper, "megaflow-exec", req["timeout"], req["command"]],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             cwd=req.get("workdir") or None, env=env)
+        p = subprocess.Popen(["bash", "-lc", req["command"]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, cwd=req.get("workdir") or None, env=env,
+                             start_new_session=True)
     except OSError as exc:
         out.write(json.dumps({"exit_code": 126, "head": str(exc), "tail": "", "dropped": 0}) + "\n"); out.flush()
         continue
     fd = p.stdout.fileno()
+    deadline = time.monotonic() + float(req["timeout"]); grace = float(req["grace"])
+    termed = killed = False; eof = False
     while True:
-        ready, _, _ = select.select([fd], [], [], 0.2)
+        now = time.monotonic()
+        if not termed and now >= deadline:
+            killpg(p.pid, signal.SIGTERM); termed = True
+        elif termed and not killed and now >= deadline + grace:
+            killpg(p.pid, signal.SIGKILL); killed = True
+        wake = deadline if not termed else deadline + grace if not killed else now + 0.2
+        wait = max(0.0, min(0.2, wake - now))
+        if eof:
+            try:
+                p.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            break
+        ready, _, _ = select.select([fd], [], [], wait)
         if ready:
             chunk = os.read(fd, 65536)
             if not chunk:
-                break
+                eof = True; continue
             room = head_cap - len(head)
             if room > 0:
                 head += chunk[:room]; chunk = chunk[room:]
@@ -53,7 +73,9 @@ for line in sys.stdin:
         elif p.poll() is not None:
             break  # exited; a stray process may still hold the pipe open
     rc = p.wait()
+    killpg(p.pid, signal.SIGKILL)  # whatever the command left in its group (fork bombs, stray jobs)
     p.stdout.close()
+    rc = (137 if killed else 124) if termed else (128 - rc if rc < 0 else rc)
     out.write(json.dumps({"exit_code": rc, "head": head.decode("utf-8", "replace"),
                           "tail": tail.decode("utf-8", "replace"), "dropped": dropped}) + "\n")
     out.flush()
@@ -75,15 +97,17 @@ class ExecSession:
         self._pending = b""  # raw bytes of an incomplete frame
         self.lock = threading.Lock()
         self.broken = False
+        self.kill_grace_s = 5.0
 
     @classmethod
-    def open(cls, api, container_id: str, wrapper: str, *, timeout: float = 10.0) -> "ExecSession | None":
+    def open(cls, api, container_id: str, *, kill_grace_s: float, timeout: float = 10.0) -> "ExecSession | None":
         """Start the runner and check it answers; None when it cannot run here (e.g. no python3)."""
         try:
-            exec_id = api.exec_create(container_id, ["python3", "-u", "-c", RUNNER, wrapper], stdin=True,
+            exec_id = api.exec_create(container_id, ["python3", "-u", "-c", RUNNER], stdin=True,
                                       stdout=True, stderr=True)["Id"]
             sock = api.exec_start(exec_id, socket=True)
             session = cls(container_id, sock, getattr(sock, "_sock", sock))
+            session.kill_grace_s = kill_grace_s
             session._send({"ping": 1})
             if session._recv(time.monotonic() + timeout).get("pong") != 1:
                 session.close()
@@ -102,10 +126,21 @@ class ExecSession:
             return False
         return not ready
 
+    def ping(self, timeout: float = 2.0) -> bool:
+        """Round trip to the runner: proves the container runs commands right now (a liveness check)."""
+        if self.broken or not self.idle_ok():
+            return False
+        try:
+            self._send({"ping": 1})
+            return (self._recv(time.monotonic() + timeout) or {}).get("pong") == 1
+        except SessionBroken:
+            return False
+
     def send_command(self, command: str, *, timeout: float, workdir: str | None, env: dict | None,
                      cap: int) -> None:
         """Hand one command to the runner (SessionBroken here means it did not run)."""
-        self._send({"command": "exec 2>&1\n" + command, "timeout": f"{timeout:g}s", "workdir": workdir,
+        self._send({"command": "exec 2>&1\n" + command, "timeout": timeout, "grace": self.kill_grace_s,
+                    "workdir": workdir,
                     "env": {k: str(v) for k, v in (env or {}).items()}, "cap": cap})
 
     def receive(self, deadline: float) -> dict | None:
