@@ -349,6 +349,8 @@ class FlakyProxy:
         self.failures, self.seen = failures, 0
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" at once
+
             def _any(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.seen += 1

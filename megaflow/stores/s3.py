@@ -60,6 +60,7 @@ class S3ArtifactStore:
         self.endpoint_url = endpoint_url
         where = f" at {endpoint_url}" if endpoint_url else ""
         self._where = f"artifact store {self.url}{where}"
+        self._owns_client = client is None
         if client is None:
             options: dict[str, Any] = {
                 "retries": {"mode": "standard", "total_max_attempts": max_attempts},  # the first try included
@@ -184,10 +185,9 @@ class S3ArtifactStore:
         return self._call(run)
 
     def close(self) -> None:
-        """Release the HTTP connection pool."""
-        close = getattr(self.client, "close", None)
-        if close:
-            close()
+        """Release the HTTP connection pool (of a client this store made)."""
+        if self._owns_client:
+            self.client.close()
 
     def __repr__(self) -> str:
         return f"S3ArtifactStore({self.url!r}, endpoint_url={self.endpoint_url!r})"
