@@ -52,6 +52,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) used so far by a process (Linux /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -81,7 +90,7 @@ class Fleet:
                 break
             except redis.ConnectionError:
                 time.sleep(0.05)
-        server = subprocess.Popen(
+        self.server = server = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--name", "bench",
              "--max-concurrency", str(server_slots)], stdout=subprocess.PIPE, text=True)
         self.procs.append(server)
@@ -272,10 +281,15 @@ def main() -> None:
               f"{args.worker_concurrency} threads)")
         if not args.no_queue:
             stats = fleet.control(reset=True)
+            pids = {"model worker": fleet.worker.pid, "server": fleet.server.pid, "sender+collector": None}
+            before = {k: cpu_s(pid) for k, pid in pids.items()}
             rate, sent = throughput_queue(fleet, args.inflight)
+            used = {k: (cpu_s(pid) - before[k]) / args.inflight * 1000 for k, pid in pids.items()}
             peak = fleet.control()["peak"]
             print(f"{'through the model queue':30s} {rate:7.1f} req/s  ({rate / limit:5.1%} of the limit; "
                   f"{args.inflight} sent in {sent:.2f}s; server peak concurrency {peak}/{stats['max_concurrency']})")
+            print("CPU per request: " + ", ".join(f"{k} {v:.1f} ms" for k, v in used.items()))
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     finally:
         fleet.close()
         shutil.rmtree(tmp, ignore_errors=True)
