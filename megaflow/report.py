@@ -27,6 +27,7 @@ STATE_ORDER = ("SUBMITTED", "QUEUED", "ADMITTED", "ENV_STARTING", "RUNNING", "EV
 PHASES = (
     ("queue wait", "submitted", "admitted"),
     ("env start-up", "admitted", "env_ready"),
+    ("container boot", "env_starting", "env_ready"),
     ("agent", "env_ready", "evaluating"),
     ("evaluation", "evaluating", "finished"),
     ("total", "submitted", "finished"),

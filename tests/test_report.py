@@ -27,7 +27,8 @@ def synthetic_batch(batch_id: str = "b-report", n: int = 40, running: int = 3) -
         steps = {f"step_{k}": env_ready + 5.0 * k for k in range(1, 4)}
         evaluating = env_ready + 15.0
         finished = evaluating + 3.0
-        phases = {"submitted": submitted, "queued": submitted, "admitted": admitted, "env_ready": env_ready,
+        phases = {"submitted": submitted, "queued": submitted, "admitted": admitted,
+                  "env_starting": admitted + 0.1, "env_ready": env_ready,
                   **steps, "evaluating": evaluating, "finished": finished}
         state, cause, reward = "SUCCEEDED", None, 1.0
         if i in (3, 7, 11, 15):
@@ -69,7 +70,7 @@ def test_report_page_has_every_plot(store, tmp_path):
     for title in ("Concurrency over time", "Latency per phase", "Env start-up by mode", "Per-host utilisation",
                   "Failure causes"):
         assert f'aria-label="{title}"' in text
-    for label in ("queue wait", "env start-up", "agent step", "evaluation", "ephemeral", "persistent",
+    for label in ("queue wait", "env start-up", "container boot", "agent step", "evaluation", "ephemeral", "persistent",
                   "host-0", "host-1", "tests_failed", "infra", "timeout", "cancelled",
                   "running (admitted → finished)", "waiting (submitted → admitted)"):
         assert label in text, label
@@ -91,6 +92,7 @@ def test_summary_numbers(store, tmp_path):
     assert s["phases"]["agent step"]["p50"] == pytest.approx(5.0) and s["phases"]["agent step"]["n"] == 120
     assert s["phases"]["evaluation"]["n"] == 37 and s["phases"]["evaluation"]["p50"] == pytest.approx(3.0)
     assert s["env_startup_by_mode"]["persistent"]["p50"] == pytest.approx(0.5)
+    assert s["phases"]["container boot"]["p50"] == pytest.approx((0.4 + 9.9) / 2)
     assert s["env_startup_by_mode"]["ephemeral"]["p50"] == pytest.approx(10.0)
     assert set(s["hosts"]) == {"host-0", "host-1"}
     assert sum(h["episodes"] for h in s["hosts"].values()) == 40
