@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from stores_fixtures import (  # noqa: F401  (fixtures)
+from tests.stores_fixtures import (  # noqa: F401  (fixtures)
     METADATA_BACKENDS,
     MONGO_URL,
     drop_metadata_store,

@@ -7,7 +7,7 @@ Artifacts: file (real directory), s3 (moto server on loopback).
 from __future__ import annotations
 
 import pytest
-from stores_fixtures import artifact_store, metadata_store, s3_server  # noqa: F401  (fixtures)
+from tests.stores_fixtures import artifact_store, metadata_store, s3_server  # noqa: F401  (fixtures)
 
 from megaflow.errors import NotFoundError, SpecError
 from megaflow.stores import ArtifactStore, MetadataStore
