@@ -290,3 +290,17 @@ def test_openai_backend_module_loads_only_when_chosen():
             "load_backend('scripted', Settings.load()); "
             "assert 'megaflow.model_gateway.openai' not in sys.modules and 'httpx' not in sys.modules, 'eager'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_error_bodies_of_every_server_shape_are_read():
+    import httpx
+
+    from megaflow.model_gateway.openai import _error_message
+
+    legacy = httpx.Response(400, json={"object": "error", "message": "This model's maximum context length is 8",
+                                       "type": "BadRequestError", "code": 400})
+    openai = httpx.Response(400, json={"error": {"message": "too long", "code": "context_length_exceeded"}})
+    text = httpx.Response(502, text="<html>bad gateway</html>")
+    assert _error_message(legacy)[0].startswith("This model's maximum context length")
+    assert _error_message(openai) == ("too long", "context_length_exceeded")
+    assert _error_message(text) == ("<html>bad gateway</html>", "")
