@@ -176,6 +176,7 @@ MONGO_KINDS = [k for k in METADATA_BACKENDS if k != "sqlite"]
 def test_mongo_indexes_and_ttl(kind, tmp_path):
     store = make_metadata_store(kind, tmp_path, ttl_days=2)
     try:
+        store.ensure_indexes()
         tasks = store.tasks.index_information()
         assert {"user_state", "batch_created", "finished", "created"} <= set(tasks)
         assert tasks["user_state"]["key"] == [("user", 1), ("state", 1)]
@@ -185,6 +186,7 @@ def test_mongo_indexes_and_ttl(kind, tmp_path):
         from megaflow.stores.mongo import MongoMetadataStore
 
         again = MongoMetadataStore(store.url, client=store.client, ttl_days=0.5)
+        again.get_task("x")  # the first operation sets the indexes up
         assert store.event_docs.index_information()["events_ttl"]["expireAfterSeconds"] == 43200
         # stored events carry the datetime the TTL index reads, and callers never see it
         store.add_event({"event_id": "1-0", "episode_id": "e", "ts": time.time(), "created": "mine"})
@@ -200,6 +202,7 @@ def test_mongo_indexes_and_ttl(kind, tmp_path):
 def test_mongo_without_ttl_has_no_ttl_index(kind, tmp_path):
     store = make_metadata_store(kind, tmp_path)
     try:
+        store.ensure_indexes()
         assert "events_ttl" not in store.event_docs.index_information()
     finally:
         drop_metadata_store(store)
@@ -208,9 +211,13 @@ def test_mongo_without_ttl_has_no_ttl_index(kind, tmp_path):
 def test_mongo_unreachable_is_service_unavailable_without_password():
     port = free_port()  # nothing listens there
     url = f"mongodb://bob:hunter2@127.0.0.1:{port}/megaflow?serverSelectionTimeoutMS=300"
-    with pytest.raises(ServiceUnavailableError) as info:
-        open_metadata_store(url, Settings.load(mongo_ttl_days=1))
-    assert f"127.0.0.1:{port}" in str(info.value) and "hunter2" not in str(info.value)
+    store = open_metadata_store(url, Settings.load(mongo_ttl_days=1))  # no I/O yet: fine before the server is up
+    for call in (lambda: store.get_task("e"), lambda: store.upsert_task({"episode_id": "e"}),
+                 lambda: store.add_event({"event_id": "1-0"}), store.list_batches):
+        with pytest.raises(ServiceUnavailableError) as info:
+            call()
+        assert f"127.0.0.1:{port}" in str(info.value) and "hunter2" not in str(info.value)
+    store.close()
 
 
 def test_mongo_bad_url_is_config_error():

@@ -8,14 +8,16 @@ Collections in the URL's database (default ``megaflow``):
           events older than that
 
 Writes are idempotent: tasks upsert with $set (dotted ``phases.<k>`` keys, so phases merge) and
-$min on created_at; events insert by ``_id`` and a duplicate is reported, not raised.
-Create the store after fork (PyMongo clients must not cross one).
+$min on created_at, and a stale write (older ``updated_at``) merges only its phases; events insert
+by ``_id`` and a duplicate is reported, not raised. Create the store after fork (PyMongo clients
+must not cross one); it connects, and creates its indexes, on the first operation.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from typing import Any, Callable, TypeVar
 
 from megaflow.errors import ConfigError, ServiceUnavailableError
@@ -79,10 +81,24 @@ class MongoMetadataStore:
         self.db = client[db_name]
         self.tasks = self.db["tasks"]
         self.event_docs = self.db["events"]
-        self._call(self._ensure_indexes)
+        self._indexed = False
+        self._index_lock = threading.Lock()
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes (and TTL) once; done by the first operation, so the constructor does no I/O."""
+        with self._index_lock:
+            if not self._indexed:
+                self._guard(self._ensure_indexes)
+                self._indexed = True
 
     # --- plumbing --------------------------------------------------------------------------------
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self._indexed:
+            self.ensure_indexes()
+        return self._guard(fn, *args, **kwargs)
+
+    def _guard(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn``, turning PyMongo's connection and auth failures into MegaFlow errors."""
         try:
             return fn(*args, **kwargs)
         except _pymongo_errors() as exc:
