@@ -115,6 +115,7 @@ def submit(
     file: Path = typer.Argument(..., help="JSONL file, one task spec per line."),
     user: str = typer.Option(..., "--user", "-u", help="User the batch runs as (quotas are per user)."),
     wait: bool = typer.Option(False, help="Wait for the batch and print its results."),
+    timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
 ) -> None:
     """Submit a batch of task specs; nothing is enqueued if any line is invalid."""
     from megaflow.client import Client
@@ -130,14 +131,14 @@ def submit(
             raise
         console.print(f"batch {sub.batch_id}: {len(sub.episode_ids)} episodes submitted for {user}")
         if wait:
-            client.wait(sub.batch_id)
+            client.wait(sub.batch_id, timeout=timeout)
             _print_results(client.results(sub.batch_id))
 
 
 def _print_results(results: list[dict]) -> None:
     table = Table()
     for col in ("episode", "task", "state", "reward", "cause", "host", "steps"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in results:
         table.add_row(r["episode_id"], r["task_id"] or "", r["state"],
                       "" if r.get("reward") is None else f"{r['reward']:g}", r.get("cause") or "",

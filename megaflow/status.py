@@ -67,7 +67,7 @@ def render(console: Console, data: dict[str, Any]) -> None:
     if "episodes" in data:
         t = Table(title=f"batch {data['batch_id']}: {data['finished']}/{data['total']} finished")
         for col in ("episode", "task", "state", "reward", "cause", "host", "steps"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         for e in data["episodes"]:
             t.add_row(*[("" if e.get(k) is None else str(e.get(k))) for k in
                         ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")])
@@ -82,7 +82,7 @@ def render(console: Console, data: dict[str, Any]) -> None:
         return
     t = Table(title="recent batches")
     for col in ("batch", "user", "created", "done", "states", "episodes/min", "failures by cause"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for b in data["batches"]:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["created_at"])) if b.get("created_at") else ""
         t.add_row(b["batch_id"], b.get("user") or "", created, f"{b['finished']}/{b['total']}", _counts(b["counts"]),

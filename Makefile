@@ -1,0 +1,16 @@
+# The two commands of the README. Both set up what is missing first (scripts/setup.sh).
+.PHONY: demo test setup bench
+
+demo:
+	bash scripts/setup.sh
+	.venv/bin/megaflow demo
+
+test:
+	bash scripts/setup.sh --test
+	.venv/bin/python -m pytest -q
+
+setup:
+	bash scripts/setup.sh --test
+
+bench:
+	.venv/bin/python bench/dispatch.py

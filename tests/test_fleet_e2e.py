@@ -1,0 +1,124 @@
+"""End to end on a real local fleet: Celery workers in their own processes, real containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megaflow import Client, states
+from megaflow.celery_app import create_app
+from megaflow.demo_tasks import demo_specs
+from megaflow.stores import open_metadata_store
+
+
+def cli(settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **settings.to_env(), COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "megaflow", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"megaflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_records(settings, batch_id: str, n: int, timeout: float = 30.0) -> list[dict]:
+    store = open_metadata_store(settings.metadata_url, settings)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            docs = store.find_tasks(batch_id=batch_id)
+            if len(docs) == n and all(d["state"] in states.TERMINAL for d in docs) or time.monotonic() > deadline:
+                return docs
+            time.sleep(0.5)
+    finally:
+        store.close()
+
+
+def test_reference_fix_succeeds_and_noop_fails(fleet):
+    with Client(fleet) as client:
+        fix = client.submit(demo_specs("fix"), user="e2e-fix")
+        noop = client.submit(demo_specs("noop"), user="e2e-noop")
+        client.wait(fix.batch_id, timeout=240)
+        client.wait(noop.batch_id, timeout=120)
+        res_fix, res_noop = client.results(fix.batch_id), client.results(noop.batch_id)
+        assert [r["state"] for r in res_fix] == [states.SUCCEEDED] * len(res_fix), res_fix
+        assert all(r["reward"] == 1.0 and r["steps"] == 3 for r in res_fix)
+        assert [r["state"] for r in res_noop] == [states.FAILED] * len(res_noop)
+        assert all(r["reward"] == 0.0 and r["cause"] == states.CAUSE_TESTS for r in res_noop)
+        assert {r["host"] for r in res_fix + res_noop} == {"env-1", "env-2"}  # both env hosts took work
+        for r in res_fix:
+            ph = r["phases"]
+            assert ph["submitted"] <= ph["admitted"] <= ph["env_ready"] <= ph["step_1"] <= ph["evaluating"] \
+                <= ph["finished"]
+        traj = client.trajectory(res_fix[0]["episode_id"])
+        roles = [m["role"] for m in traj["messages"]]
+        assert roles[:3] == ["system", "user", "assistant"] and roles[-1] == "evaluation"
+        assert "git apply" in traj["messages"][2]["content"]
+        assert traj["state"] == states.SUCCEEDED and traj["prompt_tokens"] > 0
+    docs = wait_records(fleet, fix.batch_id, len(res_fix))
+    assert sorted(d["state"] for d in docs) == [states.SUCCEEDED] * len(res_fix)
+    assert all({"queued", "admitted", "env_ready", "step_1", "evaluating", "finished"} <= set(d["phases"])
+               for d in docs)
+    out = json.loads(cli(fleet, "status", fix.batch_id, "--json").stdout)
+    assert out["counts"] == {states.SUCCEEDED: len(res_fix)} and out["mean_reward"] == 1.0
+    overview = cli(fleet, "status").stdout
+    assert fix.batch_id in overview and "e2e-noop" in overview
+
+
+def test_stale_and_duplicate_callbacks_are_dropped(fleet):
+    with Client(fleet) as client:
+        sub = client.submit(demo_specs("fix")[:1], user="e2e-dup")
+        client.wait(sub.batch_id, timeout=120)
+        eid = sub.episode_ids[0]
+        before = client.rt.engine.load(eid)
+        app = create_app(fleet, register_tasks=False)
+        # replay every step's callback as if redelivered: none may fork or change the episode
+        for step in range(before.step + 1):
+            app.send_task("megaflow.agent.step", args=[eid, step], queue="agent")
+            app.send_task("megaflow.model.complete", args=[eid, step], queue="model")
+        time.sleep(3)
+        after = client.rt.engine.load(eid)
+        assert after.step == before.step and len(after.history) == len(before.history)
+        assert after.state == states.SUCCEEDED
+        app.close()
+
+
+def test_cli_submit_rejects_bad_line_and_runs_good_file(fleet, tmp_path):
+    good = [demo_specs("fix")[1], demo_specs("noop")[1]]
+    bad = tmp_path / "bad.jsonl"
+    broken = dict(good[0])
+    broken["eval"] = {"command": ""}
+    bad.write_text("\n".join(json.dumps(s) for s in [good[0], broken]) + "\n")
+    with Client(fleet) as client:
+        batches_before = client.rt.redis.zcard(client.rt.keys.batches)
+        proc = cli(fleet, "submit", str(bad), "--user", "e2e-cli", check=False)
+        assert proc.returncode == 2
+        assert f"{bad}:2" in proc.stdout and "eval.command" in proc.stdout
+        assert client.rt.redis.zcard(client.rt.keys.batches) == batches_before
+        notjson = tmp_path / "notjson.jsonl"
+        notjson.write_text(json.dumps(good[0]) + "\n{oops\n")
+        proc = cli(fleet, "submit", str(notjson), "--user", "e2e-cli", check=False)
+        assert proc.returncode == 2 and f"{notjson}:2" in proc.stdout and "not valid JSON" in proc.stdout
+        ok = tmp_path / "ok.jsonl"
+        ok.write_text("\n".join(json.dumps(s) for s in good) + "\n")
+        out = cli(fleet, "submit", str(ok), "--user", "e2e-cli", "--wait", "--timeout", "150").stdout
+        assert "SUCCEEDED" in out and "FAILED" in out and "tests_failed" in out
+
+
+def test_capacity_shows_fleet(fleet):
+    out = json.loads(cli(fleet, "capacity", "--json").stdout)
+    text = json.dumps(out)
+    assert "env-1" in text and "env-2" in text
+
+
+@pytest.mark.parametrize("mode", ["persistent"])
+def test_persistent_mode_episode(fleet, mode):
+    with Client(fleet) as client:
+        sub = client.submit(demo_specs("fix", mode=mode)[:2], user="e2e-warm")
+        client.wait(sub.batch_id, timeout=180)
+        res = client.results(sub.batch_id)
+        assert [r["state"] for r in res] == [states.SUCCEEDED] * 2 and {r["mode"] for r in res} == {mode}

@@ -1,0 +1,38 @@
+"""The recorder: event stream -> task and event documents, at-least-once and idempotent."""
+
+from __future__ import annotations
+
+from megaflow import states
+from megaflow.demo_tasks import demo_specs
+from megaflow.engine import EpisodeEngine
+from megaflow.keys import Keys
+from megaflow.records import GROUP, Recorder
+from megaflow.spec import validate_specs
+from megaflow.stores import open_metadata_store
+
+
+def test_recorder_builds_task_documents(settings, redis_client):
+    keys = Keys(settings.key_prefix)
+    engine = EpisodeEngine(redis_client, settings, keys, lambda *a: None)
+    batch, ids = engine.create_batch(validate_specs(demo_specs("fix")[:2]), "bob")
+    ep = engine.load(ids[0])
+    engine.advance(ep, keep_step=True, state=states.ADMITTED, phase="admitted", event_fields={"host": "h1"})
+    engine.advance(ep, state=states.RUNNING, phase="env_ready")
+    engine.advance(ep, state=states.SUCCEEDED, phase="finished", terminal=True,
+                   event_fields={"reward": 1.0, "cause": None})
+    store = open_metadata_store(settings.metadata_url, settings)
+    rec = Recorder(redis_client, keys, store)
+    assert rec.drain() == 7
+    doc = store.get_task(ids[0])
+    assert doc["state"] == states.SUCCEEDED and doc["host"] == "h1" and doc["reward"] == 1.0
+    assert doc["user"] == "bob" and doc["batch_id"] == batch
+    assert {"submitted", "queued", "admitted", "env_ready", "finished"} <= set(doc["phases"])
+    assert doc["phases"]["submitted"] <= doc["phases"]["admitted"] <= doc["phases"]["finished"]
+    assert [e["state"] for e in store.events(ids[0])][-1] == states.SUCCEEDED
+    assert store.count_by_state(batch_id=batch) == {states.SUCCEEDED: 1, states.QUEUED: 1}
+    # at-least-once: a second recorder re-reading every entry changes nothing
+    redis_client.xgroup_setid(keys.events, GROUP, id="0")
+    assert Recorder(redis_client, keys, store, consumer="recorder-2").drain() == 7
+    assert len(store.events(ids[0])) == 5
+    assert store.get_task(ids[0])["state"] == states.SUCCEEDED
+    store.close()

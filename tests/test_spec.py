@@ -1,0 +1,70 @@
+"""Task-spec validation: a bad spec names its field; a rejected batch enqueues nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from megaflow import Client
+from megaflow.demo_tasks import demo_specs
+from megaflow.errors import SpecError
+from megaflow.spec import validate_specs
+
+
+def good() -> dict:
+    return demo_specs("fix")[0]
+
+
+def test_demo_specs_validate():
+    assert len(validate_specs(demo_specs("fix"))) >= 10
+    assert len(validate_specs(demo_specs("noop"))) >= 10
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda s: s.pop("eval"), "eval"),
+    (lambda s: s.update(task_id=""), "task_id"),
+    (lambda s: s.update(colour="red"), "colour"),
+    (lambda s: s["eval"].update(command=""), "eval.command"),
+    (lambda s: s.update(files={"relative.txt": "x"}), "files"),
+    (lambda s: s["agent"].update(max_steps=0) if "agent" in s else s.update(agent={"max_steps": 0}), "agent.max_steps"),
+    (lambda s: s.update(mode="sometimes"), "mode"),
+])
+def test_bad_field_is_named(mutate, field):
+    spec = good()
+    mutate(spec)
+    with pytest.raises(SpecError) as exc:
+        validate_specs([good(), spec])
+    assert exc.value.index == 1
+    assert exc.value.field == field
+    assert f"'{field}'" in str(exc.value) and "spec #1" in str(exc.value)
+
+
+def test_not_an_object():
+    with pytest.raises(SpecError, match="must be a JSON object"):
+        validate_specs(["echo hi"])
+
+
+def test_empty_batch():
+    with pytest.raises(SpecError, match="at least one"):
+        validate_specs([])
+
+
+def test_rejected_batch_enqueues_nothing(settings, redis_client):
+    bad = good()
+    bad["eval"] = {"timeout_s": 5}
+    with Client(settings) as client:
+        with pytest.raises(SpecError, match="eval.command"):
+            client.submit([good(), good(), bad], user="alice")
+        with pytest.raises(SpecError, match="user"):
+            client.submit([good()], user="no spaces allowed")
+    assert redis_client.keys("*") == []
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path):
+    from megaflow.errors import ServiceUnavailableError
+    from megaflow.settings import Settings
+
+    from tests.conftest import free_port
+
+    s = Settings.load(redis_url=f"redis://127.0.0.1:{free_port()}/0", state_dir=str(tmp_path))
+    with pytest.raises(ServiceUnavailableError, match="MEGAFLOW_REDIS_URL"):
+        Client(s).submit([good()], user="alice")
