@@ -92,7 +92,13 @@ def test_reaper_removes_containers_whose_lease_lapsed(docker_client, sandbox_ima
     host = DockerHost(docker_client, settings, name=host_name, redis_client=redis_client, is_live=lambda ep: True)
     expired = docker_client.api.create_container(
         sandbox_image, ["sleep", "60"],
-        labels={L.MANAGED: "1", L.HOST: host_name, L.EPISODE: "ep-old", L.LEASE_EXPIRY: f"{time.time() - 1:.0f}"})["Id"]
+        labels={L.MANAGED: "1", L.FLEET: settings.fleet_id, L.HOST: host_name, L.EPISODE: "ep-old",
+                L.LEASE_EXPIRY: f"{time.time() - 1:.0f}"})["Id"]
+    other_fleet = docker_client.api.create_container(
+        sandbox_image, ["sleep", "60"],
+        labels={L.MANAGED: "1", L.FLEET: "another-fleet", L.HOST: host_name, L.EPISODE: "ep-old",
+                L.LEASE_EXPIRY: f"{time.time() - 1:.0f}"})["Id"]
     fresh = host.create("ep-new", sandbox_image, labels={})
     assert host.maintain()["reaped"] == [expired]
     assert exists(docker_client, fresh["container_id"])
+    assert exists(docker_client, other_fleet)  # same host name, another fleet on this engine: not ours

@@ -3,8 +3,10 @@
 Every container runs with CPU / memory / pids limits, no network unless asked, no privileges
 and no Docker socket, carries MegaFlow labels, and has a dead-man's switch: its main process is
 ``sleep LIFETIME`` under docker-init, so it ends by itself even if every MegaFlow process dies.
-Every command runs under coreutils ``timeout -k`` inside the container, and its output is capped
-(head and tail kept).
+Every command runs under a time limit enforced inside the container (coreutils ``timeout -k``
+on the plain ``docker exec`` path, the runner itself on a warm container's exec session, see
+session.py), everything it started is killed when it ends, and its output is capped (head and
+tail kept).
 """
 
 from __future__ import annotations
@@ -359,16 +361,13 @@ class DockerHost:
         """Read one regular file from the container; a missing path is a TaskError."""
         import docker.errors
 
-        try:
-            with docker_errors(f"get_file from {handle['container_id'][:12]}"):
-                try:
-                    stream, _ = self.client.api.get_archive(handle["container_id"], path)
-                except docker.errors.NotFound as exc:
-                    self._check_running(handle["container_id"])
-                    raise TaskError(f"get_file: {path} does not exist in the container") from exc
-                data = b"".join(stream)
-        except ContainerLostError:
-            raise
+        with docker_errors(f"get_file from {handle['container_id'][:12]}"):
+            try:
+                stream, _ = self.client.api.get_archive(handle["container_id"], path)
+            except docker.errors.NotFound as exc:
+                self._check_running(handle["container_id"])  # a gone container is an infra error
+                raise TaskError(f"get_file: {path} does not exist in the container") from exc
+            data = b"".join(stream)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             member = tar.next()
             if member is None or not member.isfile():
@@ -378,7 +377,6 @@ class DockerHost:
     # --- close ----------------------------------------------------------------------------------
     def close(self, handle: dict) -> None:
         """Remove the episode's container (a used warm container is never returned to the pool); idempotent."""
-        self._drop_session(handle["container_id"])
         self._remove(handle["container_id"])
         self._drop_claim(handle["container_id"])
 
@@ -386,7 +384,6 @@ class DockerHost:
         import docker.errors
 
         self._drop_session(cid)
-
         try:
             with docker_errors(f"remove {cid[:12]}"):
                 try:
