@@ -48,13 +48,16 @@ def test_flower_options_need_credentials(tmp_path):
     assert "args" in opts["tasks_columns"].split(",")
 
 
-def test_flower_command_refuses_to_start_without_credentials(tmp_path):
-    env = dict(os.environ, **Settings.load(state_dir=str(tmp_path)).to_env(), COLUMNS="200")
-    env.pop("MEGAFLOW_FLOWER_USER", None)
-    env.pop("MEGAFLOW_FLOWER_PASSWORD", None)
-    proc = subprocess.run([sys.executable, "-m", "megaflow", "flower", "--port", str(free_port())], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "MEGAFLOW_FLOWER_PASSWORD" in proc.stdout + proc.stderr
+def test_flower_command_refuses_to_start_without_credentials(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from megaflow.cli import app
+
+    monkeypatch.delenv("MEGAFLOW_FLOWER_USER", raising=False)
+    monkeypatch.delenv("MEGAFLOW_FLOWER_PASSWORD", raising=False)
+    monkeypatch.setenv("MEGAFLOW_STATE_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["flower", "--port", str(free_port())])
+    assert isinstance(result.exception, ConfigError) and "MEGAFLOW_FLOWER_PASSWORD" in str(result.exception)
 
 
 class FlowerProc:
@@ -163,6 +166,13 @@ def test_flower_shows_fleet_workers_and_tasks(fleet, tmp_path):
                 assert t["args"].endswith(f"host={t['routing_key'][4:]}"), t
         step1 = [t for t in mine if t["name"] == "megaflow.agent.step" and "step=1" in t["args"].split()]
         assert len(step1) == 2
+        # Flower's own Prometheus metrics (Celery's view), beside `megaflow metrics` (MegaFlow's state)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        succeeded = sum(s.value for f in text_string_to_metric_families(flower.get("/metrics", auth=None).text)
+                        for s in f.samples if s.name == "flower_events_total"
+                        and s.labels.get("task") == "megaflow.agent.step" and s.labels.get("type") == "task-succeeded")
+        assert succeeded >= len([t for t in mine if t["name"] == "megaflow.agent.step"])
 
         # the tasks page, filled by its scripts from the API, as a browser shows it
         first = sorted(eids)[0]

@@ -155,10 +155,18 @@ def test_metrics_command_serves_and_stops_on_sigterm(settings, redis_client):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    once = subprocess.run([sys.executable, "-m", "megaflow", "metrics", "--once"], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert once.returncode == 0, once.stderr
-    assert value(parse(once.stdout), "megaflow_admission_backlog") == 0
+
+
+def test_metrics_once_prints_the_text(settings, monkeypatch):
+    from typer.testing import CliRunner
+
+    from megaflow.cli import app
+
+    for name, v in settings.to_env().items():
+        monkeypatch.setenv(name, v)
+    result = CliRunner().invoke(app, ["metrics", "--once"])
+    assert result.exit_code == 0, result.output
+    assert value(parse(result.output), "megaflow_admission_backlog") == 0
 
 
 def test_control_service_starts_the_endpoint_on_metrics_port(settings):
@@ -200,9 +208,9 @@ def test_scrape_of_a_running_fleet(fleet):
         assert {"env.env-1", "env.env-2", "agent", "model", "env"} <= {dict(k)["queue"]
                                                                        for k in m["megaflow_queue_length"]}
         with Client(fleet) as client:
-            sub = client.submit(demo_specs("fix")[:2], user="metrics-test")
+            sub = client.submit(demo_specs("fix")[:1], user="metrics-test")
             deadline = time.monotonic() + 180
-            while client.status(sub.batch_id)["done"] < 2:
+            while client.status(sub.batch_id)["done"] < 1:
                 assert time.monotonic() < deadline, "batch did not finish"
                 m = scrape(server.port)
                 for (labels, v) in m["megaflow_episodes"].items():
@@ -213,7 +221,7 @@ def test_scrape_of_a_running_fleet(fleet):
                 assert all(v >= 0 for fam in m.values() for v in fam.values())
                 assert value(m, "megaflow_slots_used", tier="global", name="global") <= fleet.global_limit
                 time.sleep(0.3)
-        assert seen_user_slots in (1, 2)
+        assert seen_user_slots == 1
         assert seen_live & {states.ADMITTED, states.ENV_STARTING, states.RUNNING, states.EVALUATING}, seen_live
         deadline = time.monotonic() + 20
         while True:  # slots are released just after the terminal state is written
