@@ -181,20 +181,22 @@ class WarmPool:
                     else:
                         keep.append(e)
                 self._items[image] = keep
-        alive_checked: list[WarmEntry] = []
+        failed_check: list[WarmEntry] = []
         with self._lock:
             candidates = [e for q in self._items.values() for e in q]
         for e in candidates:
             if not self._alive(e, 0):
-                alive_checked.append(e)
+                failed_check.append(e)
+        dead: list[WarmEntry] = []
         with self._lock:
-            for e in alive_checked:
+            for e in failed_check:
                 q = self._items.get(e.image)
-                if q and e in q:
+                if q and e in q:  # not handed out meanwhile
                     q.remove(e)
-        for e in drop + alive_checked:
+                    dead.append(e)
+        for e in drop + dead:
             self.host._remove(e.container_id)
-        return len(drop) + len(alive_checked)
+        return len(drop) + len(dead)
 
     def drain(self) -> int:
         """Remove every warm container of this pool (waits briefly for background refills)."""
