@@ -114,7 +114,7 @@ def patch_files(patch: str) -> list[str]:
     return files
 
 
-def test_command(command: str, tests: list[str]) -> str:
+def runner_command(command: str, tests: list[str]) -> str:
     """The runner command with the test ids filled in (``{tests}``) or appended."""
     quoted = " ".join(shlex.quote(t) for t in tests)
     if "{tests}" in command:
@@ -164,7 +164,7 @@ def run_tests(rt, handle: dict, spec, workdir: str) -> dict[str, Any]:
     if ev.files:
         rt.env_host.put_files(handle, ev.files)
     tests = ev.fail_to_pass + ev.pass_to_pass
-    command = test_command(ev.command, tests)
+    command = runner_command(ev.command, tests)
     timeout = ev.timeout_s or rt.settings.eval_timeout_s
     res = _sh(rt, handle, f"( {command} ) > {TEST_LOG} 2>&1", workdir, timeout=timeout)
     try:

@@ -116,16 +116,27 @@ class BashAgent:
         return False
 
     def decide(self, history: list[dict[str, Any]], *, tokens_used: int = 0) -> Action:
-        """Next action: the model when the last message is the user's, else what the reply says."""
+        """Next action: the model when the last message is the user's, else what the reply says.
+
+        Every path that leads to another model call (including a format-error reply) checks the
+        step and token limits first; the ``max_format_errors``-th bad reply in a row ends the episode.
+        """
         if history and history[-1].get("role") == "assistant":
-            return self.parse(str(history[-1].get("content", "")))
+            action = self.parse(str(history[-1].get("content", "")))
+            if action.kind != "format_error":
+                return action
+            errors = format_errors_in_a_row(history) + 1
+            if errors >= self.max_format_errors:
+                return Action("limit", cause=states.CAUSE_FORMAT,
+                              reason=f"format error limit reached ({errors} replies in a row without one action)")
+            return self._limit(history, tokens_used) or action
         last = history[-1] if history else {}
         if last.get("kind") == "observation" and self.submitted(last):
             return Action("submit")
-        errors = format_errors_in_a_row(history)
-        if errors >= self.max_format_errors:
-            return Action("limit", cause=states.CAUSE_FORMAT,
-                          reason=f"format error limit reached ({errors} replies in a row without one action)")
+        return self._limit(history, tokens_used) or Action("model")
+
+    def _limit(self, history: list[dict[str, Any]], tokens_used: int) -> Action | None:
+        """The limit another model call would break, if any."""
         calls = sum(1 for m in history if m.get("role") == "assistant")
         if calls >= self.max_steps:
             return Action("limit", cause=states.CAUSE_AGENT_LIMIT,
@@ -133,11 +144,11 @@ class BashAgent:
         if self.max_tokens is not None and tokens_used >= self.max_tokens:
             return Action("limit", cause=states.CAUSE_AGENT_LIMIT,
                           reason=f"token limit reached ({tokens_used} >= {self.max_tokens})")
-        return Action("model")
+        return None
 
 
 def format_errors_in_a_row(history: list[dict[str, Any]]) -> int:
-    """How many format-error replies end the history, with no good action in between."""
+    """How many format-error replies the history holds since the last good action."""
     n = 0
     for rec in reversed(history):
         if rec.get("role") == "assistant":
