@@ -106,7 +106,7 @@ def bench_megaflow(url: str, samples: int, tmp: Path) -> list[float]:
         wait_for(lambda: len(rt.app.control.ping(timeout=0.5) or []) >= 2, 90, "megaflow workers")
         hops = samples + 20
         spec = {"task_id": "bench-hops", "model": {"backend": "scripted", "replies": ["no command"] * (hops // 2 + 2)},
-                "agent": {"max_steps": hops // 2 + 1}, "eval": {"command": "true"}}
+                "agent": {"max_steps": hops // 2 + 1, "max_format_errors": hops}, "eval": {"command": "true"}}
         engine: EpisodeEngine = rt.engine
         _, ids = engine.create_batch(validate_specs([spec]), "bench")
         ep = engine.load(ids[0])
