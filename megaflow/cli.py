@@ -238,7 +238,7 @@ def report(
     settings = _settings()
     store = open_metadata_store(settings.metadata_url, settings)
     try:
-        path = build_report(store, batch, out)
+        path = build_report(store, batch, out, host_capacity=settings.host_capacity)
     finally:
         store.close()
     console.print(f"report written to {path}")
