@@ -194,6 +194,24 @@ def test_sweep_reclaims_lapsed_and_requeues_never_started(make):
     assert short.placement("X1") is None
 
 
+def test_lapsed_lease_of_a_never_started_episode_puts_it_back_in_the_fifo(make):
+    m = make(lease_s=0.3)
+    m.register_host("dead", capacity=5, images=[], warm={}, disk_free_gb=1)
+    m.enqueue(eps("A1", "A2", "B1"))
+    assert ids(m.admit()) == ["A1", "A2", "B1"]
+    assert m.mark_started("A2")
+    time.sleep(0.4)  # the host died: nobody renews
+    fixed = m.sweep()
+    assert (fixed["requeued"], fixed["leases_reclaimed"]) == (2, 1)  # A1, B1 back; A2 had started
+    assert m.placement("A2") is None and m.queue_length() == 2
+    m.drain_host("dead")
+    m.register_host("alive", capacity=5, images=[], warm={}, disk_free_gb=1)
+    assert [(a.episode_id, a.host) for a in m.admit()] == [("A1", "alive"), ("B1", "alive")]
+    time.sleep(0.4)
+    assert m.renew_host("alive") == 0  # the heartbeat came too late: same repair on that path
+    assert m.queue_length() == 2
+
+
 def test_acquire_three_tiers_all_or_nothing(make):
     m = make(global_limit=3, user_limit=2)
     m.register_host("h1", capacity=1, images=[], warm={}, disk_free_gb=1)

@@ -99,6 +99,20 @@ end
 local function held_live(ep, info)
   return alive(K.global, ep) and alive(ukey(info.user), ep) and alive(hkey(info.host), ep)
 end
+
+-- free an episode; one admitted from the FIFO that never started goes back to its place there
+-- (its host died or never picked it up). Returns 'requeued', 'freed' or nil (held nothing).
+local function requeue_or_drop(ep)
+  local started = not redis.call('ZSCORE', K.admitted, ep)
+  local info = drop(ep)
+  if not info then return nil end
+  if started or not info.seq or info.seq <= 0 then return 'freed' end
+  redis.call('ZADD', qkey(info.user), info.seq, ep)
+  redis.call('HSET', K.queued, ep, cjson.encode({user = info.user, image = info.image,
+    seq = info.seq, t = info.t, requeues = (info.requeues or 0) + 1}))
+  set_head(info.user)
+  return 'requeued'
+end
 """
 
 # Append episodes to the FIFO in order, all or nothing; episodes already queued or held are skipped.
@@ -274,7 +288,7 @@ return 0
 """
 
 # Extend the leases of every episode holding a slot on one host (the env worker's heartbeat);
-# episodes whose lease already lapsed on any tier are freed instead.
+# episodes whose lease already lapsed on any tier are freed instead (re-queued if never started).
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: host  ARGV[3]: lease (ms)
 # Returns the number of episodes renewed.
@@ -289,7 +303,7 @@ for _, ep in ipairs(redis.call('ZRANGE', hkey(h), 0, -1)) do
     n = n + 1
   else
     redis.call('ZREM', hkey(h), ep)
-    if info and info.host == h then drop(ep) end
+    if info and info.host == h then requeue_or_drop(ep) end
   end
 end
 return n
@@ -353,18 +367,21 @@ for i = 2, #ARGV do unpark(ARGV[i]) end
 return 0
 """
 
-# Sweep step: free held episodes whose lease lapsed on any tier.
+# Sweep step: free held episodes whose lease lapsed on any tier; one admitted from the FIFO that
+# never started goes back to its place in the FIFO.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2..]: episode ids to check
-# Returns the number freed.
+# Returns {freed, re-queued}.
 REAP_LUA = PRELUDE + """
-local n = 0
+local freed, requeued = 0, 0
 for i = 2, #ARGV do
   local raw = redis.call('HGET', K.held, ARGV[i])
-  if raw and not held_live(ARGV[i], cjson.decode(raw)) then drop(ARGV[i]); n = n + 1 end
+  if raw and not held_live(ARGV[i], cjson.decode(raw)) then
+    if requeue_or_drop(ARGV[i]) == 'requeued' then requeued = requeued + 1 else freed = freed + 1 end
+  end
 end
 redis.call('ZREMRANGEBYSCORE', K.global, '-inf', now)
-return n
+return {freed, requeued}
 """
 
 # Sweep step: put episodes admitted before a cutoff and never started back at their place in the FIFO.
@@ -376,16 +393,7 @@ local cutoff, n = tonumber(ARGV[2]), 0
 for i = 3, #ARGV do
   local ep = ARGV[i]
   local at = redis.call('ZSCORE', K.admitted, ep)
-  if at and tonumber(at) <= cutoff then
-    local info = drop(ep)
-    if info and info.seq and info.seq > 0 then
-      redis.call('ZADD', qkey(info.user), info.seq, ep)
-      redis.call('HSET', K.queued, ep, cjson.encode({user = info.user, image = info.image,
-        seq = info.seq, t = info.t, requeues = (info.requeues or 0) + 1}))
-      set_head(info.user)
-      n = n + 1
-    end
-  end
+  if at and tonumber(at) <= cutoff and requeue_or_drop(ep) == 'requeued' then n = n + 1 end
 end
 return n
 """

@@ -313,14 +313,15 @@ class ResourceManager:
 
     def sweep(self) -> dict[str, int]:
         """One repair pass: remove dead hosts, free lapsed leases, re-queue admitted episodes that
-        never started, wake parked users whose slots lapsed. Returns counts of what it fixed."""
+        never started (lease lapsed, or not started within ``admit_start_timeout_s``), wake parked
+        users whose slots lapsed. Returns counts of what it fixed."""
         removed = self._remove_stale(args=[self.base, self.host_ttl_ms])
-        reclaimed = 0
+        reclaimed = requeued = 0
         for chunk in _chunks((ep for ep, _ in self.redis.hscan_iter(self._k("held"), count=_BATCH)), _BATCH):
-            reclaimed += int(self._reap(args=[self.base, *chunk]))
+            freed, back = self._reap(args=[self.base, *chunk])
+            reclaimed, requeued = reclaimed + int(freed), requeued + int(back)
         cutoff = self._now_ms() - int(self.settings.admit_start_timeout_s * 1000)
         stale = self.redis.zrangebyscore(self._k("admitted"), "-inf", cutoff)
-        requeued = 0
         for chunk in _chunks(stale, _BATCH):
             requeued += int(self._requeue(args=[self.base, cutoff, *chunk]))
         now = self._now_ms()
