@@ -233,6 +233,7 @@ class ResourceManager:
         """Take one of the host's container-creation slots (cap and optional rate); never waits.
 
         The slot's lease is ``boot_timeout_s + lease_s``: a creator that crashes frees it after that.
+        With ``boot_rate_per_s`` set, a token bucket allows one second's worth (at least one) at once.
         """
         s = self.settings
         rate = s.boot_rate_per_s or 0.0
