@@ -149,6 +149,8 @@ def test_flower_shows_fleet_workers_and_tasks(fleet, tmp_path):
         workers = poll("the fleet's workers in /api/workers",
                        lambda: (w := flower.get("/api/workers?refresh=1").json()) and nodes <= set(w) and w)
         assert "megaflow.agent.step" in workers["agent@test-host"]["registered"]
+        queues = flower.get("/api/queues/length").json()["active_queues"]  # read with the broker's key prefix
+        assert {"model", "agent", "env", "env.env-1", "env.env-2"} <= {q["name"] for q in queues}, queues
 
         def my_tasks():
             tasks = flower.get("/api/tasks").json()
