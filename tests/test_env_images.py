@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 import time
@@ -130,3 +131,19 @@ def test_create_pulls_again_when_the_image_vanished(docker_client, sandbox_image
             docker_client.api.remove_image(tag)
         except Exception:
             pass
+
+
+def test_images_cli_prefetch_queues_a_task_for_other_hosts(settings, redis_client, monkeypatch):
+    from typer.testing import CliRunner
+
+    from megaflow.env_hosts.cli import app
+
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    out = CliRunner().invoke(app, ["prefetch", "img:1", "--hosts", "far-host"])
+    assert out.exit_code == 0, out.output
+    assert out.output.split()[:2] == ["far-host", "queued"]
+    queued = redis_client.lrange(f"{settings.key_prefix}:celery:env.far-host", 0, -1)  # kombu list of the queue
+    assert len(queued) == 1
+    body = json.loads(queued[0])
+    assert body["headers"]["task"] == "megaflow.env.prefetch"

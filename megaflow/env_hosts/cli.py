@@ -78,6 +78,7 @@ def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make pr
     settings = Settings.load()
     targets = [h.strip() for h in hosts.split(",") if h.strip()] or [settings.host_name]
     failed = False
+    sender = None
     for host in targets:
         if host == settings.host_name:
             from megaflow.env_hosts.docker_host import DockerHost
@@ -91,11 +92,11 @@ def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make pr
             finally:
                 client.close()
         else:
-            from celery import Celery
+            from megaflow.celery_app import create_app, env_host_queue
 
-            sender = Celery("megaflow-cli", broker=settings.redis_url)
-            sender.conf.update(task_serializer="json", accept_content=["json"])
-            result = sender.send_task(PREFETCH_TASK, args=[list(images)], queue=f"env.{host}")
+            if sender is None:
+                sender = create_app(settings, register_tasks=False)
+            result = sender.send_task(PREFETCH_TASK, args=[list(images)], queue=env_host_queue(host))
             typer.echo(f"{host}\tqueued\t{result.id}")
     if failed:
         raise typer.Exit(1)
