@@ -271,6 +271,7 @@ def metrics(
 
     import redis as redis_mod
 
+    from megaflow.errors import ConfigError
     from megaflow.keys import Keys
     from megaflow.monitoring.metrics import collect, serve_metrics
 
@@ -283,7 +284,12 @@ def metrics(
             client.close()
         return
     _logging(loglevel)
-    server = serve_metrics(settings, port=port, address=address)
+    try:
+        server = serve_metrics(settings, port=port, address=address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for metrics on port {settings.metrics_port if port is None else port}: "
+                          f"{exc.strerror or exc}; `megaflow up` already serves them from the control service, "
+                          "or pick another with --port / MEGAFLOW_METRICS_PORT") from None
     console.print(f"metrics on http://{server.server_address[0]}:{server.port}/metrics")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

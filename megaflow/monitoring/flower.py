@@ -94,7 +94,11 @@ def run_flower(settings: Settings, *, port: int | None = None, address: str | No
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, _stop)
-    bound = flower_app.start_http_server()
+    try:
+        bound = flower_app.start_http_server()
+    except OSError as exc:
+        raise ConfigError(f"Flower cannot listen on {values['address']}:{values['port']}: {exc.strerror or exc}; "
+                          "pick another port with --port / MEGAFLOW_FLOWER_PORT") from None
     log.info("Flower on http://%s:%s/ (basic auth user %r, state in %s)", values["address"], bound,
              settings.flower_user, values["db"])
     try:
