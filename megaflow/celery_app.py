@@ -42,6 +42,10 @@ def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
             "global_keyprefix": f"{settings.key_prefix}:celery:",
+            # scan for messages of dead workers every 10 s (they are redelivered once older than
+            # the visibility timeout), not every 100 s as kombu's default throttle would
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
         },
         result_backend=None,
         task_ignore_result=True,

@@ -1,0 +1,54 @@
+"""A worker killed with SIGKILL mid-batch loses no episode: its steps are redelivered and finish."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from megaflow import Client, fleet, states
+from megaflow.demo_tasks import demo_specs
+from megaflow.settings import Settings
+
+
+def test_kill_9_agent_and_env_workers_loses_no_episode(redis_server, redis_client, sandbox_image, tmp_path):
+    # short limits so the visibility timeout (the redelivery delay after a crash) is under a minute
+    s = Settings.load(redis_url=redis_server.url, state_dir=str(tmp_path / "state"), host_name="crash-host",
+                      default_image=sandbox_image, command_timeout_s=5, eval_timeout_s=8, model_timeout_s=3,
+                      model_max_retries=0, boot_timeout_s=6, pull_timeout_s=6, visibility_timeout_s=45,
+                      episode_budget_s=120, container_lifetime_s=200, episode_guard_s=300, lease_s=10,
+                      host_ttl_s=10, sweep_interval_s=2, host_capacity=3)
+    fleet.up(s, env_hosts=1, wait_s=120, echo=lambda m: None)
+    try:
+        with Client(s) as client:
+            sub = client.submit(demo_specs("fix")[:6], user="crash")
+            victims = {name: pid for name, pid in fleet.running(s).items() if name in ("agent", "env-1")}
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # kill once episodes are mid-flight
+                views = client.results(sub.batch_id)
+                if sum(v["state"] == states.RUNNING for v in views) >= 2:
+                    break
+                time.sleep(0.2)
+            for pid in victims.values():
+                os.killpg(pid, signal.SIGKILL)
+            time.sleep(1)
+            assert not any(n in fleet.running(s) for n in victims)
+            fleet.up(s, env_hosts=1, wait_s=120, echo=lambda m: None)  # starts what is missing
+            client.wait(sub.batch_id, timeout=240)
+            res = client.results(sub.batch_id)
+            assert [r["state"] for r in res] == [states.SUCCEEDED] * 6, res
+            # containers the killed env worker left behind are reaped once their episodes are over
+            import docker
+
+            d = docker.from_env()
+            deadline = time.monotonic() + 60
+            while True:
+                left = [c for c in d.containers.list(all=True, filters={"label": f"megaflow.fleet={s.fleet_id}"})
+                        if c.labels.get("megaflow.episode")]
+                if not left or time.monotonic() > deadline:
+                    break
+                time.sleep(2)
+            d.close()
+            assert left == [], [c.name for c in left]
+    finally:
+        fleet.down(s, echo=lambda m: None)
