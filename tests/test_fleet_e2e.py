@@ -122,3 +122,16 @@ def test_persistent_mode_episode(fleet, mode):
         client.wait(sub.batch_id, timeout=180)
         res = client.results(sub.batch_id)
         assert [r["state"] for r in res] == [states.SUCCEEDED] * 2 and {r["mode"] for r in res} == {mode}
+
+
+def test_images_prefetch_runs_on_the_named_env_host(fleet):
+    from pathlib import Path
+
+    out = cli(fleet, "images", "prefetch", fleet.default_image, "--hosts", "env-2").stdout
+    assert "env-2" in out and "queued" in out
+    log = Path(fleet.state_dir) / "logs" / "env-2.log"
+    deadline = time.monotonic() + 60
+    while "megaflow.env.prefetch" not in log.read_text() or "'present'" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(1)
+    assert "megaflow.env.prefetch" not in (Path(fleet.state_dir) / "logs" / "env-1.log").read_text()

@@ -40,3 +40,12 @@ def register(app: Celery) -> None:
         if not isinstance(handle, dict) or "container_id" not in handle:
             raise ValueError("handle must be a container handle with container_id")
         return steps.close(runtime.current(), episode_id, handle)
+
+    @app.task(name="megaflow.env.prefetch")
+    def prefetch(images: list) -> dict:
+        """Make images present on this env host (pull or keep), ahead of admissions."""
+        if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+            raise ValueError("images must be a list of image names")
+        from megaflow.env_hosts.cli import prefetch as do_prefetch
+
+        return do_prefetch(runtime.current().env_host, images)
