@@ -27,7 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Child process: argv = redis_url, settings JSON overrides, mode, seed, seconds, log path.
 CHILD = r"""
-import json, random, sys, time
+import json, os, random, sys, time, types
+# megaflow/__init__ imports the client API (Celery and more); these children need only the
+# resource manager, so they skip it and start in a fraction of the time.
+pkg = types.ModuleType("megaflow")
+pkg.__path__ = [os.path.join(os.environ["PYTHONPATH"], "megaflow")]
+sys.modules["megaflow"] = pkg
 import redis
 from megaflow.keys import Keys
 from megaflow.resources import ResourceManager
