@@ -25,12 +25,12 @@ def make_host(docker_client, sandbox_image, settings, redis_client):
     names: list[str] = []
     hosts: list[DockerHost] = []
 
-    def make(**overrides) -> DockerHost:
+    def make(sessions: bool = True, **overrides) -> DockerHost:
         name = f"t-env-{uuid.uuid4().hex[:8]}"
         names.append(name)
         s = settings.model_copy(update={"container_memory": "256m", "container_pids": 64,
                                         "container_cpus": 0.5, **overrides})
-        host = DockerHost(docker_client, s, name=name, redis_client=redis_client)
+        host = DockerHost(docker_client, s, name=name, redis_client=redis_client, sessions=sessions)
         hosts.append(host)
         return host
 
@@ -41,13 +41,13 @@ def make_host(docker_client, sandbox_image, settings, redis_client):
         remove_host_containers(docker_client, name)
 
 
-@pytest.fixture(params=["ephemeral", "persistent"])
+@pytest.fixture(params=["docker-exec", "session"])
 def box(request, make_host):
-    """Factory of (host, handle): a fresh container, or a warm one driven through its exec session."""
+    """Factory of (host, handle): every command through plain `docker exec`, or a warm container's exec session."""
 
     def open_box(episode_id: str, **overrides):
-        if request.param == "ephemeral":
-            host = make_host(**overrides)
+        if request.param == "docker-exec":
+            host = make_host(sessions=False, **overrides)
             return host, host.create(episode_id, host.settings.default_image, labels={})
         host = make_host(env_mode="persistent", warm_pool_size=1, **overrides)
         host.pool.refill()
@@ -59,7 +59,7 @@ def box(request, make_host):
 
 
 def test_lifecycle_labels_and_limits(make_host, docker_client, sandbox_image):
-    host = make_host()
+    host = make_host(sessions=False)
     handle = host.create("ep-1", sandbox_image, labels={"run": "b1", "user": "alice"})
     assert handle["host"] == host.name and handle["mode"] == "ephemeral" and handle["image"] == sandbox_image
     info = docker_client.api.inspect_container(handle["container_id"])
@@ -97,6 +97,22 @@ def test_exec_results_status_workdir_env(box):
     host.close(handle)
     with pytest.raises(ContainerLostError):
         host.execute(handle, "true", timeout=5)
+
+
+def test_ephemeral_container_gets_a_session_after_its_first_exec(make_host):
+    host = make_host()
+    handle = host.create("ep-sess", host.settings.default_image, labels={})
+    parent = "ps -o comm= -p $PPID"  # who started the command's shell
+    assert host.execute(handle, parent, timeout=10).output == "timeout\n"  # plain docker exec
+    deadline = time.monotonic() + 20
+    while handle["container_id"] not in host._sessions:
+        assert time.monotonic() < deadline, "no exec session was opened"
+        time.sleep(0.05)
+    session = host._sessions[handle["container_id"]]
+    assert host.execute(handle, parent, timeout=10).output == "python3\n"  # the session's runner
+    assert not session.broken and host._sessions[handle["container_id"]] is session
+    host.close(handle)
+    assert handle["container_id"] not in host._sessions and session.broken
 
 
 def test_memory_hog_is_killed_and_container_survives(box):

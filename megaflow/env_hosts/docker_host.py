@@ -117,7 +117,8 @@ class DockerHost:
     """
 
     def __init__(self, docker_client, settings, *, name: str, redis_client=None, keys=None,
-                 is_live: Callable[[str], bool] | None = None, warm_images: list[str] | tuple[str, ...] = ()):
+                 is_live: Callable[[str], bool] | None = None, warm_images: list[str] | tuple[str, ...] = (),
+                 sessions: bool = True):
         from megaflow.env_hosts.image_cache import ImageCache
         from megaflow.env_hosts.pool import WarmPool
         from megaflow.keys import Keys
@@ -134,6 +135,8 @@ class DockerHost:
         self._claims: dict[str, dict] = {}  # used when there is no Redis
         self._sessions: dict = {}  # container id -> ExecSession (warm containers; this process only)
         self._sessions_lock = threading.Lock()
+        self._session_tried: set[str] = set()  # containers whose session was (being) opened in the background
+        self.sessions = sessions  # open an exec session after a container's first plain exec
         self.images = ImageCache(docker_client, settings, name, redis_client=redis_client, keys=self.keys)
         self.pool = WarmPool(self, warm_images or ((settings.default_image,) if settings.env_mode == "persistent" else ()))
 
@@ -243,7 +246,10 @@ class DockerHost:
             finally:
                 session.lock.release()
         argv = ["bash", "-c", _WRAPPER, "megaflow-exec", f"{timeout:g}s", "exec 2>&1\n" + command]
-        return self._exec(cid, argv, timeout=timeout, workdir=workdir, env=env)
+        result = self._exec(cid, argv, timeout=timeout, workdir=workdir, env=env)
+        if self.sessions and session is None:
+            self._open_session_async(cid)  # later commands skip `docker exec`
+        return result
 
     def _exec_session(self, session, command: str, *, timeout: float, workdir: str | None,
                       env: dict | None) -> ExecResult | None:
@@ -280,7 +286,7 @@ class DockerHost:
                           timed_out=code in (124, 137) and duration >= timeout * 0.95,
                           duration_s=round(duration, 4), truncated=dropped > 0)
 
-    def _open_session(self, cid: str) -> bool:
+    def _open_session(self, cid: str, *, background: bool = False) -> bool:
         """Start an exec session in ``cid`` (warm containers, off the critical path); False if unavailable."""
         from megaflow.env_hosts.session import ExecSession
 
@@ -288,12 +294,25 @@ class DockerHost:
         if session is None:
             return False
         with self._sessions_lock:
+            if background and cid not in self._session_tried:  # closed while the session was opening
+                session.close()
+                return False
             self._sessions[cid] = session
         return True
+
+    def _open_session_async(self, cid: str) -> None:
+        """Open a session for ``cid`` in the background, once per container (overlaps the agent's next model call)."""
+        with self._sessions_lock:
+            if cid in self._session_tried or cid in self._sessions:
+                return
+            self._session_tried.add(cid)
+        threading.Thread(target=self._open_session, args=(cid,), kwargs={"background": True},
+                         name=f"exec-session-{cid[:12]}", daemon=True).start()
 
     def _drop_session(self, cid: str) -> None:
         with self._sessions_lock:
             session = self._sessions.pop(cid, None)
+            self._session_tried.discard(cid)
         if session is not None:
             session.close()
 
