@@ -1,9 +1,10 @@
 """Exec sessions: a command runner already started inside a warm container, so its first exec costs no `docker exec`.
 
 A plain ``docker exec`` costs tens to hundreds of milliseconds (runc enters the container's
-namespaces and cgroups each time). A warm container gets, off the critical path, one long-lived
-``docker exec -i python3 RUNNER`` whose stdin/stdout stay attached to this process; each command
-is then one JSON line in and one JSON line out. The runner gives every command the plain path's
+namespaces and cgroups each time). A warm container gets, when it boots, one long-lived
+``docker exec -i python3 RUNNER`` whose stdin/stdout stay attached to this process (any other
+container gets one in the background after its first plain exec); each command is then one JSON
+line in and one JSON line out. The runner gives every command the plain path's
 semantics itself, with fewer processes: ``bash -lc`` in its own process group, TERM at the time
 limit and KILL after the grace (exit 124 / 137 like coreutils ``timeout -k``), the group killed
 after the command ends, stderr joined, output capped head+tail. The host tests run on both paths.
