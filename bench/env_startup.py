@@ -6,6 +6,7 @@ Figures (medians over --runs):
   anchor      `docker run --rm --network none IMAGE true` (the docker CLI, end to end)
   ephemeral   DockerHost.create(mode="ephemeral") -> handle ready, and -> first exec (`true`) returned
   persistent  DockerHost.create(mode="persistent") from a full warm pool -> handle ready, and -> first exec returned
+  one command  a later `true` in the same container: plain docker exec vs its exec session
 Goals: ephemeral (to first exec) <= 1.2x anchor; persistent at least 10x faster than ephemeral.
 Containers are removed after each run (not timed); the pool refills between persistent runs (not timed).
 """
@@ -43,6 +44,7 @@ def main() -> None:
     host = DockerHost(client, settings.model_copy(update={"default_image": image}), name=name)
 
     anchor, eph_ready, eph_exec, per_ready, per_exec = [], [], [], [], []
+    plain_cmd, session_cmd = [], []
     try:
         subprocess.run(["docker", "run", "--rm", "--network", "none", image, "true"], check=True)  # warm caches
         for i in range(args.runs):
@@ -54,8 +56,16 @@ def main() -> None:
             t = time.perf_counter()
             handle = host.create(f"bench-e{i}", image, labels={}, mode="ephemeral")
             eph_ready.append(time.perf_counter() - t)
+            t1 = time.perf_counter()
             assert host.execute(handle, "true", timeout=30).exit_code == 0
             eph_exec.append(time.perf_counter() - t)
+            plain_cmd.append(time.perf_counter() - t1)
+            deadline = time.monotonic() + 30  # the background session, not timed
+            while handle["container_id"] not in host._sessions and time.monotonic() < deadline:
+                time.sleep(0.01)
+            t1 = time.perf_counter()
+            assert host.execute(handle, "true", timeout=30).exit_code == 0
+            session_cmd.append(time.perf_counter() - t1)
             host.close(handle)
 
             host.pool.refill(image)
@@ -73,7 +83,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in {
         "anchor": anchor, "eph_ready": eph_ready, "eph_exec": eph_exec,
-        "per_ready": per_ready, "per_exec": per_exec}.items()}
+        "per_ready": per_ready, "per_exec": per_exec, "plain_cmd": plain_cmd, "session_cmd": session_cmd}.items()}
     ms = lambda s: f"{s * 1000:8.1f} ms"  # noqa: E731
     print(f"image {image}, {args.runs} runs, medians")
     print(f"  anchor  docker run --rm IMAGE true           {ms(med['anchor'])}")
@@ -81,6 +91,8 @@ def main() -> None:
     print(f"  ephemeral create -> first exec returned      {ms(med['eph_exec'])}")
     print(f"  persistent acquire -> handle ready           {ms(med['per_ready'])}")
     print(f"  persistent acquire -> first exec returned    {ms(med['per_exec'])}")
+    print(f"  one command `true`: plain docker exec        {ms(med['plain_cmd'])}")
+    print(f"  one command `true`: exec session             {ms(med['session_cmd'])}")
     r1 = med["eph_exec"] / med["anchor"]
     r2 = med["eph_exec"] / med["per_exec"]
     r3 = med["eph_ready"] / med["per_ready"]
