@@ -242,9 +242,14 @@ local glimit, udefault, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(A
 local raw = redis.call('HGET', K.held, ep)
 if raw then
   local info = cjson.decode(raw)
-  if info.host ~= h or info.user ~= u then return 'elsewhere' end
-  if held_live(ep, info) then hold(ep, u, h, lease); return 'ok' end
-  drop(ep)
+  if not held_live(ep, info) then
+    drop(ep)
+  elseif info.host ~= h or info.user ~= u then
+    return 'elsewhere'
+  else
+    hold(ep, u, h, lease)
+    return 'ok'
+  end
 end
 local cap = redis.call('HGET', K.hostcap, h)
 if not cap then return 'unknown_host' end
