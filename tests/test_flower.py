@@ -164,8 +164,8 @@ def test_flower_shows_fleet_workers_and_tasks(fleet, tmp_path):
         assert {t["worker"] for t in mine} <= nodes
         for t in mine:
             assert len(t["args"]) <= 160 and ("step=" in t["args"] or "container=" in t["args"]), t
-            if t["routing_key"].startswith("env."):
-                assert t["args"].endswith(f"host={t['routing_key'][4:]}"), t
+            if t["name"] in ("megaflow.env.exec", "megaflow.env.evaluate"):  # sent to env.<host>, run there
+                assert t["args"].endswith(f"host={t['worker'].split('@', 1)[1]}"), t
         step1 = [t for t in mine if t["name"] == "megaflow.agent.step" and "step=1" in t["args"].split()]
         assert len(step1) == 2
         # Flower's own Prometheus metrics (Celery's view), beside `megaflow metrics` (MegaFlow's state)
