@@ -61,7 +61,15 @@ class Control:
                     log.info("sweep repaired %s", fixed)
             except Exception:
                 log.exception("sweep failed; retrying next period")
-            self.stop.wait(self.rt.settings.sweep_interval_s)
+            # a quota change or an undrained host asks for admission: run it then, not a period later
+            deadline = time.monotonic() + self.rt.settings.sweep_interval_s
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                try:
+                    if self.rt.resources.wait_for_admission_request(min(1.0, self.rt.settings.sweep_interval_s)):
+                        lifecycle.admit(self.rt)
+                except Exception:
+                    log.exception("admission on request failed")
+                    self.stop.wait(1.0)
 
     def run(self) -> None:
         from megaflow.monitoring.metrics import start_for_service

@@ -77,21 +77,20 @@ class Heartbeat(threading.Thread):
         }), ex=int(self.interval * 4) + 1)
         if self.plan.role == "env":
             report = rt.env_host.report()
-            rt.resources.register_host(rt.host, capacity=report.get("capacity", rt.settings.host_capacity),
-                                       images=report.get("images", []), warm=report.get("warm", {}),
-                                       disk_free_gb=report.get("disk_free_gb", 0.0))
+            joined = rt.resources.register_host(
+                rt.host, capacity=report.get("capacity", rt.settings.host_capacity),
+                images=report.get("images", []), warm=report.get("warm", {}),
+                disk_free_gb=report.get("disk_free_gb", 0.0))
             rt.resources.renew_host(rt.host)
+            if joined:  # a host joining (or back after its heartbeat lapsed) is an admission event
+                lifecycle.admit(rt)
 
     def run(self) -> None:
         last_maintain = 0.0
-        joined = False
         while not self.stop.is_set():
             try:
                 self.beat()
                 if self.plan.role == "env":
-                    if not joined:  # a host joining is an admission event
-                        lifecycle.admit(self.rt)
-                        joined = True
                     if time.monotonic() - last_maintain > self.maintain_every:
                         last_maintain = time.monotonic()
                         self.rt.env_host.maintain(is_live=self.is_live)

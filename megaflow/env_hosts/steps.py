@@ -26,7 +26,10 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
     if ep.fields.get("cancel") == "1":
         lifecycle.finish(rt, ep, states.CANCELLED, cause=states.CAUSE_CANCELLED)
         return "cancelled"
-    rt.resources.mark_started(ep.id)
+    if ep.host and ep.host != rt.host:  # re-admitted to another host since this task was sent
+        return "dropped"
+    if not rt.resources.mark_started(ep.id):  # the sweep re-queued it (never started in time): not ours now
+        return "requeued"
     if ep.state != states.ENV_STARTING:
         rt.engine.advance(ep, keep_step=True, state=states.ENV_STARTING, phase="env_starting")
     if not rt.resources.acquire_boot(rt.host, ep.id):
