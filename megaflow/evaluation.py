@@ -207,8 +207,8 @@ def _in_fresh_container(rt, ep, spec, patch: str) -> dict[str, Any]:
     from megaflow.env_hosts.steps import _labels, _setup
 
     image = ep.fields.get("image") or rt.settings.default_image
-    handle = rt.env_host.create(f"{ep.id}-eval", image, labels=_labels(rt, ep), mode="ephemeral",
-                                network=spec.network)
+    # Labelled with the episode's own id: the reaper keeps it while the episode is live.
+    handle = rt.env_host.create(ep.id, image, labels=_labels(rt, ep), mode="ephemeral", network=spec.network)
     try:
         _setup(rt, handle, spec)
         if patch.strip():

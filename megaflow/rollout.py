@@ -143,7 +143,7 @@ class Rollout:
         return specs
 
     def run(self, tasks: Iterable[Any]) -> Iterator[dict[str, Any]]:
-        """Submit, then yield one dict per group as it completes (not in submission order)."""
+        """Submit now (a bad task raises here); return an iterator of groups in completion order."""
         specs = self._specs(tasks)
         k = self.replicas
         payload = [s.model_copy(update={"metadata": {**s.metadata, "group": g, "replica": r}})
@@ -154,8 +154,11 @@ class Rollout:
         groups: dict[int, list[_Slot]] = {}
         for slot in slots.values():
             groups.setdefault(slot.group, []).append(slot)
-        watch: dict[str, set[str]] = {root: set(sub.episode_ids)}
-        seen: dict[str, int] = {root: 0}
+        return self._watch(root, slots, groups, {root: set(sub.episode_ids)})
+
+    def _watch(self, root: str, slots: dict[str, _Slot], groups: dict[int, list[_Slot]],
+               watch: dict[str, set[str]]) -> Iterator[dict[str, Any]]:
+        seen = {bid: 0 for bid in watch}
         r, keys, engine = self.client.rt.redis, self.client.rt.keys, self.client.rt.engine
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while groups:

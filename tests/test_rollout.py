@@ -101,7 +101,8 @@ def test_format_errors_limits_mini_mode_and_fresh_evaluation(fleet, tmp_path):
     assert msgs[3]["content"] == "rc=0" and traj["mini"]["report"]["resolved"]
 
     fresh = traj["fresh"]
-    assert res["fresh"]["state"] == states.SUCCEEDED and fresh["report"]["fresh_container"] is True
+    assert res["fresh"]["state"] == states.SUCCEEDED, json.dumps(fresh["report"], indent=1)[:3000]
+    assert fresh["report"]["fresh_container"] is True
     assert fresh["report"]["patch_successfully_applied"] and fresh["report"]["resolved"]
 
 
