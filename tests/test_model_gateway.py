@@ -304,3 +304,16 @@ def test_error_bodies_of_every_server_shape_are_read():
     assert _error_message(legacy)[0].startswith("This model's maximum context length")
     assert _error_message(openai) == ("too long", "context_length_exceeded")
     assert _error_message(text) == ("<html>bad gateway</html>", "")
+
+
+def test_redis_outage_is_a_retryable_model_error(settings, two_servers):
+    import redis
+
+    from conftest import free_port
+
+    a, _ = two_servers
+    dead_redis = redis.Redis(port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    backend = load_backend("openai", settings.model_copy(update={"model_endpoints": [a.base_url]}), dead_redis)
+    with pytest.raises(ModelUnavailableError, match="Redis unreachable") as info:
+        ask(backend)
+    assert isinstance(info.value, RetryableError)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import redis
 
 from megaflow.errors import ContextLengthError, ModelError, ModelUnavailableError, SpecError
 from megaflow.keys import Keys
@@ -205,7 +206,10 @@ class OpenAIBackend:
         attempts = 0
         for attempt in range(s.model_max_retries + 1):
             retry_after = None
-            lease = pool.acquire(request.session_id, deadline)
+            try:
+                lease = pool.acquire(request.session_id, deadline)
+            except redis.RedisError as exc:  # no slot can be taken: retry the step later
+                raise ModelUnavailableError(f"Redis unreachable while choosing a model endpoint: {exc}") from exc
             attempts += 1
             try:
                 timeout = max(0.1, min(s.model_timeout_s, deadline - time.monotonic()))

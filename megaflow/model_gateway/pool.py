@@ -25,6 +25,7 @@ Keys (all under ``keys.model(...)``):
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -32,6 +33,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from megaflow.errors import ModelUnavailableError
 from megaflow.keys import Keys
@@ -65,6 +68,9 @@ if n >= tonumber(ARGV[2]) then
 end
 return 0
 """
+
+
+log = logging.getLogger(__name__)
 
 
 def _text(value: Any) -> str:
@@ -178,19 +184,31 @@ class EndpointPool:
             pause = min(pause * 2, 0.05 if healthy else 0.5)
 
     def release(self, lease: Lease) -> None:
-        self.semaphore(lease.endpoint).release(lease.holder)
+        """Give the slot back (if Redis is unreachable the lease lapses by itself)."""
+        try:
+            self.semaphore(lease.endpoint).release(lease.holder)
+        except redis.RedisError as exc:
+            log.warning("could not release a slot of %s (%s); its lease will lapse", lease.endpoint, exc)
         with self._freed:
             self._freed.notify()
 
     # --- health -----------------------------------------------------------------------------------
     def succeeded(self, endpoint: str) -> None:
-        """The endpoint answered: its run of failures ends."""
-        self.redis.hdel(self.keys.model("fails", self.model_name), endpoint)
+        """The endpoint answered: its run of failures ends (best effort)."""
+        try:
+            self.redis.hdel(self.keys.model("fails", self.model_name), endpoint)
+        except redis.RedisError as exc:
+            log.warning("could not record a success of %s: %s", endpoint, exc)
 
     def failed(self, endpoint: str) -> bool:
-        """Count a failure; True when the endpoint has just been (or stays) taken out."""
-        return bool(self._fail(keys=[self.keys.model("fails", self.model_name), self.keys.model("down", self.model_name)],
-                               args=[endpoint, self.unhealthy_after, self.cooldown_ms]))
+        """Count a failure (best effort); True when the endpoint has just been (or stays) taken out."""
+        try:
+            return bool(self._fail(keys=[self.keys.model("fails", self.model_name),
+                                         self.keys.model("down", self.model_name)],
+                                   args=[endpoint, self.unhealthy_after, self.cooldown_ms]))
+        except redis.RedisError as exc:
+            log.warning("could not record a failure of %s: %s", endpoint, exc)
+            return False
 
     def _probe(self, endpoint: str) -> bool:
         """Probe a cooled-down endpoint (one caller at a time); True if it is back in."""
