@@ -205,7 +205,7 @@ class DockerHost:
         api = self._boot_client()
         cid = None
         try:
-            with docker_errors(f"boot of {image} on {self.name}"):
+            with docker_errors(f"boot of {image} on {self.name}", missing=InfraError):
                 host_config = api.create_host_config(
                     nano_cpus=int(s.container_cpus * 1e9), mem_limit=s.container_memory,
                     memswap_limit=s.container_memory, pids_limit=s.container_pids,

@@ -16,8 +16,11 @@ class ImageMissingError(InfraError):
 
 
 @contextmanager
-def docker_errors(what: str):
-    """Re-raise Docker SDK / connection errors from the block as InfraError or RetryableInfraError."""
+def docker_errors(what: str, *, missing: type[InfraError] = ContainerLostError):
+    """Re-raise Docker SDK / connection errors from the block as InfraError or RetryableInfraError.
+
+    A 404 becomes ``missing`` (by default ContainerLostError: the block addressed a container).
+    """
     import docker.errors
     import requests.exceptions
 
@@ -26,7 +29,7 @@ def docker_errors(what: str):
     except (InfraError,):
         raise
     except docker.errors.NotFound as exc:
-        raise ContainerLostError(f"{what}: not found ({exc.explanation or exc})") from exc
+        raise missing(f"{what}: not found ({exc.explanation or exc})") from exc
     except docker.errors.APIError as exc:
         msg = exc.explanation or str(exc)
         if exc.status_code == 409 and "is not running" in str(msg):
