@@ -7,6 +7,14 @@ Every command runs under a time limit enforced inside the container (coreutils `
 on the plain ``docker exec`` path, the runner itself on a warm container's exec session, see
 session.py), everything it started is killed when it ends, and its output is capped (head and
 tail kept).
+
+Time limits line up (all in settings): ``command_timeout_s`` / ``eval_timeout_s`` per command,
+inside the container < ``episode_budget_s`` (the agent's, kept by the engine) <
+``container_lifetime_s`` (the dead-man's switch; the lease label lapses 60 s later and the
+reaper removes the container) < ``episode_guard_s`` (the engine's sweep). A warm container
+lives ``warm_idle_s + container_lifetime_s`` and is replaced after ``warm_idle_s`` idle, so the
+one handed out always has a full lifetime left. ``pull_timeout_s`` bounds a pull and
+``boot_timeout_s`` a create + start (and the wait for one of ``boot_concurrency`` boot slots).
 """
 
 from __future__ import annotations
