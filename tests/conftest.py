@@ -150,7 +150,8 @@ def fleet(fleet_redis, sandbox_image, tmp_path_factory):
 
     settings = Settings.load(redis_url=fleet_redis.url, state_dir=str(tmp_path_factory.mktemp("fleet-state")),
                              host_name="test-host", host_capacity=4, boot_concurrency=2,
-                             sweep_interval_s=2.0, lease_s=10.0, host_ttl_s=10.0, default_image=sandbox_image)
+                             sweep_interval_s=2.0, lease_s=10.0, host_ttl_s=10.0, default_image=sandbox_image,
+                             metrics_port=0)
     try:
         fleet_mod.up(settings, env_hosts=2, wait_s=120, echo=lambda m: None)
     except Exception:

@@ -17,7 +17,7 @@ def test_kill_9_agent_and_env_workers_loses_no_episode(redis_server, redis_clien
                       default_image=sandbox_image, command_timeout_s=5, eval_timeout_s=8, model_timeout_s=3,
                       model_max_retries=0, boot_timeout_s=6, pull_timeout_s=6, visibility_timeout_s=45,
                       episode_budget_s=120, container_lifetime_s=200, episode_guard_s=300, lease_s=10,
-                      host_ttl_s=10, sweep_interval_s=2, host_capacity=3)
+                      host_ttl_s=10, sweep_interval_s=2, host_capacity=3, metrics_port=0)
     fleet.up(s, env_hosts=1, wait_s=120, echo=lambda m: None)
     try:
         with Client(s) as client:
