@@ -27,7 +27,8 @@ SWEBENCH_WORKDIR = "/testbed"
 UNITTEST_CMD = "python3 -m unittest -v"
 # SWE-bench eval images keep the repo's environment in conda env "testbed"; repos whose tests
 # do not run under pytest (django, sympy, ...) need an instance-level test_cmd.
-SWEBENCH_TEST_CMD = "if [ -f /opt/miniconda3/bin/activate ]; then . /opt/miniconda3/bin/activate testbed; fi; pytest -rA"
+SWEBENCH_TEST_CMD = ("if [ -f /opt/miniconda3/bin/activate ]; then . /opt/miniconda3/bin/activate testbed; fi; "
+                     "pytest -rA")
 BASE_SETUP = "git init -q && git add -A && git -c user.email=base@megaflow -c user.name=base commit -qm base"
 
 

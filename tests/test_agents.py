@@ -22,8 +22,11 @@ MINI_V1 = textwrap.dedent("""\
       instance_template: |
         Please solve this issue: {{task}}
         Finish with `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`.
-      action_observation_template: "<returncode>{{output.returncode}}</returncode>\\n<output>\\n{{output.output}}</output>"
-      format_error_template: "Please always provide EXACTLY ONE action in triple backticks, found {{actions|length}} actions."
+      action_observation_template: |-
+        <returncode>{{output.returncode}}</returncode>
+        <output>
+        {{output.output}}</output>
+      format_error_template: "Please always provide EXACTLY ONE action in triple backticks, found {{actions|length}}."
       timeout_template: "Timed out: {{action['action']}} / {{output}}"
       step_limit: 7
       cost_limit: 3.0
@@ -86,7 +89,8 @@ def test_observation_templates():
 
 def test_limits_name_their_cause():
     a = agent(max_steps=2, max_format_errors=2)
-    turn = [{"role": "assistant", "content": "```bash\nls\n```"}, {"role": "user", "content": "o", "kind": "observation"}]
+    turn = [{"role": "assistant", "content": "```bash\nls\n```"},
+            {"role": "user", "content": "o", "kind": "observation"}]
     act = a.decide([{"role": "user", "content": "task"}] + turn * 2)
     assert (act.kind, act.cause) == ("limit", states.CAUSE_AGENT_LIMIT) and "step limit" in act.reason
     bad = {"role": "assistant", "content": "?"}
@@ -128,19 +132,20 @@ def test_mini_v1_config_maps_onto_the_spec(tmp_path):
     assert (act.kind, act.command) == ("exec", "ls -la")
     bad = a.decide([{"role": "assistant", "content": "no action here"}])
     assert bad.kind == "format_error"
-    assert bad.message == "Please always provide EXACTLY ONE action in triple backticks, found 0 actions."
+    assert bad.message == "Please always provide EXACTLY ONE action in triple backticks, found 0."
     assert a.observation(1, "err", False) == "<returncode>1</returncode>\n<output>\nerr</output>"
     assert a.observation(None, "part", True, "sleep 99") == "Timed out: sleep 99 / part"
 
 
 def test_mini_submits_when_the_output_starts_with_the_marker():
     a = make_agent(AgentSpec(type="mini"))
-    obs = {"role": "user", "kind": "observation", "content": "...", "output": "\nCOMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT\ndiff"}
+    obs = {"role": "user", "kind": "observation", "content": "...",
+           "output_head": "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT\ndiff"}
     history = [{"role": "assistant", "content": "```bash\necho COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT\n```"}, obs]
     assert a.decide(history).kind == "submit"
-    old = dict(obs, output="MINI_SWE_AGENT_FINAL_OUTPUT")
+    old = dict(obs, output_head="MINI_SWE_AGENT_FINAL_OUTPUT")
     assert a.decide(history[:1] + [old]).kind == "submit"
-    not_first = dict(obs, output="hello\nCOMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT")
+    not_first = dict(obs, output_head="hello\nCOMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT")
     assert a.decide(history[:1] + [not_first]).kind == "model"
     # the submit word of the bash agent means nothing to a mini agent
     assert a.decide([{"role": "assistant", "content": "MEGAFLOW_SUBMIT"}]).kind == "format_error"
@@ -174,7 +179,7 @@ def test_trajectory_steps_pair_replies_with_actions():
         {"role": "system", "content": "s", "t": 1.0}, {"role": "user", "content": "u", "t": 1.0},
         {"role": "assistant", "content": "```bash\nls\n```", "prompt_tokens": 5, "completion_tokens": 2,
          "latency_s": 0.1, "token_ids": [1, 2], "t": 2.0},
-        {"role": "user", "kind": "observation", "command": "ls", "exit_code": 0, "output": "a", "duration_s": 0.2,
+        {"role": "user", "kind": "observation", "command": "ls", "exit_code": 0, "output_head": "a", "duration_s": 0.2,
          "content": "Exit code: 0", "t": 2.5},
         {"role": "assistant", "content": "hmm", "prompt_tokens": 9, "completion_tokens": 1, "t": 3.0},
         {"role": "user", "kind": "format_error", "content": "one block please", "t": 3.1},

@@ -12,7 +12,8 @@ from megaflow.errors import SpecError
 from megaflow.spec import validate_specs
 
 REAL = {  # the shape of a SWE-bench (Verified) row, as exported from the Hugging Face hub
-    "instance_id": "astropy__astropy-12907", "repo": "astropy/astropy", "base_commit": "d16bfe05a744909de4b27f5875fe0d4ed41ce607",
+    "instance_id": "astropy__astropy-12907", "repo": "astropy/astropy",
+    "base_commit": "d16bfe05a744909de4b27f5875fe0d4ed41ce607",
     "problem_statement": "Modeling's `separability_matrix` does not compute separability correctly for nested models",
     "patch": "diff --git a/astropy/modeling/separable.py b/astropy/modeling/separable.py\n",
     "test_patch": "diff --git a/astropy/modeling/tests/test_separable.py b/astropy/modeling/tests/test_separable.py\n",

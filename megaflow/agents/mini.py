@@ -30,7 +30,8 @@ INSTANCE_TEMPLATE = (
     "When you are done, run `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT` on its own."
 )
 OBSERVATION_TEMPLATE = "<returncode>{{output.returncode}}</returncode>\n<output>\n{{output.output}}\n</output>"
-FORMAT_ERROR_TEMPLATE = "Please always provide EXACTLY ONE action in triple backticks, found {{actions|length}} actions."
+FORMAT_ERROR_TEMPLATE = ("Please always provide EXACTLY ONE action in triple backticks, "
+                         "found {{actions|length}} actions.")
 TIMEOUT_TEMPLATE = (
     "The last command <command>{{action['action']}}</command> timed out and has been killed.\n"
     "The output of the command was:\n<output>\n{{output}}\n</output>\n"
@@ -144,5 +145,5 @@ class MiniAgent(BashAgent):
         return self._one_action(reply)
 
     def submitted(self, record: dict[str, Any]) -> bool:
-        lines = str(record.get("output") or "").lstrip().splitlines()
+        lines = str(record.get("output_head") or "").splitlines()
         return bool(lines) and lines[0].strip() in SUBMIT_MARKERS

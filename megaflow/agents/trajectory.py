@@ -27,7 +27,7 @@ def trajectory_steps(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "observation":
             steps[-1]["action"] = {"type": "exec", "command": rec.get("command", "")}
             steps[-1]["observation"] = {"exit_code": rec.get("exit_code"), "timed_out": rec.get("timed_out"),
-                                        "duration_s": rec.get("duration_s"), "output": rec.get("output"),
+                                        "duration_s": rec.get("duration_s"),
                                         "message": rec.get("content", ""), "t": rec.get("t")}
         elif kind == "format_error":
             steps[-1]["action"] = {"type": "format_error"}

@@ -102,7 +102,7 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     text = make_agent(spec.agent, rt.settings).observation(res.exit_code, res.output, res.timed_out, command)
     record = {"role": "user", "content": text, "kind": "observation", "exit_code": res.exit_code,
               "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4), "command": command,
-              "output": res.output}
+              "output_head": res.output.lstrip()[:256]}  # for submit checks; content shows the output
     rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
     return "ok"
 
@@ -136,9 +136,9 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
         return "failed"
     if report is not None:
         reward = 1.0 if report["resolved"] else 0.0
-        record = {"role": "evaluation", "content": report.get("log_tail", ""), "exit_code": report.get("test_exit_code"),
-                  "timed_out": bool(report.get("test_timed_out")), "duration_s": report["duration_s"],
-                  "report": {k: v for k, v in report.items() if k != "log_tail"}}
+        record = {"role": "evaluation", "content": report.get("log_tail", ""),
+                  "exit_code": report.get("test_exit_code"), "timed_out": bool(report.get("test_timed_out")),
+                  "duration_s": report["duration_s"], "report": {k: v for k, v in report.items() if k != "log_tail"}}
         fields = {"eval_exit_code": str(report.get("test_exit_code")), "report": record["report"]}
     else:
         reward = 1.0 if (res.exit_code == 0 and not res.timed_out) else 0.0
