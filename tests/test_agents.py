@@ -192,3 +192,17 @@ def test_trajectory_steps_pair_replies_with_actions():
     assert steps[0]["wall_s"] == 1.0 and steps[1]["observation"]["message"] == "one block please"
     tokens = token_data(history)
     assert (tokens["prompt_tokens"], tokens["completion_tokens"], len(tokens["turns"])) == (26, 4, 3)
+
+
+def test_configs_shipped_with_an_installed_mini_swe_agent_are_found_by_name(tmp_path, monkeypatch):
+    """mini-swe-agent stays optional: only its YAML files are read, found next to its package."""
+    pkg = tmp_path / "minisweagent"
+    (pkg / "config" / "extra").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config" / "extra" / "swebench.yaml").write_text(MINI_V1)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "minisweagent", raising=False)
+    assert load_mini_config("swebench").agent["max_steps"] == 7
+    assert load_mini_config("extra/swebench.yaml").workdir == "/testbed"
+    with pytest.raises(SpecError, match="nor a config shipped with mini-swe-agent"):
+        load_mini_config("nonexistent")

@@ -11,13 +11,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from megaflow import Client, states
-from megaflow.demo_tasks import demo_specs, fix_replies, instances, noop_replies, task_spec
 from megaflow.agents.bash import FORMAT_ERROR
+from megaflow.demo_tasks import demo_specs, fix_replies, instances, noop_replies, task_spec
 from megaflow.spec import SUBMIT_WORD
+from megaflow.stores import open_metadata_store
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -31,6 +33,21 @@ def megaflow(settings, *args: str) -> subprocess.CompletedProcess:
                           timeout=200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def wait_records(settings, batch_id: str, n: int, timeout: float = 30.0) -> list[dict]:
+    """The batch's task documents once the recorder has written all of them as terminal."""
+    store = open_metadata_store(settings.metadata_url, settings)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            docs = store.find_tasks(batch_id=batch_id)
+            if len(docs) == n and all(d["state"] in states.TERMINAL and d.get("artifact_uri") for d in docs):
+                return docs
+            assert time.monotonic() < deadline, f"only {len(docs)} of {n} records after {timeout}s"
+            time.sleep(0.3)
+    finally:
+        store.close()
 
 
 def by_task(results: list[dict]) -> dict[str, dict]:
@@ -108,6 +125,14 @@ def test_format_errors_limits_mini_mode_and_fresh_evaluation(fleet, tmp_path):
     msgs = traj["mini"]["messages"]
     assert msgs[0]["content"] == "sys" and msgs[1]["content"].startswith("Task: calc.add")
     assert msgs[3]["content"] == "rc=0" and traj["mini"]["report"]["resolved"]
+
+    # the task records (metadata store, via the recorder) carry the cause and link the trajectory
+    docs = wait_records(fleet, sub.batch_id, len(specs))
+    for doc in docs:
+        r = res[doc["task_id"]]
+        assert (doc["state"], doc.get("cause")) == (r["state"], r["cause"])
+        assert doc["artifact_uri"] == r["artifact_uri"] and doc["artifact_uri"].startswith("file://")
+    assert {d["task_id"]: d.get("resolved") for d in docs}["mini"] is True
 
     fresh = traj["fresh"]
     assert res["fresh"]["state"] == states.SUCCEEDED, json.dumps(fresh["report"], indent=1)[:3000]

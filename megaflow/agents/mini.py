@@ -61,7 +61,10 @@ def load_mini_config(source: str | Path | dict[str, Any]) -> MiniConfig:
 
         path = Path(source)
         if not path.exists():
-            raise SpecError(f"agent config {path}: no such file")
+            path = _packaged_config(str(source)) or path
+        if not path.exists():
+            raise SpecError(f"agent config {source}: no such file (nor a config shipped with mini-swe-agent, "
+                            "if installed)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -107,6 +110,21 @@ def load_mini_config(source: str | Path | dict[str, Any]) -> MiniConfig:
     workdir = env_in.pop("cwd", None) or None
     ignored += [f"environment.{k}" for k in env_in]
     return MiniConfig(agent=agent, model=model, workdir=workdir, ignored=sorted(ignored))
+
+
+def _packaged_config(name: str) -> Path | None:
+    """A config shipped with mini-swe-agent (e.g. ``swebench`` or ``extra/swebench.yaml``), when installed."""
+    try:
+        import minisweagent  # optional: only its YAML files are read
+    except ImportError:
+        return None
+    base = Path(minisweagent.__file__).parent / "config"
+    for folder in ("", "extra", "benchmarks"):
+        for candidate in (name, f"{name}.yaml"):
+            path = base / folder / candidate
+            if path.is_file():
+                return path
+    return None
 
 
 class MiniAgent(BashAgent):
