@@ -219,7 +219,8 @@ def resume(
         res = client.resume(batch)
         console.print(f"batch {batch}: {len(res.resubmitted)} infra failures re-run"
                       + (f" as batch {res.rerun_batch}" if res.rerun_batch else "")
-                      + f"; {res.skipped_finished} finished (skipped), {res.still_running} still running")
+                      + f"; {res.skipped_finished} finished (skipped), {res.still_running} still running"
+                      + (f", {res.missing} expired" if res.missing else ""))
         if wait and res.rerun_batch:
             client.wait(res.rerun_batch)
         if wait:

@@ -127,10 +127,16 @@ def _sh(rt, handle: dict, command: str, workdir: str, timeout: float | None = No
     return rt.env_host.execute(handle, command, timeout=timeout or rt.settings.command_timeout_s, workdir=workdir)
 
 
-def capture_patch(rt, handle: dict, workdir: str) -> str:
-    """The agent's changes as a git diff against HEAD (new files included, byte code left out)."""
+def base_ref(spec) -> str:
+    """The commit the agent started from: the instance's base_commit when it names one, else HEAD."""
+    commit = str(spec.metadata.get("base_commit") or "")
+    return commit if re.fullmatch(r"[0-9a-f]{7,40}", commit) else "HEAD"
+
+
+def capture_patch(rt, handle: dict, workdir: str, base: str = "HEAD") -> str:
+    """The agent's changes as a git diff against ``base`` (new files included, byte code left out)."""
     res = _sh(rt, handle, f"mkdir -p {SCRATCH} && git add -A -- . ':(exclude)*.pyc' "
-                          f">/dev/null 2>&1; git diff --cached --binary --no-color HEAD > {MODEL_PATCH}", workdir)
+                          f">/dev/null 2>&1; git diff --cached --binary --no-color {base} > {MODEL_PATCH}", workdir)
     if res.exit_code != 0:
         return ""
     try:
@@ -147,11 +153,12 @@ def _apply(rt, handle: dict, path: str, workdir: str) -> tuple[bool, str]:
 def run_tests(rt, handle: dict, spec, workdir: str) -> dict[str, Any]:
     """Reset the test files, apply the test patch, run the listed tests and grade them."""
     ev = spec.eval
+    base = base_ref(spec)
     out: dict[str, Any] = {"test_patch_applied": True}
     _sh(rt, handle, f"mkdir -p {SCRATCH}", workdir)
     if ev.test_patch:
         resets = " ; ".join(
-            f"if git cat-file -e HEAD:{shlex.quote(f)} 2>/dev/null; then git checkout -q HEAD -- {shlex.quote(f)}; "
+            f"if git cat-file -e {base}:{shlex.quote(f)} 2>/dev/null; then git checkout -q {base} -- {shlex.quote(f)}; "
             f"else rm -f {shlex.quote(f)}; fi" for f in patch_files(ev.test_patch))
         if resets:
             _sh(rt, handle, resets, workdir)
@@ -187,7 +194,7 @@ def evaluate_instance(rt, ep, handle: dict) -> dict[str, Any]:
     """
     spec = ep.spec
     started = time.monotonic()
-    patch = capture_patch(rt, handle, spec.workdir)
+    patch = capture_patch(rt, handle, spec.workdir, base_ref(spec))
     report: dict[str, Any] = {"instance_id": spec.task_id, "fresh_container": spec.eval.fresh_container,
                               "patch_exists": bool(patch.strip()), "patch_successfully_applied": True}
     try:

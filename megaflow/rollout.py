@@ -67,6 +67,7 @@ class ResumeResult:
     resubmitted: dict[str, str] = field(default_factory=dict)  # original episode id -> new episode id
     skipped_finished: int = 0
     still_running: int = 0
+    missing: int = 0  # expired from Redis (older than the episode TTL): cannot be re-run from here
 
 
 def resume(client, batch_id: str) -> ResumeResult:
@@ -77,7 +78,9 @@ def resume(client, batch_id: str) -> ResumeResult:
     infra: list[str] = []
     for orig, eid in latest.items():
         v = views.get(eid)
-        if v is None or v["state"] not in states.TERMINAL:
+        if v is None:
+            out.missing += 1
+        elif v["state"] not in states.TERMINAL:
             out.still_running += 1
         elif is_infra_failure(v):
             infra.append(orig)
