@@ -200,7 +200,7 @@ class DockerHost:
         return self._boot_api
 
     def _boot(self, image: str, labels: dict[str, str], *, lifetime: float, network: bool,
-              name: str) -> tuple[str, str, float]:
+              name: str, auto_remove: bool = False) -> tuple[str, str, float]:
         """Create and start one container within the boot deadline; returns (id, name, lease expiry)."""
         s = self.settings
         expiry = time.time() + lifetime + LEASE_MARGIN_S
@@ -218,6 +218,7 @@ class DockerHost:
                     nano_cpus=int(s.container_cpus * 1e9), mem_limit=s.container_memory,
                     memswap_limit=s.container_memory, pids_limit=s.container_pids,
                     network_mode="bridge" if network else "none", privileged=False, init=True,
+                    auto_remove=auto_remove,
                     security_opt=["no-new-privileges"], cap_drop=["NET_RAW", "MKNOD", "AUDIT_WRITE"],
                 )
                 cid = api.create_container(image, ["sleep", str(int(lifetime))], name=name, labels=labels,

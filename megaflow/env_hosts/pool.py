@@ -72,7 +72,7 @@ class WarmPool:
             if entry is None:
                 return None
             try:
-                if self._alive(entry, min_left):
+                if self._alive(entry, min_left, claim=True):
                     expiry = time.time() + self.settings.container_lifetime_s + 60
                     self.host._record_claim(entry.container_id, {"episode_id": episode_id, "lease_expiry": expiry,
                                                                  "labels": labels})
@@ -84,22 +84,24 @@ class WarmPool:
                 with self._lock:
                     self._taking.discard(entry.container_id)
 
-    def _alive(self, entry: WarmEntry, min_left: float) -> bool:
+    def _alive(self, entry: WarmEntry, min_left: float, *, claim: bool = False) -> bool:
         """Liveness check: the container runs and has at least ``min_left`` seconds of lifetime left.
 
         With an exec session, a ping round trip through the runner (about a millisecond); without,
-        Docker's view of the container state.
+        Docker's view of the container state. ``claim`` also unbinds the runner from this process.
         """
         if entry.started + self.settings.warm_idle_s + self.settings.container_lifetime_s - time.time() < min_left:
             return False
         session = self.host._sessions.get(entry.container_id)
-        if session is not None and session.lock.acquire(blocking=False):
+        if session is not None:  # a warm container whose runner does not answer is not handed out
+            if not session.lock.acquire(timeout=2.0):
+                return False
             try:
-                if session.ping():  # the runner answered: the container runs commands right now
-                    return True
+                # the runner answered: the container runs commands right now (and, when handed
+                # out, no longer stops itself if this process dies: the reaper decides then)
+                return session.ping(bind=False if claim else None)
             finally:
                 session.lock.release()
-            self.host._drop_session(entry.container_id)  # maybe only the runner died: ask Docker
         try:
             state = self.host.client.api.inspect_container(entry.container_id)["State"]
         except Exception:
@@ -112,8 +114,14 @@ class WarmPool:
         lifetime = self.settings.warm_idle_s + self.settings.container_lifetime_s
         labels = {L.EPISODE: "", L.MODE: "persistent", L.POOL_OWNER: self.host.instance_id}
         cid, name, expiry = self.host._boot(image, labels, lifetime=lifetime, network=False,
-                                            name=_container_name(self.host.name, "warm"))
-        self.host._open_session(cid)  # first exec then skips `docker exec` (falls back if unavailable)
+                                            name=_container_name(self.host.name, "warm"), auto_remove=True)
+        # The first exec then skips `docker exec` (falls back if unavailable), and the container
+        # stops (and is auto-removed) as soon as this process dies, even by SIGKILL.
+        if self.host._open_session(cid):
+            session = self.host._sessions.get(cid)
+            if session is not None:
+                with session.lock:
+                    session.ping(bind=True)
         return WarmEntry(cid, name, image, time.time(), expiry)
 
     def refill(self, image: str | None = None) -> int:

@@ -29,9 +29,12 @@ def killpg(pid, sig):
         os.killpg(pid, sig)
     except OSError:
         pass
+bound = False  # bound to its owner: when the owner's stream ends, stop the container (warm pool)
 for line in sys.stdin:
     req = json.loads(line)
-    if req.get("ping"):
+    if "bind" in req:
+        bound = bool(req["bind"])
+    if req.get("ping") or "bind" in req:
         out.write('{"pong": 1}\n'); out.flush(); continue
     cap = int(req["cap"]); head_cap = cap // 2; tail_cap = cap - head_cap
     head = bytearray(); tail = bytearray(); dropped = 0
@@ -80,6 +83,8 @@ for line in sys.stdin:
     out.write(json.dumps({"exit_code": rc, "head": head.decode("utf-8", "replace"),
                           "tail": tail.decode("utf-8", "replace"), "dropped": dropped}) + "\n")
     out.flush()
+if bound:
+    os.kill(1, signal.SIGTERM)  # docker-init passes it on to `sleep`: the container ends
 """
 
 
@@ -127,12 +132,16 @@ class ExecSession:
             return False
         return not ready
 
-    def ping(self, timeout: float = 2.0) -> bool:
-        """Round trip to the runner: proves the container runs commands right now (a liveness check)."""
+    def ping(self, timeout: float = 2.0, *, bind: bool | None = None) -> bool:
+        """Round trip to the runner: proves the container runs commands right now (a liveness check).
+
+        ``bind=True`` makes the runner stop its container when this stream ends (the owning process
+        died: an unclaimed warm container must not outlive its pool); ``bind=False`` undoes it.
+        """
         if self.broken or not self.idle_ok():
             return False
         try:
-            self._send({"ping": 1})
+            self._send({"ping": 1} if bind is None else {"bind": bind})
             return (self._recv(time.monotonic() + timeout) or {}).get("pong") == 1
         except SessionBroken:
             return False
