@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import redis
 
@@ -125,12 +125,13 @@ class Client:
 
     def rollout(self, tasks: Iterable[Any], *, replicas: int = 1, policy_version: str | None = None,
                 user: str = "rollout", max_infra_retries: int = 2, timeout: float | None = None,
-                trajectories: bool = True) -> Iterator[dict[str, Any]]:
-        """Run every task ``replicas`` times; yield each group (rewards, trajectories, token data) once done.
+                trajectories: bool = True):
+        """Run every task ``replicas`` times; iterate over the groups (rewards, trajectories, token data).
 
-        Tasks are TaskSpec dicts or SWE-bench instances. Infra failures are retried as new episodes
-        up to ``max_infra_retries`` times; a group still holding one is yielded with ``masked: true``.
-        See megaflow.rollout.
+        Tasks are TaskSpec dicts or SWE-bench instances. Submits at once and returns a RolloutRun
+        (its ``batch_id`` names the batch) that yields each group as soon as all its replicas are
+        final. Infra failures are retried as new episodes up to ``max_infra_retries`` times; a group
+        still holding one comes with ``masked: true``. See megaflow.rollout.
         """
         from megaflow.rollout import Rollout
 

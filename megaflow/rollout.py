@@ -108,6 +108,20 @@ def final_results(client, batch_id: str) -> list[dict[str, Any]]:
     return out
 
 
+class RolloutRun:
+    """The groups of a submitted rollout, in completion order; ``batch_id`` is known at once."""
+
+    def __init__(self, batch_id: str, groups: Iterator[dict[str, Any]]):
+        self.batch_id = batch_id
+        self._groups = groups
+
+    def __iter__(self) -> "RolloutRun":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._groups)
+
+
 @dataclass
 class _Slot:
     group: int
@@ -145,7 +159,7 @@ class Rollout:
             specs = [s.model_copy(update={"policy_version": self.policy_version}) for s in specs]
         return specs
 
-    def run(self, tasks: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    def run(self, tasks: Iterable[Any]) -> "RolloutRun":
         """Submit now (a bad task raises here); return an iterator of groups in completion order."""
         specs = self._specs(tasks)
         k = self.replicas
@@ -157,7 +171,7 @@ class Rollout:
         groups: dict[int, list[_Slot]] = {}
         for slot in slots.values():
             groups.setdefault(slot.group, []).append(slot)
-        return self._watch(root, slots, groups, {root: set(sub.episode_ids)})
+        return RolloutRun(root, self._watch(root, slots, groups, {root: set(sub.episode_ids)}))
 
     def _watch(self, root: str, slots: dict[str, _Slot], groups: dict[int, list[_Slot]],
                watch: dict[str, set[str]]) -> Iterator[dict[str, Any]]:
