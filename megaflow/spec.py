@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megaflow.errors import SpecError
 
@@ -60,6 +60,21 @@ class AgentSpec(BaseModel):
             if groups != 1:
                 raise ValueError("must have exactly one capturing group (the command)")
         return v
+
+    @model_validator(mode="after")
+    def _templates_parse(self) -> "AgentSpec":
+        if self.type == "mini":  # Jinja2 templates: a syntax error is the submitter's to fix, now
+            import jinja2
+
+            for name in ("system_template", "instance_template", "action_observation_template",
+                         "format_error_template", "timeout_template"):
+                text = getattr(self, name)
+                if text:
+                    try:
+                        jinja2.Environment().parse(text)
+                    except jinja2.TemplateSyntaxError as exc:
+                        raise ValueError(f"{name} is not a valid Jinja2 template: {exc} (line {exc.lineno})") from None
+        return self
 
 
 class EvalSpec(BaseModel):

@@ -166,7 +166,10 @@ def test_mini_v2_config_regex_and_templates(tmp_path):
 def test_mini_default_regex_takes_both_fences_and_broken_template_is_a_spec_error():
     a = make_agent(AgentSpec(type="mini"))
     assert a.decide([{"role": "assistant", "content": "```mswea_bash_command\npwd\n```"}]).command == "pwd"
-    broken = make_agent(AgentSpec(type="mini", system_template="{% if %}"))
+    spec = {"task_id": "t", "eval": {"command": "true"}, "agent": {"type": "mini", "instance_template": "{% if %}"}}
+    with pytest.raises(SpecError, match="'agent'.*instance_template is not a valid Jinja2 template"):
+        validate_specs([spec])
+    broken = make_agent(AgentSpec(type="mini", system_template="{{ x.y() }}"))  # parses, fails to render
     with pytest.raises(SpecError, match="does not render"):
         broken.initial_messages(TASK)
     with pytest.raises(SpecError, match="no such file"):
