@@ -117,3 +117,5 @@ def run_worker(role: str, settings: Settings, *, host: str | None = None, concur
         ])
     finally:
         heartbeat.stop.set()
+        if role == "env":
+            rt.env_host.shutdown()  # warm containers of this worker go with it

@@ -131,7 +131,8 @@ def test_images_prefetch_runs_on_the_named_env_host(fleet):
     assert "env-2" in out and "queued" in out
     log = Path(fleet.state_dir) / "logs" / "env-2.log"
     deadline = time.monotonic() + 60
-    while "megaflow.env.prefetch" not in log.read_text() or "'present'" not in log.read_text():
+    received = "Task megaflow.env.prefetch["
+    while received not in log.read_text() or "'present'" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(1)
-    assert "megaflow.env.prefetch" not in (Path(fleet.state_dir) / "logs" / "env-1.log").read_text()
+    assert received not in (Path(fleet.state_dir) / "logs" / "env-1.log").read_text()
