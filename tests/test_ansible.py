@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,65 @@ def test_code_archive_is_reproducible(tmp_path):
 
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(outs[0]))) as tar:
         assert tar.getnames() == ["megaflow/__init__.py"]
+
+
+def test_rendered_redis_conf_runs_and_the_env_url_logs_in(rendered, tmp_path):
+    """A real redis-server on loopback with the rendered redis.conf; the rendered MEGAFLOW_REDIS_URL gets in."""
+    import redis
+
+    from tests.conftest import free_port
+
+    exe = shutil.which("redis-server")
+    if not exe:
+        pytest.fail("redis-server is not installed; run `make test`, which installs it")
+    port = free_port()
+    local = {"bind": "127.0.0.1", "port": str(port), "dir": str(tmp_path), "pidfile": str(tmp_path / "redis.pid"),
+             "logfile": '""', "maxmemory": "64mb"}
+    lines = []
+    for line in rendered["redis-1"]["/etc/redis/redis.conf"]["content"].splitlines():
+        key = line.split(None, 1)[0] if line.strip() and not line.startswith("#") else ""
+        lines.append(f"{key} {local[key]}" if key in local else line)
+    (tmp_path / "redis.conf").write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([exe, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = parse_env_file(rendered["agent-1"]["/etc/megaflow/megaflow.env"]["content"])
+    url = env["MEGAFLOW_REDIS_URL"].replace("@redis-1.example.internal:6379/", f"@127.0.0.1:{port}/")
+    client = redis.Redis.from_url(url, socket_timeout=5, decode_responses=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_units_pass_systemd_analyze_verify(rendered, tmp_path):
+    """`systemd-analyze verify` on each rendered unit (offline: binaries swapped for /bin/true)."""
+    tool = shutil.which("systemd-analyze")
+    if not tool:
+        pytest.skip("systemd-analyze is not installed")
+    units = {Path(dest).name: f["content"] for files in rendered.values() for dest, f in files.items()
+             if dest.startswith("/etc/systemd/system/")}
+    assert len(units) == 6, sorted(units)
+    paths = []
+    for name, text in units.items():
+        text = text.replace("/opt/megaflow/venv/bin/megaflow", "/bin/true")
+        text = re.sub(r"^(User|Group)=.*$", r"\1=root", text, flags=re.M)
+        path = tmp_path / name.replace("@.service", "@main.service")
+        path.write_text(text)
+        paths.append(str(path))
+    proc = subprocess.run([tool, "verify", *paths], capture_output=True, text=True, timeout=60)
+    bad = [line for line in (proc.stdout + proc.stderr).splitlines()
+           if re.search(r"Unknown (key|section)|[Ii]nvalid|[Ff]ailed to parse|bad-setting|Missing", line)]
+    assert not bad, "\n".join(bad)
