@@ -71,7 +71,7 @@ def trajectory(ep: Episode) -> dict[str, Any]:
     from megaflow.engine import episode_view
 
     spec = json.loads(ep.fields.get("spec", "{}"))
-    report = ep.fields.get("report")
+    report = next((m.get("report") for m in reversed(ep.history) if m.get("role") == "evaluation"), None)
     return {
         **episode_view(ep),
         "spec": spec,
@@ -79,7 +79,7 @@ def trajectory(ep: Episode) -> dict[str, Any]:
         "messages": ep.history,
         "steps": trajectory_steps(ep.history),
         "tokens": token_data(ep.history),
-        "report": json.loads(report) if report else None,
+        "report": report,
     }
 
 

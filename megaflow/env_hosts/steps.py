@@ -139,7 +139,7 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
         record = {"role": "evaluation", "content": report.get("log_tail", ""),
                   "exit_code": report.get("test_exit_code"), "timed_out": bool(report.get("test_timed_out")),
                   "duration_s": report["duration_s"], "report": {k: v for k, v in report.items() if k != "log_tail"}}
-        fields = {"eval_exit_code": str(report.get("test_exit_code")), "report": record["report"]}
+        fields = {"eval_exit_code": str(report.get("test_exit_code")), "resolved": "1" if report["resolved"] else "0"}
     else:
         reward = 1.0 if (res.exit_code == 0 and not res.timed_out) else 0.0
         record = {"role": "evaluation", "content": res.output, "exit_code": res.exit_code,
