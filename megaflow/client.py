@@ -53,6 +53,7 @@ class Client:
         if isinstance(specs, (dict, TaskSpec)):
             specs = [specs]
         valid = validate_specs(list(specs))
+        check_models(valid, self.settings)
         self._check_redis()
         bid, ids = self.rt.engine.create_batch(valid, user, batch_id)
         self.rt.resources.enqueue([
@@ -159,6 +160,27 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_models(specs: list[TaskSpec], settings: Settings) -> None:
+    """Reject, at submit, a model section its backend would refuse at run time."""
+    from megaflow.model_gateway import BACKENDS
+
+    for i, spec in enumerate(specs):
+        backend = spec.model.backend or settings.model_backend
+        if backend not in BACKENDS:
+            raise SpecError(f"field 'model.backend': unknown backend {backend!r}; choose one of {sorted(BACKENDS)}",
+                            index=i, field="model.backend")
+        if backend == "scripted" and not spec.model.replies:
+            raise SpecError("field 'model.replies': the scripted backend needs a non-empty list of replies",
+                            index=i, field="model.replies")
+        if backend == "openai":
+            from megaflow.model_gateway.openai import parse_model_section
+
+            try:
+                parse_model_section(spec.model.model_dump(exclude_none=True, exclude={"backend"}), settings)
+            except SpecError as exc:
+                raise SpecError(f"field '{exc.field}': {exc}", index=i, field=exc.field) from None
 
 
 def _safe_url(url: str) -> str:

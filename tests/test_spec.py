@@ -68,3 +68,18 @@ def test_unreachable_redis_is_a_clear_error(tmp_path):
     s = Settings.load(redis_url=f"redis://127.0.0.1:{free_port()}/0", state_dir=str(tmp_path))
     with pytest.raises(ServiceUnavailableError, match="MEGAFLOW_REDIS_URL"):
         Client(s).submit([good()], user="alice")
+
+
+def test_model_section_checked_at_submit(settings, redis_client):
+    openai = dict(good(), model={"backend": "openai", "endpoints": ["not-a-url"]})
+    unknown = dict(good(), model={"backend": "telepathy"})
+    no_replies = dict(good(), model={"backend": "scripted"})
+    with Client(settings) as client:
+        with pytest.raises(SpecError, match="model.endpoints") as exc:
+            client.submit([good(), openai], user="alice")
+        assert exc.value.index == 1
+        with pytest.raises(SpecError, match="model.backend"):
+            client.submit([unknown], user="alice")
+        with pytest.raises(SpecError, match="model.replies"):
+            client.submit([no_replies], user="alice")
+    assert redis_client.keys("*") == []
