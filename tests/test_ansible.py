@@ -158,6 +158,7 @@ def rendered(ansible_env, tmp_path_factory) -> dict[str, dict[str, dict]]:
         "megaflow_manage_services": False,
         "megaflow_diff_secrets": True,
         "ansible_connection": "local",
+        "ansible_become": False,  # no sudo: check mode reads as the test user
         "ansible_python_interpreter": sys.executable,
     }
     (tmp / "extra.json").write_text(json.dumps(extra))
