@@ -112,15 +112,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @app.command()
 def submit(
-    file: Path = typer.Argument(..., help="JSONL file, one task spec per line."),
+    file: Path = typer.Argument(..., help="JSONL file: task specs or SWE-bench instances, one a line."),
     user: str = typer.Option(..., "--user", "-u", help="User the batch runs as (quotas are per user)."),
     wait: bool = typer.Option(False, help="Wait for the batch and print its results."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+    agent_config: Optional[Path] = typer.Option(None, help="mini-swe-agent YAML config for instance lines."),
+    model: Optional[str] = typer.Option(None, help="JSON model section for instance lines."),
 ) -> None:
-    """Submit a batch of task specs; nothing is enqueued if any line is invalid."""
+    """Submit a batch; nothing is enqueued if any line is invalid."""
     from megaflow.client import Client
+    from megaflow.datasets import to_specs
 
-    specs = read_jsonl(file)
+    specs = to_specs(read_jsonl(file), agent_config=agent_config, model=json.loads(model) if model else None)
     with Client(_settings()) as client:
         try:
             sub = client.submit(specs, user=user)

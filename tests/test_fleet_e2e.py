@@ -136,3 +136,17 @@ def test_images_prefetch_runs_on_the_named_env_host(fleet):
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(1)
     assert received not in (Path(fleet.state_dir) / "logs" / "env-1.log").read_text()
+
+
+def test_cli_submit_accepts_swebench_instances(fleet, tmp_path):
+    from megaflow.demo_tasks import fix_replies, instances
+
+    inst = instances()[2]
+    f = tmp_path / "instances.jsonl"
+    f.write_text(json.dumps(inst) + "\n")
+    model = json.dumps({"backend": "scripted", "replies": fix_replies(inst["patch"])})
+    out = cli(fleet, "submit", str(f), "--user", "e2e-swe", "--model", model, "--wait", "--timeout", "150").stdout
+    batch_id = out.split()[1].rstrip(":")
+    with Client(fleet) as client:
+        res = client.results(batch_id)
+    assert [(r["task_id"], r["state"]) for r in res] == [(inst["instance_id"], states.SUCCEEDED)]

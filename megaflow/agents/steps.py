@@ -38,7 +38,7 @@ def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
         tokens = int(ep.num("prompt_tokens") + ep.num("completion_tokens"))
         action = agent.decide(ep.history, tokens_used=tokens)
     except SpecError as exc:  # a template that does not render: the task's fault, end it clearly
-        lifecycle.finish(rt, ep, states.FAILED, cause="agent_config", error=str(exc))
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_AGENT_CONFIG, error=str(exc))
         return "agent_config"
     if action.kind == "limit":
         lifecycle.finish(rt, ep, states.FAILED, cause=action.cause or states.CAUSE_AGENT_LIMIT, error=action.reason)

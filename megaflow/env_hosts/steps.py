@@ -51,7 +51,7 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"provision: {exc}")
         return "failed"
     except TaskError as exc:
-        lifecycle.finish(rt, ep, states.FAILED, cause="setup", error=str(exc))
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_SETUP, error=str(exc))
         return "failed"
     except InfraError as exc:
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"provision: {exc}")
