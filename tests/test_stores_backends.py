@@ -122,7 +122,7 @@ def _sqlite_worker(path: str, worker: int, n: int) -> None:
 
 def test_sqlite_several_processes_and_threads_lose_no_write(tmp_path):
     path = str(tmp_path / "m.db")
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork from pytest's multi-threaded process can deadlock
     procs = [ctx.Process(target=_sqlite_worker, args=(path, w, 40)) for w in (1, 2, 3)]
     threads = [threading.Thread(target=_sqlite_worker, args=(path, w, 40)) for w in (4, 5)]
     for p in procs:
@@ -130,7 +130,9 @@ def test_sqlite_several_processes_and_threads_lose_no_write(tmp_path):
     for t in threads:
         t.start()
     for p in procs:
-        p.join(60)
+        p.join(120)
+        if p.exitcode is None:
+            p.kill()
         assert p.exitcode == 0
     for t in threads:
         t.join(60)
