@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +12,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from megaflow import states
 from megaflow.errors import MegaflowError, SpecError
 from megaflow.settings import Settings
 

@@ -143,7 +143,7 @@ def _describe(exc: ValidationError) -> tuple[str, str]:
     field = ".".join(str(p) for p in err["loc"]) or "(spec)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = f"unknown field; remove it or check the spelling (allowed: see megaflow.spec.TaskSpec)"
+        msg = "unknown field; remove it or check the spelling (allowed: see megaflow.spec.TaskSpec)"
     elif err["type"] == "missing":
         msg = "required field is missing; add it"
     return field, msg

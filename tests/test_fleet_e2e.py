@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,15 +12,11 @@ from megaflow import Client, states
 from megaflow.celery_app import create_app
 from megaflow.demo_tasks import demo_specs
 from megaflow.stores import open_metadata_store
+from tests.helpers import run_cli
 
 
 def cli(settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **settings.to_env(), COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "megaflow", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"megaflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_cli(settings, *args, check=check)
 
 
 def wait_records(settings, batch_id: str, n: int, timeout: float = 30.0) -> list[dict]:

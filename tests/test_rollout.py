@@ -8,9 +8,7 @@ come back complete (infra failures retried, then masked); resume re-runs only in
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -20,6 +18,7 @@ from megaflow.agents.bash import FORMAT_ERROR
 from megaflow.demo_tasks import demo_specs, fix_replies, instances, noop_replies, task_spec
 from megaflow.spec import SUBMIT_WORD
 from megaflow.stores import open_metadata_store
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -28,11 +27,7 @@ KILL_CONTAINER = "```bash\nkill -9 $(cat /proc/1/task/1/children)\n```"
 
 
 def megaflow(settings, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **settings.to_env(), COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "megaflow", *args], env=env, capture_output=True, text=True,
-                          timeout=200)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return run_cli(settings, *args, timeout=200)
 
 
 def wait_records(settings, batch_id: str, n: int, timeout: float = 30.0) -> list[dict]:

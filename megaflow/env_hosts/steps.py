@@ -79,6 +79,14 @@ def _setup(rt: Runtime, handle: dict[str, Any], spec) -> None:
             raise TaskError(f"set-up command failed (exit {res.exit_code}): {command[:200]}\n{res.output[-1000:]}")
 
 
+def _infra_failure(rt: Runtime, ep, exc: Exception, what: str, final_attempt: bool) -> str:
+    """Let Celery retry a retryable failure; otherwise end the episode as an infra failure."""
+    if isinstance(exc, RetryableError) and not final_attempt:
+        raise exc
+    lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"{what}: {exc}", close_here=True)
+    return "failed"
+
+
 def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
     """Run the agent's pending command and report its output back to the agent."""
     ep = rt.engine.claim(episode_id, step)
@@ -90,15 +98,8 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     try:
         res = rt.env_host.execute(ep.container, command, timeout=timeout, workdir=spec.workdir,
                                   env=spec.agent.env or None)
-    except RetryableError:
-        if not final_attempt:
-            raise
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error="exec: environment unavailable",
-                         close_here=True)
-        return "failed"
-    except InfraError as exc:
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"exec: {exc}", close_here=True)
-        return "failed"
+    except (RetryableError, InfraError) as exc:
+        return _infra_failure(rt, ep, exc, "exec", final_attempt)
     text = make_agent(spec.agent, rt.settings).observation(res.exit_code, res.output, res.timed_out, command)
     record = {"role": "user", "content": text, "kind": "observation", "exit_code": res.exit_code,
               "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4), "command": command,
@@ -125,15 +126,8 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
         if report is None:
             res = rt.env_host.execute(handle, spec.eval.command,
                                       timeout=spec.eval.timeout_s or rt.settings.eval_timeout_s, workdir=spec.workdir)
-    except RetryableError:
-        if not final_attempt:
-            raise
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error="evaluate: environment unavailable",
-                         close_here=True)
-        return "failed"
-    except InfraError as exc:
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"evaluate: {exc}", close_here=True)
-        return "failed"
+    except (RetryableError, InfraError) as exc:
+        return _infra_failure(rt, ep, exc, "evaluate", final_attempt)
     if report is not None:
         reward = 1.0 if report["resolved"] else 0.0
         record = {"role": "evaluation", "content": report.get("log_tail", ""),
