@@ -58,7 +58,7 @@ def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_send_sent_event=False,  # one Redis publish less per hop; workers still send task events
-        worker_send_task_events=True,
+        worker_send_task_events=settings.task_events,
         task_default_queue=AGENT_QUEUE,
         task_default_exchange=AGENT_QUEUE,
         task_default_routing_key=AGENT_QUEUE,
@@ -77,3 +77,37 @@ def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
 
         register(app)
     return app
+
+
+def broker_queue_key(settings: Settings, queue: str) -> str:
+    """The Redis list a queue's messages (priority 0) live in, under the broker's key prefix."""
+    return f"{settings.key_prefix}:celery:{queue}"
+
+
+def encode_task_message(app: Celery, settings: Settings, name: str, args: list, queue: str,
+                        argsrepr: str | None = None) -> tuple[str, str]:
+    """(list key, message) that ``app.send_task(name, args, queue=queue)`` would LPUSH on the Redis broker.
+
+    The engine pushes this message inside its compare-and-set script, so an episode's advance and
+    the enqueueing of its next task are one atomic step (and one round trip). The message is
+    kombu's Redis wire format (JSON envelope, base64 JSON body, Celery protocol 2 headers).
+    """
+    import base64
+    import json
+    import uuid
+
+    task_id = str(uuid.uuid4())
+    msg = app.amqp.as_task_v2(task_id, name, args=args, kwargs={}, argsrepr=argsrepr, origin=_origin())
+    body = base64.b64encode(json.dumps(msg.body).encode()).decode()
+    properties = dict(msg.properties, delivery_mode=2, priority=0, body_encoding="base64",
+                      delivery_info={"exchange": "", "routing_key": queue}, delivery_tag=str(uuid.uuid4()))
+    envelope = {"body": body, "content-encoding": "utf-8", "content-type": "application/json",
+                "headers": msg.headers, "properties": properties}
+    return broker_queue_key(settings, queue), json.dumps(envelope)
+
+
+def _origin() -> str:
+    import os
+    import socket
+
+    return f"{os.getpid()}@{socket.gethostname()}"

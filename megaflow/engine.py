@@ -2,8 +2,9 @@
 
 An episode is a chain of short Celery tasks (provision -> (model -> exec)* -> evaluate -> finish).
 Each task carries ``(episode_id, step)``; it is applied only if the episode is still at that step,
-and the advance (state fields, history, event, next task) is one Lua script, so a redelivered
-task is dropped instead of forking the episode.
+and the advance (state fields, history, event, and the next task's broker message) is one Lua
+script, so a redelivered task is dropped instead of forking the episode, and no crash can fall
+between an advance and the enqueueing of what comes next.
 
 Keys owned (see megaflow.keys.Keys): ``ep:{id}`` (hash), ``ep:{id}:hist`` (list), ``batch:{id}``,
 ``batch:{id}:eps``, ``batch:{id}:done``, ``batches``, ``live`` and the ``events`` stream.
@@ -32,12 +33,12 @@ EPISODE_TTL_S = 7 * 24 * 3600
 
 # Compare-and-set advance of one episode.
 # KEYS[1] episode hash, KEYS[2] history list, KEYS[3] events stream, KEYS[4] live zset,
-# KEYS[5] batch done set
+# KEYS[5] batch done set, KEYS[6] broker list of the next task's queue (or any key when none)
 # ARGV[1] expected step, ARGV[2] new step, ARGV[3] JSON object of hash fields (string values),
 # ARGV[4] JSON array of history records (each already a JSON string), ARGV[5] event JSON or "",
 # ARGV[6] JSON object of numeric increments, ARGV[7] "1" when the episode becomes terminal,
 # ARGV[8] stream max length, ARGV[9] TTL of a terminal episode, ARGV[10] episode id,
-# ARGV[11] phase name to stamp with Redis time, or ""
+# ARGV[11] phase name to stamp with Redis time, or "", ARGV[12] the next task's broker message or ""
 # Returns 1 when applied, 0 when the episode is not at the expected step (or already terminal).
 ADVANCE_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'step')
@@ -63,7 +64,20 @@ if ARGV[7] == '1' then
 else
   redis.call('ZADD', KEYS[4], nowstr, ARGV[10])
 end
+if ARGV[12] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[12]) end
 return 1
+"""
+
+
+# One round trip to read an episode: its hash, its history length and all or the tail of its history.
+# KEYS[1] episode hash, KEYS[2] history list
+# ARGV[1] first history index to return ("0" all, "-1" the last record), or "" for none
+# Returns {flat hash fields, history length, history records}.
+LOAD_LUA = """
+local n = redis.call('LLEN', KEYS[2])
+local hist = {}
+if ARGV[1] ~= '' then hist = redis.call('LRANGE', KEYS[2], ARGV[1], -1) end
+return {redis.call('HGETALL', KEYS[1]), n, hist}
 """
 
 
@@ -73,7 +87,8 @@ class Episode:
 
     id: str
     fields: dict[str, str]
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # all of it, or only its tail (see load)
+    history_len: int = 0
 
     @property
     def step(self) -> int:
@@ -132,17 +147,21 @@ class NextTask:
 
 
 Sender = Callable[[str, list[Any], str], None]
+Encoder = Callable[[str, list[Any], str], tuple[str, str]]  # -> (broker list key, message)
 
 
 class EpisodeEngine:
     """Creates, loads and advances episodes; sends the next task of each advance."""
 
-    def __init__(self, redis_client: redis.Redis, settings: Settings, keys: Keys, send: Sender):
+    def __init__(self, redis_client: redis.Redis, settings: Settings, keys: Keys, send: Sender,
+                 encode: Encoder | None = None):
         self.r = redis_client
         self.settings = settings
         self.keys = keys
         self._send = send
+        self._encode = encode  # when given, the next task is enqueued by the advance script itself
         self._advance = redis_client.register_script(ADVANCE_LUA)
+        self._load = redis_client.register_script(LOAD_LUA)
 
     # --- creation --------------------------------------------------------------------------
     def create_batch(self, specs: list[TaskSpec], user: str, batch_id: str | None = None) -> tuple[str, list[str]]:
@@ -174,25 +193,23 @@ class EpisodeEngine:
         return batch_id, ids
 
     # --- loading ---------------------------------------------------------------------------
-    def load(self, episode_id: str, *, history: bool = True) -> Episode:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(self.keys.episode(episode_id))
-        if history:
-            pipe.lrange(self.keys.history(episode_id), 0, -1)
-        res = pipe.execute()
-        if not res[0]:
+    def load(self, episode_id: str, *, history: bool | str = True) -> Episode:
+        """The episode with all its history (True), none (False) or only its last record ("tail")."""
+        start = {True: "0", False: "", "tail": "-1"}[history]
+        flat, n, hist = self._load(keys=[self.keys.episode(episode_id), self.keys.history(episode_id)], args=[start])
+        if not flat:
             raise NotFoundError(f"episode {episode_id} not found (expired or never submitted)")
-        hist = [json.loads(h) for h in res[1]] if history else []
-        return Episode(episode_id, res[0], hist)
+        fields = dict(zip(flat[::2], flat[1::2]))
+        return Episode(episode_id, fields, [json.loads(h) for h in hist], int(n))
 
-    def claim(self, episode_id: str, step: int) -> Episode | None:
+    def claim(self, episode_id: str, step: int, *, history: bool | str = True) -> Episode | None:
         """The episode if it is at ``step`` and live; else None (a duplicate or a stale callback).
 
         A redelivered task whose advance went through but whose next task was lost (a crash
         between the two) finds the episode one step ahead and sends that next task again.
         """
         try:
-            ep = self.load(episode_id)
+            ep = self.load(episode_id, history=history)
         except NotFoundError:
             log.warning("dropping step %s of unknown episode %s", step, episode_id)
             return None
@@ -238,18 +255,23 @@ class EpisodeEngine:
             })
         now = time.time()
         records = [json.dumps(dict(rec, t=rec.get("t", now))) for rec in (history or [])]
+        queue_key, message = self.keys.episode(ep.id), ""
+        if next_task and self._encode:
+            queue_key, message = self._encode(next_task.name, [ep.id, new_step], next_task.queue)
         applied = self._advance(
             keys=[self.keys.episode(ep.id), self.keys.history(ep.id), self.keys.events, self.keys.live,
-                  self.keys.batch_done(ep.batch_id)],
+                  self.keys.batch_done(ep.batch_id), queue_key],
             args=[ep.step, new_step, json.dumps(fields), json.dumps(records), event, json.dumps(incr or {}),
-                  "1" if terminal else "0", self.settings.events_maxlen, EPISODE_TTL_S, ep.id, phase or ""],
+                  "1" if terminal else "0", self.settings.events_maxlen, EPISODE_TTL_S, ep.id, phase or "",
+                  message],
         )
         if not applied:
             log.info("episode %s moved past step %s; dropping this result", ep.id, ep.step)
             return False
         ep.fields.update(fields)
         ep.fields["step"] = str(new_step)
-        if next_task:
+        ep.history_len += len(records)
+        if next_task and not self._encode:
             self._send(next_task.name, [ep.id, new_step], next_task.queue)
         return True
 

@@ -99,8 +99,10 @@ def finish(
     in-process); elsewhere the close is sent to ``env.<host>``. Returns False if another task
     ended the episode first.
     """
-    if ep.history == [] and ep.fields:
-        ep = rt.engine.load(ep.id)
+    current = rt.engine.load(ep.id)  # the whole history, for the trajectory (callers may hold only its tail)
+    if current.step != ep.step or current.terminal:  # another task moved the episode on: not ours to end
+        return False
+    ep = current
     fields: dict[str, Any] = {"reward": "" if reward is None else str(reward), "cause": cause or "",
                               "error": (error or "")[:2000]}
     view = trajectory(ep)

@@ -47,11 +47,18 @@ class Runtime:
 
         self.app.send_task(name, args=args, queue=queue, argsrepr=task_argsrepr(name, args, queue))
 
+    def encode(self, name: str, args: list[Any], queue: str) -> tuple[str, str]:
+        """(broker list key, message) for a task the engine enqueues inside its advance script."""
+        from megaflow.celery_app import encode_task_message
+        from megaflow.monitoring.flower import task_argsrepr
+
+        return encode_task_message(self.app, self.settings, name, args, queue, task_argsrepr(name, args, queue))
+
     @cached_property
     def engine(self):
         from megaflow.engine import EpisodeEngine
 
-        return EpisodeEngine(self.redis, self.settings, self.keys, self.send)
+        return EpisodeEngine(self.redis, self.settings, self.keys, self.send, encode=self.encode)
 
     @cached_property
     def resources(self):

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     model_concurrency: int = Field(32, ge=1, description="Threads per model-gateway worker.")
     agent_concurrency: int = Field(2, ge=1, description="Prefork processes per agent worker.")
     env_concurrency: int = Field(8, ge=1, description="Threads per env worker.")
+    task_events: bool = Field(
+        True, description="Workers send Celery task events (Flower shows tasks from them); off saves a few "
+        "Redis publishes per step."
+    )
     visibility_timeout_s: int = Field(
         0,
         ge=0,

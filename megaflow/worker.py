@@ -112,7 +112,7 @@ def run_worker(role: str, settings: Settings, *, host: str | None = None, concur
     try:
         app.worker_main([
             "worker", "--queues", ",".join(p.queues), "--pool", p.pool, "--concurrency", str(p.concurrency),
-            "--hostname", p.name, "--task-events", "--loglevel", loglevel,
+            "--hostname", p.name, *(["--task-events"] if settings.task_events else []), "--loglevel", loglevel,
             "--without-gossip", "--without-mingle",
         ])
     finally:

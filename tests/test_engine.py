@@ -84,3 +84,25 @@ def test_unknown_ids(engine):
     with pytest.raises(NotFoundError):
         engine.batch_ids("nope")
     assert engine.claim("nope", 0) is None
+
+
+def test_advance_enqueues_next_task_atomically(settings, redis_client):
+    from megaflow.celery_app import create_app, encode_task_message
+
+    app = create_app(settings, register_tasks=False)
+    keys = Keys(settings.key_prefix)
+    eng = EpisodeEngine(redis_client, settings, keys, lambda *a: pytest.fail("must not send separately"),
+                        encode=lambda n, a, q: encode_task_message(app, settings, n, a, q))
+    _, ids = eng.create_batch(validate_specs(demo_specs("fix")[:1]), "alice")
+    ep, stale = eng.load(ids[0]), eng.load(ids[0])
+    assert eng.advance(ep, next_task=NextTask("megaflow.agent.step", "agent"))
+    assert not eng.advance(stale, next_task=NextTask("megaflow.agent.step", "agent"))
+    queued = redis_client.lrange(f"{settings.key_prefix}:celery:agent", 0, -1)
+    assert len(queued) == 1  # the duplicate advance enqueued nothing
+    msg = json.loads(queued[0])
+    assert msg["headers"]["task"] == "megaflow.agent.step"
+    assert msg["properties"]["delivery_info"]["routing_key"] == "agent"
+    import base64
+
+    assert json.loads(base64.b64decode(msg["body"]))[0] == [ids[0], 1]
+    app.close()

@@ -115,29 +115,32 @@ class BashAgent:
         """Whether an observation record means the agent submitted (never, for the bash agent)."""
         return False
 
-    def decide(self, history: list[dict[str, Any]], *, tokens_used: int = 0) -> Action:
+    def decide(self, history: list[dict[str, Any]], *, tokens_used: int = 0, model_calls: int | None = None,
+               format_streak: int | None = None) -> Action:
         """Next action: the model when the last message is the user's, else what the reply says.
 
         Every path that leads to another model call (including a format-error reply) checks the
         step and token limits first; the ``max_format_errors``-th bad reply in a row ends the episode.
+        ``model_calls`` and ``format_streak`` (the episode's counters) let a caller pass only the
+        history's last record; without them they are counted from the history.
         """
         if history and history[-1].get("role") == "assistant":
             action = self.parse(str(history[-1].get("content", "")))
             if action.kind != "format_error":
                 return action
-            errors = format_errors_in_a_row(history) + 1
+            errors = (format_errors_in_a_row(history) if format_streak is None else format_streak) + 1
             if errors >= self.max_format_errors:
                 return Action("limit", cause=states.CAUSE_FORMAT,
                               reason=f"format error limit reached ({errors} replies in a row without one action)")
-            return self._limit(history, tokens_used) or action
+            return self._limit(history, tokens_used, model_calls) or action
         last = history[-1] if history else {}
         if last.get("kind") == "observation" and self.submitted(last):
             return Action("submit")
-        return self._limit(history, tokens_used) or Action("model")
+        return self._limit(history, tokens_used, model_calls) or Action("model")
 
-    def _limit(self, history: list[dict[str, Any]], tokens_used: int) -> Action | None:
+    def _limit(self, history: list[dict[str, Any]], tokens_used: int, model_calls: int | None) -> Action | None:
         """The limit another model call would break, if any."""
-        calls = sum(1 for m in history if m.get("role") == "assistant")
+        calls = sum(1 for m in history if m.get("role") == "assistant") if model_calls is None else model_calls
         if calls >= self.max_steps:
             return Action("limit", cause=states.CAUSE_AGENT_LIMIT,
                           reason=f"step limit reached ({self.max_steps} model calls)")

@@ -17,7 +17,7 @@ def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
     Limits end the episode with a cause: wall time -> TIMED_OUT/timeout, steps and tokens ->
     agent_limit, too many format errors in a row -> format.
     """
-    ep = rt.engine.claim(episode_id, step)
+    ep = rt.engine.claim(episode_id, step, history="tail")  # decisions need the last record and counters
     if ep is None:
         return "dropped"
     if ep.fields.get("cancel") == "1":
@@ -32,11 +32,12 @@ def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
                          error=f"wall-time limit reached (agent budget of {budget:g}s used up)")
         return "timed_out"
     try:
-        if not ep.history:
+        if not ep.history_len:
             rt.engine.advance(ep, history=agent.initial_messages(spec), next_task=lifecycle.to_model())
             return "model"
         tokens = int(ep.num("prompt_tokens") + ep.num("completion_tokens"))
-        action = agent.decide(ep.history, tokens_used=tokens)
+        action = agent.decide(ep.history, tokens_used=tokens, model_calls=int(ep.num("model_calls")),
+                              format_streak=int(ep.num("format_streak")))
     except SpecError as exc:  # a template that does not render: the task's fault, end it clearly
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_AGENT_CONFIG, error=str(exc))
         return "agent_config"
@@ -45,12 +46,12 @@ def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
     elif action.kind == "model":
         rt.engine.advance(ep, next_task=lifecycle.to_model())
     elif action.kind == "exec":
-        rt.engine.advance(ep, fields={"pending": json.dumps({"command": action.command})},
+        rt.engine.advance(ep, fields={"pending": json.dumps({"command": action.command}), "format_streak": "0"},
                           next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host))
     elif action.kind == "submit":
-        rt.engine.advance(ep, state=states.EVALUATING, phase="evaluating",
+        rt.engine.advance(ep, state=states.EVALUATING, phase="evaluating", fields={"format_streak": "0"},
                           next_task=lifecycle.to_host(lifecycle.ENV_EVALUATE, ep.host))
     else:  # format_error: tell the model and ask again
         rt.engine.advance(ep, history=[{"role": "user", "content": action.message, "kind": "format_error"}],
-                          incr={"format_errors": 1}, next_task=lifecycle.to_model())
+                          incr={"format_errors": 1, "format_streak": 1}, next_task=lifecycle.to_model())
     return action.kind
