@@ -60,14 +60,14 @@ def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: i
             started = time.monotonic()
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console) as progress:
-                bars = {b: progress.add_task(f"{name:<13}", total=len(b.episode_ids))
-                        for b, name in ((fix, "reference fix"), (noop, "no-op agent"))}
+                runs = ((fix, "reference fix"), (noop, "no-op agent"))
+                bars = [(sub, progress.add_task(f"{name:<13}", total=len(sub.episode_ids))) for sub, name in runs]
                 deadline = time.monotonic() + timeout_s
                 while True:
-                    done = {b: client.rt.redis.scard(client.rt.keys.batch_done(b.batch_id)) for b in bars}
-                    for b, task in bars.items():
-                        progress.update(task, completed=done[b])
-                    if all(done[b] >= len(b.episode_ids) for b in bars):
+                    done = [client.rt.redis.scard(client.rt.keys.batch_done(sub.batch_id)) for sub, _ in bars]
+                    for (sub, task), n in zip(bars, done):
+                        progress.update(task, completed=n)
+                    if all(n >= len(sub.episode_ids) for (sub, _), n in zip(bars, done)):
                         break
                     if time.monotonic() > deadline:
                         console.print(f"[red]timed out after {timeout_s:.0f}s[/red]")

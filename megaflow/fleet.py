@@ -120,7 +120,12 @@ def up(settings: Settings, *, env_hosts: int = 2, wait_s: float = 60.0, echo=pri
         started.append(proc.name)
     if started:
         echo(f"starting {', '.join(started)} (logs in {logs})")
-    wait_ready(settings, fleet_plan(settings, env_hosts), wait_s)
+    try:
+        wait_ready(settings, fleet_plan(settings, env_hosts), wait_s)
+    except BaseException:
+        if started:  # leave nothing half-started behind
+            down(settings, echo=echo)
+        raise
     return running(settings)
 
 
