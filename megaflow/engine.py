@@ -205,8 +205,10 @@ class EpisodeEngine:
     def claim(self, episode_id: str, step: int, *, history: bool | str = True) -> Episode | None:
         """The episode if it is at ``step`` and live; else None (a duplicate or a stale callback).
 
-        A redelivered task whose advance went through but whose next task was lost (a crash
-        between the two) finds the episode one step ahead and sends that next task again.
+        Without an encoder (the advance then sends the next task after its script), a redelivered
+        task whose advance went through but whose next task was lost (a crash between the two)
+        finds the episode one step ahead and sends that next task again. With one, the advance
+        enqueued it atomically, so nothing is resent (that would only duplicate the next step).
         """
         try:
             ep = self.load(episode_id, history=history)
@@ -218,7 +220,7 @@ class EpisodeEngine:
         if ep.step == step:
             return ep
         nxt = ep.fields.get("next")
-        if ep.step == step + 1 and nxt:
+        if ep.step == step + 1 and nxt and not self._encode:
             spec = json.loads(nxt)
             log.warning("episode %s: resending %s for step %s after a redelivery", episode_id, spec["name"], ep.step)
             self._send(spec["name"], [episode_id, ep.step], spec["queue"])
