@@ -97,6 +97,7 @@ def test_advance_enqueues_next_task_atomically(settings, redis_client):
     ep, stale = eng.load(ids[0]), eng.load(ids[0])
     assert eng.advance(ep, next_task=NextTask("megaflow.agent.step", "agent"))
     assert not eng.advance(stale, next_task=NextTask("megaflow.agent.step", "agent"))
+    assert eng.claim(ids[0], 0) is None  # a redelivered step 0: dropped, and nothing resent
     queued = redis_client.lrange(f"{settings.key_prefix}:celery:agent", 0, -1)
     assert len(queued) == 1  # the duplicate advance enqueued nothing
     msg = json.loads(queued[0])
