@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from megaflow.env_hosts import DockerHost
-from megaflow.env_hosts.cli import prefetch
+from megaflow.env_hosts.images import prefetch
 from megaflow.env_hosts.images import pull_image
 from megaflow.errors import InfraError
 

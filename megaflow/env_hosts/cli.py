@@ -7,22 +7,11 @@ from __future__ import annotations
 
 import typer
 
+from megaflow.env_hosts.images import prefetch
+
 app = typer.Typer(help="Sandbox images: build locally, prefetch onto env hosts.", no_args_is_help=True)
 
 PREFETCH_TASK = "megaflow.env.prefetch"
-
-
-def prefetch(docker_host, images: list[str]) -> dict[str, str]:
-    """Make each image present on ``docker_host`` (pull if missing); image -> present | pulled | error: ..."""
-    from megaflow.errors import InfraError
-
-    out: dict[str, str] = {}
-    for image in images:
-        try:
-            out[image] = "pulled" if docker_host.ensure_image(image) else "present"
-        except InfraError as exc:
-            out[image] = f"error: {exc}"
-    return out
 
 
 def _docker():

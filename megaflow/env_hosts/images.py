@@ -154,3 +154,14 @@ def pull_image(docker_client, image: str, settings, *, timeout: float | None = N
             api.close()
     if not image_present(docker_client, image):
         raise InfraError(f"pull of {image} finished but the image is not in the store")
+
+
+def prefetch(docker_host, images: list[str]) -> dict[str, str]:
+    """Make each image present on ``docker_host`` (pull if missing); image -> present | pulled | error: ..."""
+    out: dict[str, str] = {}
+    for image in images:
+        try:
+            out[image] = "pulled" if docker_host.ensure_image(image) else "present"
+        except InfraError as exc:
+            out[image] = f"error: {exc}"
+    return out

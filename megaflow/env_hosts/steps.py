@@ -44,18 +44,13 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
         except BaseException:
             rt.env_host.close(handle)
             raise
-    except RetryableError as exc:
-        if not final_attempt:
-            rt.engine.advance(ep, keep_step=True, incr={"attempt": 1}, event_fields={"retry": str(exc)[:500]})
-            raise
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"provision: {exc}")
-        return "failed"
     except TaskError as exc:
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_SETUP, error=str(exc))
         return "failed"
-    except InfraError as exc:
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"provision: {exc}")
-        return "failed"
+    except (RetryableError, InfraError) as exc:
+        if isinstance(exc, RetryableError) and not final_attempt:
+            rt.engine.advance(ep, keep_step=True, incr={"attempt": 1}, event_fields={"retry": str(exc)[:500]})
+        return _infra_failure(rt, ep, exc, "provision", final_attempt)
     finally:
         rt.resources.release_boot(rt.host, ep.id)
     applied = rt.engine.advance(

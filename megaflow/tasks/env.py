@@ -46,6 +46,6 @@ def register(app: Celery) -> None:
         """Make images present on this env host (pull or keep), ahead of admissions."""
         if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
             raise ValueError("images must be a list of image names")
-        from megaflow.env_hosts.cli import prefetch as do_prefetch
+        from megaflow.env_hosts.images import prefetch as do_prefetch
 
         return do_prefetch(runtime.current().env_host, images)
