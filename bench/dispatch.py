@@ -93,12 +93,12 @@ def bench_raw(url: str, samples: int, tmp: Path, events: bool) -> list[float]:
 def bench_megaflow(url: str, samples: int, tmp: Path, events: bool) -> list[float]:
     import redis
 
-    from megaflow import states
-    from megaflow.engine import EpisodeEngine
-    from megaflow.keys import Keys
-    from megaflow.runtime import Runtime
-    from megaflow.settings import Settings
-    from megaflow.spec import validate_specs
+    from megaflow.core import states
+    from megaflow.engine.episodes import EpisodeEngine
+    from megaflow.core.keys import Keys
+    from megaflow.services.root import Runtime
+    from megaflow.core.settings import Settings
+    from megaflow.core.spec import validate_specs
 
     settings = Settings.load(redis_url=url, state_dir=str(tmp / "state"), host_name="bench", task_events=events)
     env = dict(os.environ, **settings.to_env())

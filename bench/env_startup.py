@@ -30,7 +30,7 @@ def main() -> None:
     from megaflow.env_hosts import DockerHost
     from megaflow.env_hosts import labels as L
     from megaflow.env_hosts.images import ensure_sandbox_image
-    from megaflow.settings import Settings
+    from megaflow.core.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)

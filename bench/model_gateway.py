@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 
 from megaflow.model_gateway import ModelRequest, load_backend  # noqa: E402
-from megaflow.settings import Settings  # noqa: E402
+from megaflow.core.settings import Settings  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Write one short sentence about queues."}]
@@ -124,12 +124,12 @@ class QueueDriver:
     """Sends ``megaflow.model.complete`` for fresh episodes and sees each finish on the agent queue."""
 
     def __init__(self, fleet: Fleet):
-        from megaflow.celery_app import AGENT_QUEUE, MODEL_QUEUE
-        from megaflow.engine import EpisodeEngine
-        from megaflow.keys import Keys
-        from megaflow.lifecycle import MODEL_COMPLETE
-        from megaflow.runtime import Runtime
-        from megaflow.spec import validate_specs
+        from megaflow.workers.app import AGENT_QUEUE, MODEL_QUEUE
+        from megaflow.engine.episodes import EpisodeEngine
+        from megaflow.core.keys import Keys
+        from megaflow.services.lifecycle import MODEL_COMPLETE
+        from megaflow.services.root import Runtime
+        from megaflow.core.spec import validate_specs
 
         self.fleet = fleet
         self.rt = Runtime(fleet.settings)

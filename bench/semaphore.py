@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis  # noqa: E402
 
-from megaflow.keys import Keys  # noqa: E402
-from megaflow.resources import LeaseSemaphore, ResourceManager  # noqa: E402
-from megaflow.settings import Settings  # noqa: E402
+from megaflow.core.keys import Keys  # noqa: E402
+from megaflow.engine.resources import LeaseSemaphore, ResourceManager  # noqa: E402
+from megaflow.core.settings import Settings  # noqa: E402
 
 
 def private_redis() -> tuple[str, subprocess.Popen]:

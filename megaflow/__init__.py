@@ -12,10 +12,10 @@ from typing import Any
 _EXPORTS = {
     "Client": "megaflow.client",
     "Submission": "megaflow.client",
-    "MegaflowError": "megaflow.errors",
-    "SpecError": "megaflow.errors",
-    "Settings": "megaflow.settings",
-    "TaskSpec": "megaflow.spec",
+    "MegaflowError": "megaflow.core.errors",
+    "SpecError": "megaflow.core.errors",
+    "Settings": "megaflow.core.settings",
+    "TaskSpec": "megaflow.core.spec",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,11 +9,12 @@ from typing import Any, Callable, Iterable
 
 import redis
 
-from megaflow import lifecycle, states
-from megaflow.errors import ServiceUnavailableError, SpecError
-from megaflow.runtime import Runtime
-from megaflow.settings import Settings
-from megaflow.spec import TaskSpec, validate_specs
+from megaflow.services import lifecycle
+from megaflow.core import states
+from megaflow.core.errors import ServiceUnavailableError, SpecError
+from megaflow.services.root import Runtime
+from megaflow.core.settings import Settings
+from megaflow.core.spec import TaskSpec, validate_specs
 
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
@@ -101,7 +102,7 @@ class Client:
             doc = self.rt.metadata.get_task(episode_id) or {}
             uri = doc.get("artifact_uri")
         if not uri:
-            from megaflow.errors import NotFoundError
+            from megaflow.core.errors import NotFoundError
 
             raise NotFoundError(f"episode {episode_id} has no trajectory yet (not finished, or unknown)")
         return json.loads(self.rt.artifacts.get_bytes(uri))

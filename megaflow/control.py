@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 
-from megaflow import lifecycle, states
+from megaflow.services import lifecycle
+from megaflow.core import states
 from megaflow.records import Recorder
-from megaflow.runtime import Runtime
+from megaflow.services.root import Runtime
 
 log = logging.getLogger(__name__)
 

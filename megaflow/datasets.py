@@ -9,7 +9,7 @@ runner; tests are appended or fill ``{tests}``), ``log_parser`` (unittest | pyte
 self-contained repositories such as the built-in demo tasks, committed as the base in /repo).
 
 ``load_instances(path)`` reads JSONL (or a JSON list); ``instance_to_spec`` makes a TaskSpec dict
-that evaluates SWE-bench style (megaflow.evaluation).
+that evaluates SWE-bench style (megaflow.services.evaluation).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from megaflow.errors import SpecError
+from megaflow.core.errors import SpecError
 
 DEMO_WORKDIR = "/repo"
 SWEBENCH_WORKDIR = "/testbed"

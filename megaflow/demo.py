@@ -17,7 +17,7 @@ from rich.table import Table
 from megaflow import fleet
 from megaflow.client import Client
 from megaflow.demo_tasks import demo_specs
-from megaflow.settings import Settings
+from megaflow.core.settings import Settings
 
 PHASES = [("queue wait", "queued", "admitted"), ("env start", "admitted", "env_ready"),
           ("agent loop", "env_ready", "evaluating"), ("evaluation", "evaluating", "finished"),

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import redis
 
-from megaflow.errors import ServiceUnavailableError
-from megaflow.settings import Settings
+from megaflow.core.errors import ServiceUnavailableError
+from megaflow.core.settings import Settings
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Proc:
 
 
 def fleet_plan(settings: Settings, env_hosts: int = 2) -> list[Proc]:
-    from megaflow.worker import node_name
+    from megaflow.workers.process import node_name
 
     procs = [Proc("control", ["control"]),
              Proc("model", ["worker", "model"], node_name("model", settings.host_name)),
@@ -131,8 +131,8 @@ def up(settings: Settings, *, env_hosts: int = 2, wait_s: float = 60.0, echo=pri
 
 def wait_ready(settings: Settings, procs: list[Proc], wait_s: float) -> None:
     """Wait until every worker answers a Celery ping, env hosts are registered and control reports."""
-    from megaflow.celery_app import create_app
-    from megaflow.keys import Keys
+    from megaflow.workers.app import create_app
+    from megaflow.core.keys import Keys
 
     app = create_app(settings, register_tasks=False)
     keys = Keys(settings.key_prefix)
@@ -165,7 +165,7 @@ def wait_ready(settings: Settings, procs: list[Proc], wait_s: float) -> None:
 
 
 def _registered_hosts(r: redis.Redis, keys, settings: Settings) -> set[str]:
-    from megaflow.resources import ResourceManager
+    from megaflow.engine.resources import ResourceManager
 
     return {h["name"] for h in ResourceManager(r, settings, keys).hosts()}
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from megaflow.keys import Keys
+from megaflow.core.keys import Keys
 from megaflow.stores.base import MetadataStore
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from megaflow import report_svg as svgplot
-from megaflow.errors import NotFoundError
+from megaflow.core.errors import NotFoundError
 from megaflow.report_svg import percentile
 from megaflow.stores.base import MetadataStore
 

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from megaflow import states
-from megaflow.spec import TaskSpec, validate_specs
+from megaflow.core import states
+from megaflow.core.spec import TaskSpec, validate_specs
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from megaflow import states
-from megaflow.settings import Settings
+from megaflow.core import states
+from megaflow.core.settings import Settings
 from megaflow.stores import open_metadata_store
 
 

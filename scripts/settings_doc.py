@@ -1,4 +1,4 @@
-"""Print the settings table of the README from megaflow.settings.Settings (one row per field)."""
+"""Print the settings table of the README from megaflow.core.settings.Settings (one row per field)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaflow.settings import Settings  # noqa: E402
+from megaflow.core.settings import Settings  # noqa: E402
 
 
 def table() -> str:

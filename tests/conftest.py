@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from megaflow.settings import Settings
+from megaflow.core.settings import Settings
 
 IN_CI = os.environ.get("CI") == "true"
 

@@ -1,7 +1,7 @@
 """The bash agent's decisions, without any service."""
 
 from megaflow.agents.bash import BashAgent
-from megaflow.spec import SUBMIT_WORD, AgentSpec, TaskSpec
+from megaflow.core.spec import SUBMIT_WORD, AgentSpec, TaskSpec
 
 
 def agent(**kw) -> BashAgent:

@@ -6,12 +6,12 @@ import textwrap
 
 import pytest
 
-from megaflow import states
+from megaflow.core import states
 from megaflow.agents import make_agent
 from megaflow.agents.mini import MiniAgent, load_mini_config
 from megaflow.agents.trajectory import token_data, trajectory_steps
-from megaflow.errors import SpecError
-from megaflow.spec import AgentSpec, TaskSpec, validate_specs
+from megaflow.core.errors import SpecError
+from megaflow.core.spec import AgentSpec, TaskSpec, validate_specs
 
 TASK = TaskSpec(task_id="t1", problem_statement="fix calc.add", eval={"command": "true"})
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megaflow.settings import Settings
+from megaflow.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "deploy" / "ansible"

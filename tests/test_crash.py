@@ -6,9 +6,10 @@ import os
 import signal
 import time
 
-from megaflow import Client, fleet, states
+from megaflow import Client, fleet
+from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
-from megaflow.settings import Settings
+from megaflow.core.settings import Settings
 
 
 def test_kill_9_agent_and_env_workers_loses_no_episode(redis_server, redis_client, sandbox_image, tmp_path):

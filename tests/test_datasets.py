@@ -8,8 +8,8 @@ import pytest
 
 from megaflow.datasets import (SWEBENCH_WORKDIR, instance_to_spec, load_instances, swebench_image, to_specs)
 from megaflow.demo_tasks import demo_specs, instances
-from megaflow.errors import SpecError
-from megaflow.spec import validate_specs
+from megaflow.core.errors import SpecError
+from megaflow.core.spec import validate_specs
 
 REAL = {  # the shape of a SWE-bench (Verified) row, as exported from the Hugging Face hub
     "instance_id": "astropy__astropy-12907", "repo": "astropy/astropy",

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from megaflow import states
+from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
-from megaflow.engine import EpisodeEngine, NextTask
-from megaflow.errors import NotFoundError
-from megaflow.keys import Keys
-from megaflow.spec import validate_specs
+from megaflow.engine.episodes import EpisodeEngine, NextTask
+from megaflow.core.errors import NotFoundError
+from megaflow.core.keys import Keys
+from megaflow.core.spec import validate_specs
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_unknown_ids(engine):
 
 
 def test_advance_enqueues_next_task_atomically(settings, redis_client):
-    from megaflow.celery_app import create_app, encode_task_message
+    from megaflow.workers.app import create_app, encode_task_message
 
     app = create_app(settings, register_tasks=False)
     keys = Keys(settings.key_prefix)

@@ -11,7 +11,7 @@ from megaflow.env_hosts import DockerHost, ExecResult
 from megaflow.env_hosts import labels as L
 from megaflow.env_hosts.errors import ContainerLostError
 from megaflow.env_hosts.images import api_with_timeout
-from megaflow.errors import CommandTimeoutError, InfraError, RetryableInfraError, TaskError
+from megaflow.core.errors import CommandTimeoutError, InfraError, RetryableInfraError, TaskError
 
 
 def remove_host_containers(docker_client, name: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 from megaflow.env_hosts import DockerHost
 from megaflow.env_hosts.images import prefetch
 from megaflow.env_hosts.images import pull_image
-from megaflow.errors import InfraError
+from megaflow.core.errors import InfraError
 
 MB = 1024 * 1024
 
@@ -98,7 +98,7 @@ def test_images_cli_build_is_a_no_op_when_present_and_prefetch_runs_locally(
         docker_client, sandbox_image, settings, monkeypatch):
     from typer.testing import CliRunner
 
-    from megaflow.env_hosts.cli import app
+    from megaflow.cli.env import app
 
     for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
@@ -136,7 +136,7 @@ def test_create_pulls_again_when_the_image_vanished(docker_client, sandbox_image
 def test_images_cli_prefetch_queues_a_task_for_other_hosts(settings, redis_client, monkeypatch):
     from typer.testing import CliRunner
 
-    from megaflow.env_hosts.cli import app
+    from megaflow.cli.env import app
 
     for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)

@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     import docker, redis
     from megaflow.env_hosts import DockerHost
-    from megaflow.settings import Settings
+    from megaflow.core.settings import Settings
 
     settings = Settings.load(env_mode="persistent", warm_pool_size=1)
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)

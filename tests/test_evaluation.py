@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from megaflow.evaluation import grade, parse_log, parse_pytest, parse_unittest, patch_files, runner_command
+from megaflow.services.evaluation import grade, parse_log, parse_pytest, parse_unittest, patch_files, runner_command
 
 
 def test_unittest_verbose_output_of_this_python(tmp_path):

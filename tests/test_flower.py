@@ -20,9 +20,9 @@ from pydantic import SecretStr
 from conftest import IN_CI, free_port
 from megaflow import Client
 from megaflow.demo_tasks import demo_specs
-from megaflow.errors import ConfigError
+from megaflow.core.errors import ConfigError
 from megaflow.monitoring.flower import flower_options, task_argsrepr
-from megaflow.settings import Settings
+from megaflow.core.settings import Settings
 
 USER, PASSWORD = "flower-admin", "pa:ss,word with spaces"
 

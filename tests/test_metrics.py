@@ -15,13 +15,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
-from megaflow import Client, states
-from megaflow.celery_app import create_app
+from megaflow import Client
+from megaflow.core import states
+from megaflow.workers.app import create_app
 from megaflow.demo_tasks import demo_specs
-from megaflow.keys import Keys
+from megaflow.core.keys import Keys
 from megaflow.monitoring.metrics import CONTENT_TYPE, Exposition, collect, serve_metrics
-from megaflow.resources import ResourceManager
-from megaflow.settings import Settings
+from megaflow.engine.resources import ResourceManager
+from megaflow.core.settings import Settings
 
 
 def parse(text: str) -> dict[str, dict[tuple, float]]:
@@ -171,7 +172,7 @@ def test_metrics_once_prints_the_text(settings, monkeypatch):
 
 def test_control_service_starts_the_endpoint_on_metrics_port(settings):
     from megaflow.control import Control
-    from megaflow.runtime import Runtime
+    from megaflow.services.root import Runtime
 
     port = free_port()
     ctl = Control(Runtime(settings.model_copy(update={"metrics_port": port}), role="control"))

@@ -14,8 +14,8 @@ import time
 import pytest
 from openai_server import OpenAIServer
 
-from megaflow.errors import ContextLengthError, ModelError, ModelUnavailableError, RetryableError, SpecError
-from megaflow.keys import Keys
+from megaflow.core.errors import ContextLengthError, ModelError, ModelUnavailableError, RetryableError, SpecError
+from megaflow.core.keys import Keys
 from megaflow.model_gateway import ModelRequest, load_backend
 from megaflow.model_gateway.openai import backoff_delay, parse_model_section
 from megaflow.model_gateway.registry import deregister_endpoint, register_endpoint, registered_endpoints
@@ -286,7 +286,7 @@ def test_registered_endpoints_join_and_expire(settings, redis_client, two_server
 
 
 def test_openai_backend_module_loads_only_when_chosen():
-    code = ("import sys; from megaflow.model_gateway import load_backend; from megaflow.settings import Settings; "
+    code = ("import sys; from megaflow.model_gateway import load_backend; from megaflow.core.settings import Settings; "
             "load_backend('scripted', Settings.load()); "
             "assert 'megaflow.model_gateway.openai' not in sys.modules and 'httpx' not in sys.modules, 'eager'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

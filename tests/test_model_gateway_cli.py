@@ -16,9 +16,9 @@ from pathlib import Path
 from conftest import free_port
 from typer.testing import CliRunner
 
-from megaflow.keys import Keys
+from megaflow.core.keys import Keys
 from megaflow.model_gateway import ModelRequest, load_backend
-from megaflow.model_gateway.cli import app
+from megaflow.cli.model import app
 from megaflow.model_gateway.registry import registered_endpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_serve_registers_heartbeats_and_deregisters(tmp_path, settings, redis_se
            "MEGAFLOW_REDIS_URL": redis_server.url, "MEGAFLOW_STATE_DIR": str(tmp_path / "state"),
            "MEGAFLOW_MODEL_ENDPOINT_TTL_S": "3", "MEGAFLOW_ENDPOINT_CONCURRENCY": "16"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "megaflow.model_gateway.cli", "serve", "org/some-model", "--host", "127.0.0.1",
+        [sys.executable, "-m", "megaflow.cli.model", "serve", "org/some-model", "--host", "127.0.0.1",
          "--port", str(port), "--served-model-name", "fleet-model", "--", "--max-model-len", "2048"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megaflow.errors import ConfigError, ModelError
+from megaflow.core.errors import ConfigError, ModelError
 from megaflow.model_gateway import BACKENDS, ModelBackend, ModelRequest, load_backend
 
 

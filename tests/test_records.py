@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from megaflow import states
+from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
-from megaflow.engine import EpisodeEngine
-from megaflow.keys import Keys
+from megaflow.engine.episodes import EpisodeEngine
+from megaflow.core.keys import Keys
 from megaflow.records import GROUP, Recorder
-from megaflow.spec import validate_specs
+from megaflow.core.spec import validate_specs
 from megaflow.stores import open_metadata_store
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from megaflow.errors import NotFoundError
+from megaflow.core.errors import NotFoundError
 from megaflow.report import build_report, concurrency, fmt_s, summarize
 from megaflow.report_svg import _downsample, percentile
 from megaflow.stores.sqlite import SQLiteMetadataStore

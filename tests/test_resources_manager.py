@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from megaflow.errors import NotFoundError, QuotaError, SpecError
-from megaflow.keys import Keys
-from megaflow.resources import ResourceManager
+from megaflow.core.errors import NotFoundError, QuotaError, SpecError
+from megaflow.core.keys import Keys
+from megaflow.engine.resources import ResourceManager
 
 
 @pytest.fixture
@@ -272,7 +272,7 @@ def test_quota_and_capacity_view(make):
 
 
 def test_sweeper_sweeps_and_admits_on_request(make, settings, redis_client):
-    from megaflow.resources.sweeper import run_sweeper
+    from megaflow.engine.resources.sweeper import run_sweeper
 
     m = make(sweep_interval_s=30)
     calls = []
@@ -297,7 +297,7 @@ def test_sweeper_sweeps_and_admits_on_request(make, settings, redis_client):
 def test_cli_commands(make, redis_server, monkeypatch):
     from typer.testing import CliRunner
 
-    from megaflow.resources.cli import app
+    from megaflow.cli.resources import app
 
     monkeypatch.setenv("MEGAFLOW_REDIS_URL", redis_server.url)
     m = make()

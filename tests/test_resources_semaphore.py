@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from megaflow.resources import LeaseSemaphore
+from megaflow.engine.resources import LeaseSemaphore
 
 
 def test_limit_and_idempotent_acquire(redis_client):

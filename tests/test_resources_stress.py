@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.keys import Keys
-from megaflow.resources import ResourceManager
+from megaflow.core.keys import Keys
+from megaflow.engine.resources import ResourceManager
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,9 +34,9 @@ pkg = types.ModuleType("megaflow")
 pkg.__path__ = [os.path.join(os.environ["PYTHONPATH"], "megaflow")]
 sys.modules["megaflow"] = pkg
 import redis
-from megaflow.keys import Keys
-from megaflow.resources import ResourceManager
-from megaflow.settings import Settings
+from megaflow.core.keys import Keys
+from megaflow.engine.resources import ResourceManager
+from megaflow.core.settings import Settings
 
 url, overrides, mode, seed, seconds, log_path = sys.argv[1:7]
 settings = Settings.load(redis_url=url, **json.loads(overrides))

@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from megaflow import Client, states
+from megaflow import Client
+from megaflow.core import states
 from megaflow.agents.bash import FORMAT_ERROR
 from megaflow.demo_tasks import demo_specs, fix_replies, instances, noop_replies, task_spec
-from megaflow.spec import SUBMIT_WORD
+from megaflow.core.spec import SUBMIT_WORD
 from megaflow.stores import open_metadata_store
 from tests.helpers import run_cli
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
-from megaflow import Client, states
+from megaflow import Client
+from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from megaflow import Client
 from megaflow.demo_tasks import demo_specs
-from megaflow.errors import SpecError
-from megaflow.spec import validate_specs
+from megaflow.core.errors import SpecError
+from megaflow.core.spec import validate_specs
 
 
 def good() -> dict:
@@ -60,8 +60,8 @@ def test_rejected_batch_enqueues_nothing(settings, redis_client):
 
 
 def test_unreachable_redis_is_a_clear_error(tmp_path):
-    from megaflow.errors import ServiceUnavailableError
-    from megaflow.settings import Settings
+    from megaflow.core.errors import ServiceUnavailableError
+    from megaflow.core.settings import Settings
 
     from tests.conftest import free_port
 

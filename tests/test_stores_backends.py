@@ -23,8 +23,8 @@ from tests.stores_fixtures import (  # noqa: F401  (fixtures)
     s3_server,
 )
 
-from megaflow.errors import ConfigError, NotFoundError, ServiceUnavailableError
-from megaflow.settings import Settings
+from megaflow.core.errors import ConfigError, NotFoundError, ServiceUnavailableError
+from megaflow.core.settings import Settings
 from megaflow.stores import open_artifact_store, open_metadata_store
 from megaflow.stores.common import redact_url
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from tests.stores_fixtures import artifact_store, metadata_store, s3_server  # noqa: F401  (fixtures)
 
-from megaflow.errors import NotFoundError, SpecError
+from megaflow.core.errors import NotFoundError, SpecError
 from megaflow.stores import ArtifactStore, MetadataStore
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from megaflow.agents.bash import Action, BashAgent
-from megaflow.spec import AgentSpec
+from megaflow.core.spec import AgentSpec
 
 
 def make_agent(spec: AgentSpec, settings: Any = None) -> BashAgent:

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from megaflow import states
-from megaflow.spec import AgentSpec, TaskSpec
+from megaflow.core import states
+from megaflow.core.spec import AgentSpec, TaskSpec
 
 SYSTEM_TEMPLATE = """You are a software engineer working in a Linux shell inside a container.
 Reply with exactly one shell command in a ```bash code block per message. You will see its output.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from megaflow.agents.bash import BashAgent
-from megaflow.errors import SpecError
+from megaflow.core.errors import SpecError
 
 SUBMIT_MARKERS = ("COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT", "MINI_SWE_AGENT_FINAL_OUTPUT")
 

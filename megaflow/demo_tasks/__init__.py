@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from megaflow.spec import SUBMIT_WORD
+from megaflow.core.spec import SUBMIT_WORD
 
 _TASKS: list[dict[str, str]] = [
     dict(id="calc-add", mod="calc", problem="calc.add(2, 3) returns -1; it must return the sum.",

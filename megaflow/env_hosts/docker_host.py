@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 from megaflow.env_hosts import labels as L
 from megaflow.env_hosts.errors import ContainerLostError, ImageMissingError, docker_errors
-from megaflow.errors import CommandTimeoutError, InfraError, RetryableInfraError, TaskError
+from megaflow.core.errors import CommandTimeoutError, InfraError, RetryableInfraError, TaskError
 
 KILL_GRACE_S = 5  # SIGKILL this long after SIGTERM when a command runs past its limit
 CLIENT_SLACK_S = 15  # the client gives up on an exec stream this long after the in-container limit
@@ -129,7 +129,7 @@ class DockerHost:
                  sessions: bool = True):
         from megaflow.env_hosts.image_cache import ImageCache
         from megaflow.env_hosts.pool import WarmPool
-        from megaflow.keys import Keys
+        from megaflow.core.keys import Keys
 
         self.client = docker_client
         self.settings = settings

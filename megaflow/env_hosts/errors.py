@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from megaflow.errors import InfraError, RetryableInfraError
+from megaflow.core.errors import InfraError, RetryableInfraError
 
 
 class ContainerLostError(InfraError):

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from megaflow.errors import ConfigError, InfraError, RetryableInfraError
+from megaflow.core.errors import ConfigError, InfraError, RetryableInfraError
 
 SANDBOX_PACKAGES = ("python3", "git", "ca-certificates", "procps", "coreutils")
 DEFAULT_SUITE = "bookworm"

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from megaflow.env_hosts import labels as L
-from megaflow.errors import InfraError
+from megaflow.core.errors import InfraError
 
 
 @dataclass

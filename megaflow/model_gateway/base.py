@@ -65,7 +65,7 @@ def load_backend(name: str, settings: Any, redis_client: Any = None) -> ModelBac
     try:
         target = BACKENDS[name]
     except KeyError:
-        from megaflow.errors import ConfigError
+        from megaflow.core.errors import ConfigError
 
         raise ConfigError(f"unknown model backend {name!r}; choose one of {sorted(BACKENDS)}") from None
     module_name, _, attr = target.partition(":")

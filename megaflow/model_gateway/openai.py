@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import redis
 
-from megaflow.errors import ContextLengthError, ModelError, ModelUnavailableError, SpecError
-from megaflow.keys import Keys
+from megaflow.core.errors import ContextLengthError, ModelError, ModelUnavailableError, SpecError
+from megaflow.core.keys import Keys
 from megaflow.model_gateway.base import ModelReply, ModelRequest
 from megaflow.model_gateway.pool import EndpointPool
 

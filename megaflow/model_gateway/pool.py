@@ -36,10 +36,10 @@ from typing import Any
 
 import redis
 
-from megaflow.errors import ModelUnavailableError
-from megaflow.keys import Keys
+from megaflow.core.errors import ModelUnavailableError
+from megaflow.core.keys import Keys
 from megaflow.model_gateway.registry import normalize_url, registered_endpoints
-from megaflow.resources.semaphore import LUA_NOW, LeaseSemaphore
+from megaflow.engine.resources.semaphore import LUA_NOW, LeaseSemaphore
 
 # One round trip for everything a choice needs.
 # KEYS[1]: down zset   KEYS[2]: fails hash   KEYS[3]: sticky key ('' when none)   KEYS[4..]: semaphores

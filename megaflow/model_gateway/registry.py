@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megaflow.keys import Keys
+from megaflow.core.keys import Keys
 
 # KEYS[1] endpoints zset, KEYS[2] models set; ARGV[1] base_url, ARGV[2] ttl_s, ARGV[3] model name
 REGISTER = """

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from megaflow.errors import ModelError
+from megaflow.core.errors import ModelError
 from megaflow.model_gateway.base import ModelReply, ModelRequest
 
 

@@ -22,10 +22,10 @@ from typing import Any, Iterable
 
 import redis
 
-from megaflow import states
-from megaflow.celery_app import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
-from megaflow.keys import Keys
-from megaflow.settings import Settings
+from megaflow.core import states
+from megaflow.workers.app import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
+from megaflow.core.keys import Keys
+from megaflow.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Exposition:
 
 def collect(redis_client: redis.Redis, settings: Settings, keys: Keys) -> str:
     """Every MegaFlow gauge, in Prometheus text format (``redis_client`` must decode responses)."""
-    from megaflow.resources import ResourceManager
+    from megaflow.engine.resources import ResourceManager
 
     started = time.perf_counter()
     cap = ResourceManager(redis_client, settings, keys).capacity()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from megaflow.errors import ConfigError
+from megaflow.core.errors import ConfigError
 from megaflow.stores.base import ArtifactStore, MetadataStore
 from megaflow.stores.common import redact_url
 
 if TYPE_CHECKING:
-    from megaflow.settings import Settings
+    from megaflow.core.settings import Settings
 
 __all__ = ["ArtifactStore", "MetadataStore", "open_artifact_store", "open_metadata_store"]
 

@@ -9,7 +9,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from megaflow.errors import SpecError
+from megaflow.core.errors import SpecError
 
 # Fields of a task document where the earliest value offered wins ($min), never overwritten.
 STICKY_MIN_FIELDS = ("created_at",)

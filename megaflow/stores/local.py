@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote
 
-from megaflow.errors import ConfigError, NotFoundError, ServiceUnavailableError, SpecError
+from megaflow.core.errors import ConfigError, NotFoundError, ServiceUnavailableError, SpecError
 
 _TMP_PREFIX = ".mf-tmp-"
 

@@ -20,7 +20,7 @@ import logging
 import threading
 from typing import Any, Callable, TypeVar
 
-from megaflow.errors import ConfigError, ServiceUnavailableError
+from megaflow.core.errors import ConfigError, ServiceUnavailableError
 from megaflow.stores.common import (
     STICKY_MIN_FIELDS,
     check_event,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from typing import Any, Callable, TypeVar
 
-from megaflow.errors import ConfigError, NotFoundError, ServiceUnavailableError
+from megaflow.core.errors import ConfigError, NotFoundError, ServiceUnavailableError
 from megaflow.stores.local import check_key
 
 T = TypeVar("T")

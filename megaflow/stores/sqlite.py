@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from megaflow.errors import ConfigError, ServiceUnavailableError
+from megaflow.core.errors import ConfigError, ServiceUnavailableError
 from megaflow.stores.common import check_event, check_task_doc, merge_task, stream_order
 
 SCHEMA_VERSION = 1

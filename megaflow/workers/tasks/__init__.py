@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from megaflow.tasks import agent, env, model
+from megaflow.workers.tasks import agent, env, model
 
 
 def register(app: Celery) -> None:

@@ -1,6 +1,6 @@
 """``megaflow images ...``: build the sandbox image locally, prefetch images onto env hosts.
 
-Mount with ``main_app.add_typer(megaflow.env_hosts.cli.app, name="images")``.
+Mount with ``main_app.add_typer(megaflow.cli.env.app, name="images")``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PREFETCH_TASK = "megaflow.env.prefetch"
 def _docker():
     import docker
 
-    from megaflow.errors import ServiceUnavailableError
+    from megaflow.core.errors import ServiceUnavailableError
 
     try:
         client = docker.from_env(timeout=300)
@@ -44,7 +44,7 @@ def build(tag: str = typer.Option(None, "--tag", help="Image tag (default: MEGAF
           force: bool = typer.Option(False, "--force", help="Rebuild even if the tag exists.")) -> None:
     """Build the sandbox image (Debian minbase + python3, git, procps) with mmdebstrap and docker import."""
     from megaflow.env_hosts.images import build_sandbox_image, ensure_sandbox_image
-    from megaflow.settings import Settings
+    from megaflow.core.settings import Settings
 
     settings = Settings.load()
     tag = tag or settings.default_image
@@ -62,7 +62,7 @@ def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make pr
                                            help="Comma-separated env hosts (default: this host). Other hosts "
                                            "get a megaflow.env.prefetch task on their env.<host> queue.")) -> None:
     """Pre-provision env hosts with images so episodes do not wait for pulls."""
-    from megaflow.settings import Settings
+    from megaflow.core.settings import Settings
 
     settings = Settings.load()
     targets = [h.strip() for h in hosts.split(",") if h.strip()] or [settings.host_name]
@@ -81,7 +81,7 @@ def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make pr
             finally:
                 client.close()
         else:
-            from megaflow.celery_app import create_app, env_host_queue
+            from megaflow.workers.app import create_app, env_host_queue
 
             if sender is None:
                 sender = create_app(settings, register_tasks=False)

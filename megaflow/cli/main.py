@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from megaflow.errors import MegaflowError, SpecError
-from megaflow.settings import Settings
+from megaflow.core.errors import MegaflowError, SpecError
+from megaflow.core.settings import Settings
 
 app = typer.Typer(help="MegaFlow: agent-environment episodes on a Celery fleet.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -37,7 +37,7 @@ def worker(
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
     """Run one role's Celery worker in the foreground."""
-    from megaflow.worker import ROLES, run_worker
+    from megaflow.workers.process import ROLES, run_worker
 
     if role not in ROLES:
         raise typer.BadParameter(f"choose one of {', '.join(ROLES)}", param_hint="ROLE")
@@ -51,7 +51,7 @@ def control(loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
     import signal
 
     from megaflow.control import Control
-    from megaflow.runtime import configure
+    from megaflow.services.root import configure
 
     _logging(loglevel)
     ctl = Control(configure(_settings(), role="control"))
@@ -273,8 +273,8 @@ def metrics(
 
     import redis as redis_mod
 
-    from megaflow.errors import ConfigError
-    from megaflow.keys import Keys
+    from megaflow.core.errors import ConfigError
+    from megaflow.core.keys import Keys
     from megaflow.monitoring.metrics import collect, serve_metrics
 
     settings = _settings()
@@ -305,9 +305,9 @@ def metrics(
 
 
 def _mount() -> None:
-    from megaflow.env_hosts.cli import app as images_app
-    from megaflow.model_gateway.cli import app as model_app
-    from megaflow.resources.cli import app as resources_app
+    from megaflow.cli.env import app as images_app
+    from megaflow.cli.model import app as model_app
+    from megaflow.cli.resources import app as resources_app
 
     for command in resources_app.registered_commands:
         app.registered_commands.append(command)

@@ -1,6 +1,6 @@
 """Resource manager: leased counting semaphores at three tiers, boot limiter, FIFO admission."""
 
-from megaflow.resources.manager import Admission, ResourceManager
-from megaflow.resources.semaphore import LeaseSemaphore
+from megaflow.engine.resources.manager import Admission, ResourceManager
+from megaflow.engine.resources.semaphore import LeaseSemaphore
 
 __all__ = ["Admission", "LeaseSemaphore", "ResourceManager"]

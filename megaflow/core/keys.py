@@ -13,7 +13,7 @@ class Keys:
     def __init__(self, prefix: str = "mf"):
         self.prefix = prefix
 
-    # --- episodes (megaflow.engine) -------------------------------------------------------------
+    # --- episodes (megaflow.engine.episodes) -------------------------------------------------------------
     def episode(self, episode_id: str) -> str:
         """Hash: episode state (JSON fields), step counter, phase timestamps."""
         return f"{self.prefix}:ep:{episode_id}"
@@ -55,7 +55,7 @@ class Keys:
         """String with TTL: a worker's last health report (JSON)."""
         return f"{self.prefix}:health:{role}:{name}"
 
-    # --- resource manager (megaflow.resources) --------------------------------------------------
+    # --- resource manager (megaflow.engine.resources) --------------------------------------------------
     def res(self, *parts: str) -> str:
         """Namespace for the resource manager's keys (see megaflow/resources/)."""
         return ":".join((self.prefix, "res", *parts))

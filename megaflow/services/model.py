@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from megaflow import lifecycle, states
-from megaflow.errors import ContextLengthError, ModelError, RetryableError
+from megaflow.services import lifecycle
+from megaflow.core import states
+from megaflow.core.errors import ContextLengthError, ModelError, RetryableError
 from megaflow.model_gateway.base import ModelRequest
-from megaflow.runtime import Runtime
+from megaflow.services.root import Runtime
 
 CHAT_KEYS = ("role", "content")
 

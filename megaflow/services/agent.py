@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-from megaflow import lifecycle, states
+from megaflow.services import lifecycle
+from megaflow.core import states
 from megaflow.agents import make_agent
-from megaflow.errors import SpecError
-from megaflow.runtime import Runtime
+from megaflow.core.errors import SpecError
+from megaflow.services.root import Runtime
 
 
 def agent_step(rt: Runtime, episode_id: str, step: int) -> str:

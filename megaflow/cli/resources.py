@@ -20,9 +20,9 @@ app.add_typer(host_app, name="host")
 def _manager() -> Any:
     import redis
 
-    from megaflow.keys import Keys
-    from megaflow.resources.manager import ResourceManager
-    from megaflow.settings import Settings
+    from megaflow.core.keys import Keys
+    from megaflow.engine.resources.manager import ResourceManager
+    from megaflow.core.settings import Settings
 
     settings = Settings.load()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -91,7 +91,7 @@ def quota_set(
     default: bool = typer.Option(False, "--default", help="Drop the override: back to MEGAFLOW_USER_LIMIT."),
 ) -> None:
     """Set a user's limit of episodes running at once (or drop the override with --default)."""
-    from megaflow.errors import QuotaError
+    from megaflow.core.errors import QuotaError
 
     if (n is None) == (not default):
         _fail("give either N or --default")
@@ -110,7 +110,7 @@ def host_drain(
     undo: bool = typer.Option(False, "--undo", help="Accept new admissions again."),
 ) -> None:
     """Stop admitting episodes to a host; episodes already running there finish."""
-    from megaflow.errors import NotFoundError
+    from megaflow.core.errors import NotFoundError
 
     mgr = _manager()
     try:

@@ -17,7 +17,7 @@ import shlex
 import time
 from typing import Any
 
-from megaflow.errors import TaskError
+from megaflow.core.errors import TaskError
 
 PASSED, FAILED, ERROR, SKIPPED, XFAIL = "PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL"
 PASS_STATUSES = frozenset({PASSED, XFAIL})
@@ -211,7 +211,7 @@ def evaluate_instance(rt, ep, handle: dict) -> dict[str, Any]:
 
 
 def _in_fresh_container(rt, ep, spec, patch: str) -> dict[str, Any]:
-    from megaflow.env_hosts.steps import _labels, _setup
+    from megaflow.services.env import _labels, _setup
 
     image = ep.fields.get("image") or rt.settings.default_image
     # Labelled with the episode's own id: the reaper keeps it while the episode is live.

@@ -6,7 +6,7 @@ and the advance (state fields, history, event, and the next task's broker messag
 script, so a redelivered task is dropped instead of forking the episode, and no crash can fall
 between an advance and the enqueueing of what comes next.
 
-Keys owned (see megaflow.keys.Keys): ``ep:{id}`` (hash), ``ep:{id}:hist`` (list), ``batch:{id}``,
+Keys owned (see megaflow.core.keys.Keys): ``ep:{id}`` (hash), ``ep:{id}:hist`` (list), ``batch:{id}``,
 ``batch:{id}:eps``, ``batch:{id}:done``, ``batches``, ``live`` and the ``events`` stream.
 """
 
@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import redis
 
-from megaflow import states
-from megaflow.errors import NotFoundError
-from megaflow.keys import Keys
-from megaflow.settings import Settings
-from megaflow.spec import TaskSpec
+from megaflow.core import states
+from megaflow.core.errors import NotFoundError
+from megaflow.core.keys import Keys
+from megaflow.core.settings import Settings
+from megaflow.core.spec import TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from celery import Celery
 
-from megaflow import runtime
-from megaflow.celery_app import env_host_queue
-from megaflow.env_hosts import steps
-from megaflow.tasks.common import RETRY_OPTS, check_ids, final_attempt
+from megaflow.services import root as runtime
+from megaflow.workers.app import env_host_queue
+from megaflow.services import env as steps
+from megaflow.workers.tasks.common import RETRY_OPTS, check_ids, final_attempt
 
 
 def register(app: Celery) -> None:

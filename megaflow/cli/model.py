@@ -26,7 +26,7 @@ GPU_INSTALL = "pip install -r requirements-gpu.txt"
 
 
 def _settings() -> Any:
-    from megaflow.settings import Settings
+    from megaflow.core.settings import Settings
 
     return Settings.load()
 
@@ -69,7 +69,7 @@ def serve(
     """Start ``vllm serve MODEL`` and register it as an endpoint; extra vLLM flags go after ``--``."""
     import redis
 
-    from megaflow.keys import Keys
+    from megaflow.core.keys import Keys
     from megaflow.model_gateway.registry import deregister_endpoint, register_endpoint
 
     if not shutil.which("vllm"):
@@ -144,7 +144,7 @@ def endpoints(model_name: str = typer.Argument("", help="Model name; default: ME
     """List a model's endpoints: outstanding requests, failures, health."""
     import redis
 
-    from megaflow.keys import Keys
+    from megaflow.core.keys import Keys
     from megaflow.model_gateway.pool import EndpointPool
 
     settings = _settings()
@@ -163,5 +163,5 @@ def endpoints(model_name: str = typer.Argument("", help="Model name; default: ME
     client.close()
 
 
-if __name__ == "__main__":  # python -m megaflow.model_gateway.cli serve ...
+if __name__ == "__main__":  # python -m megaflow.cli.model serve ...
     sys.exit(app())

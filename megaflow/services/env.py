@@ -5,10 +5,11 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from megaflow import lifecycle, states
+from megaflow.services import lifecycle
+from megaflow.core import states
 from megaflow.agents import make_agent
-from megaflow.errors import InfraError, RetryableError, TaskError
-from megaflow.runtime import Runtime
+from megaflow.core.errors import InfraError, RetryableError, TaskError
+from megaflow.services.root import Runtime
 
 BOOT_BUSY = "boot_busy"
 
@@ -104,7 +105,7 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
 
 
 def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
-    """Score the episode (exit code, or SWE-bench style per megaflow.evaluation), then end it."""
+    """Score the episode (exit code, or SWE-bench style per megaflow.services.evaluation), then end it."""
     ep = rt.engine.claim(episode_id, step)
     if ep is None:
         return "dropped"
@@ -113,7 +114,7 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
     report = None
     try:
         if spec.eval.swebench:
-            from megaflow.evaluation import evaluate_instance
+            from megaflow.services.evaluation import evaluate_instance
 
             report = evaluate_instance(rt, ep, handle)
         elif spec.eval.files:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megaflow.errors import RetryableError
+from megaflow.core.errors import RetryableError
 
 RETRY_OPTS: dict[str, Any] = {
     "bind": True,

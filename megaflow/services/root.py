@@ -14,8 +14,8 @@ from typing import Any
 
 import redis
 
-from megaflow.keys import Keys
-from megaflow.settings import Settings
+from megaflow.core.keys import Keys
+from megaflow.core.settings import Settings
 
 
 class Runtime:
@@ -37,7 +37,7 @@ class Runtime:
     @cached_property
     def app(self):
         if self._app is None:
-            from megaflow.celery_app import create_app
+            from megaflow.workers.app import create_app
 
             self._app = create_app(self.settings, register_tasks=False)
         return self._app
@@ -49,20 +49,20 @@ class Runtime:
 
     def encode(self, name: str, args: list[Any], queue: str) -> tuple[str, str]:
         """(broker list key, message) for a task the engine enqueues inside its advance script."""
-        from megaflow.celery_app import encode_task_message
+        from megaflow.workers.app import encode_task_message
         from megaflow.monitoring.flower import task_argsrepr
 
         return encode_task_message(self.app, self.settings, name, args, queue, task_argsrepr(name, args, queue))
 
     @cached_property
     def engine(self):
-        from megaflow.engine import EpisodeEngine
+        from megaflow.engine.episodes import EpisodeEngine
 
         return EpisodeEngine(self.redis, self.settings, self.keys, self.send, encode=self.encode)
 
     @cached_property
     def resources(self):
-        from megaflow.resources import ResourceManager
+        from megaflow.engine.resources import ResourceManager
 
         return ResourceManager(self.redis, self.settings, self.keys)
 

@@ -1,7 +1,7 @@
 """Celery app factory: JSON only, one queue per service, routing by task name.
 
 No app exists at import time: entry points call ``create_app(settings)``, which binds the broker
-and registers the tasks of ``megaflow.tasks`` on that app.
+and registers the tasks of ``megaflow.workers.tasks`` on that app.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from megaflow.settings import Settings
+from megaflow.core.settings import Settings
 
 MODEL_QUEUE = "model"
 AGENT_QUEUE = "agent"
@@ -73,7 +73,7 @@ def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
     )
     app.megaflow_settings = settings  # type: ignore[attr-defined]
     if register_tasks:
-        from megaflow.tasks import register
+        from megaflow.workers.tasks import register
 
         register(app)
     return app

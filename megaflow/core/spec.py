@@ -6,7 +6,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from megaflow.errors import SpecError
+from megaflow.core.errors import SpecError
 
 SUBMIT_WORD = "MEGAFLOW_SUBMIT"
 
@@ -82,7 +82,7 @@ class EvalSpec(BaseModel):
 
     Plain: ``command``'s exit code gives the reward (0 -> 1.0). SWE-bench style (when
     ``fail_to_pass`` or ``pass_to_pass`` is given): apply ``test_patch``, run ``command`` with the
-    listed tests, parse per-test results; reward 1.0 when resolved (see megaflow.evaluation).
+    listed tests, parse per-test results; reward 1.0 when resolved (see megaflow.services.evaluation).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -143,7 +143,7 @@ def _describe(exc: ValidationError) -> tuple[str, str]:
     field = ".".join(str(p) for p in err["loc"]) or "(spec)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown field; remove it or check the spelling (allowed: see megaflow.spec.TaskSpec)"
+        msg = "unknown field; remove it or check the spelling (allowed: see megaflow.core.spec.TaskSpec)"
     elif err["type"] == "missing":
         msg = "required field is missing; add it"
     return field, msg

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from megaflow import runtime
-from megaflow.model_gateway.steps import model_step
-from megaflow.tasks.common import RETRY_OPTS, check_ids, final_attempt
+from megaflow.services import root as runtime
+from megaflow.services.model import model_step
+from megaflow.workers.tasks.common import RETRY_OPTS, check_ids, final_attempt
 
 
 def register(app: Celery) -> None:

@@ -10,10 +10,10 @@ import json
 import logging
 from typing import Any
 
-from megaflow import states
-from megaflow.celery_app import env_host_queue
-from megaflow.engine import Episode, NextTask
-from megaflow.runtime import Runtime
+from megaflow.core import states
+from megaflow.workers.app import env_host_queue
+from megaflow.engine.episodes import Episode, NextTask
+from megaflow.services.root import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,13 @@ ENV_CLOSE = "megaflow.env.close"
 
 
 def to_agent() -> NextTask:
-    from megaflow.celery_app import AGENT_QUEUE
+    from megaflow.workers.app import AGENT_QUEUE
 
     return NextTask(AGENT_STEP, AGENT_QUEUE)
 
 
 def to_model() -> NextTask:
-    from megaflow.celery_app import MODEL_QUEUE
+    from megaflow.workers.app import MODEL_QUEUE
 
     return NextTask(MODEL_COMPLETE, MODEL_QUEUE)
 
@@ -68,7 +68,7 @@ def admit(rt: Runtime, max_n: int = 100) -> int:
 def trajectory(ep: Episode) -> dict[str, Any]:
     """The episode's whole record as one JSON document (the trajectory artifact)."""
     from megaflow.agents.trajectory import token_data, trajectory_steps
-    from megaflow.engine import episode_view
+    from megaflow.engine.episodes import episode_view
 
     spec = json.loads(ep.fields.get("spec", "{}"))
     report = next((m.get("report") for m in reversed(ep.history) if m.get("role") == "evaluation"), None)

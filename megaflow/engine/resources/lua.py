@@ -12,7 +12,7 @@ Redis time; a member whose score is <= now has lapsed and is ignored or dropped 
 
 from __future__ import annotations
 
-from megaflow.resources.semaphore import LUA_NOW
+from megaflow.engine.resources.semaphore import LUA_NOW
 
 PRELUDE = LUA_NOW + """
 local base = ARGV[1]

@@ -16,9 +16,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from megaflow import lifecycle, runtime, states
-from megaflow.celery_app import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, create_app, env_host_queue
-from megaflow.settings import Settings
+from megaflow.services import lifecycle, root as runtime
+from megaflow.core import states
+from megaflow.workers.app import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, create_app, env_host_queue
+from megaflow.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

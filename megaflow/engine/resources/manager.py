@@ -2,7 +2,7 @@
 
 Admission is event driven: call ``admit()`` after ``enqueue()``, after ``release()`` and when
 ``register_host()`` reports a host that joined. Each atomic step is one Lua script (see
-``megaflow.resources.lua``), so any number of processes may call any method concurrently.
+``megaflow.engine.resources.lua``), so any number of processes may call any method concurrently.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from megaflow.errors import NotFoundError, QuotaError, SpecError
-from megaflow.keys import Keys
-from megaflow.resources import lua
-from megaflow.resources.semaphore import lease_ms
+from megaflow.core.errors import NotFoundError, QuotaError, SpecError
+from megaflow.core.keys import Keys
+from megaflow.engine.resources import lua
+from megaflow.engine.resources.semaphore import lease_ms
 
 _BATCH = 500
 

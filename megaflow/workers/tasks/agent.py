@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from megaflow import runtime
-from megaflow.agents.steps import agent_step
-from megaflow.tasks.common import check_ids
+from megaflow.services import root as runtime
+from megaflow.services.agent import agent_step
+from megaflow.workers.tasks.common import check_ids
 
 
 def register(app: Celery) -> None:
