@@ -162,3 +162,27 @@ def fleet(fleet_redis, sandbox_image, tmp_path_factory):
         raise
     yield settings
     fleet_mod.down(settings, echo=lambda m: None)
+
+
+# --- test tiers ---------------------------------------------------------------------------------
+# Every test gets one tier marker from the fixtures it uses (an explicit marker wins):
+#   unit   no service at all            redis  a real redis-server (engine, resources, services)
+#   docker real containers             fleet  real worker processes (Celery) on a real Redis
+# Slow external tiers mark themselves: deploy (Ansible converge), faults, llama (llama.cpp server),
+# mini (mini-swe-agent itself), swebench (the official harness package).
+# `pytest -m "unit or redis"` is the fast tier; `make test` runs every tier.
+TIERS = ("unit", "redis", "docker", "fleet", "deploy", "faults", "llama", "mini", "swebench")
+_FIXTURE_TIER = (
+    ("fleet", {"fleet", "fleet_redis"}),
+    ("docker", {"docker_client", "sandbox_image"}),
+    ("redis", {"redis_server", "redis_client", "settings"}),
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(t) for t in TIERS):
+            continue
+        names = set(getattr(item, "fixturenames", ()))
+        tier = next((t for t, fixtures in _FIXTURE_TIER if names & fixtures), "unit")
+        item.add_marker(getattr(pytest.mark, tier))
