@@ -96,7 +96,7 @@ def bench_megaflow(url: str, samples: int, tmp: Path, events: bool) -> list[floa
     from megaflow.core import states
     from megaflow.engine.episodes import EpisodeEngine
     from megaflow.core.keys import Keys
-    from megaflow.services.root import Runtime
+    from megaflow.services.root import Root
     from megaflow.core.settings import Settings
     from megaflow.core.spec import validate_specs
 
@@ -104,7 +104,7 @@ def bench_megaflow(url: str, samples: int, tmp: Path, events: bool) -> list[floa
     env = dict(os.environ, **settings.to_env())
     workers = [start([sys.executable, "-m", "megaflow", "worker", role, "-c", conc], env, tmp / f"{role}.log")
                for role, conc in (("model", "4"), ("agent", "1"))]
-    rt = Runtime(settings)
+    rt = Root(settings)
     try:
         wait_for(lambda: len(rt.app.control.ping(timeout=0.5) or []) >= 2, 90, "megaflow workers")
         engine: EpisodeEngine = rt.engine
@@ -117,7 +117,7 @@ def bench_megaflow(url: str, samples: int, tmp: Path, events: bool) -> list[floa
             _, ids = engine.create_batch(validate_specs([spec]), "bench")
             ep = engine.load(ids[0])
             engine.advance(ep, keep_step=True, state=states.RUNNING, phase="env_ready")
-            rt.send("megaflow.agent.step", [ids[0], 0], "agent")
+            rt.dispatcher.send("megaflow.agent.step", [ids[0], 0], "agent")
             wait_for(lambda: r.hget(Keys(settings.key_prefix).episode(ids[0]), "terminal") == "1", 120,
                      "episode end")
             recs = [rec for rec in engine.load(ids[0]).history if rec["role"] in ("assistant", "user")][1:]

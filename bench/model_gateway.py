@@ -128,11 +128,11 @@ class QueueDriver:
         from megaflow.engine.episodes import EpisodeEngine
         from megaflow.core.keys import Keys
         from megaflow.services.lifecycle import MODEL_COMPLETE
-        from megaflow.services.root import Runtime
+        from megaflow.services.root import Root
         from megaflow.core.spec import validate_specs
 
         self.fleet = fleet
-        self.rt = Runtime(fleet.settings)
+        self.rt = Root(fleet.settings)
         self.keys = Keys(fleet.settings.key_prefix)
         self.engine: EpisodeEngine = self.rt.engine
         self.validate = validate_specs
@@ -150,7 +150,7 @@ class QueueDriver:
         return ids
 
     def send(self, eid: str) -> None:
-        self.rt.send(self.task, [eid, 0], self.queue)
+        self.rt.dispatcher.send(self.task, [eid, 0], self.queue)
 
     def send_many(self, ids: list[str]) -> None:
         """Publish on one producer (one connection), as a busy agent worker would."""

@@ -12,7 +12,7 @@ import redis
 from megaflow.services import lifecycle
 from megaflow.core import states
 from megaflow.core.errors import ServiceUnavailableError, SpecError
-from megaflow.services.root import Runtime
+from megaflow.services.root import Root
 from megaflow.core.settings import Settings
 from megaflow.core.spec import TaskSpec, validate_specs
 
@@ -35,7 +35,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.load()
-        self.rt = Runtime(self.settings, role="client")
+        self.rt = Root(self.settings, role="client")
 
     def _check_redis(self) -> None:
         try:
@@ -108,21 +108,9 @@ class Client:
         return json.loads(self.rt.artifacts.get_bytes(uri))
 
     def cancel(self, batch_id: str) -> int:
-        """Cancel every episode of the batch that has not finished; return how many were asked."""
-        n = 0
-        for eid in self.rt.engine.batch_ids(batch_id):
-            ep = self.rt.engine.load(eid, history=False)
-            if ep.terminal:
-                continue
-            n += 1
-            if ep.state == states.QUEUED:
-                if self.rt.engine.advance(ep, keep_step=True, state=states.CANCELLED, phase="finished",
-                                          fields={"cause": states.CAUSE_CANCELLED}, terminal=True,
-                                          event_fields={"cause": states.CAUSE_CANCELLED}):
-                    self.rt.resources.release(eid)
-                    continue
-            self.rt.redis.hset(self.rt.keys.episode(eid), "cancel", "1")
-        lifecycle.admit(self.rt)
+        """End every unfinished episode of the batch now (any state); return how many it ended."""
+        n = sum(1 for eid in self.rt.engine.batch_ids(batch_id) if self.rt.lifecycle.cancel(eid))
+        self.rt.lifecycle.admit()
         return n
 
     def rollout(self, tasks: Iterable[Any], *, replicas: int = 1, policy_version: str | None = None,

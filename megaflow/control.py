@@ -14,12 +14,12 @@ import time
 from megaflow.services import lifecycle
 from megaflow.core import states
 from megaflow.records import Recorder
-from megaflow.services.root import Runtime
+from megaflow.services.root import Root
 
 log = logging.getLogger(__name__)
 
 
-def sweep_episodes(rt: Runtime, *, now: float | None = None) -> dict[str, int]:
+def sweep_episodes(rt: Root, *, now: float | None = None) -> dict[str, int]:
     """Time out episodes past the guard; re-send the next task of episodes stuck past redelivery."""
     now = now or time.time()
     fixed = {"timed_out": 0, "resent": 0}
@@ -40,7 +40,7 @@ def sweep_episodes(rt: Runtime, *, now: float | None = None) -> dict[str, int]:
                 fixed["timed_out"] += 1
         elif last < stuck_before and ep.fields.get("next"):
             nxt = json.loads(ep.fields["next"])
-            rt.send(nxt["name"], [eid, ep.step], nxt["queue"])
+            rt.dispatcher.send(nxt["name"], [eid, ep.step], nxt["queue"])
             fixed["resent"] += 1
     return fixed
 
@@ -48,7 +48,7 @@ def sweep_episodes(rt: Runtime, *, now: float | None = None) -> dict[str, int]:
 class Control:
     """Runs the recorder and the sweep until stopped."""
 
-    def __init__(self, rt: Runtime):
+    def __init__(self, rt: Root):
         self.rt = rt
         self.stop = threading.Event()
 

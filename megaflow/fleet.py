@@ -134,7 +134,7 @@ def wait_ready(settings: Settings, procs: list[Proc], wait_s: float) -> None:
     from megaflow.workers.app import create_app
     from megaflow.core.keys import Keys
 
-    app = create_app(settings, register_tasks=False)
+    app = create_app(settings)
     keys = Keys(settings.key_prefix)
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     nodes = {p.node for p in procs if p.node}

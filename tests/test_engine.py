@@ -8,6 +8,8 @@ import pytest
 
 from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
+from megaflow.core import wire
+from megaflow.engine.dispatch import RedisDispatcher
 from megaflow.engine.episodes import EpisodeEngine, NextTask
 from megaflow.core.errors import NotFoundError
 from megaflow.core.keys import Keys
@@ -16,10 +18,14 @@ from megaflow.core.spec import validate_specs
 
 @pytest.fixture
 def engine(settings, redis_client):
-    sent: list[tuple[str, list, str]] = []
-    eng = EpisodeEngine(redis_client, settings, Keys(settings.key_prefix), lambda n, a, q: sent.append((n, a, q)))
-    eng.sent = sent  # type: ignore[attr-defined]
-    return eng
+    return EpisodeEngine(redis_client, settings, Keys(settings.key_prefix),
+                         RedisDispatcher(redis_client, settings.key_prefix))
+
+
+def queued(engine, queue: str) -> list[tuple[str, list]]:
+    """(task, args) of the messages waiting on a broker queue, oldest first."""
+    key = wire.broker_queue_key(engine.settings.key_prefix, queue)
+    return [wire.decode_message(m) for m in reversed(engine.r.lrange(key, 0, -1))]
 
 
 def make(engine, n=2):
@@ -43,26 +49,25 @@ def test_advance_applies_once_and_sends_next(engine, redis_client):
     nxt = NextTask("megaflow.agent.step", "agent")
     assert engine.advance(ep, history=[{"role": "user", "content": "hi"}], incr={"model_calls": 1},
                           state=states.RUNNING, phase="env_ready", next_task=nxt)
-    assert engine.sent == [("megaflow.agent.step", [ids[0], 1], "agent")]
+    assert queued(engine, "agent") == [("megaflow.agent.step", [ids[0], 1])]
     # a redelivered copy of the same step is dropped: no second history record, no second send
     assert not engine.advance(stale, history=[{"role": "user", "content": "hi"}], next_task=nxt)
     again = engine.load(ids[0])
     assert again.step == 1 and len(again.history) == 1 and again.num("model_calls") == 1
     assert "env_ready" in again.phase_times()
-    assert len(engine.sent) == 1
+    assert len(queued(engine, "agent")) == 1
 
 
-def test_claim_drops_stale_and_resends_lost_next(engine):
+def test_claim_drops_stale_and_future_steps(engine):
     _, ids = make(engine, 1)
     ep = engine.load(ids[0])
     engine.advance(ep, next_task=NextTask("megaflow.model.complete", "model"))
-    engine.sent.clear()
     assert engine.claim(ids[0], 1) is not None  # the current step
     assert engine.claim(ids[0], 5) is None  # from the future: dropped
-    assert engine.sent == []
-    # the task of step 0 redelivered after its advance: its next task is sent again (crash repair)
+    # the task of step 0 redelivered after its advance: dropped, and nothing resent (the advance
+    # enqueued the next task atomically, so a resend would only duplicate a step)
     assert engine.claim(ids[0], 0) is None
-    assert engine.sent == [("megaflow.model.complete", [ids[0], 1], "model")]
+    assert queued(engine, "model") == [("megaflow.model.complete", [ids[0], 1])]
 
 
 def test_terminal_marks_batch_done_and_stops_everything(engine, redis_client):
@@ -86,24 +91,21 @@ def test_unknown_ids(engine):
     assert engine.claim("nope", 0) is None
 
 
-def test_advance_enqueues_next_task_atomically(settings, redis_client):
-    from megaflow.workers.app import create_app, encode_task_message
-
-    app = create_app(settings, register_tasks=False)
-    keys = Keys(settings.key_prefix)
-    eng = EpisodeEngine(redis_client, settings, keys, lambda *a: pytest.fail("must not send separately"),
-                        encode=lambda n, a, q: encode_task_message(app, settings, n, a, q))
-    _, ids = eng.create_batch(validate_specs(demo_specs("fix")[:1]), "alice")
-    ep, stale = eng.load(ids[0]), eng.load(ids[0])
-    assert eng.advance(ep, next_task=NextTask("megaflow.agent.step", "agent"))
-    assert not eng.advance(stale, next_task=NextTask("megaflow.agent.step", "agent"))
-    assert eng.claim(ids[0], 0) is None  # a redelivered step 0: dropped, and nothing resent
-    queued = redis_client.lrange(f"{settings.key_prefix}:celery:agent", 0, -1)
-    assert len(queued) == 1  # the duplicate advance enqueued nothing
-    msg = json.loads(queued[0])
-    assert msg["headers"]["task"] == "megaflow.agent.step"
-    assert msg["properties"]["delivery_info"]["routing_key"] == "agent"
+def test_wire_message_is_what_celery_sends(settings):
+    """encode_message writes Celery's own protocol-2 message, so stock workers consume it."""
     import base64
 
-    assert json.loads(base64.b64decode(msg["body"]))[0] == [ids[0], 1]
+    from megaflow.workers.app import create_app
+
+    app = create_app(settings)
+    args = ["ep-1", 3]
+    ours = json.loads(wire.encode_message(settings.key_prefix, "megaflow.agent.step", args, "agent")[1])
+    theirs = app.amqp.as_task_v2("x", "megaflow.agent.step", args=args, kwargs={},
+                                 argsrepr=wire.task_argsrepr("megaflow.agent.step", args, "agent"))
+    volatile = {"id", "root_id", "origin"}
+    assert {k: v for k, v in ours["headers"].items() if k not in volatile} == \
+        {k: v for k, v in theirs.headers.items() if k not in volatile}
+    assert json.loads(base64.b64decode(ours["body"])) == json.loads(json.dumps(theirs.body))
+    assert ours["content-type"] == "application/json"
+    assert wire.decode_message(json.dumps(ours)) == ("megaflow.agent.step", args)
     app.close()

@@ -70,7 +70,7 @@ def test_stale_and_duplicate_callbacks_are_dropped(fleet):
         client.wait(sub.batch_id, timeout=120)
         eid = sub.episode_ids[0]
         before = client.rt.engine.load(eid)
-        app = create_app(fleet, register_tasks=False)
+        app = create_app(fleet)
         # replay every step's callback as if redelivered: none may fork or change the episode
         for step in range(before.step + 1):
             app.send_task("megaflow.agent.step", args=[eid, step], queue="agent")

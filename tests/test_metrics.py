@@ -72,7 +72,7 @@ def test_gauges_follow_queues_slots_warm_pools_and_episodes(settings, redis_clie
         redis_client.zadd(keys.live, {eid: now})
         redis_client.hset(keys.episode(eid), "state", state)
     # real Celery messages on queues no worker consumes, one of them with a priority (another list)
-    app = create_app(settings, register_tasks=False)
+    app = create_app(settings)
     try:
         for step in range(3):
             app.send_task("megaflow.agent.step", args=["ep-x", step], queue="agent")
@@ -172,7 +172,7 @@ def test_metrics_once_prints_the_text(settings, monkeypatch):
 
 def test_control_service_starts_the_endpoint_on_metrics_port(settings):
     from megaflow.control import Control
-    from megaflow.services.root import Runtime
+    from megaflow.services.root import Root as Runtime
 
     port = free_port()
     ctl = Control(Runtime(settings.model_copy(update={"metrics_port": port}), role="control"))

@@ -271,29 +271,6 @@ def test_quota_and_capacity_view(make):
     assert m.quota("a") == 3
 
 
-def test_sweeper_sweeps_and_admits_on_request(make, settings, redis_client):
-    from megaflow.engine.resources.sweeper import run_sweeper
-
-    m = make(sweep_interval_s=30)
-    calls = []
-    stop = threading.Event()
-    t = threading.Thread(target=run_sweeper, args=(m.settings, stop, lambda: calls.append(time.monotonic())))
-    t.start()
-    try:
-        deadline = time.monotonic() + 5
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(calls) == 1  # the first sweep, then admission
-        m.request_admission()
-        while len(calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(calls) == 2
-    finally:
-        stop.set()
-        t.join(5)
-    assert not t.is_alive()
-
-
 def test_cli_commands(make, redis_server, monkeypatch):
     from typer.testing import CliRunner
 

@@ -81,10 +81,11 @@ def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make pr
             finally:
                 client.close()
         else:
-            from megaflow.workers.app import create_app, env_host_queue
+            from megaflow.core.wire import env_host_queue
+            from megaflow.workers.app import create_app
 
             if sender is None:
-                sender = create_app(settings, register_tasks=False)
+                sender = create_app(settings)
             result = sender.send_task(PREFETCH_TASK, args=[list(images)], queue=env_host_queue(host))
             typer.echo(f"{host}\tqueued\t{result.id}")
     if failed:

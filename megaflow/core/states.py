@@ -26,3 +26,7 @@ CAUSE_MODEL = "model_error"
 CAUSE_CANCELLED = "cancelled"
 CAUSE_SETUP = "setup"
 CAUSE_AGENT_CONFIG = "agent_config"
+CAUSE_INTERNAL = "internal"  # an unexpected exception in a step (a bug or an unforeseen backend error)
+
+# Causes that say nothing about the agent's work: never scored as a result, re-run by resume.
+INFRA_CAUSES = frozenset({CAUSE_INFRA, CAUSE_INTERNAL})

@@ -17,15 +17,16 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
-from megaflow.core import states
+from megaflow.core import states, wire
 from megaflow.core.errors import NotFoundError
 from megaflow.core.keys import Keys
 from megaflow.core.settings import Settings
 from megaflow.core.spec import TaskSpec
+from megaflow.engine.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +147,14 @@ class NextTask:
         return json.dumps({"name": self.name, "queue": self.queue})
 
 
-Sender = Callable[[str, list[Any], str], None]
-Encoder = Callable[[str, list[Any], str], tuple[str, str]]  # -> (broker list key, message)
-
-
 class EpisodeEngine:
     """Creates, loads and advances episodes; sends the next task of each advance."""
 
-    def __init__(self, redis_client: redis.Redis, settings: Settings, keys: Keys, send: Sender,
-                 encode: Encoder | None = None):
+    def __init__(self, redis_client: redis.Redis, settings: Settings, keys: Keys, dispatcher: Dispatcher):
         self.r = redis_client
         self.settings = settings
         self.keys = keys
-        self._send = send
-        self._encode = encode  # when given, the next task is enqueued by the advance script itself
+        self.dispatcher = dispatcher  # the next task's message is pushed by the advance script itself
         self._advance = redis_client.register_script(ADVANCE_LUA)
         self._load = redis_client.register_script(LOAD_LUA)
 
@@ -205,10 +200,8 @@ class EpisodeEngine:
     def claim(self, episode_id: str, step: int, *, history: bool | str = True) -> Episode | None:
         """The episode if it is at ``step`` and live; else None (a duplicate or a stale callback).
 
-        Without an encoder (the advance then sends the next task after its script), a redelivered
-        task whose advance went through but whose next task was lost (a crash between the two)
-        finds the episode one step ahead and sends that next task again. With one, the advance
-        enqueued it atomically, so nothing is resent (that would only duplicate the next step).
+        The advance that moved an episode past ``step`` enqueued its next task atomically, so a
+        redelivered task finding the episode ahead resends nothing (that would only duplicate a step).
         """
         try:
             ep = self.load(episode_id, history=history)
@@ -217,14 +210,7 @@ class EpisodeEngine:
             return None
         if ep.terminal:
             return None
-        if ep.step == step:
-            return ep
-        nxt = ep.fields.get("next")
-        if ep.step == step + 1 and nxt and not self._encode:
-            spec = json.loads(nxt)
-            log.warning("episode %s: resending %s for step %s after a redelivery", episode_id, spec["name"], ep.step)
-            self._send(spec["name"], [episode_id, ep.step], spec["queue"])
-        return None
+        return ep if ep.step == step else None
 
     # --- advancing -------------------------------------------------------------------------
     def advance(
@@ -258,8 +244,8 @@ class EpisodeEngine:
         now = time.time()
         records = [json.dumps(dict(rec, t=rec.get("t", now))) for rec in (history or [])]
         queue_key, message = self.keys.episode(ep.id), ""
-        if next_task and self._encode:
-            queue_key, message = self._encode(next_task.name, [ep.id, new_step], next_task.queue)
+        if next_task:
+            queue_key, message = self.dispatcher.encode(next_task.name, [ep.id, new_step], next_task.queue)
         applied = self._advance(
             keys=[self.keys.episode(ep.id), self.keys.history(ep.id), self.keys.events, self.keys.live,
                   self.keys.batch_done(ep.batch_id), queue_key],
@@ -273,8 +259,6 @@ class EpisodeEngine:
         ep.fields.update(fields)
         ep.fields["step"] = str(new_step)
         ep.history_len += len(records)
-        if next_task and not self._encode:
-            self._send(next_task.name, [ep.id, new_step], next_task.queue)
         return True
 
     # --- queries ---------------------------------------------------------------------------
@@ -318,3 +302,18 @@ def episode_view(ep: Episode) -> dict[str, Any]:
         "artifact_uri": f.get("artifact_uri") or None,
         "phases": ep.phase_times(),
     }
+
+
+def to_agent() -> NextTask:
+    """Hand the episode to the agent service."""
+    return NextTask(wire.AGENT_STEP, wire.AGENT_QUEUE)
+
+
+def to_model() -> NextTask:
+    """Hand the episode to the model service."""
+    return NextTask(wire.MODEL_COMPLETE, wire.MODEL_QUEUE)
+
+
+def to_host(name: str, host: str) -> NextTask:
+    """Hand the episode to its env host's queue for task ``name``."""
+    return NextTask(name, wire.env_host_queue(host))

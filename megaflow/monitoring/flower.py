@@ -86,7 +86,7 @@ def run_flower(settings: Settings, *, port: int | None = None, address: str | No
         setattr(options, name, value)
     extract_settings()
     setup_logging()
-    capp = create_app(settings, register_tasks=False)
+    capp = create_app(settings)
     flower_app = Flower(capp=capp, options=options, **web_settings)
 
     def _stop(signum: int, _frame: Any) -> None:

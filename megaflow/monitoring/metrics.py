@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import redis
 
 from megaflow.core import states
-from megaflow.workers.app import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
+from megaflow.core.wire import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
 from megaflow.core.keys import Keys
 from megaflow.core.settings import Settings
 

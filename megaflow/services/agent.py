@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import time
 
@@ -9,7 +11,9 @@ from megaflow.services import lifecycle
 from megaflow.core import states
 from megaflow.agents import make_agent
 from megaflow.core.errors import SpecError
-from megaflow.services.root import Runtime
+
+if TYPE_CHECKING:
+    from megaflow.services.root import Root as Runtime
 
 
 def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
@@ -56,3 +60,13 @@ def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
         rt.engine.advance(ep, history=[{"role": "user", "content": action.message, "kind": "format_error"}],
                           incr={"format_errors": 1, "format_streak": 1}, next_task=lifecycle.to_model())
     return action.kind
+
+
+class AgentService:
+    """The agent service: decides each episode's next action."""
+
+    def __init__(self, root: Runtime):
+        self.root = root
+
+    def step(self, episode_id: str, step: int) -> str:
+        return agent_step(self.root, episode_id, step)

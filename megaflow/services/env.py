@@ -1,15 +1,20 @@
-"""The environment service's steps: provision, exec, evaluate and close an episode's container."""
+"""The environment service: provision, exec, evaluate and close an episode's container on this host."""
 
 from __future__ import annotations
 
 import shlex
 from typing import Any
 
-from megaflow.services import lifecycle
-from megaflow.core import states
+from typing import TYPE_CHECKING
+
 from megaflow.agents import make_agent
+from megaflow.core import states, wire
 from megaflow.core.errors import InfraError, RetryableError, TaskError
-from megaflow.services.root import Runtime
+from megaflow.engine.episodes import to_agent
+from megaflow.services import lifecycle
+
+if TYPE_CHECKING:
+    from megaflow.services.root import Root as Runtime
 
 BOOT_BUSY = "boot_busy"
 
@@ -24,9 +29,6 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
     ep = rt.engine.claim(episode_id, step)
     if ep is None:
         return "dropped"
-    if ep.fields.get("cancel") == "1":
-        lifecycle.finish(rt, ep, states.CANCELLED, cause=states.CAUSE_CANCELLED)
-        return "cancelled"
     if ep.host and ep.host != rt.host:  # re-admitted to another host since this task was sent
         return "dropped"
     if not rt.resources.mark_started(ep.id):  # the sweep re-queued it (never started in time): not ours now
@@ -57,7 +59,7 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
     applied = rt.engine.advance(
         ep, state=states.RUNNING, phase="env_ready", fields={"container": handle},
         event_fields={"host": rt.host, "container_id": handle.get("container_id"), "mode": handle.get("mode")},
-        next_task=lifecycle.to_agent(),
+        next_task=to_agent(),
     )
     if not applied:  # a duplicate delivery won the race: this container is ours to remove
         rt.env_host.close(handle)
@@ -100,7 +102,7 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     record = {"role": "user", "content": text, "kind": "observation", "exit_code": res.exit_code,
               "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4), "command": command,
               "output_head": res.output.lstrip()[:256]}  # for submit checks; content shows the output
-    rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
+    rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=to_agent())
     return "ok"
 
 
@@ -147,3 +149,27 @@ def close(rt: Runtime, episode_id: str, handle: dict[str, Any]) -> str:
     """Remove a finished episode's container and release its slots."""
     lifecycle.close_container(rt, episode_id, handle)
     return "closed"
+
+
+class EnvService:
+    """The env service of one env host: its steps, bound to this process's root."""
+
+    def __init__(self, root: Runtime):
+        self.root = root
+
+    def provision(self, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
+        return provision(self.root, episode_id, step, final_attempt=final_attempt)
+
+    def execute(self, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
+        return execute(self.root, episode_id, step, final_attempt=final_attempt)
+
+    def evaluate(self, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
+        return evaluate(self.root, episode_id, step, final_attempt=final_attempt)
+
+    def close(self, episode_id: str, handle: dict[str, Any]) -> str:
+        return close(self.root, episode_id, handle)
+
+    def prefetch(self, images: list[str]) -> dict[str, Any]:
+        from megaflow.env_hosts.images import prefetch as do_prefetch
+
+        return do_prefetch(self.root.env_host, images)

@@ -1,68 +1,30 @@
-"""Episode lifecycle across services: admission, finishing on every exit path, releasing slots.
+"""Episode lifecycle across services: admission, finishing on every exit path, cancel, releasing.
 
-Admission runs on events (a submit, a release, a host joining) from whichever process saw the
-event; finishing is the one place that ends an episode, whatever ended it.
+``Lifecycle.finish`` is the one place that ends an episode, whatever ended it (a result, a limit,
+an exception in any step, a cancel, the guard): it saves the trajectory, marks the episode
+terminal with a compare-and-set, removes its container and releases its slots.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from megaflow.core import states
-from megaflow.workers.app import env_host_queue
-from megaflow.engine.episodes import Episode, NextTask
-from megaflow.services.root import Runtime
+from megaflow.core import states, wire
+from megaflow.core.errors import NotFoundError
+from megaflow.engine.admission import admit as admit_queued
+from megaflow.engine.episodes import Episode, NextTask, to_agent, to_host, to_model
+
+if TYPE_CHECKING:
+    from megaflow.services.root import Root
 
 log = logging.getLogger(__name__)
 
-PROVISION = "megaflow.env.provision"
-AGENT_STEP = "megaflow.agent.step"
-MODEL_COMPLETE = "megaflow.model.complete"
-ENV_EXEC = "megaflow.env.exec"
-ENV_EVALUATE = "megaflow.env.evaluate"
-ENV_CLOSE = "megaflow.env.close"
+__all__ = ["Lifecycle", "admit", "finish", "release", "close_container", "to_agent", "to_host", "to_model",
+           "NextTask", "trajectory"]
 
-
-def to_agent() -> NextTask:
-    from megaflow.workers.app import AGENT_QUEUE
-
-    return NextTask(AGENT_STEP, AGENT_QUEUE)
-
-
-def to_model() -> NextTask:
-    from megaflow.workers.app import MODEL_QUEUE
-
-    return NextTask(MODEL_COMPLETE, MODEL_QUEUE)
-
-
-def to_host(name: str, host: str) -> NextTask:
-    return NextTask(name, env_host_queue(host))
-
-
-def admit(rt: Runtime, max_n: int = 100) -> int:
-    """Admit what capacity allows and send each admitted episode's first task; return the count."""
-    total = 0
-    while True:
-        admissions = rt.resources.admit(max_n)
-        for a in admissions:
-            try:
-                ep = rt.engine.load(a.episode_id, history=False)
-            except Exception:
-                rt.resources.release(a.episode_id)
-                continue
-            ok = rt.engine.advance(
-                ep, keep_step=True, state=states.ADMITTED, phase="admitted",
-                fields={"host": a.host}, event_fields={"host": a.host},
-                next_task=to_host(PROVISION, a.host),
-            )
-            if not ok:  # cancelled or finished while queued
-                rt.resources.release(a.episode_id)
-            else:
-                total += 1
-        if len(admissions) < max_n:
-            return total
+CANCEL_ATTEMPTS = 20  # compare-and-set retries while the episode keeps moving under a cancel
 
 
 def trajectory(ep: Episode) -> dict[str, Any]:
@@ -83,67 +45,120 @@ def trajectory(ep: Episode) -> dict[str, Any]:
     }
 
 
-def finish(
-    rt: Runtime,
-    ep: Episode,
-    state: str,
-    *,
-    reward: float | None = None,
-    cause: str | None = None,
-    error: str | None = None,
-    close_here: bool = False,
-) -> bool:
-    """End the episode: save its trajectory, mark it terminal, then close its container and release.
+class Lifecycle:
+    """Admits, finishes, fails, cancels and releases episodes."""
 
-    ``close_here`` is for callers already on the episode's env host (they remove the container
-    in-process); elsewhere the close is sent to ``env.<host>``. Returns False if another task
-    ended the episode first.
-    """
-    current = rt.engine.load(ep.id)  # the whole history, for the trajectory (callers may hold only its tail)
-    if current.step != ep.step or current.terminal:  # another task moved the episode on: not ours to end
-        return False
-    ep = current
-    fields: dict[str, Any] = {"reward": "" if reward is None else str(reward), "cause": cause or "",
-                              "error": (error or "")[:2000]}
-    view = trajectory(ep)
-    view.update(state=state, reward=reward, cause=cause, error=error)
-    uri = None
-    try:
-        key = f"trajectories/{ep.batch_id}/{ep.id}.json"
-        uri = rt.artifacts.put_bytes(key, json.dumps(view).encode(), content_type="application/json")
-        fields["artifact_uri"] = uri
-    except Exception as exc:  # an artifact outage must not keep the episode (and its slots) alive
-        log.exception("episode %s: trajectory not saved: %s", ep.id, exc)
-    applied = rt.engine.advance(
-        ep, state=state, phase="finished", fields=fields, terminal=True,
-        event_fields={"reward": reward, "cause": cause, "error": fields["error"] or None, "artifact_uri": uri,
-                      "steps": int(ep.num("model_calls")), "prompt_tokens": int(ep.num("prompt_tokens")),
-                      "completion_tokens": int(ep.num("completion_tokens")),
-                      "resolved": (view.get("report") or {}).get("resolved")},
-    )
-    if not applied:
-        return False
-    handle = ep.container
-    if handle and close_here:
-        close_container(rt, ep.id, handle)
-    elif handle:
-        rt.send(ENV_CLOSE, [ep.id, handle], env_host_queue(handle.get("host") or ep.host))
-    else:
-        release(rt, ep.id)
-    return True
+    def __init__(self, root: Root):
+        self.root = root
+        self.engine = root.engine
+        self.resources = root.resources
+        self.dispatcher = root.dispatcher
+
+    def admit(self, max_n: int = 100) -> int:
+        """Admit what capacity allows and send each admitted episode's first task; return the count."""
+        return admit_queued(self.engine, self.resources, max_n)
+
+    def finish(self, ep: Episode, state: str, *, reward: float | None = None, cause: str | None = None,
+               error: str | None = None, close_here: bool = False) -> bool:
+        """End the episode: save its trajectory, mark it terminal, then close its container and release.
+
+        ``close_here`` is for callers on the episode's env host (they remove the container in-process);
+        elsewhere the close is sent to ``env.<host>``. Returns False if another task ended it first.
+        """
+        current = self.engine.load(ep.id)  # the whole history (callers may hold only its tail)
+        if current.step != ep.step or current.terminal:  # another task moved the episode on: not ours to end
+            return False
+        ep = current
+        fields: dict[str, Any] = {"reward": "" if reward is None else str(reward), "cause": cause or "",
+                                  "error": (error or "")[:2000]}
+        view = trajectory(ep)
+        view.update(state=state, reward=reward, cause=cause, error=error)
+        uri = None
+        try:
+            key = f"trajectories/{ep.batch_id}/{ep.id}.json"
+            uri = self.root.artifacts.put_bytes(key, json.dumps(view).encode(), content_type="application/json")
+            fields["artifact_uri"] = uri
+        except Exception as exc:  # an artifact outage must not keep the episode (and its slots) alive
+            log.exception("episode %s: trajectory not saved: %s", ep.id, exc)
+        applied = self.engine.advance(
+            ep, state=state, phase="finished", fields=fields, terminal=True,
+            event_fields={"reward": reward, "cause": cause, "error": fields["error"] or None, "artifact_uri": uri,
+                          "steps": int(ep.num("model_calls")), "prompt_tokens": int(ep.num("prompt_tokens")),
+                          "completion_tokens": int(ep.num("completion_tokens")),
+                          "resolved": (view.get("report") or {}).get("resolved")},
+        )
+        if not applied:
+            return False
+        handle = ep.container
+        if handle and close_here:
+            self.close_container(ep.id, handle)
+        elif handle:
+            self.dispatcher.send(wire.ENV_CLOSE, [ep.id, handle], wire.env_host_queue(handle.get("host") or ep.host))
+        else:
+            self.release(ep.id)
+        return True
+
+    def fail(self, episode_id: str, step: int, *, cause: str, error: str, close_here: bool = False) -> bool:
+        """End an episode still at ``step`` as FAILED with ``cause`` (a step raised); False if it moved on."""
+        try:
+            ep = self.engine.load(episode_id, history=False)
+        except NotFoundError:
+            return False
+        if ep.terminal or ep.step != step:
+            return False
+        return self.finish(ep, states.FAILED, cause=cause, error=error, close_here=close_here)
+
+    def cancel(self, episode_id: str) -> bool:
+        """End a live episode as CANCELLED now, whatever its state; False if it was already final.
+
+        A task in flight for it finds the episode terminal and drops its result; its container is
+        removed by the close task (a running command or evaluation dies with it).
+        """
+        for _ in range(CANCEL_ATTEMPTS):
+            try:
+                ep = self.engine.load(episode_id, history=False)
+            except NotFoundError:
+                return False
+            if ep.terminal:
+                return False
+            if self.finish(ep, states.CANCELLED, cause=states.CAUSE_CANCELLED, error="cancelled by request"):
+                return True
+        raise RuntimeError(f"episode {episode_id} kept moving; cancel did not take after {CANCEL_ATTEMPTS} tries")
+
+    def close_container(self, episode_id: str, handle: dict[str, Any]) -> None:
+        """Remove the episode's container (on this host), then release its slots."""
+        try:
+            self.root.env_host.close(handle)
+        except Exception:
+            log.exception("episode %s: closing %s failed; the reaper will remove it", episode_id, handle.get("id"))
+        self.release(episode_id)
+
+    def release(self, episode_id: str) -> None:
+        """Give back every slot the episode holds (and its FIFO place), then admit what that frees."""
+        self.resources.release(episode_id)
+        self.admit()
 
 
-def close_container(rt: Runtime, episode_id: str, handle: dict[str, Any]) -> None:
-    """Remove the episode's container (on this host), then release its slots."""
-    try:
-        rt.env_host.close(handle)
-    except Exception:
-        log.exception("episode %s: closing container %s failed; the reaper will remove it",
-                      episode_id, handle.get("container_id"))
-    release(rt, episode_id)
+# Function forms, for step code written as functions of the root.
+def admit(rt: Root, max_n: int = 100) -> int:
+    return rt.lifecycle.admit(max_n)
 
 
-def release(rt: Runtime, episode_id: str) -> None:
-    """Give back every slot the episode holds, then admit what that frees."""
-    rt.resources.release(episode_id)
-    admit(rt)
+def finish(rt: Root, ep: Episode, state: str, **kwargs: Any) -> bool:
+    return rt.lifecycle.finish(ep, state, **kwargs)
+
+
+def close_container(rt: Root, episode_id: str, handle: dict[str, Any]) -> None:
+    rt.lifecycle.close_container(episode_id, handle)
+
+
+def release(rt: Root, episode_id: str) -> None:
+    rt.lifecycle.release(episode_id)
+
+
+PROVISION = wire.ENV_PROVISION
+AGENT_STEP = wire.AGENT_STEP
+MODEL_COMPLETE = wire.MODEL_COMPLETE
+ENV_EXEC = wire.ENV_EXEC
+ENV_EVALUATE = wire.ENV_EVALUATE
+ENV_CLOSE = wire.ENV_CLOSE

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from megaflow.services import lifecycle
 from megaflow.core import states
 from megaflow.core.errors import ContextLengthError, ModelError, RetryableError
 from megaflow.model_gateway.base import ModelRequest
-from megaflow.services.root import Runtime
 
 CHAT_KEYS = ("role", "content")
+
+if TYPE_CHECKING:
+    from megaflow.services.root import Root as Runtime
 
 
 def model_step(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
@@ -48,3 +52,13 @@ def model_step(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool =
         next_task=lifecycle.to_agent(),
     )
     return "ok"
+
+
+class ModelService:
+    """The model service: one chat-completion call per step."""
+
+    def __init__(self, root: Runtime):
+        self.root = root
+
+    def step(self, episode_id: str, step: int) -> str:
+        return model_step(self.root, episode_id, step)

@@ -1,96 +1,104 @@
-"""Per-process clients (Redis, Docker, stores, backends), built lazily after fork.
+"""The composition root: every client and service of one process, built from Settings.
 
-A worker calls ``configure(settings, role=..., host=...)`` once in its entry point; tasks call
-``current()``. The runtime notices a fork (pid change) and rebuilds its clients, so no Redis or
-MongoDB connection crosses a fork.
+A worker builds one ``Root`` per process after fork (see ``megaflow.workers.tasks``); a Client
+builds one for its calls. Each part is created on first use, so a process only opens what it needs
+(an agent worker never talks to Docker, a client never loads a model backend), and each is typed,
+so nothing is looked up by name at run time.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from megaflow.core.keys import Keys
 from megaflow.core.settings import Settings
+from megaflow.engine.dispatch import Dispatcher, RedisDispatcher
+from megaflow.engine.episodes import EpisodeEngine
+from megaflow.engine.resources import ResourceManager
+
+if TYPE_CHECKING:
+    from megaflow.model_gateway.base import ModelBackend
+    from megaflow.services.agent import AgentService
+    from megaflow.services.env import EnvService
+    from megaflow.services.lifecycle import Lifecycle
+    from megaflow.services.model import ModelService
+    from megaflow.stores.base import ArtifactStore, MetadataStore
+
+ROLE_CONCURRENCY = {"model": "model_concurrency", "env": "env_concurrency", "agent": "agent_concurrency"}
 
 
-class Runtime:
+class Root:
     """Clients and services of one process, each built on first use."""
 
-    def __init__(self, settings: Settings, *, role: str = "client", host: str | None = None, app: Any = None):
+    def __init__(self, settings: Settings, *, role: str = "client", host: str | None = None,
+                 dispatcher: Dispatcher | None = None, env_host: Any = None):
         self.settings = settings
         self.role = role
         self.host = host or settings.host_name
         self.keys = Keys(settings.key_prefix)
-        self._app = app
+        self._dispatcher = dispatcher
+        self._env_host = env_host
         self._lock = threading.Lock()
-        self._backends: dict[str, Any] = {}
+        self._backends: dict[str, ModelBackend] = {}
 
+    # --- clients ---------------------------------------------------------------------------
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url, decode_responses=True, health_check_interval=30)
+        """One pool per process, sized to the role's concurrency: a thread waits for a connection
+        (BlockingConnectionPool) instead of failing with MaxConnectionsError under load."""
+        threads = int(getattr(self.settings, ROLE_CONCURRENCY.get(self.role, ""), 0) or 0)
+        pool = redis.BlockingConnectionPool.from_url(
+            self.settings.redis_url, decode_responses=True, health_check_interval=30,
+            max_connections=max(16, threads + 16), timeout=30)
+        return redis.Redis(connection_pool=pool)
 
     @cached_property
-    def app(self):
-        if self._app is None:
-            from megaflow.workers.app import create_app
-
-            self._app = create_app(self.settings, register_tasks=False)
-        return self._app
-
-    def send(self, name: str, args: list[Any], queue: str) -> None:
-        from megaflow.monitoring.flower import task_argsrepr
-
-        self.app.send_task(name, args=args, queue=queue, argsrepr=task_argsrepr(name, args, queue))
-
-    def encode(self, name: str, args: list[Any], queue: str) -> tuple[str, str]:
-        """(broker list key, message) for a task the engine enqueues inside its advance script."""
-        from megaflow.workers.app import encode_task_message
-        from megaflow.monitoring.flower import task_argsrepr
-
-        return encode_task_message(self.app, self.settings, name, args, queue, task_argsrepr(name, args, queue))
+    def dispatcher(self) -> Dispatcher:
+        return self._dispatcher or RedisDispatcher(self.redis, self.settings.key_prefix)
 
     @cached_property
-    def engine(self):
-        from megaflow.engine.episodes import EpisodeEngine
-
-        return EpisodeEngine(self.redis, self.settings, self.keys, self.send, encode=self.encode)
+    def engine(self) -> EpisodeEngine:
+        return EpisodeEngine(self.redis, self.settings, self.keys, self.dispatcher)
 
     @cached_property
-    def resources(self):
-        from megaflow.engine.resources import ResourceManager
-
+    def resources(self) -> ResourceManager:
         return ResourceManager(self.redis, self.settings, self.keys)
 
     @cached_property
-    def artifacts(self):
+    def artifacts(self) -> ArtifactStore:
         from megaflow.stores import open_artifact_store
 
         return open_artifact_store(self.settings.artifacts_url, self.settings)
 
     @cached_property
-    def metadata(self):
+    def metadata(self) -> MetadataStore:
         from megaflow.stores import open_metadata_store
 
         return open_metadata_store(self.settings.metadata_url, self.settings)
 
-    @cached_property
-    def docker(self):
+    @property
+    def env_host(self) -> Any:
+        """This env host's backend (Docker, sim or a third-party one, from ``settings.env_backend``)."""
+        if self._env_host is None:
+            with self._lock:
+                if self._env_host is None:
+                    self._env_host = self._load_env_host()
+        return self._env_host
+
+    def _load_env_host(self) -> Any:
         import docker
 
-        return docker.from_env(timeout=max(60, int(self.settings.boot_timeout_s)))
-
-    @cached_property
-    def env_host(self):
         from megaflow.env_hosts.docker_host import DockerHost
 
-        return DockerHost(self.docker, self.settings, name=self.host, redis_client=self.redis, keys=self.keys)
+        client = docker.from_env(timeout=max(60, int(self.settings.boot_timeout_s)))
+        return DockerHost(client, self.settings, name=self.host, redis_client=self.redis, keys=self.keys)
 
-    def backend(self, name: str):
+    def backend(self, name: str) -> ModelBackend:
+        """The model backend called ``name`` (one instance per process)."""
         with self._lock:
             if name not in self._backends:
                 from megaflow.model_gateway import load_backend
@@ -98,29 +106,33 @@ class Runtime:
                 self._backends[name] = load_backend(name, self.settings, self.redis)
             return self._backends[name]
 
+    # --- services --------------------------------------------------------------------------
+    @cached_property
+    def lifecycle(self) -> Lifecycle:
+        from megaflow.services.lifecycle import Lifecycle
 
-_current: Runtime | None = None
-_pid: int | None = None
-_config: dict[str, Any] = {}
+        return Lifecycle(self)
 
+    @cached_property
+    def agent_service(self) -> AgentService:
+        from megaflow.services.agent import AgentService
 
-def configure(settings: Settings, **kwargs: Any) -> Runtime:
-    """Set this process's runtime (called by entry points)."""
-    global _current, _pid
-    _config.clear()
-    _config.update(settings=settings, **kwargs)
-    _current = Runtime(settings, **kwargs)
-    _pid = os.getpid()
-    return _current
+        return AgentService(self)
 
+    @cached_property
+    def model_service(self) -> ModelService:
+        from megaflow.services.model import ModelService
 
-def current() -> Runtime:
-    """This process's runtime, rebuilt after a fork."""
-    global _current, _pid
-    if _current is None:
-        configure(Settings.load())
-    elif _pid != os.getpid():
-        _current = Runtime(**_config)
-        _pid = os.getpid()
-    assert _current is not None
-    return _current
+        return ModelService(self)
+
+    @cached_property
+    def env_service(self) -> EnvService:
+        from megaflow.services.env import EnvService
+
+        return EnvService(self)
+
+    def close(self) -> None:
+        """Close the clients this process opened."""
+        if "redis" in self.__dict__:
+            self.redis.close()
+            self.redis.connection_pool.disconnect()

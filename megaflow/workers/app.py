@@ -1,24 +1,21 @@
-"""Celery app factory: JSON only, one queue per service, routing by task name.
+"""The Celery app: ``celery -A megaflow.workers.app worker|inspect|flower`` works, as does ``megaflow worker``.
 
-No app exists at import time: entry points call ``create_app(settings)``, which binds the broker
-and registers the tasks of ``megaflow.workers.tasks`` on that app.
+The app object exists at import (stock Celery needs one) but binds nothing then: its configuration
+is computed from Settings on first use (``add_defaults`` is lazy), so importing this module opens no
+connection and reads no file. JSON only, one queue per service, routing by task name.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Exchange, Queue
 
+from megaflow.core import wire
 from megaflow.core.settings import Settings
 
-MODEL_QUEUE = "model"
-AGENT_QUEUE = "agent"
-ENV_QUEUE = "env"
-
-
-def env_host_queue(host: str) -> str:
-    """The queue of operations on containers living on ``host``."""
-    return f"{ENV_QUEUE}.{host}"
+_settings: Settings | None = None
 
 
 def queue(name: str) -> Queue:
@@ -26,22 +23,15 @@ def queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-ROUTES = {
-    "megaflow.model.*": {"queue": MODEL_QUEUE},
-    "megaflow.agent.*": {"queue": AGENT_QUEUE},
-    "megaflow.env.*": {"queue": ENV_QUEUE},  # per-host operations pass queue=env.<host> explicitly
-}
-
-
-def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
-    """A Celery app bound to ``settings.redis_url`` with MegaFlow's queues and tasks."""
-    app = Celery("megaflow", set_as_current=False)
-    app.conf.update(
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings of a MegaFlow app bound to ``settings.redis_url``."""
+    return dict(
         broker_url=settings.redis_url,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a Redis restart is waited out, never fatal to a worker
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
-            "global_keyprefix": f"{settings.key_prefix}:celery:",
+            "global_keyprefix": wire.broker_prefix(settings.key_prefix),
             # scan for messages of dead workers every 10 s (they are redelivered once older than
             # the visibility timeout), not every 100 s as kombu's default throttle would
             "unacked_restore_interval": 10,
@@ -56,58 +46,49 @@ def create_app(settings: Settings, *, register_tasks: bool = True) -> Celery:
         result_accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # a task that raised past the never-strand guard could not reach Redis: leave its message
+        # unacknowledged so it is redelivered, never lost
+        task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,
         task_send_sent_event=False,  # one Redis publish less per hop; workers still send task events
         worker_send_task_events=settings.task_events,
-        task_default_queue=AGENT_QUEUE,
-        task_default_exchange=AGENT_QUEUE,
-        task_default_routing_key=AGENT_QUEUE,
-        task_queues=[queue(MODEL_QUEUE), queue(AGENT_QUEUE), queue(ENV_QUEUE)],
+        task_default_queue=wire.AGENT_QUEUE,
+        task_default_exchange=wire.AGENT_QUEUE,
+        task_default_routing_key=wire.AGENT_QUEUE,
+        task_queues=[queue(q) for q in wire.QUEUES],
         task_create_missing_queues=True,
-        task_routes=ROUTES,
+        task_routes=wire.ROUTES,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_time_limit=int(settings.step_time_limit_s),
         timezone="UTC",
     )
-    app.megaflow_settings = settings  # type: ignore[attr-defined]
-    if register_tasks:
-        from megaflow.workers.tasks import register
 
-        register(app)
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings`` without tasks (for senders, inspection and Flower)."""
+    app = Celery("megaflow", set_as_current=False)
+    app.conf.update(celery_config(settings))
     return app
 
 
-def broker_queue_key(settings: Settings, queue: str) -> str:
-    """The Redis list a queue's messages (priority 0) live in, under the broker's key prefix."""
-    return f"{settings.key_prefix}:celery:{queue}"
+def configure(settings: Settings) -> None:
+    """Use ``settings`` for the module app (call before the app's configuration is first read)."""
+    global _settings
+    _settings = settings
 
 
-def encode_task_message(app: Celery, settings: Settings, name: str, args: list, queue: str,
-                        argsrepr: str | None = None) -> tuple[str, str]:
-    """(list key, message) that ``app.send_task(name, args, queue=queue)`` would LPUSH on the Redis broker.
-
-    The engine pushes this message inside its compare-and-set script, so an episode's advance and
-    the enqueueing of its next task are one atomic step (and one round trip). The message is
-    kombu's Redis wire format (JSON envelope, base64 JSON body, Celery protocol 2 headers).
-    """
-    import base64
-    import json
-    import uuid
-
-    task_id = str(uuid.uuid4())
-    msg = app.amqp.as_task_v2(task_id, name, args=args, kwargs={}, argsrepr=argsrepr, origin=_origin())
-    body = base64.b64encode(json.dumps(msg.body).encode()).decode()
-    properties = dict(msg.properties, delivery_mode=2, priority=0, body_encoding="base64",
-                      delivery_info={"exchange": "", "routing_key": queue}, delivery_tag=str(uuid.uuid4()))
-    envelope = {"body": body, "content-encoding": "utf-8", "content-type": "application/json",
-                "headers": msg.headers, "properties": properties}
-    return broker_queue_key(settings, queue), json.dumps(envelope)
+def settings() -> Settings:
+    """The settings of this process (from the environment unless ``configure`` set them)."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.load()
+    return _settings
 
 
-def _origin() -> str:
-    import os
-    import socket
+app = Celery("megaflow", set_as_current=False)
+app.add_defaults(lambda: celery_config(settings()))
 
-    return f"{os.getpid()}@{socket.gethostname()}"
+# the tasks and the worker signal handlers register themselves on ``app`` when imported
+from megaflow.workers import signals, tasks  # noqa: E402,F401

@@ -2,7 +2,7 @@
 
 - model: threads (I/O bound HTTP calls), many in flight
 - agent: a small prefork pool (CPU-light decisions, isolated per process)
-- env:   threads (Docker API calls); consumes ``env`` and its own ``env.<host>``; runs the host
+- env:   threads (container API calls); consumes ``env`` and its own ``env.<host>``; runs the host
          heartbeat (registration, lease renewal, warm pool, image eviction, reaper)
 """
 
@@ -16,10 +16,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from megaflow.services import lifecycle, root as runtime
-from megaflow.core import states
-from megaflow.workers.app import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, create_app, env_host_queue
+from megaflow.core import states, wire
 from megaflow.core.settings import Settings
+from megaflow.services.root import Root
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,13 @@ def plan(role: str, settings: Settings, *, host: str | None = None, concurrency:
         raise ValueError(f"unknown worker role {role!r}: choose one of {', '.join(ROLES)}")
     host = host or settings.host_name
     if role == "model":
-        return RolePlan(role, "threads", concurrency or settings.model_concurrency, [MODEL_QUEUE], node_name(role, host))
-    if role == "agent":
-        return RolePlan(role, "prefork", concurrency or settings.agent_concurrency, [AGENT_QUEUE],
+        return RolePlan(role, "threads", concurrency or settings.model_concurrency, [wire.MODEL_QUEUE],
                         node_name(role, host))
-    return RolePlan(role, "threads", concurrency or settings.env_concurrency, [ENV_QUEUE, env_host_queue(host)],
-                    node_name(role, host))
+    if role == "agent":
+        return RolePlan(role, "prefork", concurrency or settings.agent_concurrency, [wire.AGENT_QUEUE],
+                        node_name(role, host))
+    return RolePlan(role, "threads", concurrency or settings.env_concurrency,
+                    [wire.ENV_QUEUE, wire.env_host_queue(host)], node_name(role, host))
 
 
 def node_name(role: str, host: str) -> str:
@@ -56,67 +56,97 @@ def node_name(role: str, host: str) -> str:
 
 
 class Heartbeat(threading.Thread):
-    """Reports the worker's health to Redis; on env workers also keeps the host registered."""
+    """Reports the worker's health to Redis; on env workers also keeps the host registered.
 
-    def __init__(self, rt: runtime.Runtime, plan_: RolePlan):
+    A failing beat (Redis or the container engine down) is logged in one line per back-off, and
+    retried until it works again.
+    """
+
+    def __init__(self, root: Root, node: str, queues: list[str], concurrency: int):
         super().__init__(name="megaflow-heartbeat", daemon=True)
-        self.rt = rt
-        self.plan = plan_
+        self.root = root
+        self.node = node
+        self.queues = queues
+        self.concurrency = concurrency
         self.stop = threading.Event()
-        self.interval = max(0.5, min(rt.settings.lease_s, rt.settings.host_ttl_s) / 4)
+        self.interval = max(0.5, min(root.settings.lease_s, root.settings.host_ttl_s) / 4)
         self.maintain_every = max(self.interval, 10.0)
 
     def is_live(self, episode_id: str) -> bool:
-        state = self.rt.redis.hget(self.rt.keys.episode(episode_id), "state")
+        state = self.root.redis.hget(self.root.keys.episode(episode_id), "state")
         return state is not None and state not in states.TERMINAL
 
     def beat(self) -> None:
-        rt = self.rt
-        rt.redis.set(rt.keys.worker_health(self.plan.role, self.plan.name), json.dumps({
-            "role": self.plan.role, "name": self.plan.name, "pid": os.getpid(), "host": socket.gethostname(),
-            "queues": self.plan.queues, "concurrency": self.plan.concurrency, "ts": time.time(),
+        root = self.root
+        root.redis.set(root.keys.worker_health(root.role, self.node), json.dumps({
+            "role": root.role, "name": self.node, "pid": os.getpid(), "host": socket.gethostname(),
+            "queues": self.queues, "concurrency": self.concurrency, "ts": time.time(),
         }), ex=int(self.interval * 4) + 1)
-        if self.plan.role == "env":
-            report = rt.env_host.report()
-            joined = rt.resources.register_host(
-                rt.host, capacity=report.get("capacity", rt.settings.host_capacity),
+        if root.role == "env":
+            report = root.env_host.report()
+            joined = root.resources.register_host(
+                root.host, capacity=report.get("capacity", root.settings.host_capacity),
                 images=report.get("images", []), warm=report.get("warm", {}),
                 disk_free_gb=report.get("disk_free_gb", 0.0))
-            rt.resources.renew_host(rt.host)
+            root.resources.renew_host(root.host)
             if joined:  # a host joining (or back after its heartbeat lapsed) is an admission event
-                lifecycle.admit(rt)
+                root.lifecycle.admit()
 
     def run(self) -> None:
         last_maintain = 0.0
+        failures = 0
         while not self.stop.is_set():
             try:
                 self.beat()
-                if self.plan.role == "env":
-                    if time.monotonic() - last_maintain > self.maintain_every:
-                        last_maintain = time.monotonic()
-                        self.rt.env_host.maintain(is_live=self.is_live)
+                if self.root.role == "env" and time.monotonic() - last_maintain > self.maintain_every:
+                    last_maintain = time.monotonic()
+                    self.root.env_host.maintain(is_live=self.is_live)
+                if failures:
+                    log.warning("heartbeat of %s works again after %d failed attempts", self.node, failures)
+                failures = 0
+                delay = self.interval
+            except Exception as exc:
+                failures += 1
+                delay = min(30.0, self.interval * 2 ** min(failures, 6))
+                log.warning("heartbeat of %s failed (%s: %s); retrying in %.0fs", self.node,
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", delay)
+                log.debug("heartbeat failure", exc_info=True)
+            self.stop.wait(delay)
+
+    def stop_and_shutdown(self) -> None:
+        """Stop beating; an env worker's warm containers go with it."""
+        self.stop.set()
+        if self.root.role == "env":
+            try:
+                self.root.env_host.shutdown()
             except Exception:
-                log.exception("heartbeat failed; retrying")
-            self.stop.wait(self.interval)
+                log.exception("env host shutdown failed; the reaper will remove what is left")
+
+
+def start_heartbeat(root: Root, node: str) -> Heartbeat:
+    """Reap what a crash left (env hosts), then start this worker's heartbeat thread."""
+    p = plan(root.role, root.settings, host=root.host) if root.role in ROLES else None
+    hb = Heartbeat(root, node, p.queues if p else [], p.concurrency if p else 0)
+    if root.role == "env":
+        try:
+            root.env_host.maintain(is_live=hb.is_live)
+        except Exception as exc:
+            log.warning("first maintenance of env host %s failed: %s", root.host, exc)
+    hb.start()
+    return hb
 
 
 def run_worker(role: str, settings: Settings, *, host: str | None = None, concurrency: int | None = None,
                loglevel: str = "INFO") -> None:
     """Start one role's Celery worker in this process (blocks until it stops)."""
+    from megaflow.workers import app as app_module
+    from megaflow.workers import tasks
+
     p = plan(role, settings, host=host, concurrency=concurrency)
-    app = create_app(settings)
-    rt = runtime.configure(settings, role=role, host=host or settings.host_name, app=app)
-    if role == "env":
-        rt.env_host.maintain(is_live=Heartbeat(rt, p).is_live)  # reap what a crash left before taking work
-    heartbeat = Heartbeat(rt, p)
-    heartbeat.start()
-    try:
-        app.worker_main([
-            "worker", "--queues", ",".join(p.queues), "--pool", p.pool, "--concurrency", str(p.concurrency),
-            "--hostname", p.name, *(["--task-events"] if settings.task_events else []), "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle",
-        ])
-    finally:
-        heartbeat.stop.set()
-        if role == "env":
-            rt.env_host.shutdown()  # warm containers of this worker go with it
+    app_module.configure(settings)
+    tasks.set_identity(role, host or settings.host_name if role == "env" else settings.host_name)
+    app_module.app.worker_main([
+        "worker", "--queues", ",".join(p.queues), "--pool", p.pool, "--concurrency", str(p.concurrency),
+        "--hostname", p.name, *(["--task-events"] if settings.task_events else []), "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle",
+    ])

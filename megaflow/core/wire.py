@@ -1,0 +1,126 @@
+"""The wire contract: queue names, task names, routing, Flower's argument strings, broker messages.
+
+Every process agrees on these names; nothing here imports Celery. ``encode_message`` writes the
+exact message ``Celery.send_task`` would put on the Redis broker (kombu's Redis wire format: a JSON
+envelope around a base64 JSON body with Celery protocol-2 headers), so the engine can enqueue the
+next task inside its compare-and-set script and a sender needs no Celery app at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import uuid
+from typing import Any
+
+# --- queues --------------------------------------------------------------------------------------
+MODEL_QUEUE = "model"
+AGENT_QUEUE = "agent"
+ENV_QUEUE = "env"  # host-agnostic env work (image prefetch); container work goes to env.<host>
+QUEUES = (MODEL_QUEUE, AGENT_QUEUE, ENV_QUEUE)
+
+
+def env_host_queue(host: str) -> str:
+    """The queue of operations on containers living on ``host``."""
+    return f"{ENV_QUEUE}.{host}"
+
+
+def host_of_queue(queue: str) -> str | None:
+    """The env host a queue belongs to (``env.h1`` -> ``h1``), else None."""
+    return queue.split(".", 1)[1] if queue.startswith(ENV_QUEUE + ".") else None
+
+
+# --- task names ----------------------------------------------------------------------------------
+AGENT_STEP = "megaflow.agent.step"
+MODEL_COMPLETE = "megaflow.model.complete"
+ENV_PROVISION = "megaflow.env.provision"
+ENV_EXEC = "megaflow.env.exec"
+ENV_EVALUATE = "megaflow.env.evaluate"
+ENV_CLOSE = "megaflow.env.close"
+ENV_PREFETCH = "megaflow.env.prefetch"
+TASK_NAMES = (AGENT_STEP, MODEL_COMPLETE, ENV_PROVISION, ENV_EXEC, ENV_EVALUATE, ENV_CLOSE, ENV_PREFETCH)
+
+# Celery routes by task name; per-host operations pass queue=env.<host> explicitly.
+ROUTES = {
+    "megaflow.model.*": {"queue": MODEL_QUEUE},
+    "megaflow.agent.*": {"queue": AGENT_QUEUE},
+    "megaflow.env.*": {"queue": ENV_QUEUE},
+}
+
+
+def broker_prefix(key_prefix: str) -> str:
+    """The prefix of every broker key (kombu's ``global_keyprefix``)."""
+    return f"{key_prefix}:celery:"
+
+
+def broker_queue_key(key_prefix: str, queue: str) -> str:
+    """The Redis list a queue's messages (priority 0) live in."""
+    return broker_prefix(key_prefix) + queue
+
+
+# --- Flower --------------------------------------------------------------------------------------
+_ARGS_MAX = 160
+
+
+def task_argsrepr(name: str, args: list[Any], queue: str) -> str:
+    """Short, readable arguments of a MegaFlow task for Flower: ``ep=<id> step=<k> host=<host>``."""
+    host = host_of_queue(queue)
+    try:
+        if len(args) == 2 and isinstance(args[0], str):
+            eid, second = args
+            if isinstance(second, dict):  # megaflow.env.close: (episode id, env handle)
+                parts = [f"ep={eid}"]
+                host = second.get("host") or host
+                sid = second.get("id") or second.get("container_id")
+                if sid:
+                    parts.append(f"env={str(sid)[:12]}")
+            else:
+                parts = [f"ep={eid}", f"step={second}"]
+            if host:
+                parts.append(f"host={host}")
+            return " ".join(parts)[:_ARGS_MAX]
+    except Exception:  # never let a display string break a send
+        pass
+    return repr(args)[:_ARGS_MAX]
+
+
+# --- broker messages -----------------------------------------------------------------------------
+_HOSTNAME = socket.gethostname()
+
+
+def encode_message(key_prefix: str, name: str, args: list[Any], queue: str) -> tuple[str, str]:
+    """(broker list key, message) that ``send_task(name, args, queue=queue)`` would LPUSH.
+
+    The body and headers are Celery's task protocol 2 in JSON; the envelope is kombu's Redis
+    transport format. JSON only: nothing here can carry a pickle.
+    """
+    task_id = str(uuid.uuid4())
+    body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    headers = {
+        "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": None, "expires": None,
+        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+        "parent_id": None, "argsrepr": task_argsrepr(name, args, queue), "kwargsrepr": "{}",
+        "origin": f"{os.getpid()}@{_HOSTNAME}",
+        "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+    }
+    properties = {
+        "correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+        "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": str(uuid.uuid4()),
+    }
+    envelope = {"body": base64.b64encode(json.dumps(body).encode()).decode(), "content-encoding": "utf-8",
+                "content-type": "application/json", "headers": headers, "properties": properties}
+    return broker_queue_key(key_prefix, queue), json.dumps(envelope)
+
+
+def decode_message(message: str) -> tuple[str, list[Any]]:
+    """(task name, args) of a broker message written by ``encode_message`` or Celery (JSON only)."""
+    envelope = json.loads(message)
+    if envelope.get("content-type") != "application/json":
+        raise ValueError(f"refusing a non-JSON broker message ({envelope.get('content-type')})")
+    raw = envelope["body"]
+    if envelope.get("properties", {}).get("body_encoding") == "base64":
+        raw = base64.b64decode(raw).decode()
+    args, _kwargs, _embed = json.loads(raw)
+    return envelope["headers"]["task"], list(args)
