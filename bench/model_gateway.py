@@ -124,7 +124,7 @@ class QueueDriver:
     """Sends ``megaflow.model.complete`` for fresh episodes and sees each finish on the agent queue."""
 
     def __init__(self, fleet: Fleet):
-        from megaflow.workers.app import AGENT_QUEUE, MODEL_QUEUE
+        from megaflow.workers.celery_app import AGENT_QUEUE, MODEL_QUEUE
         from megaflow.engine.episodes import EpisodeEngine
         from megaflow.core.keys import Keys
         from megaflow.services.lifecycle import MODEL_COMPLETE

@@ -131,7 +131,7 @@ def up(settings: Settings, *, env_hosts: int = 2, wait_s: float = 60.0, echo=pri
 
 def wait_ready(settings: Settings, procs: list[Proc], wait_s: float) -> None:
     """Wait until every worker answers a Celery ping, env hosts are registered and control reports."""
-    from megaflow.workers.app import create_app
+    from megaflow.workers.celery_app import create_app
     from megaflow.core.keys import Keys
 
     app = create_app(settings)

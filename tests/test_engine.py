@@ -95,7 +95,7 @@ def test_wire_message_is_what_celery_sends(settings):
     """encode_message writes Celery's own protocol-2 message, so stock workers consume it."""
     import base64
 
-    from megaflow.workers.app import create_app
+    from megaflow.workers.celery_app import create_app
 
     app = create_app(settings)
     args = ["ep-1", 3]

@@ -10,7 +10,7 @@ import pytest
 
 from megaflow import Client
 from megaflow.core import states
-from megaflow.workers.app import create_app
+from megaflow.workers.celery_app import create_app
 from megaflow.demo_tasks import demo_specs
 from megaflow.stores import open_metadata_store
 from tests.helpers import run_cli

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import free_port
 from megaflow import Client
 from megaflow.core import states
-from megaflow.workers.app import create_app
+from megaflow.workers.celery_app import create_app
 from megaflow.demo_tasks import demo_specs
 from megaflow.core.keys import Keys
 from megaflow.monitoring.metrics import CONTENT_TYPE, Exposition, collect, serve_metrics

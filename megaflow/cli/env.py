@@ -82,7 +82,7 @@ def prefetch_cmd(images: list[str] = typer.Argument(..., help="Images to make pr
                 client.close()
         else:
             from megaflow.core.wire import env_host_queue
-            from megaflow.workers.app import create_app
+            from megaflow.workers.celery_app import create_app
 
             if sender is None:
                 sender = create_app(settings)

@@ -51,10 +51,10 @@ def control(loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
     import signal
 
     from megaflow.control import Control
-    from megaflow.services.root import configure
+    from megaflow.services.root import Root
 
     _logging(loglevel)
-    ctl = Control(configure(_settings(), role="control"))
+    ctl = Control(Root(_settings(), role="control"))
     signal.signal(signal.SIGTERM, lambda *_: ctl.stop.set())
     try:
         ctl.run()

@@ -79,7 +79,7 @@ def run_flower(settings: Settings, *, port: int | None = None, address: str | No
     from flower.urls import settings as web_settings
     from tornado.options import options
 
-    from megaflow.workers.app import create_app
+    from megaflow.workers.celery_app import create_app
 
     apply_env_options()  # FLOWER_* variables still tune what MegaFlow does not set
     for name, value in values.items():

@@ -12,16 +12,13 @@ from megaflow.core import states, wire
 from megaflow.core.errors import InfraError, RetryableError, TaskError
 from megaflow.engine.episodes import to_agent
 from megaflow.services import lifecycle
+from megaflow.services.sandbox import labels as _labels
+from megaflow.services.sandbox import setup as _setup
 
 if TYPE_CHECKING:
     from megaflow.services.root import Root as Runtime
 
 BOOT_BUSY = "boot_busy"
-
-
-def _labels(rt: Runtime, ep) -> dict[str, str]:
-    return {"megaflow.run": ep.batch_id, "megaflow.episode": ep.id, "megaflow.user": ep.user,
-            "megaflow.host": rt.host, "megaflow.prefix": rt.settings.key_prefix}
 
 
 def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
@@ -65,16 +62,6 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
         rt.env_host.close(handle)
         return "dropped"
     return "ok"
-
-
-def _setup(rt: Runtime, handle: dict[str, Any], spec) -> None:
-    rt.env_host.execute(handle, f"mkdir -p {shlex.quote(spec.workdir)}", timeout=rt.settings.command_timeout_s)
-    if spec.files:
-        rt.env_host.put_files(handle, spec.files)
-    for command in spec.setup:
-        res = rt.env_host.execute(handle, command, timeout=rt.settings.command_timeout_s, workdir=spec.workdir)
-        if res.timed_out or res.exit_code != 0:
-            raise TaskError(f"set-up command failed (exit {res.exit_code}): {command[:200]}\n{res.output[-1000:]}")
 
 
 def _infra_failure(rt: Runtime, ep, exc: Exception, what: str, final_attempt: bool) -> str:

@@ -211,7 +211,8 @@ def evaluate_instance(rt, ep, handle: dict) -> dict[str, Any]:
 
 
 def _in_fresh_container(rt, ep, spec, patch: str) -> dict[str, Any]:
-    from megaflow.services.env import _labels, _setup
+    from megaflow.services.sandbox import labels as _labels
+    from megaflow.services.sandbox import setup as _setup
 
     image = ep.fields.get("image") or rt.settings.default_image
     # Labelled with the episode's own id: the reaper keeps it while the episode is live.

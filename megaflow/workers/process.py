@@ -139,7 +139,7 @@ def start_heartbeat(root: Root, node: str) -> Heartbeat:
 def run_worker(role: str, settings: Settings, *, host: str | None = None, concurrency: int | None = None,
                loglevel: str = "INFO") -> None:
     """Start one role's Celery worker in this process (blocks until it stops)."""
-    from megaflow.workers import app as app_module
+    from megaflow.workers import celery_app as app_module
     from megaflow.workers import tasks
 
     p = plan(role, settings, host=host, concurrency=concurrency)

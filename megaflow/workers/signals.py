@@ -1,4 +1,4 @@
-"""Worker signal handlers: a stock ``celery -A megaflow.workers.app worker`` behaves like ``megaflow worker``.
+"""Worker signal handlers: a stock ``celery -A megaflow.workers worker`` behaves like ``megaflow worker``.
 
 From the queues a worker consumes, it learns its role (``model``, ``agent``, ``env`` with its
 ``env.<host>``), then reports its health and, on an env host, registers the host, renews leases and

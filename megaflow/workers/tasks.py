@@ -14,7 +14,7 @@ from celery import Task
 from megaflow.core import wire
 from megaflow.services.guard import RETRYABLE, run_step
 from megaflow.services.root import Root
-from megaflow.workers.app import app, settings
+from megaflow.workers.celery_app import app, settings
 
 MAX_RETRIES = 3
 _root: Root | None = None

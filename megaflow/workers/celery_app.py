@@ -1,4 +1,4 @@
-"""The Celery app: ``celery -A megaflow.workers.app worker|inspect|flower`` works, as does ``megaflow worker``.
+"""The Celery app: ``celery -A megaflow.workers worker|inspect|flower`` works, as does ``megaflow worker``.
 
 The app object exists at import (stock Celery needs one) but binds nothing then: its configuration
 is computed from Settings on first use (``add_defaults`` is lazy), so importing this module opens no
@@ -89,6 +89,3 @@ def settings() -> Settings:
 
 app = Celery("megaflow", set_as_current=False)
 app.add_defaults(lambda: celery_config(settings()))
-
-# the tasks and the worker signal handlers register themselves on ``app`` when imported
-from megaflow.workers import signals, tasks  # noqa: E402,F401
