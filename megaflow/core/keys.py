@@ -55,10 +55,19 @@ class Keys:
         """String with TTL: a worker's last health report (JSON)."""
         return f"{self.prefix}:health:{role}:{name}"
 
-    # --- resource manager (megaflow.engine.resources) --------------------------------------------------
-    def res(self, *parts: str) -> str:
-        """Namespace for the resource manager's keys (see megaflow/resources/)."""
-        return ":".join((self.prefix, "res", *parts))
+    # --- resource manager (megaflow.engine.resources) ------------------------------------------
+    def res(self, name: str | None = None, member: str | None = None) -> str:
+        """A resource-manager key (one of RESOURCE_KEYS / RESOURCE_KEYS_PER), or its namespace."""
+        base = f"{self.prefix}:res"
+        if name is None:
+            return base
+        if member is None:
+            if name not in RESOURCE_KEYS:
+                raise KeyError(f"not a resource-manager key: {name!r}")
+            return f"{base}:{name}"
+        if name not in RESOURCE_KEYS_PER:
+            raise KeyError(f"not a per-member resource-manager key: {name!r}")
+        return f"{base}:{name}:{member}"
 
     # --- environment hosts (megaflow.env_hosts) -------------------------------------------------
     def env(self, *parts: str) -> str:
@@ -69,3 +78,20 @@ class Keys:
     def model(self, *parts: str) -> str:
         """Namespace for model-gateway keys (endpoint health, stickiness, semaphores)."""
         return ":".join((self.prefix, "model", *parts))
+
+
+# The resource manager's keys under ``<prefix>:res`` (what each holds: ResourceManager's docstring).
+# The Lua scripts get their key names from ``resource_lua_prelude()``, built from these tables, so
+# every name is spelled once.
+RESOURCE_KEYS = ("global", "held", "admitted", "seq", "queued", "heads", "ready", "parked", "quotas", "hosts",
+                 "drained", "hostcap", "wake")
+# per-member keys: name -> the Lua helper function that builds ``<res>:<name>:<member>``
+RESOURCE_KEYS_PER = {"user": "ukey", "host": "hkey", "q": "qkey", "hostinfo": "infokey", "himages": "imgkey",
+                     "hwarm": "warmkey", "imghosts": "imgidx", "boot": "bootkey", "bootrate": "bootratekey"}
+
+
+def resource_lua_prelude() -> str:
+    """Lua that defines ``K.<name>`` and ``<fn>(member)`` for every resource key, from ARGV[1] (the namespace)."""
+    fixed = ", ".join(f"{n} = base .. ':{n}'" for n in RESOURCE_KEYS)
+    fns = "\n".join(f"local function {fn}(m) return base .. ':{n}:' .. m end" for n, fn in RESOURCE_KEYS_PER.items())
+    return f"local base = ARGV[1]\nlocal K = {{{fixed}}}\n{fns}\n"

@@ -12,24 +12,10 @@ Redis time; a member whose score is <= now has lapsed and is ignored or dropped 
 
 from __future__ import annotations
 
+from megaflow.core.keys import resource_lua_prelude
 from megaflow.engine.resources.semaphore import LUA_NOW
 
-PRELUDE = LUA_NOW + """
-local base = ARGV[1]
-local K = {
-  global = base .. ':global', held = base .. ':held', admitted = base .. ':admitted',
-  seq = base .. ':seq', queued = base .. ':queued', heads = base .. ':heads',
-  ready = base .. ':ready', parked = base .. ':parked', quotas = base .. ':quotas',
-  hosts = base .. ':hosts', drained = base .. ':drained', hostcap = base .. ':hostcap',
-}
-local function ukey(u) return base .. ':user:' .. u end
-local function hkey(h) return base .. ':host:' .. h end
-local function qkey(u) return base .. ':q:' .. u end
-local function infokey(h) return base .. ':hostinfo:' .. h end
-local function imgkey(h) return base .. ':himages:' .. h end
-local function warmkey(h) return base .. ':hwarm:' .. h end
-local function imgidx(image) return base .. ':imghosts:' .. image end
-
+PRELUDE = LUA_NOW + resource_lua_prelude() + """
 -- live members of a tier after dropping lapsed ones
 local function live(key)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)

@@ -336,8 +336,8 @@ class ResourceManager:
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _k(self, *parts: str) -> str:
-        return self.keys.res(*parts)
+    def _k(self, name: str, member: str | None = None) -> str:
+        return self.keys.res(name, member)
 
     def _now_ms(self) -> int:
         sec, usec = self.redis.time()

@@ -1,0 +1,66 @@
+"""Stock Celery against a running fleet: ``celery -A megaflow.workers inspect|worker`` work as Celery users expect."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megaflow import Client
+from megaflow.core import states
+from megaflow.demo_tasks import demo_specs
+from megaflow.services.root import Root
+
+CELERY = [sys.executable, "-m", "celery", "-A", "megaflow.workers"]
+
+
+def _env(settings) -> dict[str, str]:
+    return dict(os.environ, **settings.to_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+
+def test_inspect_ping_answers_from_every_fleet_worker(fleet):
+    out = subprocess.run([*CELERY, "inspect", "ping", "--timeout", "5"], env=_env(fleet), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for node in ("model@test-host", "agent@test-host", "env@env-1", "env@env-2"):
+        assert node in out.stdout, out.stdout
+    stats = subprocess.run([*CELERY, "inspect", "stats", "--timeout", "5", "-d", "agent@test-host"],
+                           env=_env(fleet), capture_output=True, text=True, timeout=60)
+    assert stats.returncode == 0 and "agent@test-host" in stats.stdout, stats.stdout
+
+
+def test_stock_worker_joins_as_an_env_host_and_runs_episodes(fleet, tmp_path):
+    root = Root(fleet)
+    log = open(tmp_path / "stock-env.log", "w")
+    proc = subprocess.Popen([*CELERY, "worker", "-Q", "env,env.stock-1", "-P", "threads", "-c", "2",
+                             "-n", "env@stock-1", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                            env=_env(fleet), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "stock-1" not in {h["name"] for h in root.resources.hosts()}:
+            assert proc.poll() is None, (tmp_path / "stock-env.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the stock worker never registered its env host"
+            time.sleep(0.2)
+        for h in ("env-1", "env-2"):  # only the stock worker's host takes new episodes
+            root.resources.drain_host(h)
+        with Client(fleet) as client:
+            sub = client.submit(demo_specs("fix")[:1], user="stock")
+            client.wait(sub.batch_id, timeout=180)
+            [result] = client.results(sub.batch_id)
+        assert (result["state"], result["host"]) == (states.SUCCEEDED, "stock-1"), result
+    finally:
+        if "stock-1" in {h["name"] for h in root.resources.hosts()}:
+            root.resources.drain_host("stock-1")  # leaving: admit nothing more there
+        for h in ("env-1", "env-2"):
+            root.resources.drain_host(h, drain=False)
+        root.lifecycle.admit()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        root.close()
