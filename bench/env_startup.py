@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     import docker
 
+    from megaflow.core.settings import Settings
     from megaflow.env_hosts import DockerHost
     from megaflow.env_hosts import labels as L
     from megaflow.env_hosts.images import ensure_sandbox_image
-    from megaflow.core.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -49,8 +49,9 @@ def main() -> None:
         subprocess.run(["docker", "run", "--rm", "--network", "none", image, "true"], check=True)  # warm caches
         for i in range(args.runs):
             t = time.perf_counter()
-            subprocess.run(["docker", "run", "--rm", "--network", "none", "--label", f"{L.HOST}={name}",
-                            image, "true"], check=True)
+            subprocess.run(
+                ["docker", "run", "--rm", "--network", "none", "--label", f"{L.HOST}={name}", image, "true"], check=True
+            )
             anchor.append(time.perf_counter() - t)
 
             t = time.perf_counter()
@@ -61,7 +62,7 @@ def main() -> None:
             eph_exec.append(time.perf_counter() - t)
             plain_cmd.append(time.perf_counter() - t1)
             deadline = time.monotonic() + 30  # the background session, not timed
-            while handle["container_id"] not in host._sessions and time.monotonic() < deadline:
+            while handle.id not in host.exec_sessions and time.monotonic() < deadline:
                 time.sleep(0.01)
             t1 = time.perf_counter()
             assert host.execute(handle, "true", timeout=30).exit_code == 0
@@ -74,17 +75,26 @@ def main() -> None:
             per_ready.append(time.perf_counter() - t)
             assert host.execute(handle, "true", timeout=30).exit_code == 0
             per_exec.append(time.perf_counter() - t)
-            assert handle["warm"], "the warm pool was empty"
+            assert handle.data["warm"], "the warm pool was empty"
             host.close(handle)
     finally:
         host.shutdown()
         for c in client.api.containers(all=True, filters={"label": f"{L.HOST}={name}"}):
             client.api.remove_container(c["Id"], force=True)
 
-    med = {k: statistics.median(v) for k, v in {
-        "anchor": anchor, "eph_ready": eph_ready, "eph_exec": eph_exec,
-        "per_ready": per_ready, "per_exec": per_exec, "plain_cmd": plain_cmd, "session_cmd": session_cmd}.items()}
-    ms = lambda s: f"{s * 1000:8.1f} ms"  # noqa: E731
+    med = {
+        k: statistics.median(v)
+        for k, v in {
+            "anchor": anchor,
+            "eph_ready": eph_ready,
+            "eph_exec": eph_exec,
+            "per_ready": per_ready,
+            "per_exec": per_exec,
+            "plain_cmd": plain_cmd,
+            "session_cmd": session_cmd,
+        }.items()
+    }
+    ms = lambda s: f"{s * 1000:8.1f} ms"
     print(f"image {image}, {args.runs} runs, medians")
     print(f"  anchor  docker run --rm IMAGE true           {ms(med['anchor'])}")
     print(f"  ephemeral create -> handle ready             {ms(med['eph_ready'])}")
@@ -96,7 +106,9 @@ def main() -> None:
     r1 = med["eph_exec"] / med["anchor"]
     r2 = med["eph_exec"] / med["per_exec"]
     r3 = med["eph_ready"] / med["per_ready"]
-    print(f"  ephemeral / anchor (to first exec)            {r1:6.2f}x  goal <= 1.2x  {'OK' if r1 <= 1.2 else 'MISSED'}")
+    print(
+        f"  ephemeral / anchor (to first exec)            {r1:6.2f}x  goal <= 1.2x  {'OK' if r1 <= 1.2 else 'MISSED'}"
+    )
     print(f"  ephemeral / persistent (to first exec)        {r2:6.1f}x  goal >= 10x   {'OK' if r2 >= 10 else 'MISSED'}")
     print(f"  ephemeral / persistent (to handle ready)      {r3:6.1f}x")
 

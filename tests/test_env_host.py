@@ -7,11 +7,11 @@ import uuid
 
 import pytest
 
+from megaflow.core.errors import CommandTimeoutError, InfraError, RetryableInfraError, TaskError
 from megaflow.env_hosts import DockerHost, ExecResult
 from megaflow.env_hosts import labels as L
 from megaflow.env_hosts.errors import ContainerLostError
 from megaflow.env_hosts.images import api_with_timeout
-from megaflow.core.errors import CommandTimeoutError, InfraError, RetryableInfraError, TaskError
 
 
 def remove_host_containers(docker_client, name: str) -> None:
@@ -28,8 +28,9 @@ def make_host(docker_client, sandbox_image, settings, redis_client):
     def make(sessions: bool = True, **overrides) -> DockerHost:
         name = f"t-env-{uuid.uuid4().hex[:8]}"
         names.append(name)
-        s = settings.model_copy(update={"container_memory": "256m", "container_pids": 64,
-                                        "container_cpus": 0.5, **overrides})
+        s = settings.model_copy(
+            update={"container_memory": "256m", "container_pids": 64, "container_cpus": 0.5, **overrides}
+        )
         host = DockerHost(docker_client, s, name=name, redis_client=redis_client, sessions=sessions)
         hosts.append(host)
         return host
@@ -52,7 +53,7 @@ def box(request, make_host):
         host = make_host(env_mode="persistent", warm_pool_size=1, **overrides)
         host.pool.refill()
         handle = host.create(episode_id, host.settings.default_image, labels={}, mode="persistent")
-        assert handle["warm"] and handle["container_id"] in host._sessions
+        assert handle.data["warm"] and handle.id in host.exec_sessions
         return host, handle
 
     return open_box
@@ -61,8 +62,8 @@ def box(request, make_host):
 def test_lifecycle_labels_and_limits(make_host, docker_client, sandbox_image):
     host = make_host(sessions=False)
     handle = host.create("ep-1", sandbox_image, labels={"run": "b1", "user": "alice"})
-    assert handle["host"] == host.name and handle["mode"] == "ephemeral" and handle["image"] == sandbox_image
-    info = docker_client.api.inspect_container(handle["container_id"])
+    assert handle.host == host.name and handle.mode == "ephemeral" and handle.image == sandbox_image
+    info = docker_client.api.inspect_container(handle.id)
     labels = info["Config"]["Labels"]
     assert labels[L.RUN] == "b1" and labels[L.USER] == "alice" and labels[L.EPISODE] == "ep-1"
     assert labels[L.HOST] == host.name and float(labels[L.LEASE_EXPIRY]) > time.time()
@@ -81,7 +82,7 @@ def test_lifecycle_labels_and_limits(make_host, docker_client, sandbox_image):
 
     host.close(handle)
     host.close(handle)  # idempotent
-    assert not docker_client.api.containers(all=True, filters={"id": handle["container_id"]})
+    assert not docker_client.api.containers(all=True, filters={"id": handle.id})
     with pytest.raises(ContainerLostError) as err:
         host.execute(handle, "true", timeout=5)
     assert isinstance(err.value, InfraError)
@@ -105,14 +106,14 @@ def test_ephemeral_container_gets_a_session_after_its_first_exec(make_host):
     parent = "ps -o comm= -p $PPID"  # who started the command's shell
     assert host.execute(handle, parent, timeout=10).output == "timeout\n"  # plain docker exec
     deadline = time.monotonic() + 20
-    while handle["container_id"] not in host._sessions:
+    while handle.id not in host.exec_sessions:
         assert time.monotonic() < deadline, "no exec session was opened"
         time.sleep(0.05)
-    session = host._sessions[handle["container_id"]]
+    session = host.exec_sessions.get(handle.id)
     assert host.execute(handle, parent, timeout=10).output == "python3\n"  # the session's runner
-    assert not session.broken and host._sessions[handle["container_id"]] is session
+    assert not session.broken and host.exec_sessions.get(handle.id) is session
     host.close(handle)
-    assert handle["container_id"] not in host._sessions and session.broken
+    assert handle.id not in host.exec_sessions and session.broken
 
 
 def test_memory_hog_is_killed_and_container_survives(box):
@@ -154,16 +155,18 @@ def test_network_is_off_by_default(box):
     host, handle = box("ep-net")
     ifaces = host.execute(handle, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '", timeout=10).output.split()
     assert ifaces == ["lo"]
-    r = host.execute(handle, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=3)\"",
-                     timeout=10)
+    r = host.execute(
+        handle, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=3)\"", timeout=10
+    )
     assert r.exit_code != 0 and "unreachable" in r.output
 
 
 def test_file_round_trip(box):
     host, handle = box("ep-files")
     blob = bytes(range(256)) * 64
-    host.put_files(handle, {"/work/deep/dir/data.bin": blob, "/work/run.sh": "#!/bin/sh\necho ran\n",
-                            "/tmp/note.txt": "héllo\n"})
+    host.put_files(
+        handle, {"/work/deep/dir/data.bin": blob, "/work/run.sh": "#!/bin/sh\necho ran\n", "/tmp/note.txt": "héllo\n"}
+    )
     assert host.get_file(handle, "/work/deep/dir/data.bin") == blob
     assert host.get_file(handle, "/tmp/note.txt") == "héllo\n".encode()
     assert host.execute(handle, "/work/run.sh && stat -c %a /tmp", timeout=10).output == "ran\n1777\n"
@@ -177,7 +180,7 @@ def test_dead_mans_switch_ends_the_container(make_host, docker_client):
     host = make_host(container_lifetime_s=2)
     handle = host.create("ep-dms", host.settings.default_image, labels={})
     deadline = time.monotonic() + 20
-    while docker_client.api.inspect_container(handle["container_id"])["State"]["Running"]:
+    while docker_client.api.inspect_container(handle.id)["State"]["Running"]:
         assert time.monotonic() < deadline, "the container outlived its lifetime"
         time.sleep(0.5)
     with pytest.raises(ContainerLostError):

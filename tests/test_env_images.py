@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,10 +12,9 @@ import uuid
 
 import pytest
 
-from megaflow.env_hosts import DockerHost
-from megaflow.env_hosts.images import prefetch
-from megaflow.env_hosts.images import pull_image
 from megaflow.core.errors import InfraError
+from megaflow.env_hosts import DockerHost
+from megaflow.env_hosts.images import prefetch, pull_image
 
 MB = 1024 * 1024
 
@@ -39,10 +39,8 @@ def tiny_images(docker_client):
         tiny_image(docker_client, tag)
     yield tags
     for tag in tags:
-        try:
+        with contextlib.suppress(Exception):
             docker_client.api.remove_image(tag, force=True)
-        except Exception:
-            pass
 
 
 def present(docker_client, tag: str) -> bool:
@@ -51,8 +49,12 @@ def present(docker_client, tag: str) -> bool:
 
 def test_lru_eviction_under_a_tiny_disk_budget(docker_client, sandbox_image, settings, redis_client, tiny_images):
     a, b, c, untracked = tiny_images
-    host = DockerHost(docker_client, settings.model_copy(update={"image_disk_budget_gb": 2.5 * MB / 1024**3}),
-                      name=f"t-env-{uuid.uuid4().hex[:8]}", redis_client=redis_client)
+    host = DockerHost(
+        docker_client,
+        settings.model_copy(update={"image_disk_budget_gb": 2.5 * MB / 1024**3}),
+        name=f"t-env-{uuid.uuid4().hex[:8]}",
+        redis_client=redis_client,
+    )
     for tag in (a, b, c):  # a is the least recently used
         assert host.ensure_image(tag) is False
         time.sleep(0.01)
@@ -77,8 +79,12 @@ def test_lru_eviction_under_a_tiny_disk_budget(docker_client, sandbox_image, set
 
 
 def test_prefetch_reports_present_and_failed_images(docker_client, sandbox_image, settings, redis_client):
-    host = DockerHost(docker_client, settings.model_copy(update={"pull_timeout_s": 60}),
-                      name=f"t-env-{uuid.uuid4().hex[:8]}", redis_client=redis_client)
+    host = DockerHost(
+        docker_client,
+        settings.model_copy(update={"pull_timeout_s": 60}),
+        name=f"t-env-{uuid.uuid4().hex[:8]}",
+        redis_client=redis_client,
+    )
     out = prefetch(host, [sandbox_image, "megaflow-test/absent:nope"])
     assert out[sandbox_image] == "present"
     assert out["megaflow-test/absent:nope"].startswith("error:")
@@ -86,8 +92,14 @@ def test_prefetch_reports_present_and_failed_images(docker_client, sandbox_image
 
 
 def test_pull_with_registry_credentials_fails_as_infra_error(docker_client, settings):
-    s = settings.model_copy(update={"registry_url": "127.0.0.1:1", "registry_username": "u",
-                                    "registry_password": None, "pull_timeout_s": 30})
+    s = settings.model_copy(
+        update={
+            "registry_url": "127.0.0.1:1",
+            "registry_username": "u",
+            "registry_password": None,
+            "pull_timeout_s": 30,
+        }
+    )
     started = time.monotonic()
     with pytest.raises(InfraError, match="127.0.0.1:1/megaflow/absent"):
         pull_image(docker_client, "127.0.0.1:1/megaflow/absent:1", s)
@@ -95,7 +107,8 @@ def test_pull_with_registry_credentials_fails_as_infra_error(docker_client, sett
 
 
 def test_images_cli_build_is_a_no_op_when_present_and_prefetch_runs_locally(
-        docker_client, sandbox_image, settings, monkeypatch):
+    docker_client, sandbox_image, settings, monkeypatch
+):
     from typer.testing import CliRunner
 
     from megaflow.cli.env import app
@@ -127,10 +140,8 @@ def test_create_pulls_again_when_the_image_vanished(docker_client, sandbox_image
         handle = host.create("ep-v", tag, labels={})
         host.close(handle)
     finally:
-        try:
+        with contextlib.suppress(Exception):
             docker_client.api.remove_image(tag)
-        except Exception:
-            pass
 
 
 def test_images_cli_prefetch_queues_a_task_for_other_hosts(settings, redis_client, monkeypatch):

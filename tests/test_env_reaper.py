@@ -30,8 +30,8 @@ CHILD = textwrap.dedent("""
     warm = host.create("ep-dead-warm", settings.default_image, labels={}, mode="persistent")
     host.execute(eph, "echo busy > /tmp/state", timeout=10)
     host.pool.refill()                                               # pool full again
-    print(json.dumps({"eph": eph["container_id"], "warm": warm["container_id"],
-                      "pool": [e.container_id for q in host.pool._items.values() for e in q],
+    print(json.dumps({"eph": eph.id, "warm": warm.id,
+                      "pool": [e.container_id for img in host.pool.wanted() for e in host.pool.entries(img)],
                       "owner": host.instance_id}), flush=True)
     time.sleep(600)                                                  # "mid-episode"
 """)
@@ -50,8 +50,12 @@ def exists(docker_client, cid: str) -> bool:
 
 
 def test_reaper_after_kill_9_of_an_env_worker(docker_client, sandbox_image, settings, redis_client, host_name):
-    env = {**os.environ, **settings.to_env(), "MEGAFLOW_DEFAULT_IMAGE": sandbox_image,
-           "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "MEGAFLOW_DEFAULT_IMAGE": sandbox_image,
+        "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     child = subprocess.Popen([sys.executable, "-c", CHILD, host_name], env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
@@ -62,13 +66,15 @@ def test_reaper_after_kill_9_of_an_env_worker(docker_client, sandbox_image, sett
         child.wait(10)
 
     # a live episode of this host, a container of another host, and a container without our labels
-    live_host = DockerHost(docker_client, settings, name=host_name, redis_client=redis_client,
-                           is_live=lambda ep: ep == "ep-live")
+    live_host = DockerHost(
+        docker_client, settings, name=host_name, redis_client=redis_client, is_live=lambda ep: ep == "ep-live"
+    )
     live = live_host.create("ep-live", sandbox_image, labels={})
     other = DockerHost(docker_client, settings, name=host_name + "-other", redis_client=redis_client)
     foreign = other.create("ep-dead", sandbox_image, labels={})
-    bare = docker_client.api.create_container(sandbox_image, ["sleep", "60"],
-                                              labels={L.HOST: host_name, L.EPISODE: "ep-dead"})["Id"]
+    bare = docker_client.api.create_container(
+        sandbox_image, ["sleep", "60"], labels={L.HOST: host_name, L.EPISODE: "ep-dead"}
+    )["Id"]
     try:
         removed = set(live_host.maintain()["reaped"])
         assert {made["eph"], made["warm"]} <= removed  # episodes finished or unknown
@@ -86,8 +92,8 @@ def test_reaper_after_kill_9_of_an_env_worker(docker_client, sandbox_image, sett
                 pytest.fail("the dead worker's warm containers did not stop by themselves")
             time.sleep(0.2)
         # never touched: the live episode, another host's container, a container without the label set
-        assert exists(docker_client, live["container_id"])
-        assert exists(docker_client, foreign["container_id"])
+        assert exists(docker_client, live.id)
+        assert exists(docker_client, foreign.id)
         assert exists(docker_client, bare)
     finally:
         other.close(foreign)
@@ -97,14 +103,28 @@ def test_reaper_after_kill_9_of_an_env_worker(docker_client, sandbox_image, sett
 def test_reaper_removes_containers_whose_lease_lapsed(docker_client, sandbox_image, settings, redis_client, host_name):
     host = DockerHost(docker_client, settings, name=host_name, redis_client=redis_client, is_live=lambda ep: True)
     expired = docker_client.api.create_container(
-        sandbox_image, ["sleep", "60"],
-        labels={L.MANAGED: "1", L.FLEET: settings.fleet_id, L.HOST: host_name, L.EPISODE: "ep-old",
-                L.LEASE_EXPIRY: f"{time.time() - 1:.0f}"})["Id"]
+        sandbox_image,
+        ["sleep", "60"],
+        labels={
+            L.MANAGED: "1",
+            L.FLEET: settings.fleet_id,
+            L.HOST: host_name,
+            L.EPISODE: "ep-old",
+            L.LEASE_EXPIRY: f"{time.time() - 1:.0f}",
+        },
+    )["Id"]
     other_fleet = docker_client.api.create_container(
-        sandbox_image, ["sleep", "60"],
-        labels={L.MANAGED: "1", L.FLEET: "another-fleet", L.HOST: host_name, L.EPISODE: "ep-old",
-                L.LEASE_EXPIRY: f"{time.time() - 1:.0f}"})["Id"]
+        sandbox_image,
+        ["sleep", "60"],
+        labels={
+            L.MANAGED: "1",
+            L.FLEET: "another-fleet",
+            L.HOST: host_name,
+            L.EPISODE: "ep-old",
+            L.LEASE_EXPIRY: f"{time.time() - 1:.0f}",
+        },
+    )["Id"]
     fresh = host.create("ep-new", sandbox_image, labels={})
     assert host.maintain()["reaped"] == [expired]
-    assert exists(docker_client, fresh["container_id"])
+    assert exists(docker_client, fresh.id)
     assert exists(docker_client, other_fleet)  # same host name, another fleet on this engine: not ours

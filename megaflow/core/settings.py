@@ -12,12 +12,21 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 def _default_state_dir() -> str:
     return str(Path(os.environ.get("HOME", "/tmp")) / ".megaflow")
+
+
+def _check_env_backend(v: dict[str, Any]) -> dict[str, Any]:
+    """A plain check of ``type``; the backend's own config is validated by megaflow.env_hosts.config."""
+    kind = v.get("type")
+    if not isinstance(kind, str) or not (kind in ("docker", "sim") or "." in kind or ":" in kind):
+        raise ValueError("env_backend needs a 'type': 'docker', 'sim' or a dotted path like 'mypkg.mymod:MyHost' "
+                         "(MEGAFLOW_ENV_BACKEND='{\"type\": \"sim\"}')")
+    return v
 
 
 class Settings(BaseSettings):
@@ -114,6 +123,14 @@ class Settings(BaseSettings):
     registry_url: str | None = Field(None, description="Registry to log in to before pulls.")
     registry_username: str | None = Field(None, description="Registry user.")
     registry_password: SecretStr | None = Field(None, description="Registry password or token.")
+
+    # --- env backend (megaflow.env_hosts.config) ---------------------------------------------------
+    env_backend: Annotated[dict[str, Any], AfterValidator(_check_env_backend)] = Field(
+        default_factory=lambda: {"type": "docker"},
+        description="Env backend and its config: {type: docker} (default), {type: sim, ...} (no containers; "
+        "fields in megaflow/env_hosts/sim_config.py, e.g. {type: sim, preset: demo}) or {type: "
+        "'mypkg.mymod:MyHost', ...}. As an environment variable: JSON.",
+    )
 
     # --- time limits (command < agent budget < container lifetime < episode guard) -------------
     command_timeout_s: float = Field(60.0, gt=0, description="Time limit of one shell command in a container.")
@@ -254,7 +271,7 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-            if isinstance(value, list):
+            if isinstance(value, (list, dict)):
                 value = json.dumps(value)
             out[f"MEGAFLOW_{name.upper()}"] = str(value)
         for name in ("model_api_key", "registry_password", "flower_password"):

@@ -26,7 +26,7 @@ def docker_errors(what: str, *, missing: type[InfraError] = ContainerLostError):
 
     try:
         yield
-    except (InfraError,):
+    except InfraError:
         raise
     except docker.errors.NotFound as exc:
         raise missing(f"{what}: not found ({exc.explanation or exc})") from exc
@@ -37,6 +37,11 @@ def docker_errors(what: str, *, missing: type[InfraError] = ContainerLostError):
         if exc.status_code is not None and exc.status_code >= 500:
             raise RetryableInfraError(f"{what}: Docker engine error: {msg}") from exc
         raise InfraError(f"{what}: Docker refused: {msg}") from exc
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, docker.errors.DockerException,
-            ConnectionError, TimeoutError) as exc:
+    except (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        docker.errors.DockerException,
+        ConnectionError,
+        TimeoutError,
+    ) as exc:
         raise RetryableInfraError(f"{what}: Docker engine unreachable or too slow: {exc}") from exc

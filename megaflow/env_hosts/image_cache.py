@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 
+from megaflow.core.errors import InfraError
 from megaflow.env_hosts.errors import docker_errors
 from megaflow.env_hosts.images import image_present, pull_image
 
@@ -49,6 +50,16 @@ class ImageCache:
         self._local.pop(image, None)
         self._present_cache.discard(image)
 
+    def mark_missing(self, image: str) -> None:
+        """Drop ``image`` from the presence cache (a create found it missing): the next ensure checks again."""
+        self._present_cache.discard(image)
+
+    def has(self, image: str) -> bool:
+        """Whether ``image`` is in this host's engine right now (no pull)."""
+        if image in self._present_cache:
+            return True
+        return image_present(self.client, image)
+
     def ensure(self, image: str) -> bool:
         """Make ``image`` present (pull with registry credentials if missing); True when it was pulled."""
         self.touch(image)
@@ -68,8 +79,9 @@ class ImageCache:
     def present(self) -> list[str]:
         """Every tagged image in this host's engine."""
         with docker_errors("list images"):
-            out = sorted({t for img in self.client.api.images() for t in (img.get("RepoTags") or [])
-                          if t != "<none>:<none>"})
+            out = sorted(
+                {t for img in self.client.api.images() for t in (img.get("RepoTags") or []) if t != "<none>:<none>"}
+            )
         return out
 
     def sizes(self) -> dict[str, int]:
@@ -107,7 +119,7 @@ class ImageCache:
                         if exc.status_code == 409:  # a container (not ours) still uses it
                             continue
                         raise
-            except Exception:
+            except InfraError:  # in use or refused: keep it, try the next one
                 continue
             self.forget(image)
             total -= sizes[image]
@@ -119,5 +131,5 @@ class ImageCache:
         try:
             root = self.client.info().get("DockerRootDir") or "/"
             return shutil.disk_usage(root).free / 1024**3
-        except Exception:
+        except Exception:  # noqa: BLE001 - any engine failure: report the root file system instead
             return shutil.disk_usage("/").free / 1024**3

@@ -11,10 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from megaflow.env_hosts import labels as L
 from megaflow.core.errors import InfraError
+from megaflow.env_hosts import labels as L
+from megaflow.env_hosts.containers import LEASE_MARGIN_S, container_name
 
 
 @dataclass
@@ -27,24 +29,44 @@ class WarmEntry:
 
 
 class WarmPool:
-    """Warm containers of one DockerHost, by image."""
+    """Warm containers of one env host, by image (the host's Containers, ExecSessions, Claims and ImageCache)."""
 
-    def __init__(self, host, images=()):
+    def __init__(
+        self,
+        settings,
+        *,
+        host: str,
+        instance_id: str,
+        containers,
+        sessions,
+        claims,
+        images,
+        pinned=(),
+        log: Callable[[str], None] = print,
+        on_refill: Callable[[], None] = lambda: None,
+    ):
+        self.settings = settings
         self.host = host
-        self.settings = host.settings
+        self.instance_id = instance_id
+        self.containers = containers
+        self.sessions = sessions
+        self.claims = claims
+        self.images = images
+        self.log = log
+        self.on_refill = on_refill  # called at the start of each refill (the host marks its pool alive)
         self._lock = threading.Lock()
         self._items: dict[str, deque[WarmEntry]] = {}
         self._wanted: dict[str, float] = {}  # image -> last time an episode asked for it
-        self._pinned: set[str] = set(images)  # images kept warm regardless of demand
+        self._pinned: set[str] = set(pinned)  # images kept warm regardless of demand
         self._refilling: set[str] = set()
         self._taking: set[str] = set()  # popped from the pool, claim not yet recorded
         self._threads: list[threading.Thread] = []
         self._closed = False
 
-    def want(self, image: str) -> None:
-        """Note that an episode asked for ``image`` in persistent mode (keeps its pool alive)."""
+    def want(self, image: str, *, at: float | None = None) -> None:
+        """Note that an episode asked for ``image`` in persistent mode at ``at`` (default now; keeps its pool alive)."""
         with self._lock:
-            self._wanted[image] = time.time()
+            self._wanted[image] = time.time() if at is None else at
             self._items.setdefault(image, deque())
 
     def wanted(self) -> set[str]:
@@ -54,14 +76,20 @@ class WarmPool:
     def owns(self, container_id: str) -> bool:
         with self._lock:
             return container_id in self._taking or any(
-                e.container_id == container_id for q in self._items.values() for e in q)
+                e.container_id == container_id for q in self._items.values() for e in q
+            )
+
+    def entries(self, image: str) -> list[WarmEntry]:
+        """The warm containers of ``image`` waiting in the pool, oldest first."""
+        with self._lock:
+            return list(self._items.get(image, ()))
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {image: len(q) for image, q in self._items.items() if q}
 
-    def take(self, image: str, episode_id: str, labels: dict[str, str]) -> dict | None:
-        """Hand out a live warm container of ``image`` claimed for ``episode_id``, or None."""
+    def take(self, image: str, episode_id: str, labels: dict[str, str]) -> tuple[WarmEntry, float] | None:
+        """A live warm container of ``image``, now claimed for ``episode_id``, and its lease expiry; or None."""
         min_left = self.settings.container_lifetime_s
         while True:
             with self._lock:
@@ -73,16 +101,20 @@ class WarmPool:
                 return None
             try:
                 if self._alive(entry, min_left, claim=True):
-                    expiry = time.time() + self.settings.container_lifetime_s + 60
-                    self.host._record_claim(entry.container_id, {"episode_id": episode_id, "lease_expiry": expiry,
-                                                                 "labels": labels})
-                    self.host.images.touch(image)
-                    return self.host._handle(entry.container_id, entry.name, image, "persistent", episode_id,
-                                             expiry, warm=True)
-                self.host._remove(entry.container_id)
+                    expiry = time.time() + self.settings.container_lifetime_s + LEASE_MARGIN_S
+                    self.claims.record(
+                        entry.container_id, {"episode_id": episode_id, "lease_expiry": expiry, "labels": labels}
+                    )
+                    self.images.touch(image)
+                    return entry, expiry
+                self._remove(entry.container_id)
             finally:
                 with self._lock:
                     self._taking.discard(entry.container_id)
+
+    def _remove(self, cid: str) -> None:
+        self.sessions.drop(cid)
+        self.containers.remove(cid)
 
     def _alive(self, entry: WarmEntry, min_left: float, *, claim: bool = False) -> bool:
         """Liveness check: the container runs and has at least ``min_left`` seconds of lifetime left.
@@ -92,41 +124,32 @@ class WarmPool:
         """
         if entry.started + self.settings.warm_idle_s + self.settings.container_lifetime_s - time.time() < min_left:
             return False
-        session = self.host._sessions.get(entry.container_id)
-        if session is not None:  # a warm container whose runner does not answer is not handed out
-            if not session.lock.acquire(timeout=2.0):
-                return False
-            try:
-                # the runner answered: the container runs commands right now (and, when handed
-                # out, no longer stops itself if this process dies: the reaper decides then)
-                return session.ping(bind=False if claim else None)
-            finally:
-                session.lock.release()
+        # With a session: the runner answered, so the container runs commands right now (and, when
+        # handed out, no longer stops itself if this process dies: the reaper decides then).
+        pong = self.sessions.ping(entry.container_id, bind=False if claim else None)
+        if pong is not None:  # a warm container whose runner does not answer is not handed out
+            return pong
         try:
-            state = self.host.client.api.inspect_container(entry.container_id)["State"]
-        except Exception:
+            state = self.containers.state(entry.container_id)
+        except InfraError:
             return False
         return bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting")
 
     def _start_one(self, image: str) -> WarmEntry:
-        from megaflow.env_hosts.docker_host import _container_name
-
         lifetime = self.settings.warm_idle_s + self.settings.container_lifetime_s
-        labels = {L.EPISODE: "", L.MODE: "persistent", L.POOL_OWNER: self.host.instance_id}
-        cid, name, expiry = self.host._boot(image, labels, lifetime=lifetime, network=False,
-                                            name=_container_name(self.host.name, "warm"), auto_remove=True)
+        labels = {L.EPISODE: "", L.MODE: "persistent", L.POOL_OWNER: self.instance_id}
+        cid, name, expiry = self.containers.boot(
+            image, labels, lifetime=lifetime, network=False, name=container_name(self.host, "warm"), auto_remove=True
+        )
         # The first exec then skips `docker exec` (falls back if unavailable), and the container
         # stops (and is auto-removed) as soon as this process dies, even by SIGKILL.
-        if self.host._open_session(cid):
-            session = self.host._sessions.get(cid)
-            if session is not None:
-                with session.lock:
-                    session.ping(bind=True)
+        if self.sessions.open(cid):
+            self.sessions.ping(cid, bind=True, wait=30.0)
         return WarmEntry(cid, name, image, time.time(), expiry)
 
     def refill(self, image: str | None = None) -> int:
         """Start containers until each wanted image (or just ``image``) has a full pool; returns how many."""
-        self.host._mark_owner_alive()
+        self.on_refill()
         started = 0
         images = [image] if image else sorted(self.wanted())
         for img in images:
@@ -136,17 +159,17 @@ class WarmPool:
                 if have >= self.settings.warm_pool_size:
                     break
                 try:
-                    self.host.ensure_image(img)
+                    self.images.ensure(img)
                     entry = self._start_one(img)
                 except InfraError as exc:
-                    self.host.log(f"warm pool refill of {img} failed: {exc}")
+                    self.log(f"warm pool refill of {img} failed: {exc}")
                     break  # the next upkeep pass tries again
                 with self._lock:
                     if not self._closed:
                         self._items.setdefault(img, deque()).append(entry)
                         entry = None
                 if entry is not None:  # drained while booting
-                    self.host._remove(entry.container_id)
+                    self._remove(entry.container_id)
                     break
                 started += 1
         return started
@@ -162,7 +185,7 @@ class WarmPool:
             try:
                 self.refill(image)
             except Exception as exc:  # noqa: BLE001 - a background refill must not die loudly
-                self.host.log(f"warm pool refill of {image} failed: {exc!r}")
+                self.log(f"warm pool refill of {image} failed: {exc!r}")
             finally:
                 with self._lock:
                     self._refilling.discard(image)
@@ -203,7 +226,7 @@ class WarmPool:
                     q.remove(e)
                     dead.append(e)
         for e in drop + dead:
-            self.host._remove(e.container_id)
+            self._remove(e.container_id)
         return len(drop) + len(dead)
 
     def drain(self) -> int:
@@ -215,5 +238,5 @@ class WarmPool:
             entries = [e for q in self._items.values() for e in q]
             self._items.clear()
         for e in entries:
-            self.host._remove(e.container_id)
+            self._remove(e.container_id)
         return len(entries)

@@ -11,34 +11,26 @@ import time
 from collections.abc import Callable
 
 from megaflow.env_hosts import labels as L
-from megaflow.env_hosts.errors import docker_errors
-
-
-def _owner_alive(host, owner: str) -> bool:
-    if owner == host.instance_id:
-        return True
-    if host.redis is None:
-        return False
-    return bool(host.redis.exists(host.keys.env(host.name, "owner", owner)))
 
 
 def reap(host, is_live: Callable[[str], bool] | None = None) -> list[str]:
     """One pass over this host's containers; returns the ids removed.
 
+    ``host`` is a DockerHost (its public parts: containers, claims, pool, owner_alive, remove_container).
     ``is_live(episode_id)`` says whether an episode still runs (None: only lapsed leases and
     orphaned warm containers are removed).
     """
     now = time.time()
-    with docker_errors("list containers"):
-        containers = host.client.api.containers(all=True, filters={"label": [f"{L.HOST}={host.name}",
-                                                                              f"{L.FLEET}={host.settings.fleet_id}",
-                                                                              f"{L.MANAGED}=1"]})
+    containers = host.containers.list_mine()
     claims = host.claims()
     removed: list[str] = []
     for c in containers:
         labels = c.get("Labels") or {}
-        if (not L.is_megaflow(labels) or labels.get(L.HOST) != host.name
-                or labels.get(L.FLEET) != host.settings.fleet_id):
+        if (
+            not L.is_megaflow(labels)
+            or labels.get(L.HOST) != host.name
+            or labels.get(L.FLEET) != host.settings.fleet_id
+        ):
             continue
         cid = c["Id"]
         try:
@@ -58,19 +50,17 @@ def reap(host, is_live: Callable[[str], bool] | None = None) -> list[str]:
             why = f"episode {episode} finished or unknown"
         else:  # a warm container not handed out
             owner = labels.get(L.POOL_OWNER, "")
-            if owner == host.instance_id and (host.pool.owns(cid) or now - c.get("Created", now) < host.settings.boot_timeout_s):
+            mine = owner == host.instance_id
+            if mine and (host.pool.owns(cid) or now - c.get("Created", now) < host.settings.boot_timeout_s):
                 continue
-            if owner != host.instance_id and _owner_alive(host, owner):
+            if not mine and host.owner_alive(owner):
                 continue
             why = "warm container of a gone pool"
-        if host._remove(cid):
+        if host.remove_container(cid):
             removed.append(cid)
-        if claim:
-            host._drop_claim(cid)
         host.log(f"reaped {cid[:12]} ({why})")
-    # claims of containers that no longer exist
     existing = {c["Id"] for c in containers}
-    for cid in claims:
+    for cid in claims:  # claims of containers that no longer exist
         if cid not in existing:
-            host._drop_claim(cid)
+            host.claim_store.drop(cid)
     return removed

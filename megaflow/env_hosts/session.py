@@ -15,14 +15,16 @@ without python3, execution falls back to plain ``docker exec``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import select
 import socket
 import threading
 import time
 
-RUNNER = r"""
-import json, os, select, signal, subprocess, sys, time
+from megaflow.env_hosts.base import OMITTED, ExecResult, OutputCap
+
+RUNNER_BODY = r"""
 out = sys.stdout
 def killpg(pid, sig):
     try:
@@ -36,15 +38,14 @@ for line in sys.stdin:
         bound = bool(req["bind"])
     if req.get("ping") or "bind" in req:
         out.write('{"pong": 1}\n'); out.flush(); continue
-    cap = int(req["cap"]); head_cap = cap // 2; tail_cap = cap - head_cap
-    head = bytearray(); tail = bytearray(); dropped = 0
+    cap = OutputCap(int(req["cap"]))
     env = dict(os.environ); env.update(req.get("env") or {})
     try:
         p = subprocess.Popen(["bash", "-lc", req["command"]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, cwd=req.get("workdir") or None, env=env,
                              start_new_session=True)
     except OSError as exc:
-        out.write(json.dumps({"exit_code": 126, "head": str(exc), "tail": "", "dropped": 0}) + "\n"); out.flush()
+        out.write(json.dumps({"exit_code": 126, "output": str(exc), "truncated": False}) + "\n"); out.flush()
         continue
     fd = p.stdout.fileno()
     deadline = time.monotonic() + float(req["timeout"]); grace = float(req["grace"])
@@ -68,24 +69,25 @@ for line in sys.stdin:
             chunk = os.read(fd, 65536)
             if not chunk:
                 eof = True; continue
-            room = head_cap - len(head)
-            if room > 0:
-                head += chunk[:room]; chunk = chunk[room:]
-            tail += chunk
-            if len(tail) > tail_cap:
-                dropped += len(tail) - tail_cap; del tail[:len(tail) - tail_cap]
+            cap.feed(chunk)
         elif p.poll() is not None:
             break  # exited; a stray process may still hold the pipe open
     rc = p.wait()
     killpg(p.pid, signal.SIGKILL)  # whatever the command left in its group (fork bombs, stray jobs)
     p.stdout.close()
     rc = (137 if killed else 124) if termed else (128 - rc if rc < 0 else rc)
-    out.write(json.dumps({"exit_code": rc, "head": head.decode("utf-8", "replace"),
-                          "tail": tail.decode("utf-8", "replace"), "dropped": dropped}) + "\n")
+    out.write(json.dumps({"exit_code": rc, "output": cap.text(), "truncated": cap.truncated}) + "\n")
     out.flush()
 if bound:
     os.kill(1, signal.SIGTERM)  # docker-init passes it on to `sleep`: the container ends
 """
+
+
+# The runner: OutputCap's own source (the one implementation of the cap) plus the loop above.
+RUNNER = (
+    "from __future__ import annotations\nimport json, os, select, signal, subprocess, sys, time\n"
+    "from collections import deque\n" + f"OMITTED = {OMITTED!r}\n" + inspect.getsource(OutputCap) + RUNNER_BODY
+)
 
 
 class SessionBroken(Exception):
@@ -106,11 +108,12 @@ class ExecSession:
         self.kill_grace_s = 5.0
 
     @classmethod
-    def open(cls, api, container_id: str, *, kill_grace_s: float, timeout: float = 10.0) -> "ExecSession | None":
+    def open(cls, api, container_id: str, *, kill_grace_s: float, timeout: float = 10.0) -> ExecSession | None:
         """Start the runner and check it answers; None when it cannot run here (e.g. no python3)."""
         try:
-            exec_id = api.exec_create(container_id, ["python3", "-u", "-c", RUNNER], stdin=True,
-                                      stdout=True, stderr=True)["Id"]
+            exec_id = api.exec_create(
+                container_id, ["python3", "-u", "-c", RUNNER], stdin=True, stdout=True, stderr=True
+            )["Id"]
             sock = api.exec_start(exec_id, socket=True)
             session = cls(container_id, sock, getattr(sock, "_sock", sock))
             session.kill_grace_s = kill_grace_s
@@ -146,15 +149,21 @@ class ExecSession:
         except SessionBroken:
             return False
 
-    def send_command(self, command: str, *, timeout: float, workdir: str | None, env: dict | None,
-                     cap: int) -> None:
+    def send_command(self, command: str, *, timeout: float, workdir: str | None, env: dict | None, cap: int) -> None:
         """Hand one command to the runner (SessionBroken here means it did not run)."""
-        self._send({"command": "exec 2>&1\n" + command, "timeout": timeout, "grace": self.kill_grace_s,
-                    "workdir": workdir,
-                    "env": {k: str(v) for k, v in (env or {}).items()}, "cap": cap})
+        self._send(
+            {
+                "command": "exec 2>&1\n" + command,
+                "timeout": timeout,
+                "grace": self.kill_grace_s,
+                "workdir": workdir,
+                "env": {k: str(v) for k, v in (env or {}).items()},
+                "cap": cap,
+            }
+        )
 
     def receive(self, deadline: float) -> dict | None:
-        """The runner's reply ({exit_code, head, tail, dropped}), or None when ``deadline`` passed first."""
+        """The runner's reply ({exit_code, output, truncated}), or None when ``deadline`` passed first."""
         return self._recv(deadline)
 
     def _send(self, message: dict) -> None:
@@ -174,7 +183,7 @@ class ExecSession:
             self._raw.settimeout(min(remaining, 5.0))
             try:
                 chunk = self._raw.recv(65536)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 continue
             except OSError as exc:
                 self.broken = True
@@ -197,8 +206,8 @@ class ExecSession:
             if len(data) < 8 + size:
                 break
             if data[0] == 1:  # stdout; stderr (2) carries only runner crashes
-                self._buf += data[8:8 + size]
-            data = data[8 + size:]
+                self._buf += data[8 : 8 + size]
+            data = data[8 + size :]
         self._pending = data
 
     def close(self) -> None:
@@ -207,3 +216,112 @@ class ExecSession:
             self._sock.close()
         except OSError:
             pass
+
+
+class SessionLost(Exception):
+    """The session broke while a command ran in it: the command may or may not have run."""
+
+
+class ExecSessions:
+    """The exec sessions this process holds, by container id (warm containers, and others after a first exec)."""
+
+    def __init__(self, api, *, kill_grace_s: float, cap: int, client_slack_s: float):
+        self.api = api
+        self.kill_grace_s = kill_grace_s
+        self.cap = cap
+        self.client_slack_s = client_slack_s
+        self._sessions: dict[str, ExecSession] = {}
+        self._tried: set[str] = set()  # containers whose session was (being) opened in the background
+        self._lock = threading.Lock()
+
+    def get(self, cid: str) -> ExecSession | None:
+        return self._sessions.get(cid)
+
+    def __contains__(self, cid: str) -> bool:
+        return cid in self._sessions
+
+    def open(self, cid: str, *, background: bool = False) -> bool:
+        """Start a session in ``cid``; False when unavailable (no python3) or closed while opening."""
+        session = ExecSession.open(self.api, cid, kill_grace_s=self.kill_grace_s)
+        if session is None:
+            return False
+        with self._lock:
+            if background and cid not in self._tried:  # closed while the session was opening
+                session.close()
+                return False
+            self._sessions[cid] = session
+        return True
+
+    def open_async(self, cid: str) -> None:
+        """Open a session for ``cid`` in the background, once per container (overlaps the agent's next model call)."""
+        with self._lock:
+            if cid in self._tried or cid in self._sessions:
+                return
+            self._tried.add(cid)
+        threading.Thread(
+            target=self.open, args=(cid,), kwargs={"background": True}, name=f"exec-session-{cid[:12]}", daemon=True
+        ).start()
+
+    def drop(self, cid: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(cid, None)
+            self._tried.discard(cid)
+        if session is not None:
+            session.close()
+
+    def drop_all(self) -> None:
+        for cid in list(self._sessions):
+            self.drop(cid)
+
+    def ping(self, cid: str, *, bind: bool | None = None, wait: float = 2.0) -> bool | None:
+        """Round trip through ``cid``'s runner (see ExecSession.ping); None when it has no session."""
+        session = self._sessions.get(cid)
+        if session is None:
+            return None
+        if not session.lock.acquire(timeout=wait):
+            return False
+        try:
+            return session.ping(bind=bind)
+        finally:
+            session.lock.release()
+
+    def run(
+        self, cid: str, command: str, *, timeout: float, workdir: str | None, env: dict | None
+    ) -> ExecResult | None:
+        """Run through ``cid``'s session; None when there is none, it is busy or unusable and nothing ran.
+
+        Raises SessionLost when the session broke mid-command.
+        """
+        session = self._sessions.get(cid)
+        if session is None or not session.lock.acquire(blocking=False):  # busy: use plain docker exec
+            return None
+        try:
+            if session.broken:
+                self.drop(cid)
+                return None
+            started = time.monotonic()
+            deadline = started + timeout + self.kill_grace_s + self.client_slack_s
+            try:
+                session.send_command(command, timeout=timeout, workdir=workdir, env=env, cap=self.cap)
+            except SessionBroken:
+                self.drop(cid)
+                return None
+            try:
+                reply = session.receive(deadline)
+            except SessionBroken as exc:
+                self.drop(cid)
+                raise SessionLost(str(exc)) from exc
+        finally:
+            session.lock.release()
+        duration = time.monotonic() - started
+        if reply is None:  # the client gave up; the in-container limit should have fired long before
+            self.drop(cid)
+            return ExecResult(exit_code=None, output="", timed_out=True, duration_s=round(duration, 4), truncated=False)
+        code = reply.get("exit_code")
+        return ExecResult(
+            exit_code=code,
+            output=reply.get("output", ""),
+            timed_out=code in (124, 137) and duration >= timeout * 0.95,
+            duration_s=round(duration, 4),
+            truncated=bool(reply.get("truncated")),
+        )

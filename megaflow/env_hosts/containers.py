@@ -1,0 +1,275 @@
+"""Containers on one Docker engine: boot with limits and labels, plain ``docker exec``, files, remove.
+
+Every container runs with CPU / memory / pids limits, no network unless asked, no privileges
+and no Docker socket, carries MegaFlow labels, and has a dead-man's switch: its main process is
+``sleep LIFETIME`` under docker-init, so it ends by itself even if every MegaFlow process dies.
+A plain exec runs the command under coreutils ``timeout -k`` in its own process group, kills
+whatever is left in that group afterwards, and caps the output (head and tail kept).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+import tarfile
+import threading
+import time
+import uuid
+
+from megaflow.core.errors import InfraError, RetryableInfraError, TaskError
+from megaflow.env_hosts import labels as L
+from megaflow.env_hosts.base import ExecResult, OutputCap
+from megaflow.env_hosts.errors import ContainerLostError, ImageMissingError, docker_errors
+
+KILL_GRACE_S = 5  # SIGKILL this long after SIGTERM when a command runs past its limit
+CLIENT_SLACK_S = 15  # the client gives up on an exec stream this long after the in-container limit
+LEASE_MARGIN_S = 60  # the lease label lapses this long after the container's main process ends
+_NAME_OK = re.compile(r"[^a-zA-Z0-9_.-]+")
+
+# Runs "$2" under coreutils timeout (its own process group), then SIGKILLs whatever is left in
+# that group, so a fork bomb or a stray background job cannot outlive its command. The kill is
+# a builtin: it works even when the pids limit is exhausted. stderr joins stdout (in order).
+_WRAPPER = (
+    f'timeout -k {KILL_GRACE_S} "$1" bash -lc "$2" & p=$!; wait $p; rc=$?; '
+    "kill -9 -- -$p 2>/dev/null; kill -9 -- -$p 2>/dev/null; exit $rc"
+)
+
+
+def container_name(host: str, tag: str) -> str:
+    """A unique, Docker-safe container name for ``host`` and a tag (episode id or "warm")."""
+    return _NAME_OK.sub("-", f"mf-{host}-{tag}")[:100] + "-" + uuid.uuid4().hex[:6]
+
+
+def timed_out(code: int | None, duration: float, timeout: float) -> bool:
+    """124: timeout sent TERM; 137: it had to KILL. Only count them when the limit really passed."""
+    return code in (124, 137) and duration >= timeout * 0.95
+
+
+class Containers:
+    """Create, exec in, copy files to/from and remove containers of one env host."""
+
+    def __init__(self, docker_client, settings, host: str, images):
+        self.client = docker_client
+        self.settings = settings
+        self.host = host
+        self.images = images  # ImageCache: told when a create finds its image missing
+        self._boot_slots = threading.BoundedSemaphore(settings.boot_concurrency)
+        self._boot_api = None
+
+    def _boot_client(self):
+        if self._boot_api is None:
+            from megaflow.env_hosts.images import api_with_timeout
+
+            self._boot_api = api_with_timeout(self.client, self.settings.boot_timeout_s)
+        return self._boot_api
+
+    def boot(
+        self,
+        image: str,
+        labels: dict[str, str],
+        *,
+        lifetime: float,
+        network: bool,
+        name: str,
+        auto_remove: bool = False,
+    ) -> tuple[str, str, float]:
+        """Create and start one container within the boot deadline; returns (id, name, lease expiry)."""
+        s = self.settings
+        expiry = time.time() + lifetime + LEASE_MARGIN_S
+        labels = {
+            **labels,
+            L.MANAGED: "1",
+            L.FLEET: s.fleet_id,
+            L.HOST: self.host,
+            L.IMAGE: image,
+            L.LEASE_EXPIRY: f"{expiry:.0f}",
+        }
+        labels.setdefault(L.EPISODE, "")
+        if not self._boot_slots.acquire(timeout=s.boot_timeout_s):
+            raise RetryableInfraError(
+                f"boot: {s.boot_concurrency} containers already booting on {self.host} for {s.boot_timeout_s:.0f}s"
+            )
+        api = self._boot_client()
+        cid = None
+        try:
+            with docker_errors(f"boot of {image} on {self.host}", missing=InfraError):
+                host_config = api.create_host_config(
+                    nano_cpus=int(s.container_cpus * 1e9),
+                    mem_limit=s.container_memory,
+                    memswap_limit=s.container_memory,
+                    pids_limit=s.container_pids,
+                    network_mode="bridge" if network else "none",
+                    privileged=False,
+                    init=True,
+                    auto_remove=auto_remove,
+                    security_opt=["no-new-privileges"],
+                    cap_drop=["NET_RAW", "MKNOD", "AUDIT_WRITE"],
+                )
+                cid = api.create_container(
+                    image,
+                    ["sleep", str(int(lifetime))],
+                    name=name,
+                    labels=labels,
+                    host_config=host_config,
+                    working_dir="/",
+                    stdin_open=False,
+                    network_disabled=not network,
+                )["Id"]
+                api.start(cid)
+        except InfraError as exc:
+            self.images.mark_missing(image)
+            if cid is not None:
+                self.remove(cid)
+            if cid is None and "no such image" in str(exc).lower():
+                raise ImageMissingError(f"boot of {image} on {self.host}: image missing ({exc})") from exc
+            raise
+        finally:
+            self._boot_slots.release()
+        return cid, name, expiry
+
+    def exec(
+        self, cid: str, command: str, *, timeout: float, workdir: str | None = None, env: dict | None = None
+    ) -> ExecResult:
+        """Run ``bash -lc command`` through a plain ``docker exec`` under the in-container time limit."""
+        argv = ["bash", "-c", _WRAPPER, "megaflow-exec", f"{timeout:g}s", "exec 2>&1\n" + command]
+        api = self.client.api
+        cap = OutputCap(self.settings.output_cap_bytes)
+        started = time.monotonic()
+        deadline = started + timeout + KILL_GRACE_S + CLIENT_SLACK_S
+        client_gave_up = False
+        with docker_errors(f"exec in {cid[:12]}"):
+            exec_id = api.exec_create(
+                cid,
+                argv,
+                stdout=True,
+                stderr=True,
+                workdir=workdir,
+                environment={k: str(v) for k, v in (env or {}).items()} or None,
+            )["Id"]
+            sock = api.exec_start(exec_id, socket=True)
+            raw = getattr(sock, "_sock", sock)
+            try:
+                client_gave_up = not _read_frames(raw, cap, deadline)
+            finally:
+                sock.close()
+            info = api.exec_inspect(exec_id)
+        duration = time.monotonic() - started
+        code = None if info.get("Running") else info.get("ExitCode")
+        if code is None and not client_gave_up:
+            self.check_running(cid)
+        return ExecResult(
+            exit_code=code,
+            output=cap.text(),
+            timed_out=client_gave_up or timed_out(code, duration, timeout),
+            duration_s=round(duration, 4),
+            truncated=cap.truncated,
+        )
+
+    def state(self, cid: str) -> dict:
+        """Docker's ``State`` of the container (raises ContainerLostError when it is gone)."""
+        with docker_errors(f"inspect {cid[:12]}"):
+            return self.client.api.inspect_container(cid)["State"]
+
+    def check_running(self, cid: str) -> None:
+        """Raise ContainerLostError unless the container runs."""
+        state = self.state(cid)
+        if not state.get("Running"):
+            raise ContainerLostError(
+                f"container {cid[:12]} stopped ({state.get('Status')}, "
+                f"OOMKilled={state.get('OOMKilled')}, exit {state.get('ExitCode')})"
+            )
+
+    def put_files(self, cid: str, files: dict[str, str | bytes]) -> None:
+        """Write files (absolute path -> content) into the container as one tar archive."""
+        buf = io.BytesIO()
+        now = time.time()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for path, content in files.items():
+                if not path.startswith("/"):
+                    raise TaskError(f"put_files: path must be absolute, got {path!r}")
+                data = content.encode() if isinstance(content, str) else bytes(content)
+                info = tarfile.TarInfo(path.lstrip("/"))
+                info.size, info.mtime = len(data), now
+                info.mode = 0o755 if data.startswith(b"#!") else 0o644
+                tar.addfile(info, io.BytesIO(data))
+        with docker_errors(f"put_files into {cid[:12]}"):
+            ok = self.client.api.put_archive(cid, "/", buf.getvalue())
+        if not ok:
+            raise InfraError(f"put_files into {cid[:12]}: Docker refused the archive")
+
+    def get_file(self, cid: str, path: str) -> bytes:
+        """Read one regular file from the container; a missing path is a TaskError."""
+        import docker.errors
+
+        with docker_errors(f"get_file from {cid[:12]}"):
+            try:
+                stream, _ = self.client.api.get_archive(cid, path)
+            except docker.errors.NotFound as exc:
+                self.check_running(cid)  # a gone container is an infra error
+                raise TaskError(f"get_file: {path} does not exist in the container") from exc
+            data = b"".join(stream)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                raise TaskError(f"get_file: {path} is not a regular file")
+            return tar.extractfile(member).read()
+
+    def remove(self, cid: str) -> bool:
+        """Force-remove the container and its anonymous volumes; False when it was already gone."""
+        import docker.errors
+
+        try:
+            with docker_errors(f"remove {cid[:12]}"):
+                try:
+                    self.client.api.remove_container(cid, force=True, v=True)
+                    return True
+                except docker.errors.NotFound:
+                    return False
+                except docker.errors.APIError as exc:
+                    if exc.status_code == 409 and "already in progress" in str(exc):
+                        return False
+                    raise
+        except ContainerLostError:
+            return False
+
+    def list_mine(self) -> list[dict]:
+        """MegaFlow containers of this host and fleet (running or not), as Docker lists them."""
+        with docker_errors("list containers"):
+            return self.client.api.containers(
+                all=True,
+                filters={"label": [f"{L.HOST}={self.host}", f"{L.FLEET}={self.settings.fleet_id}", f"{L.MANAGED}=1"]},
+            )
+
+
+def _read_frames(raw: socket.socket, cap: OutputCap, deadline: float) -> bool:
+    """Read Docker's multiplexed exec stream (8-byte frame headers) into ``cap`` until EOF.
+
+    Returns False when ``deadline`` passed first (a process inside kept the stream open).
+    """
+    buf = b""
+    need = 8
+    header = True
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        raw.settimeout(min(remaining, 5.0))
+        try:
+            chunk = raw.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return True
+        buf += chunk
+        while len(buf) >= need:
+            if header:
+                need = int.from_bytes(buf[4:8], "big")
+                buf = buf[8:]
+                header = False
+                if need == 0:
+                    need, header = 8, True
+            else:
+                cap.feed(buf[:need])
+                buf = buf[need:]
+                need, header = 8, True
