@@ -105,8 +105,11 @@ def bench_megaflow(url: str, samples: int, tmp: Path, events: bool) -> list[floa
     workers = [start([sys.executable, "-m", "megaflow", "worker", role, "-c", conc], env, tmp / f"{role}.log")
                for role, conc in (("model", "4"), ("agent", "1"))]
     rt = Root(settings)
+    from megaflow.workers.celery_app import create_app
+
+    capp = create_app(settings)
     try:
-        wait_for(lambda: len(rt.app.control.ping(timeout=0.5) or []) >= 2, 90, "megaflow workers")
+        wait_for(lambda: len(capp.control.ping(timeout=0.5) or []) >= 2, 90, "megaflow workers")
         engine: EpisodeEngine = rt.engine
         r = redis.Redis.from_url(url, decode_responses=True)
         calls = EPISODE_HOPS // 2

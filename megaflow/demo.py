@@ -40,13 +40,16 @@ def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: i
     console = console or Console()
     t0 = time.monotonic()
     fleet.check_services(settings)
-    import docker
+    if fleet.uses_docker(settings):
+        import docker
 
-    from megaflow.env_hosts.images import ensure_sandbox_image
+        from megaflow.env_hosts.images import ensure_sandbox_image
 
-    d = docker.from_env(timeout=300)
-    ensure_sandbox_image(d, settings.default_image, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
-    d.close()
+        d = docker.from_env(timeout=300)
+        ensure_sandbox_image(d, settings.default_image, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+        d.close()
+    else:
+        console.print(f"[dim]env backend {settings.env_backend.get('type')}: no containers, no Docker engine[/dim]")
     was_running = bool(fleet.running(settings))
     console.print("[bold]starting the fleet[/bold]" if not was_running else "[bold]using the running fleet[/bold]")
     fleet.up(settings, env_hosts=env_hosts, echo=lambda m: console.print(f"[dim]{m}[/dim]"))

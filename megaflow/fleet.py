@@ -49,8 +49,15 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
     return pids, logs
 
 
-def check_services(settings: Settings, *, docker_needed: bool = True) -> None:
-    """Fail with a clear message when Redis or the Docker engine is not reachable."""
+def uses_docker(settings: Settings) -> bool:
+    """Whether this fleet's env hosts run containers on a Docker engine (``env_backend.type: docker``)."""
+    return (settings.env_backend or {}).get("type", "docker") == "docker"
+
+
+def check_services(settings: Settings, *, docker_needed: bool | None = None) -> None:
+    """Fail with a clear message when Redis or (for the docker env backend) the Docker engine is not reachable."""
+    if docker_needed is None:
+        docker_needed = uses_docker(settings)
     try:
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
         client.ping()

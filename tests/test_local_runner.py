@@ -17,9 +17,14 @@ from megaflow.services.root import Root
 HOSTS = ("lh-1", "lh-2")
 
 
-@pytest.fixture
-def fleet_local(settings, sandbox_image):
-    s = settings.model_copy(update={"default_image": sandbox_image, "host_capacity": 2, "global_limit": 4})
+@pytest.fixture(params=["sim", "docker"])
+def fleet_local(request, settings):
+    update = {"host_capacity": 2, "global_limit": 4}
+    if request.param == "sim":
+        update["env_backend"] = {"type": "sim", "preset": "demo"}
+    else:
+        update["default_image"] = request.getfixturevalue("sandbox_image")
+    s = settings.model_copy(update=update)
     root = Root(s, role="client")
     env_roots = {h: Root(s, role="env", host=h) for h in HOSTS}
     runner = LocalRunner(root, env_roots)
@@ -42,7 +47,16 @@ def assert_nothing_held(runner: LocalRunner, ids: list[str]) -> None:
     cap = runner.root.resources.capacity()
     assert cap["global"]["used"] == 0, cap
     for r in runner.env_roots.values():
-        assert not r.env_host.claims(), "containers left on " + r.host
+        if r.settings.env_backend.get("type") == "sim":
+            assert r.env_host.report()["sandboxes"] == 0, "sandboxes left on " + r.host
+        else:
+            import docker
+
+            client = docker.from_env()
+            left = [c.name for eid in ids for c in client.containers.list(
+                all=True, filters={"label": [f"megaflow.episode={eid}", f"megaflow.host={r.host}"]})]
+            client.close()
+            assert not left, f"containers left on {r.host}: {left}"
 
 
 def test_demo_batch_in_process(fleet_local):

@@ -84,11 +84,17 @@ def down() -> None:
 def demo(
     keep_fleet: bool = typer.Option(False, help="Leave the fleet running afterwards."),
     env_hosts: int = typer.Option(2, help="Env hosts of the local fleet."),
+    env: str = typer.Option("docker", help="Env backend: docker (real containers) or sim (simulated, no Docker)."),
 ) -> None:
     """Build the image if needed, start the fleet, run the demo tasks and print a summary."""
     from megaflow.demo import run_demo
 
-    ok = run_demo(_settings(), console=console, env_hosts=env_hosts, keep_fleet=keep_fleet)
+    settings = _settings()
+    if env == "sim":
+        settings = settings.model_copy(update={"env_backend": {"type": "sim", "preset": "demo"}})
+    elif env != "docker":
+        raise SpecError(f"--env: unknown env backend {env!r}; choose docker or sim")
+    ok = run_demo(settings, console=console, env_hosts=env_hosts, keep_fleet=keep_fleet)
     raise typer.Exit(0 if ok else 1)
 
 

@@ -54,8 +54,8 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
     finally:
         rt.resources.release_boot(rt.host, ep.id)
     applied = rt.engine.advance(
-        ep, state=states.RUNNING, phase="env_ready", fields={"container": handle},
-        event_fields={"host": rt.host, "container_id": handle.get("container_id"), "mode": handle.get("mode")},
+        ep, state=states.RUNNING, phase="env_ready", fields={"container": handle.to_json()},
+        event_fields={"host": rt.host, "container_id": handle.id, "mode": handle.mode},
         next_task=to_agent(),
     )
     if not applied:  # a duplicate delivery won the race: this container is ours to remove

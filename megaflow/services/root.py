@@ -21,6 +21,7 @@ from megaflow.engine.episodes import EpisodeEngine
 from megaflow.engine.resources import ResourceManager
 
 if TYPE_CHECKING:
+    from megaflow.env_hosts.base import EnvHost
     from megaflow.model_gateway.base import ModelBackend
     from megaflow.services.agent import AgentService
     from megaflow.services.env import EnvService
@@ -81,7 +82,7 @@ class Root:
         return open_metadata_store(self.settings.metadata_url, self.settings)
 
     @property
-    def env_host(self) -> Any:
+    def env_host(self) -> EnvHost:
         """This env host's backend (Docker, sim or a third-party one, from ``settings.env_backend``)."""
         if self._env_host is None:
             with self._lock:
@@ -89,13 +90,10 @@ class Root:
                     self._env_host = self._load_env_host()
         return self._env_host
 
-    def _load_env_host(self) -> Any:
-        import docker
+    def _load_env_host(self) -> EnvHost:
+        from megaflow.env_hosts.config import load_env_host
 
-        from megaflow.env_hosts.docker_host import DockerHost
-
-        client = docker.from_env(timeout=max(60, int(self.settings.boot_timeout_s)))
-        return DockerHost(client, self.settings, name=self.host, redis_client=self.redis, keys=self.keys)
+        return load_env_host(self.settings, name=self.host, redis=self.redis, keys=self.keys)
 
     def backend(self, name: str) -> ModelBackend:
         """The model backend called ``name`` (one instance per process)."""
