@@ -70,7 +70,10 @@ class Settings(BaseSettings):
         description="Name of this env host; its env worker consumes queue env.<host_name>.",
     )
     model_concurrency: int = Field(32, ge=1, description="Threads per model-gateway worker.")
-    agent_concurrency: int = Field(2, ge=1, description="Prefork processes per agent worker.")
+    agent_concurrency: int = Field(8, ge=1, description="Threads (or processes, with agent_pool=prefork) per agent worker.")
+    agent_pool: Literal["threads", "prefork"] = Field(
+        "threads", description="Agent worker pool: threads (no IPC per task; decisions are short) or prefork "
+        "(a process per slot, for CPU-heavy custom agents).")
     env_concurrency: int = Field(8, ge=1, description="Threads per env worker.")
     task_events: bool = Field(
         True, description="Workers send Celery task events (Flower shows tasks from them); off saves a few "

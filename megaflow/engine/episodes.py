@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import redis
@@ -82,6 +85,42 @@ return {redis.call('HGETALL', KEYS[1]), n, hist}
 """
 
 
+@lru_cache(maxsize=4096)
+def parse_spec(raw: str) -> TaskSpec:
+    """The task spec stored with an episode, validated once per process (specs never change)."""
+    return TaskSpec.model_validate_json(raw)
+
+
+class HistoryCache:
+    """Decoded history of recent episodes in this process: a step reads only the records appended
+    since this process last saw the episode (histories are append-only), so a step's cost does not
+    grow with the episode's length."""
+
+    def __init__(self, max_episodes: int = 2048):
+        self.max = max_episodes
+        self._data: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def known(self, episode_id: str) -> int:
+        with self._lock:
+            hist = self._data.get(episode_id)
+            return len(hist) if hist is not None else 0
+
+    def extend(self, episode_id: str, start: int, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The whole history: the cached first ``start`` records plus ``records``."""
+        with self._lock:
+            hist = self._data.pop(episode_id, [])
+            hist = hist[:start] + records
+            self._data[episode_id] = hist
+            while len(self._data) > self.max:
+                self._data.popitem(last=False)
+            return list(hist)
+
+    def drop(self, episode_id: str) -> None:
+        with self._lock:
+            self._data.pop(episode_id, None)
+
+
 @dataclass
 class Episode:
     """A snapshot of one episode's state, loaded from Redis."""
@@ -117,7 +156,7 @@ class Episode:
 
     @property
     def spec(self) -> TaskSpec:
-        return TaskSpec.model_validate_json(self.fields["spec"])
+        return parse_spec(self.fields["spec"])
 
     @property
     def container(self) -> dict[str, Any] | None:
@@ -155,6 +194,7 @@ class EpisodeEngine:
         self.settings = settings
         self.keys = keys
         self.dispatcher = dispatcher  # the next task's message is pushed by the advance script itself
+        self.histories = HistoryCache()
         self._advance = redis_client.register_script(ADVANCE_LUA)
         self._load = redis_client.register_script(LOAD_LUA)
 
@@ -189,13 +229,27 @@ class EpisodeEngine:
 
     # --- loading ---------------------------------------------------------------------------
     def load(self, episode_id: str, *, history: bool | str = True) -> Episode:
-        """The episode with all its history (True), none (False) or only its last record ("tail")."""
-        start = {True: "0", False: "", "tail": "-1"}[history]
+        """The episode with all its history (True), none (False) or only its last record ("tail").
+
+        A whole history is read incrementally: only the records this process has not seen yet
+        cross the wire and get decoded.
+        """
+        known = self.histories.known(episode_id) if history is True else 0
+        start = {True: str(known), False: "", "tail": "-1"}[history]
         flat, n, hist = self._load(keys=[self.keys.episode(episode_id), self.keys.history(episode_id)], args=[start])
         if not flat:
+            self.histories.drop(episode_id)
             raise NotFoundError(f"episode {episode_id} not found (expired or never submitted)")
         fields = dict(zip(flat[::2], flat[1::2]))
-        return Episode(episode_id, fields, [json.loads(h) for h in hist], int(n))
+        records = [json.loads(h) for h in hist]
+        if history is True:
+            if int(n) < known:  # shorter than what we saw: not the same episode any more
+                self.histories.drop(episode_id)
+                return self.load(episode_id, history=True)
+            records = self.histories.extend(episode_id, known, records)
+            if fields.get("terminal") == "1":
+                self.histories.drop(episode_id)
+        return Episode(episode_id, fields, records, int(n))
 
     def claim(self, episode_id: str, step: int, *, history: bool | str = True) -> Episode | None:
         """The episode if it is at ``step`` and live; else None (a duplicate or a stale callback).

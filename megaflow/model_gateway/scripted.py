@@ -32,6 +32,9 @@ class ScriptedBackend:
         if n >= len(replies):
             raise ModelError(f"scripted replies exhausted: {len(replies)} given, reply #{n + 1} asked")
         content = replies[n]
+        latency = request.model.get("latency_s")
+        if latency:  # simulated generation time (scale runs); holds this worker thread like a real call
+            time.sleep(float(latency))
         prompt = sum(_count_tokens(str(m.get("content", ""))) for m in request.messages)
         return ModelReply(
             content=content,

@@ -1,7 +1,8 @@
 """Role workers: ``megaflow worker model|agent|env``, each with the pool that suits its work.
 
 - model: threads (I/O bound HTTP calls), many in flight
-- agent: a small prefork pool (CPU-light decisions, isolated per process)
+- agent: threads by default (decisions are short; no IPC per task), or a small prefork pool
+         (``agent_pool=prefork``) for CPU-heavy custom agents
 - env:   threads (container API calls); consumes ``env`` and its own ``env.<host>``; runs the host
          heartbeat (registration, lease renewal, warm pool, image eviction, reaper)
 """
@@ -44,7 +45,7 @@ def plan(role: str, settings: Settings, *, host: str | None = None, concurrency:
         return RolePlan(role, "threads", concurrency or settings.model_concurrency, [wire.MODEL_QUEUE],
                         node_name(role, host))
     if role == "agent":
-        return RolePlan(role, "prefork", concurrency or settings.agent_concurrency, [wire.AGENT_QUEUE],
+        return RolePlan(role, settings.agent_pool, concurrency or settings.agent_concurrency, [wire.AGENT_QUEUE],
                         node_name(role, host))
     return RolePlan(role, "threads", concurrency or settings.env_concurrency,
                     [wire.ENV_QUEUE, wire.env_host_queue(host)], node_name(role, host))

@@ -1,0 +1,387 @@
+"""Scale: a real fleet (one process per service, the sim env backend, the scripted model with latency)
+running N simulated episodes at once, for N = 1 ... 10,000, against this box's dispatch limit.
+
+Per N it prints T(N), T(N)/T(1), admission lag p50/p99, overhead per episode (its time minus the
+ideal episode time), CPU seconds per episode per service and for Redis, Redis bytes per episode
+(peak in flight and after), total RSS; and, measured in the same run, the dispatch limit: raw
+Celery no-op throughput on the same Redis times the tasks an episode needs. JSON and an SVG plot
+go to --out.
+
+    .venv/bin/python bench/scale.py                       # 12 s episodes, N = 1 10 100 1000 3000 10000
+    .venv/bin/python bench/scale.py --profile 75 --ns 1 100 1000
+    .venv/bin/python bench/scale.py --in-flight 30000     # admitted and waiting on long model calls
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megaflow.core.settings import Settings  # noqa: E402
+
+# model seconds, command seconds, model calls per episode; the evaluation is one more command.
+PROFILES = {"75": (20.0, 5.0, 3), "12": (2.0, 1.0, 4)}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ideal_s(profile: str) -> float:
+    model_s, cmd_s, calls = PROFILES[profile]
+    return calls * (model_s + cmd_s)
+
+
+def episode_spec(i: int, profile: str, model_s: float | None = None) -> dict[str, Any]:
+    """One simulated episode: calls-1 commands, then a submit, then the evaluation command."""
+    m, _cmd, calls = PROFILES[profile]
+    replies = [f"step {k}\n```bash\nwork {k}\n```" for k in range(calls - 1)] + ["MEGAFLOW_SUBMIT"]
+    return {"task_id": f"sim-{i}", "model": {"backend": "scripted", "replies": replies,
+                                             "latency_s": m if model_s is None else model_s},
+            "agent": {"max_steps": calls + 1}, "eval": {"command": "evaluate"}}
+
+
+# --- processes -------------------------------------------------------------------------------------
+def cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (prefork children included)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            parts = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(parts[11]) + int(parts[12])) / TICK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], list(kids.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+@dataclass
+class Fleet:
+    """A redis-server and one process per service, all on loopback, stopped by ``close``."""
+
+    settings: Settings
+    tmp: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, args: list[str]) -> None:
+        env = dict(os.environ, **self.settings.to_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        log = open(self.tmp / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "megaflow", *args], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    import redis
+
+    r = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            r.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def fleet_settings(url: str, tmp: Path, n_max: int, profile: str, env_hosts: int, *, events: bool) -> Settings:
+    _m, cmd_s, _c = PROFILES[profile]
+    per_host = math.ceil(n_max / env_hosts)
+    return Settings.load(
+        redis_url=url, state_dir=str(tmp / "state"), host_name="scale", task_events=events, metrics_port=0,
+        global_limit=n_max, user_limit=n_max, host_capacity=per_host, boot_concurrency=per_host,
+        model_concurrency=n_max, env_concurrency=per_host, lease_s=120.0, host_ttl_s=60.0,
+        sweep_interval_s=30.0, admit_start_timeout_s=3600.0,
+        env_backend={"type": "sim", "rules": [{"match": ".*", "latency_s": cmd_s, "exit_code": 0}]},
+    )
+
+
+def wait_workers(settings: Settings, fleet: Fleet, n_nodes: int, timeout_s: float = 120) -> None:
+    from megaflow.workers.celery_app import create_app
+
+    app = create_app(settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(app.control.ping(timeout=0.5) or []) < n_nodes:
+            dead = [n for n, p in fleet.procs.items() if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"fleet did not come up (exited: {dead}); logs in {fleet.tmp}")
+    finally:
+        app.close()
+
+
+# --- one batch -------------------------------------------------------------------------------------
+def run_batch(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile: str,
+              model_s: float | None = None, wait: bool = True) -> dict[str, Any]:
+    import redis as redis_mod
+
+    from megaflow.client import Client
+
+    r = redis_mod.Redis.from_url(settings.redis_url, decode_responses=True)
+    from megaflow.services.root import Root
+
+    root = Root(settings)
+    deadline = time.monotonic() + 60
+    while len(root.resources.hosts()) < len([p for p in fleet.procs if p.startswith("env-")]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("env hosts did not register")
+        time.sleep(0.2)
+    root.close()
+    base_mem = int(r.info("memory")["used_memory"])
+    pids = {name: p.pid for name, p in fleet.procs.items()} | {"redis": redis_pid}
+    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    peak = {"mem": base_mem, "rss": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            peak["mem"] = max(peak["mem"], int(r.info("memory")["used_memory"]))
+            peak["rss"] = max(peak["rss"], sum(rss_bytes(pid) for pid in pids.values()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    specs = [episode_spec(i, profile, model_s) for i in range(n)]
+    with Client(settings) as client:
+        t0 = time.time()
+        sub = client.submit(specs, user="scale")
+        if not wait:
+            return {"client": client, "batch": sub.batch_id, "t0": t0, "stop": stop, "peak": peak, "r": r}
+        client.wait(sub.batch_id, timeout=3600, poll_s=0.2)
+        wall = time.time() - t0
+        results = client.results(sub.batch_id)
+    stop.set()
+    sampler.join(2)
+    after_mem = int(r.info("memory")["used_memory"])
+    cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
+    ideal = ideal_s(profile) if model_s is None else ideal_s(profile)
+    admit = [x["phases"]["admitted"] - x["phases"]["queued"] for x in results if "admitted" in x["phases"]]
+    overhead = [x["phases"]["finished"] - x["phases"]["submitted"] - ideal for x in results
+                if "finished" in x["phases"]]
+    states = {s: sum(1 for x in results if x["state"] == s) for s in {x["state"] for x in results}}
+    steps = [int(r.hget(f"{settings.key_prefix}:ep:{x['episode_id']}", "step") or 0) for x in results[:200]]
+    r.close()
+    return {
+        "n": n, "wall_s": wall, "states": states,
+        "admission_p50_s": statistics.median(admit) if admit else None, "admission_p99_s": pct(admit, 0.99),
+        "overhead_p50_s": statistics.median(overhead) if overhead else None,
+        "cpu_ms_per_episode": {k: v * 1000 / n for k, v in cpu.items()},
+        "cpu_ms_per_episode_total": sum(cpu.values()) * 1000 / n,
+        "redis_bytes_per_episode_peak": (peak["mem"] - base_mem) / n,
+        "redis_bytes_per_episode_after": (after_mem - base_mem) / n,
+        "rss_peak_mb": peak["rss"] / 2**20,
+        "tasks_per_episode": statistics.mean(steps) + 1 if steps else None,  # every hop advances the step; + close
+    }
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# --- the dispatch limit: raw Celery no-op throughput -------------------------------------------------
+def raw_app(url: str, events: bool):
+    from celery import Celery
+
+    app = Celery("raw", broker=url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True, task_acks_late=True,
+                    worker_prefetch_multiplier=1, worker_send_task_events=events, task_send_sent_event=False,
+                    broker_transport_options={"global_keyprefix": "raw:"})
+
+    @app.task(name="raw.noop")
+    def noop(i: int) -> None:
+        app.backend  # noqa: B018  (touch nothing else: a no-op)
+
+    return app
+
+
+def dispatch_limit(url: str, tmp: Path, events: bool, tasks: int = 3000) -> float:
+    """Raw Celery no-op tasks per second through one threads worker on the same Redis."""
+    import redis as redis_mod
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    app = raw_app(url, events)
+    for i in range(tasks):
+        app.send_task("raw.noop", args=[i])
+    r = redis_mod.Redis.from_url(url)
+    log = open(tmp / "raw-worker.log", "wb")
+    t0 = time.monotonic()
+    w = subprocess.Popen([sys.executable, __file__, "--raw-worker", url, *(["--events"] if events else [])], env=env,
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while r.llen("raw:celery") > 0:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.killpg(w.pid, signal.SIGTERM)
+        w.wait(30)
+        log.close()
+        app.close()
+    return tasks / elapsed
+
+
+# --- report ----------------------------------------------------------------------------------------
+def write_report(out: Path, rows: list[dict], limit: float | None, profile: str) -> None:
+    from megaflow.report_svg import bar_chart, step_chart
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({"profile": profile, "dispatch_limit_tasks_per_s": limit,
+                                                "rows": rows}, indent=1))
+    t1 = rows[0]["wall_s"]
+    curve = step_chart([("T(N)/T(1)", [(math.log10(r["n"]), r["wall_s"] / t1) for r in rows])], y_label="T(N)/T(1)",
+                       title="T(N)/T(1) against log10 N", x_label="log10 N")
+    last = rows[-1]
+    split = bar_chart([(k, v, f"{v:.1f}") for k, v in last["cpu_ms_per_episode"].items()],
+                      title=f"CPU ms per episode by service at N={last['n']}", x_label="ms")
+    (out / "scale.html").write_text(f"<html><body><h1>MegaFlow scale ({profile} s episodes)</h1>{curve}{split}"
+                                    "</body></html>")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="12")
+    ap.add_argument("--ns", type=int, nargs="+", default=[1, 10, 100, 1000, 3000, 10000])
+    ap.add_argument("--env-hosts", type=int, default=2)
+    ap.add_argument("--events", action="store_true", help="workers send Celery task events (Flower)")
+    ap.add_argument("--in-flight", type=int, help="instead: admit this many episodes waiting on long model calls")
+    ap.add_argument("--out", default="bench-out/scale")
+    ap.add_argument("--raw-worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.raw_worker:
+        raw_app(a.raw_worker, a.events).worker_main(
+            ["worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "WARNING",
+             *(["--task-events"] if a.events else []), "--without-gossip", "--without-mingle"])
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="mf-scale-"))
+    redis_proc, url = start_redis(tmp)
+    n_max = a.in_flight or max(a.ns)
+    settings = fleet_settings(url, tmp, n_max, a.profile, a.env_hosts, events=a.events)
+    fleet = Fleet(settings, tmp)
+    try:
+        limit = dispatch_limit(url, tmp, a.events)
+        print(f"dispatch limit: raw Celery no-op throughput {limit:.0f} tasks/s (threads worker, same Redis)")
+        fleet.start("control", ["control"])
+        fleet.start("model", ["worker", "model"])
+        fleet.start("agent", ["worker", "agent"])
+        for h in range(1, a.env_hosts + 1):
+            fleet.start(f"env-{h}", ["worker", "env", "--host", f"env-{h}"])
+        wait_workers(settings, fleet, 2 + a.env_hosts)
+        if a.in_flight:
+            in_flight(settings, fleet, redis_proc.pid, a.in_flight, a.profile)
+            return
+        rows = []
+        for n in a.ns:
+            row = run_batch(settings, fleet, redis_proc.pid, n, a.profile)
+            rows.append(row)
+            t1 = rows[0]["wall_s"]
+            lim_s = n * (row["tasks_per_episode"] or 0) / limit
+            print(f"N={n:>6}: T={row['wall_s']:8.1f}s T(N)/T(1)={row['wall_s'] / t1:5.2f} "
+                  f"admission p50/p99={row['admission_p50_s']:.2f}/{row['admission_p99_s']:.2f}s "
+                  f"overhead p50={row['overhead_p50_s']:.2f}s CPU/ep={row['cpu_ms_per_episode_total']:.1f}ms "
+                  f"Redis/ep peak={row['redis_bytes_per_episode_peak'] / 1024:.1f}KB "
+                  f"after={row['redis_bytes_per_episode_after'] / 1024:.1f}KB RSS={row['rss_peak_mb']:.0f}MB "
+                  f"tasks/ep={row['tasks_per_episode']:.1f} dispatch-limit time={lim_s:.1f}s "
+                  f"T/limit={row['wall_s'] / lim_s if lim_s else float('nan'):.2f} states={row['states']}")
+            print("        CPU ms/episode by process: " + ", ".join(
+                f"{k}={v:.1f}" for k, v in row["cpu_ms_per_episode"].items()))
+        write_report(Path(a.out), rows, limit, a.profile)
+        print(f"wrote {a.out}/scale.json and scale.html (logs in {tmp})")
+    finally:
+        fleet.close()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
+def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile: str) -> None:
+    """Admit ``n`` episodes whose model calls take long; print admission lag and RSS while they wait."""
+    from megaflow.core import states
+
+    run = run_batch(settings, fleet, redis_pid, n, profile, model_s=600.0, wait=False)
+    client, r = run["client"], run["r"]
+    deadline = time.time() + 600
+    ids = client.rt.engine.batch_ids(run["batch"])
+    while time.time() < deadline:
+        views = client.rt.engine.summaries(ids)
+        admitted = [v for v in views if v["state"] not in (states.QUEUED, states.SUBMITTED)]
+        if len(admitted) >= n:
+            break
+        time.sleep(1)
+    time.sleep(3)
+    views = client.rt.engine.summaries(ids)
+    lag = [v["phases"]["admitted"] - v["phases"]["queued"] for v in views if "admitted" in v["phases"]]
+    rss = sum(rss_bytes(p.pid) for p in fleet.procs.values()) + rss_bytes(redis_pid)
+    mem = int(r.info("memory")["used_memory"])
+    print(f"in flight: {len(lag)}/{n} admitted; admission p50 {statistics.median(lag):.3f}s p99 {pct(lag, .99):.3f}s "
+          f"(goal < 1 s); total RSS {rss / 2**30:.2f} GB (goal < 4 GB); Redis {mem / n / 1024:.1f} KB/episode")
+    run["stop"].set()
+    client.cancel(run["batch"])
+    client.close()
+
+
+if __name__ == "__main__":
+    main()
