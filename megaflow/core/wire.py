@@ -98,7 +98,7 @@ def encode_message(key_prefix: str, name: str, args: list[Any], queue: str) -> t
     """
     task_id = str(uuid.uuid4())
     body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    headers = {
+    headers: dict[str, Any] = {
         "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
         "parent_id": None, "argsrepr": task_argsrepr(name, args, queue), "kwargsrepr": "{}",

@@ -317,7 +317,7 @@ class EpisodeEngine:
 
     # --- queries ---------------------------------------------------------------------------
     def batch_ids(self, batch_id: str) -> list[str]:
-        ids = self.r.lrange(self.keys.batch_episodes(batch_id), 0, -1)
+        ids: list[str] = self.r.lrange(self.keys.batch_episodes(batch_id), 0, -1)  # type: ignore[assignment]
         if not ids and not self.r.exists(self.keys.batch(batch_id)):
             raise NotFoundError(f"batch {batch_id} not found")
         return ids

@@ -81,7 +81,7 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     command = (ep.pending or {}).get("command", "")
     timeout = spec.agent.command_timeout_s or rt.settings.command_timeout_s
     try:
-        res = rt.env_host.execute(ep.container, command, timeout=timeout, workdir=spec.workdir,
+        res = rt.env_host.execute(_sandbox(ep), command, timeout=timeout, workdir=spec.workdir,
                                   env=spec.agent.env or None)
     except (RetryableError, InfraError) as exc:
         return _infra_failure(rt, ep, exc, "exec", final_attempt)
@@ -99,7 +99,7 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
     if ep is None:
         return "dropped"
     spec = ep.spec
-    handle = ep.container
+    handle = _sandbox(ep)
     report = None
     try:
         if spec.eval.swebench:
@@ -130,6 +130,14 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
     state = states.SUCCEEDED if reward > 0 else states.FAILED
     lifecycle.finish(rt, ep, state, reward=reward, cause=None if reward > 0 else states.CAUSE_TESTS, close_here=True)
     return state
+
+
+def _sandbox(ep) -> dict[str, Any]:
+    """The episode's sandbox handle; an episode past provisioning without one lost it (infra)."""
+    handle = ep.container
+    if not handle:
+        raise InfraError(f"episode {ep.id} has no sandbox at step {ep.step} (state {ep.state})")
+    return handle
 
 
 def close(rt: Runtime, episode_id: str, handle: dict[str, Any]) -> str:

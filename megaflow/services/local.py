@@ -51,7 +51,7 @@ class LocalRunner:
         item = self.root.redis.brpop(self._keys, timeout=timeout_s)
         if not item:
             return False
-        key, message = item
+        key, message = str(item[0]), str(item[1])
         name, args = wire.decode_message(message)
         queue = self._queues[self._keys.index(key)]
         self.handled[name] = self.handled.get(name, 0) + 1

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from megaflow.core.errors import TaskError
 
 if TYPE_CHECKING:
+    from megaflow.env_hosts.base import EnvHandle
     from megaflow.services.root import Root
 
 
@@ -19,7 +20,7 @@ def labels(rt: Root, ep) -> dict[str, str]:
             "megaflow.host": rt.host, "megaflow.prefix": rt.settings.key_prefix}
 
 
-def setup(rt: Root, handle: dict[str, Any], spec) -> None:
+def setup(rt: Root, handle: EnvHandle | dict[str, Any], spec) -> None:
     rt.env_host.execute(handle, f"mkdir -p {shlex.quote(spec.workdir)}", timeout=rt.settings.command_timeout_s)
     if spec.files:
         rt.env_host.put_files(handle, spec.files)
