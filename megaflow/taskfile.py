@@ -68,10 +68,10 @@ def read_text(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
             try:
                 parts.append(decoder.decode(chunk, final=not chunk))
             except UnicodeDecodeError as exc:
-                done = "".join(parts).count("\n")
-                line = done + chunk[: exc.start].count(b"\n") + 1
-                raise SpecError(f"{path}:{line}: not UTF-8 text (byte 0x{chunk[exc.start]:02x}); "
-                                "save the file as UTF-8") from None  # fmt: skip
+                bad = bytes(exc.object)  # the decoder's buffered bytes plus this chunk
+                line = "".join(parts).count("\n") + bad[: exc.start].count(b"\n") + 1
+                what = f"byte 0x{bad[exc.start]:02x}" if exc.start < len(bad) else "cut off at the end"
+                raise SpecError(f"{path}:{line}: not UTF-8 text ({what}); save the file as UTF-8") from None
             if not chunk:
                 return "".join(parts)
 

@@ -249,10 +249,37 @@ MODEL_NUMBERS: dict[str, tuple[float, float]] = {
 }
 
 
+def _http_url(v: Any) -> bool:
+    return isinstance(v, str) and v.startswith(("http://", "https://")) and len(v) <= 2048 and not bad_char(v)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 200 and not bad_char(v)
+
+
+# well-known model keys whatever the backend: (check, what it must be)
+MODEL_TYPES: dict[str, tuple[Any, str]] = {
+    "model_name": (_text, "a model name (1-200 printable characters)"),
+    "endpoints": (lambda v: isinstance(v, list) and 0 < len(v) <= 100 and all(_http_url(e) for e in v),
+                  "a list of http(s) base URLs, e.g. [\"http://gpu1:8000/v1\"]"),
+    "base_url": (_http_url, "an http(s) base URL, e.g. http://gpu1:8000/v1"),
+    "logprobs": (lambda v: isinstance(v, bool), "true or false"),
+    "extra_body": (lambda v: isinstance(v, dict), "a mapping of extra request fields"),
+    "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and len(v) <= 16
+                                              and all(isinstance(x, str) for x in v)),
+             "a string or a list of at most 16 strings"),
+    "policy_version": (_text, "a version tag (1-200 printable characters)"),
+}  # fmt: skip
+
+
 def model_options(options: dict[str, Any]) -> None:
     """Sampling numbers of a model section within their documented ranges; every value plain JSON."""
     for key in sorted(options):
         value = options[key]
+        if key in MODEL_TYPES and value is not None:
+            check, what = MODEL_TYPES[key]
+            if not check(value):
+                raise field_error((key,), f"must be {what}, got {show(value)}", value)
         if key in MODEL_NUMBERS and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise field_error((key,), f"must be a number, got {type(value).__name__}", value)

@@ -243,7 +243,8 @@ def validate_specs(specs: Iterable[dict[str, Any] | TaskSpec]) -> list[TaskSpec]
         if problem:
             path, what = problem
             field = ".".join(str(p) for p in path[: 2 if path and path[0] in ("model", "agent", "eval") else 1])
-            raise SpecError(f"field '{guards.dotted(path) or '(spec)'}' {what}", index=i, field=field or "(spec)")
+            field = field or "(spec)"
+            raise SpecError(f"field '{field}': {guards.dotted(path) or 'the spec'} {what}", index=i, field=field)
         try:
             spec = TaskSpec.model_validate(raw)
         except ValidationError as exc:
