@@ -183,6 +183,22 @@ class Client:
         """
         from megaflow.rollout import Rollout
 
+        cap = self.settings.max_batch_episodes
+        for name, value, low, high in (("replicas", replicas, 1, cap), ("max_infra_retries", max_infra_retries, 0, 100)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise SpecError(f"field '{name}': {guards.show(value)} must be a whole number from {low} to {high}",
+                                field=name)  # fmt: skip
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= 30 * guards.DAY):  # fmt: skip
+            raise SpecError(f"field 'timeout': {guards.show(timeout)} must be a number of seconds above 0, or None",
+                            field="timeout")  # fmt: skip
+        if policy_version is not None and not isinstance(policy_version, str):
+            raise SpecError("field 'policy_version': must be a string", field="policy_version")
+        tasks = _take(tasks, cap)
+        if len(tasks) * replicas > cap:
+            raise SpecError(f"field 'replicas': {len(tasks):,} tasks x {replicas} replicas is above "
+                            f"MEGAFLOW_MAX_BATCH_EPISODES ({cap:,}); run fewer at a time or raise the setting",
+                            field="replicas")  # fmt: skip
         return Rollout(self, replicas=replicas, user=user, policy_version=policy_version,
                        max_infra_retries=max_infra_retries, timeout=timeout, trajectories=trajectories).run(tasks)
 

@@ -80,7 +80,13 @@ BAD_SETTINGS = st.one_of(
     st.tuples(st.sampled_from(["host_name", "key_prefix"]), UNSAFE),
     st.tuples(st.just("default_image"), st.one_of(UNSAFE.filter(lambda v: v != "a/b"), st.sampled_from(["UPPER", "a:b:c", "x@sha256:12", "a" * 500]))),
     st.tuples(st.just("container_memory"), st.sampled_from(["lots", "1q", "-1g", "1", "5m", "9999999g", "1.g", "g"])),
-    st.tuples(st.just("redis_url"), st.sampled_from(["http://x", "localhost:6379", "redis//x", "a b"])),
+    st.tuples(
+        st.just("redis_url"),
+        st.sampled_from(["http://x", "localhost:6379", "redis//x", "a b", "redis://h:99999/0", "redis://h:6379/x"]),
+    ),
+    st.tuples(st.sampled_from(["metadata_url", "artifacts_url"]), st.sampled_from(["garbage", "/tmp/x", "ftp://x"])),
+    st.tuples(st.sampled_from(["state_dir"]), st.sampled_from(["rel/dir", ".", "a b"])),
+    st.tuples(st.sampled_from(["s3_endpoint_url"]), st.sampled_from(["minio:9000", "ftp://m"])),
     st.tuples(st.just("env_mode"), st.sampled_from(["sometimes", "EPHEMERAL?", "pool"])),
     st.tuples(st.just("model_endpoints"), st.sampled_from(["[x", "ftp://a", '["http://a", 3]', "[1]", "gpu1:8000"])),
     st.tuples(st.sampled_from(["flower_address", "metrics_address"]), st.sampled_from(["a b", "x/y", "$(id)"])),
@@ -114,6 +120,13 @@ def test_unknown_setting_is_refused(suffix):
     with environ(**{var: "1"}), pytest.raises(MegaflowError) as exc:
         Settings.load()
     rejected("settings", exc.value, var)
+
+
+def test_a_url_password_is_never_echoed():
+    secret = "S3cr3t-" + "p" * 80
+    with environ(MEGAFLOW_REDIS_URL=f"redis://:{secret}@h:abc/0"), pytest.raises(SettingsError) as exc:
+        Settings.load()
+    assert "MEGAFLOW_REDIS_URL" in str(exc.value) and "S3cr3t" not in str(exc.value)
 
 
 def test_unknown_setting_names_the_closest():
@@ -355,6 +368,30 @@ def test_any_value_anywhere_is_accepted_or_one_clear_error(settings, redis_clien
         else:
             TALLY["api:accepted-any"] += 1
             redis_client.flushall()
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.tuples(st.just("replicas"), st.sampled_from([0, -1, 10**9, True, 1.5, "3", None])),
+        st.tuples(st.just("timeout"), st.sampled_from([NAN, INF, -1, 0, "1", 1e12])),
+        st.tuples(st.just("max_infra_retries"), st.sampled_from([-1, 10**6, 2.5, "x"])),
+    )
+)
+def test_bad_rollout_arguments(settings, redis_client, case):
+    name, value = case
+    with Client(settings) as client, pytest.raises(MegaflowError) as exc:
+        client.rollout([good()], **{name: value})
+    rejected("api", exc.value, name)
+    assert redis_client.keys("*") == []
+
+
+def test_rollout_product_is_capped(settings, redis_client):
+    capped = settings.model_copy(update={"max_batch_episodes": 10})
+    with Client(capped) as client, pytest.raises(SpecError, match="MEGAFLOW_MAX_BATCH_EPISODES") as exc:
+        client.rollout([good(), good(), good()], replicas=4)
+    rejected("api", exc.value, "replicas")
+    assert redis_client.keys("*") == []
 
 
 # --- batch ids never collide --------------------------------------------------------------------

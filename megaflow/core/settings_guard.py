@@ -95,13 +95,50 @@ def _string(name: str, value: str) -> str:
         n = memory_bytes(value)
         if not 6 * MIB <= n <= 1 << 42:
             raise ValueError(f"{value!r} is outside 6m (Docker's minimum) to 4096g")
-    elif name == "redis_url" and not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0")
+    elif name == "redis_url":
+        _redis_url(value)
+    elif name in _URL_SCHEMES and value:
+        schemes, example = _URL_SCHEMES[name]
+        if not value.lower().startswith(schemes):
+            raise ValueError(f"must start with {' or '.join(schemes)}, e.g. {example}")
+    elif name == "state_dir":
+        value = os.path.expanduser(value)
+        if not os.path.isabs(value):
+            raise ValueError(
+                "must be an absolute directory (every process must find the same one), e.g. /var/lib/megaflow"
+            )
     elif name.endswith("_address") and not _ADDRESS.fullmatch(value):
         raise ValueError(f"{guards.show(value)} is not a host address; use an IP address or host name, e.g. 127.0.0.1")
     elif name == "model_backend" and not _BACKEND.fullmatch(value):
         raise ValueError(f"{guards.show(value)} is not a backend name (scripted, openai) or a dotted path")
     return value
+
+
+_URL_SCHEMES: dict[str, tuple[tuple[str, ...], str]] = {
+    "metadata_url": (("sqlite:///", "mongodb://", "mongodb+srv://"), "sqlite:////var/lib/megaflow/megaflow.db"),
+    "artifacts_url": (("file:///", "s3://"), "s3://bucket/prefix"),
+    "s3_endpoint_url": (("http://", "https://"), "http://minio:9000"),
+}
+
+
+def _redis_url(value: str) -> None:
+    from urllib.parse import urlsplit
+
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0")
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError("has a bad port; use redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0") from None
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not (db.isdigit() and int(db) < 100_000):
+        raise ValueError(f"database {db!r} must be a number, e.g. redis://127.0.0.1:6379/0")
+
+
+def redact(text: str) -> str:
+    """A URL's password replaced by ***."""
+    return re.sub(r"//[^@/]*@", "//***@", text)
 
 
 def check_setting(name: str, value: Any) -> Any:
@@ -277,7 +314,8 @@ def settings_error(
         where, value = f"{name} in {config[0]}", config[1][name]
     else:
         where, value = f"{var} (unset, its default)", err.get("input")
-    shown = "'***'" if secret else guards.show(value if isinstance(value, str) else err.get("input"))
+    raw = value if isinstance(value, str) else err.get("input")
+    shown = "'***'" if secret else guards.show(redact(raw) if isinstance(raw, str) else raw)
     expected = _expected(cls, name)
     if expected and not expected.startswith(" "):
         fix = f"set {var} to {expected}, or unset it"
