@@ -27,10 +27,10 @@ MAX_INT = 2**63 - 1  # what MongoDB, SQLite and Redis counters can hold
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # host names: queue env.<name>, Docker label
 KEY_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # no glob characters: SCAN and ACL patterns use it
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+=#-]{0,199}")
-BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # episode ids are <batch>-<index>
+BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # episode ids are <batch>-<index>
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 TASK_ID_RULE = "1-200 characters of letters, digits and . _ - : @ + = # (starting with a letter or digit)"
-BATCH_ID_RULE = "1-100 characters of letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+BATCH_ID_RULE = "1-128 characters of letters, digits, '.', '_' or '-' (starting with a letter or digit)"
 NAME_RULE = "1-63 characters of letters, digits, '.', '_' or '-' (starting with a letter or digit)"
 
 # Docker reference grammar (distribution/reference): [domain[:port]/]path[:tag][@digest]
