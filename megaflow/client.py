@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -11,12 +15,26 @@ import redis
 
 from megaflow.services import lifecycle
 from megaflow.core import states
-from megaflow.core.errors import ServiceUnavailableError, SpecError
+from megaflow.core import guards
+from megaflow.core.errors import MegaflowError, ServiceUnavailableError, SpecError
 from megaflow.services.root import Root
 from megaflow.core.settings import Settings
 from megaflow.core.spec import TaskSpec, validate_specs
 
-_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+log = logging.getLogger(__name__)
+
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: no trailing newline
+
+# Reserve a batch id, refused when that batch exists in any form, so no submit overwrites another's
+# episodes. KEYS[1] batch hash, KEYS[2] batch episode list, KEYS[3] batch index (sorted set);
+# ARGV[1] batch id, ARGV[2] user, ARGV[3] time of the reservation. Returns 1 if reserved, else 0.
+RESERVE_BATCH = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'user', ARGV[2], 'reserved_at', ARGV[3])
+return 1
+"""
 
 
 @dataclass
@@ -48,21 +66,51 @@ class Client:
     def submit(self, specs: dict[str, Any] | TaskSpec | Iterable[dict[str, Any] | TaskSpec], *, user: str,
                batch_id: str | None = None) -> Submission:
         """Validate every spec, then enqueue them all as one batch; a bad spec enqueues nothing."""
-        if not isinstance(user, str) or not _USER.match(user):
+        if not isinstance(user, str) or not _USER.fullmatch(user):
             raise SpecError("field 'user': must be 1-64 characters of letters, digits, '_', '.', '@' or '-'",
                             field="user")
-        if isinstance(specs, (dict, TaskSpec)):
-            specs = [specs]
-        valid = validate_specs(list(specs))
+        if batch_id is not None and (not isinstance(batch_id, str) or not guards.BATCH_ID.fullmatch(batch_id)):
+            raise SpecError(f"field 'batch_id': {guards.show(batch_id)} is not allowed: use {guards.BATCH_ID_RULE}, "
+                            "or leave it out to get a generated one", field="batch_id")
+        valid = validate_specs(_take(specs, self.settings.max_batch_episodes))
         check_models(valid, self.settings)
+        check_limits(valid, self.settings)
         self._check_redis()
-        bid, ids = self.rt.engine.create_batch(valid, user, batch_id)
+        bid = self._reserve(batch_id, user)
+        try:
+            bid, ids = self.rt.engine.create_batch(valid, user, bid)
+        except BaseException:
+            self.rt.redis.delete(self.rt.keys.batch(bid))  # one MULTI: nothing else of the batch was written
+            raise
         self.rt.resources.enqueue([
             {"episode_id": eid, "user": user, "image": spec.image or self.settings.default_image}
             for eid, spec in zip(ids, valid)
         ])
         lifecycle.admit(self.rt)
         return Submission(bid, ids)
+
+    def _reserve(self, batch_id: str | None, user: str) -> str:
+        """Reserve ``batch_id`` (or a generated id) atomically; an id in use raises SpecError."""
+        keys = self.rt.keys
+        script = self.rt.redis.register_script(RESERVE_BATCH)
+        for _ in range(5):
+            bid = batch_id or f"b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            if batch_id and self._recorded(bid):
+                break
+            if script(keys=[keys.batch(bid), keys.batch_episodes(bid), keys.batches], args=[bid, user, time.time()]):
+                return bid
+            if batch_id:
+                break
+        raise SpecError(f"field 'batch_id': batch {bid!r} already exists; a batch id names one batch only: choose "
+                        "a new id, or leave it out to get a generated one", field="batch_id")
+
+    def _recorded(self, batch_id: str) -> bool:
+        """Whether the metadata store holds episodes of ``batch_id`` (Redis may have been flushed since)."""
+        try:
+            return bool(self.rt.metadata.count_by_state(batch_id=batch_id))
+        except MegaflowError as exc:  # Redis stays the authority; a store we cannot read does not block submits
+            log.warning("cannot check batch id %s against the metadata store: %s", batch_id, exc)
+            return False
 
     def status(self, batch_id: str) -> dict[str, Any]:
         """Counts by state of a batch, from the live episode state."""
@@ -94,8 +142,6 @@ class Client:
 
     def trajectory(self, episode_id: str) -> dict[str, Any]:
         """The saved trajectory of a finished episode."""
-        import json
-
         view = self.rt.engine.summaries([episode_id])
         uri = view[0]["artifact_uri"] if view else None
         if not uri:
@@ -125,6 +171,22 @@ class Client:
         """
         from megaflow.rollout import Rollout
 
+        cap = self.settings.max_batch_episodes
+        for name, value, low, high in (("replicas", replicas, 1, cap), ("max_infra_retries", max_infra_retries, 0, 100)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise SpecError(f"field '{name}': {guards.show(value)} must be a whole number from {low} to {high}",
+                                field=name)  # fmt: skip
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= 30 * guards.DAY):  # fmt: skip
+            raise SpecError(f"field 'timeout': {guards.show(timeout)} must be a number of seconds above 0, or None",
+                            field="timeout")  # fmt: skip
+        if policy_version is not None and not isinstance(policy_version, str):
+            raise SpecError("field 'policy_version': must be a string", field="policy_version")
+        tasks = _take(tasks, cap)
+        if len(tasks) * replicas > cap:
+            raise SpecError(f"field 'replicas': {len(tasks):,} tasks x {replicas} replicas is above "
+                            f"MEGAFLOW_MAX_BATCH_EPISODES ({cap:,}); run fewer at a time or raise the setting",
+                            field="replicas")  # fmt: skip
         return Rollout(self, replicas=replicas, user=user, policy_version=policy_version,
                        max_infra_retries=max_infra_retries, timeout=timeout, trajectories=trajectories).run(tasks)
 
@@ -143,6 +205,8 @@ class Client:
 
     def close(self) -> None:
         self.rt.redis.close()
+        if "metadata" in vars(self.rt):  # opened by a batch-id check
+            self.rt.metadata.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -170,6 +234,43 @@ def check_models(specs: list[TaskSpec], settings: Settings) -> None:
                 parse_model_section(spec.model.model_dump(exclude_none=True, exclude={"backend"}), settings)
             except SpecError as exc:
                 raise SpecError(f"field '{exc.field}': {exc}", index=i, field=exc.field) from None
+
+
+def _take(specs: Any, cap: int) -> list[Any]:
+    """The specs as a list, refusing more than ``cap`` (MEGAFLOW_MAX_BATCH_EPISODES) before reading them all."""
+    if isinstance(specs, (dict, TaskSpec)):
+        return [specs]
+    if isinstance(specs, (str, bytes)) or not hasattr(specs, "__iter__"):
+        raise SpecError(f"specs must be a task spec (dict) or a list of them, got {type(specs).__name__}",
+                        field="specs")
+    out = list(itertools.islice(iter(specs), cap + 1))
+    if len(out) > cap:
+        raise SpecError(f"field 'specs': more than {cap:,} specs in one batch (MEGAFLOW_MAX_BATCH_EPISODES); split it "
+                        "into several submits or raise the setting", field="specs")
+    return out
+
+
+def check_limits(specs: list[TaskSpec], settings: Settings) -> None:
+    """Reject, at submit, a spec larger than MEGAFLOW_MAX_SPEC_BYTES or with limits the fleet cannot honour."""
+    longest = settings.step_time_limit_s - 30  # a step task is killed after step_time_limit_s
+    for i, spec in enumerate(specs):
+        size = len(spec.model_dump_json().encode())
+        if size > settings.max_spec_bytes:
+            dump = spec.model_dump(mode="json")
+            big = max(dump, key=lambda k: len(json.dumps(dump[k])))
+            raise SpecError(f"spec is {size:,} bytes, above MEGAFLOW_MAX_SPEC_BYTES ({settings.max_spec_bytes:,}); "
+                            f"its largest field is '{big}': make it smaller (or raise the setting)", index=i,
+                            field=big)
+        limits = (("agent.command_timeout_s", spec.agent.command_timeout_s, longest,
+                   "the fleet's longest step (MEGAFLOW_COMMAND_TIMEOUT_S / MEGAFLOW_EVAL_TIMEOUT_S)"),
+                  ("eval.timeout_s", spec.eval.timeout_s, longest,
+                   "the fleet's longest step (MEGAFLOW_COMMAND_TIMEOUT_S / MEGAFLOW_EVAL_TIMEOUT_S)"),
+                  ("agent.wall_time_s", spec.agent.wall_time_s, settings.container_lifetime_s,
+                   "the container lifetime (MEGAFLOW_CONTAINER_LIFETIME_S)"))
+        for name, value, limit, what in limits:
+            if value is not None and value > limit:
+                raise SpecError(f"field '{name}': {value:g}s is above {what}, {limit:g}s; lower it, or raise "
+                                "the setting on the fleet", index=i, field=name)
 
 
 def _safe_url(url: str) -> str:

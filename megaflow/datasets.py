@@ -106,26 +106,15 @@ def parse_instance(raw: Any, where: str = "instance") -> Instance:
         raise SpecError(f"{where}: field '{field}': {msg}", field=field) from None
 
 
-def read_records(path: str | Path) -> list[tuple[str, Any]]:
-    """(where, record) pairs of a JSONL file (or a file holding one JSON list)."""
-    path = Path(path)
-    if not path.exists():
-        raise SpecError(f"{path}: no such file")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"{path}[{i}]", r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    return out
+def read_records(path: str | Path, *, max_bytes: int | None = None) -> list[tuple[str, Any]]:
+    """(where, record) pairs of a JSONL file (or a file holding one JSON list), read with bounds.
+
+    Any unreadable input (a directory, /dev/zero, UTF-16, invalid UTF-8, deep JSON) raises SpecError
+    naming the file and line; ``max_bytes`` defaults to MEGAFLOW_MAX_TASK_FILE_BYTES' default.
+    """
+    from megaflow import taskfile
+
+    return taskfile.read_records(path, max_bytes=max_bytes or taskfile.DEFAULT_MAX_BYTES)
 
 
 def load_instances(path: str | Path) -> list[dict[str, Any]]:

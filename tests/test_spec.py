@@ -27,6 +27,14 @@ def test_demo_specs_validate():
     (lambda s: s.update(files={"relative.txt": "x"}), "files"),
     (lambda s: s["agent"].update(max_steps=0) if "agent" in s else s.update(agent={"max_steps": 0}), "agent.max_steps"),
     (lambda s: s.update(mode="sometimes"), "mode"),
+    (lambda s: s.update(task_id="$(reboot)"), "task_id"),
+    (lambda s: s.update(image="../../x"), "image"),
+    (lambda s: s.update(workdir="/proc/self"), "workdir"),
+    (lambda s: s.update(files={"/repo/../etc/passwd": "x"}), "files"),
+    (lambda s: s.setdefault("agent", {}).update(env={"LD_PRELOAD": "/x.so"}), "agent.env"),
+    (lambda s: s.setdefault("agent", {}).update(wall_time_s=float("inf")), "agent.wall_time_s"),
+    (lambda s: s.setdefault("model", {}).update(temperature=float("nan")), "model.temperature"),
+    (lambda s: s.update(metadata={"a": {"b": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}), "metadata"),
 ])
 def test_bad_field_is_named(mutate, field):
     spec = good()
@@ -83,3 +91,22 @@ def test_model_section_checked_at_submit(settings, redis_client):
         with pytest.raises(SpecError, match="model.replies"):
             client.submit([no_replies], user="alice")
     assert redis_client.keys("*") == []
+
+
+def test_settings_bound_spec_limits(settings, redis_client):
+    """A per-spec time limit above what the fleet's settings allow is refused at submit, naming both."""
+    slow = good()
+    slow.setdefault("agent", {})["command_timeout_s"] = 10 * settings.step_time_limit_s
+    with Client(settings) as client:
+        with pytest.raises(SpecError, match="agent.command_timeout_s.*MEGAFLOW_COMMAND_TIMEOUT_S"):
+            client.submit([slow], user="alice")
+    assert redis_client.keys("*") == []
+
+
+def test_generated_and_given_batch_ids(settings, redis_client):
+    with Client(settings) as client:
+        a = client.submit([good()], user="alice")
+        b = client.submit([good()], user="alice", batch_id="mine-1")
+        with pytest.raises(SpecError, match="batch_id"):
+            client.submit([good()], user="alice", batch_id="mine-1")
+    assert a.batch_id.startswith("b-") and b.batch_id == "mine-1" and b.episode_ids == ["mine-1-00000"]

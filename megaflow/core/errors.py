@@ -66,3 +66,11 @@ class ContextLengthError(ModelError):
 
 class ModelUnavailableError(ModelError, RetryableInfraError):
     """Model endpoints kept failing (429, 5xx, connection errors, time-outs) after every retry."""
+
+
+class SettingsError(ConfigError):
+    """A setting (environment, MEGAFLOW_CONFIG file or override) is unknown or bad; names MEGAFLOW_<NAME>."""
+
+    def __init__(self, message: str, *, setting: str | None = None):
+        self.setting = setting
+        super().__init__(message)

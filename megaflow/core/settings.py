@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -29,10 +29,20 @@ def _check_env_backend(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
+def _default_host_name() -> str:
+    """This machine's host name made safe for a queue name and a Docker label (other characters: '-')."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).lstrip("._-")[:63]
+    return name or "localhost"
+
+
 class Settings(BaseSettings):
     """Fleet-wide settings. Every field maps to ``MEGAFLOW_<FIELD>`` (upper case)."""
 
-    model_config = SettingsConfigDict(env_prefix="MEGAFLOW_", extra="forbid", validate_default=True)
+    # env_ignore_empty: an empty MEGAFLOW_X means unset (the default); allow_inf_nan: no inf/NaN numbers
+    model_config = SettingsConfigDict(env_prefix="MEGAFLOW_", extra="forbid", validate_default=True,
+                                      env_ignore_empty=True, allow_inf_nan=False)
 
     # --- connections -------------------------------------------------------------------------
     redis_url: str = Field(
@@ -66,7 +76,7 @@ class Settings(BaseSettings):
 
     # --- workers -----------------------------------------------------------------------------
     host_name: str = Field(
-        default_factory=socket.gethostname,
+        default_factory=_default_host_name,
         description="Name of this env host; its env worker consumes queue env.<host_name>.",
     )
     model_concurrency: int = Field(32, ge=1, description="Threads per model-gateway worker.")
@@ -203,7 +213,10 @@ class Settings(BaseSettings):
             if v.startswith("["):
                 import json
 
-                return json.loads(v)
+                try:
+                    return json.loads(v)
+                except ValueError as exc:
+                    raise ValueError(f"not a valid JSON list ({exc}); use a, b or [\"a\", \"b\"]") from None
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
@@ -217,13 +230,15 @@ class Settings(BaseSettings):
             self.visibility_timeout_s = int(self.step_time_limit_s * 2 + 60)
         elif self.visibility_timeout_s <= self.step_time_limit_s:
             raise ValueError(
-                f"visibility_timeout_s ({self.visibility_timeout_s}) must be above the longest step "
+                f"MEGAFLOW_VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} must be above the longest step "
                 f"time limit ({self.step_time_limit_s:.0f}s); raise MEGAFLOW_VISIBILITY_TIMEOUT_S or set it to 0"
             )
+        chain = ("command_timeout_s", "episode_budget_s", "container_lifetime_s", "episode_guard_s")
         if not (self.command_timeout_s < self.episode_budget_s < self.container_lifetime_s < self.episode_guard_s):
+            now = ", ".join(f"MEGAFLOW_{n.upper()}={getattr(self, n):g}" for n in chain)
             raise ValueError(
-                "time limits must line up: command_timeout_s < episode_budget_s < "
-                "container_lifetime_s < episode_guard_s"
+                f"time limits must line up: {' < '.join('MEGAFLOW_' + n.upper() for n in chain)} "
+                f"(now {now}); change the one out of order"
             )
         return self
 
@@ -261,8 +276,14 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
-        """Build settings from the environment (and MEGAFLOW_CONFIG YAML), with explicit overrides."""
-        return cls(**overrides)
+        """Build settings from the environment (and MEGAFLOW_CONFIG YAML), with explicit overrides.
+
+        A bad value, an unknown MEGAFLOW_* variable or a bad MEGAFLOW_CONFIG file raises one
+        SettingsError naming the variable, the value and the fix (see megaflow.core.settings_guard).
+        """
+        from megaflow.core import settings_guard
+
+        return settings_guard.load(cls, overrides)
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
@@ -282,3 +303,21 @@ class Settings(BaseSettings):
             if secret is not None:
                 out[f"MEGAFLOW_{name.upper()}"] = secret.get_secret_value()
         return out
+
+    # --- bad input (issue 17): caps, bounds and safe names; the checks live in settings_guard ------
+    max_batch_episodes: int = Field(
+        10_000, ge=1, description="Most episodes one submit may hold; a bigger batch is refused (split it)."
+    )
+    max_spec_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest task spec (as JSON) a submit accepts, in bytes."
+    )
+    max_task_file_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest task file (JSONL) `megaflow submit` / `rollout` read."
+    )
+
+    @field_validator("*")
+    @classmethod
+    def _guard(cls, value: Any, info: ValidationInfo) -> Any:
+        from megaflow.core.settings_guard import check_setting
+
+        return check_setting(info.field_name or "", value)

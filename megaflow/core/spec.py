@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from megaflow.core import guards
 from megaflow.core.errors import SpecError
 
 SUBMIT_WORD = "MEGAFLOW_SUBMIT"
@@ -14,10 +15,16 @@ SUBMIT_WORD = "MEGAFLOW_SUBMIT"
 class ModelSpec(BaseModel):
     """Which model answers this episode. Extra keys (endpoints, temperature, ...) go to the backend."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     backend: str | None = Field(None, description="Backend name (scripted, openai); default: settings.model_backend.")
     replies: list[str] | None = Field(None, description="Replies replayed in order by the scripted backend.")
+
+    # --- bad input (issue 17): model options finite and in range (megaflow.core.guards) ----------
+    @model_validator(mode="after")
+    def _guard_options(self) -> ModelSpec:
+        guards.model_options(dict(self.model_extra or {}))
+        return self
 
 
 class AgentSpec(BaseModel):
@@ -28,7 +35,7 @@ class AgentSpec(BaseModel):
     ``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`` submits.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["bash", "mini"] = Field("bash", description="Agent flavour: bash (submit word) or mini.")
     max_steps: int | None = Field(None, ge=1, description="Model calls allowed; default settings.max_steps.")
@@ -76,6 +83,25 @@ class AgentSpec(BaseModel):
                         raise ValueError(f"{name} is not a valid Jinja2 template: {exc} (line {exc.lineno})") from None
         return self
 
+    # --- bad input (issue 17): limits in range, a safe environment (megaflow.core.guards) --------
+    @field_validator("max_steps", "max_tokens", "wall_time_s", "max_format_errors", "command_timeout_s")
+    @classmethod
+    def _guard_limits(cls, v: float | None, info: ValidationInfo) -> float | None:
+        guards.bounded(v, *guards.SPEC_BOUNDS[info.field_name], "value")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _guard_env(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            guards.env_var(name, value)
+        return v
+
+    @field_validator("submit_word")
+    @classmethod
+    def _guard_word(cls, v: str) -> str:
+        return guards.plain_text(v, 200)
+
 
 class EvalSpec(BaseModel):
     """How the episode is scored.
@@ -85,7 +111,7 @@ class EvalSpec(BaseModel):
     listed tests, parse per-test results; reward 1.0 when resolved (see megaflow.services.evaluation).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     command: str = Field(..., min_length=1, description="Shell command run in the container after submit "
                                                         "(SWE-bench style: the test runner; tests are appended "
@@ -102,11 +128,37 @@ class EvalSpec(BaseModel):
     def swebench(self) -> bool:
         return bool(self.fail_to_pass or self.pass_to_pass)
 
+    # --- bad input (issue 17): commands, paths, test ids and limits (megaflow.core.guards) --------
+    @field_validator("command")
+    @classmethod
+    def _guard_command(cls, v: str) -> str:
+        return guards.command(v)
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _guard_timeout(cls, v: float | None) -> float | None:
+        guards.bounded(v, *guards.SPEC_BOUNDS["timeout_s"], "value")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _guard_files(cls, v: dict[str, str]) -> dict[str, str]:
+        for path in v:
+            guards.container_path(path, "file path", file=True)
+        return v
+
+    @field_validator("fail_to_pass", "pass_to_pass")
+    @classmethod
+    def _guard_tests(cls, v: list[str]) -> list[str]:
+        for test in v:
+            guards.plain_text(test, 4096, "test id")
+        return v
+
 
 class TaskSpec(BaseModel):
     """One episode: an image, files and set-up, a problem, a model, an agent and an evaluation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task_id: str = Field(..., min_length=1, max_length=200, description="The task's name (instance id).")
     image: str | None = Field(None, description="Container image; default settings.default_image.")
@@ -126,22 +178,51 @@ class TaskSpec(BaseModel):
     @classmethod
     def _absolute(cls, v: dict[str, str]) -> dict[str, str]:
         for path in v:
-            if not path.startswith("/"):
-                raise ValueError(f"file path {path!r} must be absolute (start with /)")
+            guards.container_path(path, "file path", file=True)
         return v
 
     @field_validator("workdir")
     @classmethod
     def _absolute_workdir(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("workdir must be an absolute path")
+        return guards.container_path(v, "workdir")
+
+    # --- bad input (issue 17): safe ids and names, plain commands, bounded metadata --------------
+    @field_validator("task_id")
+    @classmethod
+    def _guard_task_id(cls, v: str) -> str:
+        return guards.named(v, guards.TASK_ID, guards.TASK_ID_RULE)
+
+    @field_validator("image")
+    @classmethod
+    def _guard_image(cls, v: str | None) -> str | None:
+        return None if v is None else guards.image_ref(v)
+
+    @field_validator("setup")
+    @classmethod
+    def _guard_setup(cls, v: list[str]) -> list[str]:
+        for i, cmd in enumerate(v):
+            guards.command(cmd, f"setup[{i}]")
+        return v
+
+    @field_validator("policy_version")
+    @classmethod
+    def _guard_version(cls, v: str | None) -> str | None:
+        return None if v is None else guards.plain_text(v, 200)
+
+    @field_validator("metadata")
+    @classmethod
+    def _guard_metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problem = guards.json_problem(v, max_depth=guards.MAX_DEPTH - 1)
+        if problem:
+            path, what = problem
+            raise guards.field_error(path[:3], f"{guards.dotted(('metadata', *path))} {what}")
         return v
 
 
 def _describe(exc: ValidationError) -> tuple[str, str]:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "(spec)"
-    msg = err["msg"]
+    msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field; remove it or check the spelling (allowed: see megaflow.core.spec.TaskSpec)"
     elif err["type"] == "missing":
@@ -158,6 +239,12 @@ def validate_specs(specs: Iterable[dict[str, Any] | TaskSpec]) -> list[TaskSpec]
             continue
         if not isinstance(raw, dict):
             raise SpecError(f"must be a JSON object, got {type(raw).__name__}", index=i)
+        problem = guards.json_problem(raw)  # before pydantic: no RecursionError, NaN or bad Unicode gets in
+        if problem:
+            path, what = problem
+            field = ".".join(str(p) for p in path[: 2 if path and path[0] in ("model", "agent", "eval") else 1])
+            field = field or "(spec)"
+            raise SpecError(f"field '{field}': {guards.dotted(path) or 'the spec'} {what}", index=i, field=field)
         try:
             spec = TaskSpec.model_validate(raw)
         except ValidationError as exc:
