@@ -2,15 +2,33 @@
 
 The reply for a request is ``replies[n]`` where ``n`` is the number of assistant messages already
 in the conversation, so the backend keeps no state and a redelivered request gets the same reply.
+A reply is either a string (the message content) or a whole assistant message
+(``{"content": ..., "tool_calls": [...]}``), so tool-call agents can be scripted too.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
 
 from megaflow.core.errors import ModelError
-from megaflow.model_gateway.base import ModelReply, ModelRequest
+from megaflow.model_gateway.base import BackendConfig, ModelReply, ModelRequest
+from megaflow.model_gateway.errors import ModelRequestError
+
+
+class ScriptedConfig(BackendConfig):
+    """The ``model`` section of the scripted backend."""
+
+    backend: Literal["scripted"] = Field("scripted", description="The scripted backend.")
+    replies: list[str | dict[str, Any]] = Field(
+        ...,
+        min_length=1,
+        description="Replies in order: a string (content) or an assistant message "
+        "({content, tool_calls, finish_reason}).",
+    )
+    policy_version: str | None = Field(None, description="Version tag recorded with each reply.")
 
 
 def _count_tokens(text: str) -> int:
@@ -20,25 +38,37 @@ def _count_tokens(text: str) -> int:
 class ScriptedBackend:
     """Replays ``request.model["replies"]`` in order; past the end it raises ModelError."""
 
+    config_model = ScriptedConfig
+
     def __init__(self, settings: Any = None, redis_client: Any = None):
         self.settings = settings
 
     def complete(self, request: ModelRequest) -> ModelReply:
         started = time.perf_counter()
-        replies = request.model.get("replies")
-        if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
-            raise ModelError("scripted backend needs model.replies: a list of strings")
+        try:
+            config = ScriptedConfig.model_validate({"backend": "scripted", **request.model})
+        except ValidationError as exc:
+            raise ModelRequestError(
+                f"scripted backend needs model.replies: a non-empty list ({exc.errors()[0]['msg']})"
+            ) from None
+        replies = config.replies
         n = sum(1 for m in request.messages if m.get("role") == "assistant")
         if n >= len(replies):
             raise ModelError(f"scripted replies exhausted: {len(replies)} given, reply #{n + 1} asked")
-        content = replies[n]
-        prompt = sum(_count_tokens(str(m.get("content", ""))) for m in request.messages)
+        raw = replies[n]
+        message = {"role": "assistant", "content": raw} if isinstance(raw, str) else {"role": "assistant", **raw}
+        finish = str(message.pop("finish_reason", None) or ("tool_calls" if message.get("tool_calls") else "stop"))
+        content = str(message.get("content") or "")
+        prompt = sum(_count_tokens(str(m.get("content") or "")) for m in request.messages)
         return ModelReply(
             content=content,
             prompt_tokens=prompt,
             completion_tokens=_count_tokens(content),
             latency_s=time.perf_counter() - started,
+            finish_reason=finish,
             endpoint="scripted",
             model_name="scripted",
-            policy_version=request.policy_version,
+            policy_version=request.policy_version or config.policy_version,
+            tool_calls=message.get("tool_calls") or None,
+            message=message,
         )
