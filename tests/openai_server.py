@@ -8,7 +8,8 @@ the stdlib ``ThreadingHTTPServer``. Controls, per server:
   wait their turn, so the server's own limit is ``max_concurrency / delay_s`` requests a second;
 - ``inject(kind, n)``: the next ``n`` completions fail as ``kind``: ``"429"``, ``"500"``,
   ``"503"``, ``"400"``, ``"401"``, ``"403"``, ``"404"``, ``"422"``, ``"context"`` (vLLM's
-  context-length 400), ``"slow"`` (sleeps ``slow_s`` first, to trip the client's time-out),
+  context-length 400), ``"500_validation"`` (llama-cpp-python's 500 for a bad parameter),
+  ``"slow"`` (sleeps ``slow_s`` first, to trip the client's time-out),
   ``"drop"`` (closes the connection), ``"cut"`` (a stream that stops half-way) or
   ``"stream_error"`` (a stream whose first event is an error);
 - ``stream: true`` requests are answered as server-sent events (chunked), deltas of the same reply,
@@ -105,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "slow":
             time.sleep(owner.slow_s)
-        elif fault in ("429", "500", "503", "400", "401", "403", "404", "422", "context"):
+        elif fault in ("429", "500", "503", "400", "401", "403", "404", "422", "context", "500_validation"):
             return self._send(*_fault_reply(fault))
         with owner.slots:
             with owner.lock:
@@ -258,6 +259,12 @@ def _fault_reply(kind: str) -> tuple[int, dict[str, Any], dict[str, str] | None]
             },
             None,
         )
+    if kind == "500_validation":  # llama-cpp-python's server: a bad parameter comes back as a 500
+        message = (
+            "1 validation error:\n  {'type': 'float_parsing', 'loc': ('body', 'temperature'), "
+            "'msg': 'Input should be a valid number'}"
+        )
+        return 500, {"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}}, None
     if kind == "404":
         return (
             404,

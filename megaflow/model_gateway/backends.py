@@ -27,7 +27,7 @@ def backend_class(name: str) -> type:
     """The class of backend ``name``: a short name from :data:`BACKENDS` or a dotted path."""
     target = BACKENDS.get(name)
     if target is None:
-        if "." not in name:
+        if "." not in name and ":" not in name:
             raise ConfigError(
                 f"unknown model backend {name!r}; choose one of {sorted(BACKENDS)} "
                 "or give a dotted path such as my_pkg.models:MyBackend"
@@ -68,7 +68,7 @@ def validate_model_section(section: dict[str, Any] | None, default_backend: str 
     try:
         cls = backend_class(name)
     except ConfigError as exc:
-        raise SpecError(str(exc), field="model.backend") from None
+        raise SpecError(f"field 'model.backend': {exc}", field="model.backend") from None
     section["backend"] = name
     try:
         return cls.config_model.model_validate(section)
