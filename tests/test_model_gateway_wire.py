@@ -18,9 +18,16 @@ from megaflow.model_gateway import ModelReply, ModelRequest, chat_message, load_
 from megaflow.model_gateway.base import BackendConfig
 from megaflow.model_gateway.errors import ModelAuthError, ModelRequestError, cause_of
 
-TOOLS = [{"type": "function", "function": {"name": "bash", "description": "Run a command",
-                                           "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
-                                                          "required": ["command"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "bash",
+            "description": "Run a command",
+            "parameters": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
+        },
+    }
+]
 
 
 @pytest.fixture
@@ -30,27 +37,50 @@ def srv():
 
 
 def backend_for(settings, redis_client, endpoints, **overrides):
-    fast = dict(model_backend="openai", model_name="test-model", model_endpoints=endpoints, model_backoff_base_s=0.01,
-                model_backoff_max_s=0.05, model_timeout_s=5.0, model_max_retries=3, model_unhealthy_after=2,
-                model_cooldown_s=0.3, model_retry_budget_s=10.0)
+    fast = {
+        "model_backend": "openai",
+        "model_name": "test-model",
+        "model_endpoints": endpoints,
+        "model_backoff_base_s": 0.01,
+        "model_backoff_max_s": 0.05,
+        "model_timeout_s": 5.0,
+        "model_max_retries": 3,
+        "model_unhealthy_after": 2,
+        "model_cooldown_s": 0.3,
+        "model_retry_budget_s": 10.0,
+    }
     fast.update(overrides)
     return load_backend("openai", settings.model_copy(update=fast), redis_client)
 
 
 def ask(backend, messages=None, *, batch="batch-1", session="ep-1", params=None, **model):
     messages = messages or [{"role": "user", "content": "hello there world"}]
-    return backend.complete(ModelRequest(messages=messages, model=model, session_id=session, step=0,
-                                         batch_id=batch, params=params or {}))
+    return backend.complete(
+        ModelRequest(messages=messages, model=model, session_id=session, step=0, batch_id=batch, params=params or {})
+    )
 
 
 # --- requests pass through whole ------------------------------------------------------------------
 def test_every_field_the_caller_sets_reaches_the_server(settings, redis_client, srv):
     a, _ = srv
     backend = backend_for(settings, redis_client, [a.base_url])
-    ask(backend, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False, stop=["\n\n"], seed=7, n=1,
-        response_format={"type": "json_object"}, logprobs=True, top_logprobs=3, top_k=20, temperature=0.5,
-        return_tokens_as_token_ids=True, extra_body={"chat_template_kwargs": {"enable_thinking": False}, "foo": 1},
-        params={"user": "agent-7"})
+    ask(
+        backend,
+        tools=TOOLS,
+        tool_choice="auto",
+        parallel_tool_calls=False,
+        stop=["\n\n"],
+        seed=7,
+        n=1,
+        response_format={"type": "json_object"},
+        logprobs=True,
+        top_logprobs=3,
+        top_k=20,
+        temperature=0.5,
+        return_tokens_as_token_ids=True,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}, "foo": 1},
+        params={"user": "agent-7"},
+    )
     body = a.requests[-1]["body"]
     assert body["tools"] == TOOLS and body["tool_choice"] == "auto" and body["parallel_tool_calls"] is False
     assert (body["stop"], body["seed"], body["n"], body["response_format"]) == (["\n\n"], 7, 1, {"type": "json_object"})
@@ -105,8 +135,9 @@ def test_tool_calls_come_back_whole(settings, redis_client, srv, stream):
     backend = backend_for(settings, redis_client, [a.base_url])
     reply = ask(backend, stream=stream, tools=TOOLS)
     assert reply.finish_reason == "tool_calls" and reply.content == ""
-    assert reply.tool_calls == [{"id": "call_1", "type": "function",
-                                 "function": {"name": "bash", "arguments": '{"command": "ls -la /repo"}'}}]
+    assert reply.tool_calls == [
+        {"id": "call_1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls -la /repo"}'}}
+    ]
     record = reply.history_record(step=3)
     assert record["tool_calls"] == reply.tool_calls and record["step"] == 3 and record["endpoint"] == a.base_url
     assert chat_message(record) == {"role": "assistant", "content": "", "tool_calls": reply.tool_calls}
@@ -189,8 +220,15 @@ def test_transient_errors_share_one_budget_of_attempts(settings, redis_client, s
 def test_transient_errors_share_one_budget_of_seconds(settings, redis_client, srv):
     a, _ = srv
     a.slow_s = 2.0
-    backend = backend_for(settings, redis_client, [a.base_url], model_timeout_s=0.3, model_retry_budget_s=0.8,
-                          model_max_retries=50, model_unhealthy_after=100)
+    backend = backend_for(
+        settings,
+        redis_client,
+        [a.base_url],
+        model_timeout_s=0.3,
+        model_retry_budget_s=0.8,
+        model_max_retries=50,
+        model_unhealthy_after=100,
+    )
     a.inject("slow", 50)
     with pytest.raises(ModelUnavailableError, match="timed out") as info:
         ask(backend)
@@ -201,14 +239,16 @@ def test_transient_errors_share_one_budget_of_seconds(settings, redis_client, sr
 def test_sections_are_validated_by_their_backend():
     assert validate_model_section({"backend": "openai", "temperature": 0.2, "tools": TOOLS}).tools == TOOLS
     assert validate_model_section({"replies": ["a", {"content": "", "tool_calls": []}]}).backend == "scripted"
-    cases = [({"backend": "openai", "temperature": "hot"}, "model.temperature"),
-             ({"backend": "openai", "temprature": 0.1}, "model.temprature"),
-             ({"backend": "openai", "endpoints": ["gpu1:8000"]}, "model.endpoints"),
-             ({"backend": "openai", "top_logprobs": 99}, "model.top_logprobs"),
-             ({"backend": "scripted", "replies": []}, "model.replies"),
-             ({"backend": "scripted"}, "model.replies"),
-             ({"backend": "nope"}, "model.backend"),
-             ({"backend": "no_such_pkg.models:Backend"}, "model.backend")]
+    cases = [
+        ({"backend": "openai", "temperature": "hot"}, "model.temperature"),
+        ({"backend": "openai", "temprature": 0.1}, "model.temprature"),
+        ({"backend": "openai", "endpoints": ["gpu1:8000"]}, "model.endpoints"),
+        ({"backend": "openai", "top_logprobs": 99}, "model.top_logprobs"),
+        ({"backend": "scripted", "replies": []}, "model.replies"),
+        ({"backend": "scripted"}, "model.replies"),
+        ({"backend": "nope"}, "model.backend"),
+        ({"backend": "no_such_pkg.models:Backend"}, "model.backend"),
+    ]
     for section, field in cases:
         with pytest.raises(SpecError) as info:
             validate_model_section(section)

@@ -33,8 +33,16 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_llama(path: str | Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128,
-                     context_length: int = 4096, seed: int = 0) -> Path:
+def write_tiny_llama(
+    path: str | Path,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 128,
+    context_length: int = 4096,
+    seed: int = 0,
+) -> Path:
     """Write the model to ``path`` (idempotent: same seed, same bytes) and return the path."""
     import gguf
 

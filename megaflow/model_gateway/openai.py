@@ -266,19 +266,36 @@ class OpenAIBackend:
     # --- one attempt ------------------------------------------------------------------------------
     @contextmanager
     def _post(
-        self, url: str, body: dict[str, Any], headers: dict[str, str], timeout: float
+        self, url: str, body: dict[str, Any], headers: dict[str, str], timeout: float, fresh: bool
     ) -> Iterator[httpx.Response]:
-        with self.http.stream("POST", url, json=body, headers=headers, timeout=timeout) as resp:
+        if not fresh:
+            with self.http.stream("POST", url, json=body, headers=headers, timeout=timeout) as resp:
+                yield resp
+            return
+        # a connection of its own: the pooled one may be the one a failing server just broke
+        with (
+            httpx.Client(headers=self.http.headers) as client,
+            client.stream("POST", url, json=body, headers=headers, timeout=timeout) as resp,
+        ):
             yield resp
 
-    def _attempt(
+    def _unstreamed(
         self, lease: Lease, body: dict[str, Any], headers: dict[str, str], deadline: float
+    ) -> tuple[dict[str, Any], bool, httpx.Headers]:
+        """The same request, not streamed, on a fresh connection. A server that fails before its first
+        event says nothing in a stream (llama-cpp-python's drops it on a context overflow); asked once
+        unstreamed it answers the error (or fails again, and the attempt is retried as usual)."""
+        plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        return self._attempt(lease, {**plain, "stream": False}, headers, deadline, fresh=True)
+
+    def _attempt(
+        self, lease: Lease, body: dict[str, Any], headers: dict[str, str], deadline: float, fresh: bool = False
     ) -> tuple[dict[str, Any], bool, httpx.Headers]:
         """POST once; the reply's fields, or _Retry / _Denied / a final ModelError."""
         ep = lease.endpoint
         timeout = max(0.1, min(self.settings.model_timeout_s, deadline - time.monotonic()))
         try:
-            with self._post(f"{ep}/chat/completions", body, headers, timeout) as resp:
+            with self._post(f"{ep}/chat/completions", body, headers, timeout, fresh) as resp:
                 if resp.status_code != 200:
                     resp.read()
                     self._classify(ep, resp)
@@ -289,10 +306,7 @@ class OpenAIBackend:
                     except IncompleteStream as exc:
                         if exc.events or not body.get("stream"):
                             raise
-                        # no event at all: the server failed before its first chunk and said nothing; ask
-                        # once unstreamed, which carries the error (a context overflow, a bad parameter)
-                        plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-                        return self._attempt(lease, {**plain, "stream": False}, headers, deadline)
+                        return self._unstreamed(lease, body, headers, deadline)
                 else:
                     resp.read()
                     data = resp.json()
