@@ -3,6 +3,7 @@
 1. Latency (server answers at once): the same chat-completion request sent
    a. straight to the loopback OpenAI-compatible server (httpx),
    b. through the gateway's openai backend in this process (pool + semaphore + retries, no queue),
+      plain JSON and streamed (SSE, reassembled: the default, ``MEGAFLOW_MODEL_STREAM``),
    c. through the model queue: Celery task ``megaflow.model.complete`` on a real model worker
       (``python -m megaflow worker model``), from send until the worker's follow-up task lands on
       the agent queue; p50/p99 of each and the ratio to (a).
@@ -42,7 +43,7 @@ from megaflow.core.settings import Settings  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Write one short sentence about queues."}]
-MODEL = {"model_name": "test-model", "max_tokens": 32, "temperature": 0.0}
+MODEL = {"model_name": "test-model", "max_tokens": 32, "temperature": 0.0, "stream": False}
 
 
 def free_port() -> int:
@@ -169,7 +170,7 @@ class QueueDriver:
 
 
 def latency(fleet: Fleet, n: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"direct": [], "backend": [], "queue": []}
+    out: dict[str, list[float]] = {"direct": [], "backend": [], "streamed": [], "queue": []}
     body = {"model": "test-model", "messages": MESSAGES, "max_tokens": 32, "temperature": 0.0}
     with httpx.Client() as client:
         for _ in range(20):
@@ -184,6 +185,11 @@ def latency(fleet: Fleet, n: int) -> dict[str, list[float]]:
         backend.complete(ModelRequest(messages=MESSAGES, model=dict(MODEL), session_id=f"lat-{i}", step=0))
         if i >= 20:
             out["backend"].append(time.perf_counter() - t)
+    for i in range(n + 20):
+        t = time.perf_counter()
+        backend.complete(ModelRequest(messages=MESSAGES, model={**MODEL, "stream": True}, session_id=f"s-{i}", step=0))
+        if i >= 20:
+            out["streamed"].append(time.perf_counter() - t)
     backend.close()
     if fleet.worker is not None:
         q = QueueDriver(fleet)
@@ -262,7 +268,7 @@ def main() -> None:
         base = pct(lat["direct"], 0.5)
         print(f"\n## latency, {args.latency_n} sequential requests, server answers at once")
         for name, label in (("direct", "straight to the server"), ("backend", "gateway backend (no queue)"),
-                            ("queue", "through the model queue")):
+                            ("streamed", "gateway backend, streamed"), ("queue", "through the model queue")):
             if lat[name]:
                 ratio = pct(lat[name], 0.5) / base
                 ratio99 = pct(lat[name], 0.99) / pct(lat["direct"], 0.99)
