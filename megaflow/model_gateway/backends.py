@@ -23,7 +23,7 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def backend_class(name: str) -> type:
+def backend_class(name: str) -> Any:
     """The class of backend ``name``: a short name from :data:`BACKENDS` or a dotted path."""
     target = BACKENDS.get(name)
     if target is None:

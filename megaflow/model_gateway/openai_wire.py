@@ -135,7 +135,7 @@ def assemble_stream(lines: Iterable[str]) -> dict[str, Any]:
         if chunk.get("error") is not None:
             message, code = error_message(chunk)
             err = chunk["error"] if isinstance(chunk["error"], dict) else {}
-            status = err.get("code") if isinstance(err.get("code"), int) else 500
+            status = err["code"] if isinstance(err.get("code"), int) else 500
             raise StreamError(status, message, code)
         for key in ("id", "model", "created", "system_fingerprint", "prompt_token_ids"):
             if chunk.get(key) is not None:

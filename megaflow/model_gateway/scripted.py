@@ -56,7 +56,7 @@ class ScriptedBackend:
         if n >= len(replies):
             raise ModelError(f"scripted replies exhausted: {len(replies)} given, reply #{n + 1} asked")
         raw = replies[n]
-        message = {"role": "assistant", "content": raw} if isinstance(raw, str) else {"role": "assistant", **raw}
+        message: dict[str, Any] = {"role": "assistant", **({"content": raw} if isinstance(raw, str) else raw)}
         finish = str(message.pop("finish_reason", None) or ("tool_calls" if message.get("tool_calls") else "stop"))
         content = str(message.get("content") or "")
         prompt = sum(_count_tokens(str(m.get("content") or "")) for m in request.messages)
