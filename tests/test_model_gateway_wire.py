@@ -289,3 +289,93 @@ def test_scripted_replies_can_be_tool_calls():
     backend = load_backend("scripted", None)
     reply = backend.complete(ModelRequest(messages=[], model={"replies": [{"content": None, "tool_calls": [call]}]}))
     assert reply.tool_calls == [call] and reply.finish_reason == "tool_calls" and reply.content == ""
+
+
+# --- the wire format, unit by unit ----------------------------------------------------------------------
+def _sse(*chunks) -> list[str]:
+    return [f"data: {json.dumps(c)}" if not isinstance(c, str) else f"data: {c}" for c in chunks] + [""]
+
+
+def test_a_vllm_stream_with_two_choices_is_reassembled():
+    from megaflow.model_gateway.openai_wire import assemble_stream, parse_reply
+
+    lines = _sse(
+        {
+            "id": "x",
+            "prompt_token_ids": [1, 2, 3],
+            "choices": [{"index": 0, "delta": {"role": "assistant"}}, {"index": 1, "delta": {"role": "assistant"}}],
+        },
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": "Hel"},
+                    "token_ids": [10],
+                    "logprobs": {"content": [{"token": "token_id:10", "logprob": -0.5}]},
+                }
+            ]
+        },
+        {"choices": [{"index": 1, "delta": {"reasoning": "hmm"}, "token_ids": [20]}]},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": "lo"},
+                    "token_ids": [11],
+                    "finish_reason": "stop",
+                    "logprobs": {"content": [{"token": "token_id:11", "logprob": -0.25}]},
+                }
+            ]
+        },
+        {
+            "choices": [
+                {
+                    "index": 1,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "c9",
+                                "type": "function",
+                                "function": {"name": "bash", "arguments": '{"a"'},
+                            }
+                        ]
+                    },
+                }
+            ]
+        },
+        {
+            "choices": [
+                {
+                    "index": 1,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
+                    "finish_reason": "tool_calls",
+                }
+            ]
+        },
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}},
+        "[DONE]",
+    )
+    fields = parse_reply(assemble_stream(lines))
+    assert fields["content"] == "Hello" and fields["token_ids"] == [10, 11] and fields["prompt_token_ids"] == [1, 2, 3]
+    assert fields["logprobs"] == [-0.5, -0.25] and fields["usage"]["total_tokens"] == 7
+    first, second = fields["choices"]
+    assert first["content"] == "Hello" and second["reasoning_content"] == "hmm"
+    assert second["tool_calls"] == [
+        {"id": "c9", "type": "function", "function": {"name": "bash", "arguments": '{"a": 1}'}}
+    ]
+    assert second["finish_reason"] == "tool_calls" and second["token_ids"] == [20]
+
+
+def test_stream_errors_and_cut_streams_are_told_apart():
+    from megaflow.model_gateway.openai_wire import IncompleteStream, StreamError, assemble_stream
+
+    with pytest.raises(StreamError) as info:
+        assemble_stream(_sse({"error": {"message": "bad n", "type": "BadRequestError", "code": 400}}))
+    assert info.value.status == 400 and info.value.message == "bad n"
+    with pytest.raises(IncompleteStream) as cut:
+        assemble_stream(_sse({"choices": [{"index": 0, "delta": {"content": "par"}}]}))
+    assert cut.value.events == 1
+    with pytest.raises(IncompleteStream) as empty:
+        assemble_stream([": keep-alive", ""])
+    assert empty.value.events == 0
