@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from megaflow.core.errors import ContextLengthError, ModelError, ModelUnavailableError, SpecError
 from megaflow.core.keys import Keys
 from megaflow.model_gateway.base import ModelReply, ModelRequest
-from megaflow.model_gateway.errors import ModelRequestError
+from megaflow.model_gateway.errors import ModelAuthError, ModelRequestError
 from megaflow.model_gateway.openai_config import OpenAIConfig
 from megaflow.model_gateway.openai_wire import (
     IncompleteStream,
@@ -223,8 +223,11 @@ class OpenAIBackend:
             try:
                 data, streamed, resp_headers = self._attempt(lease, body, headers, deadline)
             except _Denied as exc:
-                pool.deny(lease.endpoint, request.batch_id, str(exc), s.model_auth_block_s)
                 problem = str(exc)
+                try:
+                    pool.deny(lease.endpoint, request.batch_id, problem, s.model_auth_block_s)
+                except redis.RedisError:  # the refusal cannot be shared: end this call with it
+                    raise ModelAuthError(f"{problem}; check MEGAFLOW_MODEL_API_KEY") from None
                 log.warning("model %s: %s; the batch stops using this endpoint", call.model_name, problem)
                 continue  # another endpoint, at once; acquire raises ModelAuthError when none is left
             except _Retry as exc:
