@@ -152,7 +152,7 @@ class OpenAIBackend:
                 model_name,
                 endpoints,
                 concurrency=s.endpoint_concurrency,
-                lease_s=max(s.model_timeout_s, s.model_retry_budget_s) + 30,
+                lease_s=s.model_timeout_s + 30,  # a stream renews it as chunks come
                 unhealthy_after=s.model_unhealthy_after,
                 cooldown_s=s.model_cooldown_s,
                 sticky_ttl_s=s.model_sticky_ttl_s,
@@ -221,7 +221,7 @@ class OpenAIBackend:
             attempts += 1
             endpoint = lease.endpoint
             try:
-                data, streamed, resp_headers = self._attempt(lease, body, headers, deadline)
+                data, streamed, resp_headers = self._attempt(pool, lease, body, headers, deadline)
             except _Denied as exc:
                 problem = str(exc)
                 try:
@@ -283,16 +283,22 @@ class OpenAIBackend:
             yield resp
 
     def _unstreamed(
-        self, lease: Lease, body: dict[str, Any], headers: dict[str, str], deadline: float
+        self, pool: EndpointPool, lease: Lease, body: dict[str, Any], headers: dict[str, str], deadline: float
     ) -> tuple[dict[str, Any], bool, httpx.Headers]:
         """The same request, not streamed, on a fresh connection. A server that fails before its first
         event says nothing in a stream (llama-cpp-python's drops it on a context overflow); asked once
         unstreamed it answers the error (or fails again, and the attempt is retried as usual)."""
         plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        return self._attempt(lease, {**plain, "stream": False}, headers, deadline, fresh=True)
+        return self._attempt(pool, lease, {**plain, "stream": False}, headers, deadline, fresh=True)
 
     def _attempt(
-        self, lease: Lease, body: dict[str, Any], headers: dict[str, str], deadline: float, fresh: bool = False
+        self,
+        pool: EndpointPool,
+        lease: Lease,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        deadline: float,
+        fresh: bool = False,
     ) -> tuple[dict[str, Any], bool, httpx.Headers]:
         """POST once; the reply's fields, or _Retry / _Denied / a final ModelError."""
         ep = lease.endpoint
@@ -305,11 +311,11 @@ class OpenAIBackend:
                 streamed = "text/event-stream" in resp.headers.get("content-type", "")
                 if streamed:
                     try:
-                        data = assemble_stream(self._lines(resp, deadline))
+                        data = assemble_stream(self._lines(resp, deadline, pool, lease))
                     except IncompleteStream as exc:
                         if exc.events or not body.get("stream"):
                             raise
-                        return self._unstreamed(lease, body, headers, deadline)
+                        return self._unstreamed(pool, lease, body, headers, deadline)
                 else:
                     resp.read()
                     data = resp.json()
@@ -329,10 +335,17 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise _Retry(f"{ep} sent a malformed reply: {exc!r}") from None
 
-    def _lines(self, resp: httpx.Response, deadline: float) -> Iterator[str]:
+    def _lines(self, resp: httpx.Response, deadline: float, pool: EndpointPool, lease: Lease) -> Iterator[str]:
+        """The stream's lines, renewing the endpoint slot's lease as they come, up to the budget's deadline."""
+        renew_every = max(0.5, self.settings.model_timeout_s / 3)
+        renewed = time.monotonic()
         for line in resp.iter_lines():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise _Retry(f"{resp.request.url} stream still going when the retry budget ran out", unhealthy=False)
+            if now - renewed > renew_every:
+                pool.renew(lease)
+                renewed = now
             yield line
 
     def _classify(self, ep: str, resp: httpx.Response) -> None:

@@ -228,6 +228,13 @@ class EndpointPool:
                 self._freed.wait(pause * (0.5 + random.random()))
             pause = min(pause * 2, 0.05 if healthy else 0.5)
 
+    def renew(self, lease: Lease) -> None:
+        """Extend the slot's lease (a long streamed reply); best effort."""
+        try:
+            self.semaphore(lease.endpoint).renew(lease.holder)
+        except redis.RedisError as exc:
+            log.warning("could not renew a slot of %s (%s)", lease.endpoint, exc)
+
     def release(self, lease: Lease) -> None:
         """Give the slot back (if Redis is unreachable the lease lapses by itself)."""
         try:
