@@ -379,3 +379,13 @@ def test_stream_errors_and_cut_streams_are_told_apart():
     with pytest.raises(IncompleteStream) as empty:
         assemble_stream([": keep-alive", ""])
     assert empty.value.events == 0
+
+
+def test_one_spec_runs_on_either_backend():
+    section = {"replies": ["ok"], "temperature": 0.0, "tools": TOOLS, "model_name": "m", "max_tokens": 64}
+    assert validate_model_section({**section, "backend": "scripted"}).replies == ["ok"]
+    assert validate_model_section({**section, "backend": "openai"}).max_tokens == 64
+    reply = load_backend("scripted", None).complete(ModelRequest(messages=[], model=section))
+    assert reply.content == "ok"
+    with pytest.raises(ModelRequestError, match=r"model\.temperature"):
+        load_backend("scripted", None).complete(ModelRequest(messages=[], model={**section, "temperature": "hot"}))

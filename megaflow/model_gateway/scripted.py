@@ -14,21 +14,22 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from megaflow.core.errors import ModelError
-from megaflow.model_gateway.base import BackendConfig, ModelReply, ModelRequest
+from megaflow.model_gateway.base import ModelReply, ModelRequest
 from megaflow.model_gateway.errors import ModelRequestError
+from megaflow.model_gateway.openai_config import OpenAIConfig
 
 
-class ScriptedConfig(BackendConfig):
-    """The ``model`` section of the scripted backend."""
+class ScriptedConfig(OpenAIConfig):
+    """The ``model`` section of the scripted backend: its replies, plus every field of the openai
+    backend's section (validated the same way, then ignored), so one spec runs on either backend."""
 
-    backend: Literal["scripted"] = Field("scripted", description="The scripted backend.")
+    backend: Literal["scripted"] = Field("scripted", description="The scripted backend.")  # type: ignore[assignment]
     replies: list[str | dict[str, Any]] = Field(
         ...,
         min_length=1,
         description="Replies in order: a string (content) or an assistant message "
         "({content, tool_calls, finish_reason}).",
     )
-    policy_version: str | None = Field(None, description="Version tag recorded with each reply.")
 
 
 def _count_tokens(text: str) -> int:
@@ -48,9 +49,10 @@ class ScriptedBackend:
         try:
             config = ScriptedConfig.model_validate({"backend": "scripted", **request.model})
         except ValidationError as exc:
-            raise ModelRequestError(
-                f"scripted backend needs model.replies: a non-empty list ({exc.errors()[0]['msg']})"
-            ) from None
+            err = exc.errors()[0]
+            where = "model." + ".".join(str(p) for p in err["loc"])
+            hint = " (the scripted backend needs model.replies: a non-empty list)" if where == "model.replies" else ""
+            raise ModelRequestError(f"bad model section: {where}: {err['msg']}{hint}") from None
         replies = config.replies
         n = sum(1 for m in request.messages if m.get("role") == "assistant")
         if n >= len(replies):
