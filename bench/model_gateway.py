@@ -3,6 +3,7 @@
 1. Latency (server answers at once): the same chat-completion request sent
    a. straight to the loopback OpenAI-compatible server (httpx),
    b. through the gateway's openai backend in this process (pool + semaphore + retries, no queue),
+      plain JSON and streamed (SSE, reassembled: the default, ``MEGAFLOW_MODEL_STREAM``),
    c. through the model queue: Celery task ``megaflow.model.complete`` on a real model worker
       (``python -m megaflow worker model``), from send until the worker's follow-up task lands on
       the agent queue; p50/p99 of each and the ratio to (a).
@@ -34,15 +35,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import redis  # noqa: E402
+import httpx
+import redis
 
-from megaflow.model_gateway import ModelRequest, load_backend  # noqa: E402
-from megaflow.core.settings import Settings  # noqa: E402
+from megaflow.core.settings import Settings
+from megaflow.model_gateway import ModelRequest, load_backend
 
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Write one short sentence about queues."}]
-MODEL = {"model_name": "test-model", "max_tokens": 32, "temperature": 0.0}
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write one short sentence about queues."},
+]
+MODEL = {"model_name": "test-model", "max_tokens": 32, "temperature": 0.0, "stream": False}
 
 
 def free_port() -> int:
@@ -62,7 +65,7 @@ def cpu_s(pid: int | None = None) -> float:
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def fmt(values: list[float]) -> str:
@@ -76,10 +79,27 @@ class Fleet:
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
         rport = free_port()
-        self.procs.append(subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(rport), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(tmp), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    shutil.which("redis-server") or "redis-server",
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp),
+                    "--loglevel",
+                    "warning",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         self.redis_url = f"redis://127.0.0.1:{rport}/0"
         # no socket time-out: the driver blocks in BRPOP (redis-py's default time-out is 5 s)
         self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=None)
@@ -90,14 +110,31 @@ class Fleet:
             except redis.ConnectionError:
                 time.sleep(0.05)
         self.server = server = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--name", "bench",
-             "--max-concurrency", str(server_slots)], stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                str(ROOT / "tests" / "openai_server.py"),
+                "--name",
+                "bench",
+                "--max-concurrency",
+                str(server_slots),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.procs.append(server)
         self.server_url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}/v1"
         self.settings = Settings.load(
-            redis_url=self.redis_url, key_prefix="mfbench", state_dir=str(tmp / "state"), model_backend="openai",
-            model_name="test-model", model_endpoints=[self.server_url], endpoint_concurrency=server_slots,
-            model_concurrency=worker_concurrency, model_timeout_s=60.0, host_name="bench")
+            redis_url=self.redis_url,
+            key_prefix="mfbench",
+            state_dir=str(tmp / "state"),
+            model_backend="openai",
+            model_name="test-model",
+            model_endpoints=[self.server_url],
+            endpoint_concurrency=server_slots,
+            model_concurrency=worker_concurrency,
+            model_timeout_s=60.0,
+            host_name="bench",
+        )
         self.worker: subprocess.Popen | None = None
 
     def control(self, **body) -> dict:
@@ -105,9 +142,14 @@ class Fleet:
 
     def start_worker(self) -> None:
         env = {**os.environ, **self.settings.to_env(), "PYTHONPATH": str(ROOT)}
-        log = open(self.tmp / "model-worker.log", "w")
-        self.worker = subprocess.Popen([sys.executable, "-m", "megaflow", "worker", "model", "--loglevel", "WARNING"],
-                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log = open(self.tmp / "model-worker.log", "w")  # noqa: SIM115 - the worker writes it until close()
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "megaflow", "worker", "model", "--loglevel", "WARNING"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.procs.append(self.worker)
 
     def close(self) -> None:
@@ -124,12 +166,12 @@ class QueueDriver:
     """Sends ``megaflow.model.complete`` for fresh episodes and sees each finish on the agent queue."""
 
     def __init__(self, fleet: Fleet):
-        from megaflow.workers.celery_app import AGENT_QUEUE, MODEL_QUEUE
-        from megaflow.engine.episodes import EpisodeEngine
         from megaflow.core.keys import Keys
+        from megaflow.core.spec import validate_specs
+        from megaflow.engine.episodes import EpisodeEngine
         from megaflow.services.lifecycle import MODEL_COMPLETE
         from megaflow.services.root import Root
-        from megaflow.core.spec import validate_specs
+        from megaflow.core.wire import AGENT_QUEUE, MODEL_QUEUE
 
         self.fleet = fleet
         self.rt = Root(fleet.settings)
@@ -169,7 +211,7 @@ class QueueDriver:
 
 
 def latency(fleet: Fleet, n: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"direct": [], "backend": [], "queue": []}
+    out: dict[str, list[float]] = {"direct": [], "backend": [], "streamed": [], "queue": []}
     body = {"model": "test-model", "messages": MESSAGES, "max_tokens": 32, "temperature": 0.0}
     with httpx.Client() as client:
         for _ in range(20):
@@ -184,6 +226,11 @@ def latency(fleet: Fleet, n: int) -> dict[str, list[float]]:
         backend.complete(ModelRequest(messages=MESSAGES, model=dict(MODEL), session_id=f"lat-{i}", step=0))
         if i >= 20:
             out["backend"].append(time.perf_counter() - t)
+    for i in range(n + 20):
+        t = time.perf_counter()
+        backend.complete(ModelRequest(messages=MESSAGES, model={**MODEL, "stream": True}, session_id=f"s-{i}", step=0))
+        if i >= 20:
+            out["streamed"].append(time.perf_counter() - t)
     backend.close()
     if fleet.worker is not None:
         q = QueueDriver(fleet)
@@ -204,8 +251,11 @@ def throughput_direct(fleet: Fleet, n: int, threads: int) -> float:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=n)
     with httpx.Client(limits=limits, timeout=120) as client, ThreadPoolExecutor(threads) as pool:
         t = time.perf_counter()
-        list(pool.map(lambda _: client.post(f"{fleet.server_url}/chat/completions", json=body).raise_for_status(),
-                      range(n)))
+        list(
+            pool.map(
+                lambda _: client.post(f"{fleet.server_url}/chat/completions", json=body).raise_for_status(), range(n)
+            )
+        )
         return n / (time.perf_counter() - t)
 
 
@@ -213,8 +263,12 @@ def throughput_backend(fleet: Fleet, n: int, threads: int) -> float:
     backend = load_backend("openai", fleet.settings, redis.Redis.from_url(fleet.redis_url, decode_responses=True))
     with ThreadPoolExecutor(threads) as pool:
         t = time.perf_counter()
-        list(pool.map(lambda i: backend.complete(ModelRequest(messages=MESSAGES, model=dict(MODEL),
-                                                              session_id=f"tp-{i}")), range(n)))
+        list(
+            pool.map(
+                lambda i: backend.complete(ModelRequest(messages=MESSAGES, model=dict(MODEL), session_id=f"tp-{i}")),
+                range(n),
+            )
+        )
         rate = n / (time.perf_counter() - t)
     backend.close()
     return rate
@@ -255,14 +309,20 @@ def main() -> None:
             q.send(eid)
             if q.done(timeout=60) != eid:
                 raise RuntimeError(f"model worker did not answer; see {tmp / 'model-worker.log'}")
-        print(f"# model gateway benchmark  (cpus={os.cpu_count()}, server {fleet.server_url}, "
-              f"endpoint_concurrency={args.server_slots}, worker threads={args.worker_concurrency})")
+        print(
+            f"# model gateway benchmark  (cpus={os.cpu_count()}, server {fleet.server_url}, "
+            f"endpoint_concurrency={args.server_slots}, worker threads={args.worker_concurrency})"
+        )
         fleet.control(delay_s=0.0, reset=True)
         lat = latency(fleet, args.latency_n)
         base = pct(lat["direct"], 0.5)
         print(f"\n## latency, {args.latency_n} sequential requests, server answers at once")
-        for name, label in (("direct", "straight to the server"), ("backend", "gateway backend (no queue)"),
-                            ("queue", "through the model queue")):
+        for name, label in (
+            ("direct", "straight to the server"),
+            ("backend", "gateway backend (no queue)"),
+            ("streamed", "gateway backend, streamed"),
+            ("queue", "through the model queue"),
+        ):
             if lat[name]:
                 ratio = pct(lat[name], 0.5) / base
                 ratio99 = pct(lat[name], 0.99) / pct(lat["direct"], 0.99)
@@ -270,14 +330,20 @@ def main() -> None:
 
         fleet.control(delay_s=args.delay, reset=True)
         limit = args.server_slots / args.delay
-        print(f"\n## throughput, {args.inflight} requests in flight, server delay {args.delay * 1000:.0f} ms x "
-              f"{args.server_slots} slots = limit {limit:.0f} req/s")
+        print(
+            f"\n## throughput, {args.inflight} requests in flight, server delay {args.delay * 1000:.0f} ms x "
+            f"{args.server_slots} slots = limit {limit:.0f} req/s"
+        )
         rate = throughput_direct(fleet, args.inflight, min(args.inflight, args.worker_concurrency))
-        print(f"{'straight to the server':30s} {rate:7.1f} req/s  ({rate / limit:5.1%} of the limit; "
-              f"{args.worker_concurrency} client threads)")
+        print(
+            f"{'straight to the server':30s} {rate:7.1f} req/s  ({rate / limit:5.1%} of the limit; "
+            f"{args.worker_concurrency} client threads)"
+        )
         rate = throughput_backend(fleet, args.inflight, min(args.inflight, args.worker_concurrency))
-        print(f"{'gateway backend (no queue)':30s} {rate:7.1f} req/s  ({rate / limit:5.1%} of the limit; "
-              f"{args.worker_concurrency} threads)")
+        print(
+            f"{'gateway backend (no queue)':30s} {rate:7.1f} req/s  ({rate / limit:5.1%} of the limit; "
+            f"{args.worker_concurrency} threads)"
+        )
         if not args.no_queue:
             stats = fleet.control(reset=True)
             pids = {"model worker": fleet.worker.pid, "server": fleet.server.pid, "sender+collector": None}
@@ -285,8 +351,10 @@ def main() -> None:
             rate, sent = throughput_queue(fleet, args.inflight)
             used = {k: (cpu_s(pid) - before[k]) / args.inflight * 1000 for k, pid in pids.items()}
             peak = fleet.control()["peak"]
-            print(f"{'through the model queue':30s} {rate:7.1f} req/s  ({rate / limit:5.1%} of the limit; "
-                  f"{args.inflight} sent in {sent:.2f}s; server peak concurrency {peak}/{stats['max_concurrency']})")
+            print(
+                f"{'through the model queue':30s} {rate:7.1f} req/s  ({rate / limit:5.1%} of the limit; "
+                f"{args.inflight} sent in {sent:.2f}s; server peak concurrency {peak}/{stats['max_concurrency']})"
+            )
             print("CPU per request: " + ", ".join(f"{k} {v:.1f} ms" for k, v in used.items()))
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     finally:

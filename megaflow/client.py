@@ -216,24 +216,14 @@ class Client:
 
 
 def check_models(specs: list[TaskSpec], settings: Settings) -> None:
-    """Reject, at submit, a model section its backend would refuse at run time."""
-    from megaflow.model_gateway import BACKENDS
+    """Reject, at submit, a model section its backend would refuse at run time (each backend validates its own)."""
+    from megaflow.model_gateway.backends import validate_model_section
 
     for i, spec in enumerate(specs):
-        backend = spec.model.backend or settings.model_backend
-        if backend not in BACKENDS:
-            raise SpecError(f"field 'model.backend': unknown backend {backend!r}; choose one of {sorted(BACKENDS)}",
-                            index=i, field="model.backend")
-        if backend == "scripted" and not spec.model.replies:
-            raise SpecError("field 'model.replies': the scripted backend needs a non-empty list of replies",
-                            index=i, field="model.replies")
-        if backend == "openai":
-            from megaflow.model_gateway.openai import parse_model_section
-
-            try:
-                parse_model_section(spec.model.model_dump(exclude_none=True, exclude={"backend"}), settings)
-            except SpecError as exc:
-                raise SpecError(f"field '{exc.field}': {exc}", index=i, field=exc.field) from None
+        try:
+            validate_model_section(spec.model.model_dump(exclude_none=True), settings.model_backend)
+        except SpecError as exc:
+            raise SpecError(str(exc), index=i, field=exc.field) from None
 
 
 def _take(specs: Any, cap: int) -> list[Any]:

@@ -17,7 +17,8 @@ fi
 
 # --- apt packages ------------------------------------------------------------------------------
 PKGS=(redis-server redis-tools docker.io mmdebstrap python3 python3-venv python3-pip git ca-certificates curl)
-[ "$MODE" = test ] && PKGS+=(chromium)
+# chromium: the Flower page test; build-essential + cmake: llama-cpp-python's server builds from source (once; pip caches the wheel)
+[ "$MODE" = test ] && PKGS+=(chromium build-essential cmake)
 MISSING=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || MISSING+=("$p")
@@ -67,7 +68,9 @@ STAMP=".venv/.installed-$(cat requirements*.txt pyproject.toml | sha256sum | cut
 if [ ! -f "$STAMP" ]; then
   say "installing Python requirements ($REQ)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -r "$REQ"
+  # llama-cpp-python (test extras) compiles llama.cpp: skip the multimodal part, use both cores
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+    .venv/bin/python -m pip install -q -r "$REQ"
   .venv/bin/python -m pip install -q --no-deps -e .
   rm -f .venv/.installed-*
   touch "$STAMP"

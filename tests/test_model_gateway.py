@@ -28,17 +28,32 @@ def two_servers():
 
 
 def make_backend(settings, redis_client, endpoints, **overrides):
-    fast = dict(model_backend="openai", model_name="test-model", model_endpoints=endpoints,
-                model_backoff_base_s=0.01, model_backoff_max_s=0.05, model_timeout_s=5.0, model_max_retries=3,
-                model_unhealthy_after=2, model_cooldown_s=0.3)
+    fast = {
+        "model_backend": "openai",
+        "model_name": "test-model",
+        "model_endpoints": endpoints,
+        "model_backoff_base_s": 0.01,
+        "model_backoff_max_s": 0.05,
+        "model_timeout_s": 5.0,
+        "model_max_retries": 3,
+        "model_unhealthy_after": 2,
+        "model_cooldown_s": 0.3,
+        "model_retry_budget_s": 10.0,
+    }
     fast.update(overrides)
     return load_backend("openai", settings.model_copy(update=fast), redis_client)
 
 
 def ask(backend, session="ep-1", text="hello world", step=0, **model):
-    return backend.complete(ModelRequest(messages=[{"role": "system", "content": "you are a test"},
-                                                   {"role": "user", "content": text}],
-                                         model=model, session_id=session, step=step, policy_version=model.pop("pv", None)))
+    return backend.complete(
+        ModelRequest(
+            messages=[{"role": "system", "content": "you are a test"}, {"role": "user", "content": text}],
+            model=model,
+            session_id=session,
+            step=step,
+            policy_version=model.pop("pv", None),
+        )
+    )
 
 
 # --- one call: reply, accounting, policy version --------------------------------------------------
@@ -69,8 +84,12 @@ def test_server_policy_version_header_wins_and_settings_default(settings, redis_
 def test_logprobs_and_token_ids_are_kept(settings, redis_client, two_servers):
     a, _ = two_servers
     backend = make_backend(settings, redis_client, [a.base_url])
-    reply = ask(backend, text="one two three", logprobs=True,
-                extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    reply = ask(
+        backend,
+        text="one two three",
+        logprobs=True,
+        extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True},
+    )
     assert reply.completion_tokens == 5
     assert reply.logprobs == pytest.approx([-0.05, -0.1, -0.15, -0.2, -0.25])
     assert len(reply.token_ids) == 5 and all(isinstance(t, int) for t in reply.token_ids)
@@ -137,8 +156,15 @@ def test_concurrency_limit_per_endpoint_holds_under_load(settings, redis_client,
 
 def test_full_endpoints_time_out_as_unavailable(settings, redis_client, two_servers):
     a, _ = two_servers
-    backend = make_backend(settings, redis_client, [a.base_url], endpoint_concurrency=1, model_timeout_s=0.2,
-                           model_max_retries=0)
+    backend = make_backend(
+        settings,
+        redis_client,
+        [a.base_url],
+        endpoint_concurrency=1,
+        model_timeout_s=0.2,
+        model_max_retries=0,
+        model_retry_budget_s=0.2,
+    )
     assert backend.pool("test-model", [a.base_url]).semaphore(a.base_url).acquire("someone-else")
     with pytest.raises(ModelUnavailableError, match="concurrency limit"):
         ask(backend)
@@ -286,29 +312,33 @@ def test_registered_endpoints_join_and_expire(settings, redis_client, two_server
 
 
 def test_openai_backend_module_loads_only_when_chosen():
-    code = ("import sys; from megaflow.model_gateway import load_backend; from megaflow.core.settings import Settings; "
-            "load_backend('scripted', Settings.load()); "
-            "assert 'megaflow.model_gateway.openai' not in sys.modules and 'httpx' not in sys.modules, 'eager'")
+    code = (
+        "import sys; from megaflow.model_gateway import load_backend; from megaflow.core.settings import Settings; "
+        "load_backend('scripted', Settings.load()); "
+        "assert 'megaflow.model_gateway.openai' not in sys.modules and 'httpx' not in sys.modules, 'eager'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_error_bodies_of_every_server_shape_are_read():
-    import httpx
+    from megaflow.model_gateway.openai_wire import error_message
 
-    from megaflow.model_gateway.openai import _error_message
-
-    legacy = httpx.Response(400, json={"object": "error", "message": "This model's maximum context length is 8",
-                                       "type": "BadRequestError", "code": 400})
-    openai = httpx.Response(400, json={"error": {"message": "too long", "code": "context_length_exceeded"}})
-    text = httpx.Response(502, text="<html>bad gateway</html>")
-    assert _error_message(legacy)[0].startswith("This model's maximum context length")
-    assert _error_message(openai) == ("too long", "context_length_exceeded")
-    assert _error_message(text) == ("<html>bad gateway</html>", "")
+    legacy = {
+        "object": "error",
+        "message": "This model's maximum context length is 8",
+        "type": "BadRequestError",
+        "code": 400,
+    }
+    openai = {"error": {"message": "too long", "code": "context_length_exceeded"}}
+    fastapi = {"detail": [{"loc": ["body", "temperature"], "msg": "Input should be a valid number"}]}
+    assert error_message(legacy)[0].startswith("This model's maximum context length")
+    assert error_message(openai) == ("too long", "context_length_exceeded")
+    assert error_message(None, "<html>bad gateway</html>") == ("<html>bad gateway</html>", "")
+    assert "temperature" in error_message(fastapi)[0]
 
 
 def test_redis_outage_is_a_retryable_model_error(settings, two_servers):
     import redis
-
     from conftest import free_port
 
     a, _ = two_servers

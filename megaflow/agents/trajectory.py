@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 MODEL_FIELDS = ("prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "endpoint", "model_name",
-                "policy_version", "attempts", "token_ids", "logprobs", "prompt_token_ids")
+                "policy_version", "attempts", "token_ids", "logprobs", "prompt_token_ids", "tool_calls",
+                "reasoning_content", "usage", "logprobs_content", "streamed")
 
 
 def trajectory_steps(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -188,6 +188,19 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A registered model endpoint (`megaflow model serve`) whose heartbeat is older "
         "than this leaves the pool."
     )
+    # model errors and retries (megaflow.model_gateway.openai): one budget per model call, counted once
+    model_retry_budget_s: float = Field(
+        600.0, gt=0, description="Total seconds one model call may take: every attempt, backoff and wait for an "
+        "endpoint slot; with model_max_retries + 1 attempts, the one retry budget (no other layer retries)."
+    )
+    model_stream: bool = Field(
+        True, description="Stream replies (SSE) and reassemble them, so long generations are not cut by the read "
+        "time-out (model_timeout_s then limits the silence between chunks); a spec's model.stream overrides."
+    )
+    model_auth_block_s: float = Field(
+        3600.0, gt=0, description="How long an endpoint that refused the credentials (401/403) stays unused by "
+        "the batch that got the refusal."
+    )
 
     # --- monitoring --------------------------------------------------------------------------
     flower_port: int = Field(5555, description="Port of `megaflow flower`.")
@@ -254,7 +267,8 @@ class Settings(BaseSettings):
     @property
     def step_time_limit_s(self) -> float:
         """Hard time limit of the longest single step task (plus slack for bookkeeping)."""
-        return max(self.command_timeout_s, self.eval_timeout_s, self.model_timeout_s * (self.model_max_retries + 1),
+        return max(self.command_timeout_s, self.eval_timeout_s,
+                   min(self.model_retry_budget_s, self.model_timeout_s * (self.model_max_retries + 1)),
                    self.boot_timeout_s + self.pull_timeout_s) + 30
 
     @classmethod

@@ -13,12 +13,16 @@ SUBMIT_WORD = "MEGAFLOW_SUBMIT"
 
 
 class ModelSpec(BaseModel):
-    """Which model answers this episode. Extra keys (endpoints, temperature, ...) go to the backend."""
+    """Which model answers this episode: an open section. ``backend`` names the backend (a short name
+    or a dotted path); every other key is the backend's own config, validated by that backend
+    (``megaflow.model_gateway.validate_model_section``, at submit and again at run time)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    backend: str | None = Field(None, description="Backend name (scripted, openai); default: settings.model_backend.")
-    replies: list[str] | None = Field(None, description="Replies replayed in order by the scripted backend.")
+    backend: str | None = Field(None, description="Backend name (scripted, openai) or a dotted path to a user's "
+                                "backend class; default: settings.model_backend.")
+    replies: list[Any] | None = Field(None, description="Replies replayed in order by the scripted backend "
+                                      "(strings, or assistant messages with tool_calls).")
 
     # --- bad input (issue 17): model options finite and in range (megaflow.core.guards) ----------
     @model_validator(mode="after")

@@ -26,6 +26,8 @@ CAUSE_MODEL = "model_error"
 CAUSE_CANCELLED = "cancelled"
 CAUSE_SETUP = "setup"
 CAUSE_AGENT_CONFIG = "agent_config"
+CAUSE_MODEL_REQUEST = "model_request"  # the model server refused the request (400/404/422, bad parameter)
+CAUSE_MODEL_AUTH = "model_auth"  # the model server refused the credentials (401/403)
 CAUSE_INTERNAL = "internal"  # an unexpected exception in a step (a bug or an unforeseen backend error)
 
 # Causes that say nothing about the agent's work: never scored as a result, re-run by resume.

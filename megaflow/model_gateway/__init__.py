@@ -1,5 +1,16 @@
-"""Model service: forwards chat-completion requests to a backend (scripted, OpenAI-compatible)."""
+"""Model service: forwards chat-completion requests to a backend (scripted, OpenAI-compatible, a user's)."""
 
-from megaflow.model_gateway.base import BACKENDS, ModelBackend, ModelReply, ModelRequest, load_backend
+from megaflow.model_gateway.backends import BACKENDS, backend_class, load_backend, validate_model_section
+from megaflow.model_gateway.base import BackendConfig, ModelBackend, ModelReply, ModelRequest, chat_message
 
-__all__ = ["BACKENDS", "ModelBackend", "ModelReply", "ModelRequest", "load_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendConfig",
+    "ModelBackend",
+    "ModelReply",
+    "ModelRequest",
+    "backend_class",
+    "chat_message",
+    "load_backend",
+    "validate_model_section",
+]

@@ -48,8 +48,9 @@ def _text(value: Any) -> str:
 def register_endpoint(redis_client: Any, keys: Keys, model_name: str, base_url: str, ttl: float) -> str:
     """Add (or renew) ``base_url`` in ``model_name``'s pool for ``ttl`` seconds; returns the URL."""
     url = normalize_url(base_url)
-    redis_client.eval(REGISTER, 2, keys.model("endpoints", model_name), keys.model("models"), url, float(ttl),
-                      model_name)
+    redis_client.eval(
+        REGISTER, 2, keys.model("endpoints", model_name), keys.model("models"), url, float(ttl), model_name
+    )
     return url
 
 

@@ -2,15 +2,37 @@
 
 The reply for a request is ``replies[n]`` where ``n`` is the number of assistant messages already
 in the conversation, so the backend keeps no state and a redelivered request gets the same reply.
+A reply is either a string (the message content) or a whole assistant message
+(``{"content": ..., "tool_calls": [...]}``), so tool-call agents can be scripted too.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
 
 from megaflow.core.errors import ModelError
 from megaflow.model_gateway.base import ModelReply, ModelRequest
+from megaflow.model_gateway.errors import ModelRequestError
+from megaflow.model_gateway.openai_config import OpenAIConfig
+
+
+class ScriptedConfig(OpenAIConfig):
+    """The ``model`` section of the scripted backend: its replies, plus every field of the openai
+    backend's section (validated the same way, then ignored), so one spec runs on either backend."""
+
+    backend: Literal["scripted"] = Field("scripted", description="The scripted backend.")  # type: ignore[assignment]
+    replies: list[str | dict[str, Any]] = Field(
+        ...,
+        min_length=1,
+        description="Replies in order: a string (content) or an assistant message "
+        "({content, tool_calls, finish_reason}).",
+    )
+    latency_s: float = Field(
+        0.0, ge=0, le=3600, description="Seconds each reply takes (simulated generation, for scale runs)."
+    )
 
 
 def _count_tokens(text: str) -> int:
@@ -20,28 +42,41 @@ def _count_tokens(text: str) -> int:
 class ScriptedBackend:
     """Replays ``request.model["replies"]`` in order; past the end it raises ModelError."""
 
+    config_model = ScriptedConfig
+
     def __init__(self, settings: Any = None, redis_client: Any = None):
         self.settings = settings
 
     def complete(self, request: ModelRequest) -> ModelReply:
         started = time.perf_counter()
-        replies = request.model.get("replies")
-        if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
-            raise ModelError("scripted backend needs model.replies: a list of strings")
+        try:
+            config = ScriptedConfig.model_validate({"backend": "scripted", **request.model})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = "model." + ".".join(str(p) for p in err["loc"])
+            hint = " (the scripted backend needs model.replies: a non-empty list)" if where == "model.replies" else ""
+            raise ModelRequestError(f"bad model section: {where}: {err['msg']}{hint}") from None
+        replies = config.replies
         n = sum(1 for m in request.messages if m.get("role") == "assistant")
         if n >= len(replies):
             raise ModelError(f"scripted replies exhausted: {len(replies)} given, reply #{n + 1} asked")
-        content = replies[n]
-        latency = request.model.get("latency_s")
+        raw = replies[n]
+        message: dict[str, Any] = {"role": "assistant", **({"content": raw} if isinstance(raw, str) else raw)}
+        finish = str(message.pop("finish_reason", None) or ("tool_calls" if message.get("tool_calls") else "stop"))
+        content = str(message.get("content") or "")
+        prompt = sum(_count_tokens(str(m.get("content") or "")) for m in request.messages)
+        latency = config.latency_s
         if latency:  # simulated generation time (scale runs); holds this worker thread like a real call
-            time.sleep(float(latency))
-        prompt = sum(_count_tokens(str(m.get("content", ""))) for m in request.messages)
+            time.sleep(latency)
         return ModelReply(
             content=content,
             prompt_tokens=prompt,
             completion_tokens=_count_tokens(content),
             latency_s=time.perf_counter() - started,
+            finish_reason=finish,
             endpoint="scripted",
             model_name="scripted",
-            policy_version=request.policy_version,
+            policy_version=request.policy_version or config.policy_version,
+            tool_calls=message.get("tool_calls") or None,
+            message=message,
         )

@@ -1,54 +1,79 @@
-"""The model service's step: one chat-completion call for an episode, recorded on its history."""
+"""The model service's step: one chat-completion call for an episode, recorded on its history.
+
+The backend owns every retry (one budget per call, see megaflow.model_gateway.openai); this step
+turns the outcome into the episode's next state: the reply on the history, or the episode ended
+with the cause of the model error's class (megaflow.model_gateway.errors).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
-from megaflow.services import lifecycle
-from megaflow.core import states
-from megaflow.core.errors import ContextLengthError, ModelError, RetryableError
-from megaflow.model_gateway.base import ModelRequest
+import redis
 
-CHAT_KEYS = ("role", "content")
+from megaflow.core import states
+from megaflow.core.errors import ModelError, ModelUnavailableError
+from megaflow.model_gateway.base import ModelRequest, chat_message
+from megaflow.model_gateway.errors import cause_of
+from megaflow.services import lifecycle
+
+
+def _call_params(raw: str | None) -> dict:
+    """Per-call request fields an agent left on the episode (``model_params``: a JSON object), if any."""
+    if not raw:
+        return {}
+    try:
+        params = json.loads(raw)
+    except ValueError:
+        return {}
+    return params if isinstance(params, dict) else {}
 
 if TYPE_CHECKING:
     from megaflow.services.root import Root as Runtime
 
 
 def model_step(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = True) -> str:
-    """Ask the episode's model for its next reply; retryable failures propagate to Celery."""
+    """Ask the episode's model for its next reply; a model error of any class ends the episode with its cause.
+
+    ``final_attempt`` is kept for the task's signature: the backend spends the one retry budget, so
+    a spent budget ends the episode (cause infra) whatever it says.
+    """
     ep = rt.engine.claim(episode_id, step)
     if ep is None:
         return "dropped"
-    spec = ep.spec
-    model = spec.model.model_dump(exclude_none=True)
+    model = ep.spec.model.model_dump(exclude_none=True)
     backend_name = model.pop("backend", None) or rt.settings.model_backend
     request = ModelRequest(
-        messages=[{k: m[k] for k in CHAT_KEYS if k in m} for m in ep.history],
+        messages=[chat_message(m) for m in ep.history],
         model=model,
         session_id=ep.id,
         step=step,
         policy_version=ep.fields.get("policy_version") or None,
+        batch_id=ep.batch_id,
+        params=_call_params(ep.fields.get("model_params")),
     )
     try:
         reply = rt.backend(backend_name).complete(request)
-    except ContextLengthError as exc:
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_CONTEXT, error=str(exc))
-        return "context_length"
-    except RetryableError as exc:
-        if not final_attempt:
-            raise
+    except ModelUnavailableError as exc:  # the retry budget is spent (or Redis is out): infrastructure
+        if isinstance(exc.__cause__, redis.RedisError) and not final_attempt:
+            raise  # Redis itself is out: nothing can be recorded now; the step is redelivered later
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA, error=f"model: {exc}")
-        return "infra"
+        return states.CAUSE_INFRA
     except ModelError as exc:
-        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_MODEL, error=str(exc))
-        return "model_error"
-    record = {"role": "assistant", "content": reply.content, "step": step,
-              **{k: v for k, v in reply.to_json().items() if k != "content" and v is not None}}
+        cause = cause_of(exc)
+        lifecycle.finish(rt, ep, states.FAILED, cause=cause, error=f"model: {exc}")
+        return cause
     rt.engine.advance(
-        ep, history=[record], phase=f"step_{int(ep.num('model_calls')) + 1}",
-        incr={"model_calls": 1, "prompt_tokens": reply.prompt_tokens,
-              "completion_tokens": reply.completion_tokens, "model_latency_s": reply.latency_s},
+        ep,
+        history=[reply.history_record(step)],
+        phase=f"step_{int(ep.num('model_calls')) + 1}",
+        incr={
+            "model_calls": 1,
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "model_latency_s": reply.latency_s,
+        },
         next_task=lifecycle.to_agent(),
     )
     return "ok"
