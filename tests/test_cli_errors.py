@@ -378,3 +378,9 @@ def test_python_dash_m_megaflow_exits_the_same_way(tmp_path, args, env, code):
 def test_json_output_of_cancel_and_capacity(cli, settings):
     res = cli("capacity", "--json", env={"MEGAFLOW_REDIS_URL": settings.redis_url})
     assert res.code == 0 and "global" in json.loads(res.out)
+
+
+def test_every_verb_is_in_the_readme_table():
+    readme = (ROOT / "README.md").read_text()
+    for verb, _ in COMMANDS:
+        assert f"`megaflow {verb}" in readme, f"`megaflow {verb}` is missing from the README's command table"

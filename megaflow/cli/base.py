@@ -60,11 +60,10 @@ class State:
 
 
 def load_settings() -> Any:
-    """Settings from the environment, loaded once per command; a bad value raises ValidationError."""
-    if State.settings is None:
-        from megaflow.core.settings import Settings
+    """Settings from the environment (a bad value raises ValidationError); kept so errors can name the URLs."""
+    from megaflow.core.settings import Settings
 
-        State.settings = Settings.load()
+    State.settings = Settings.load()
     return State.settings
 
 

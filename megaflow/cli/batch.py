@@ -171,9 +171,7 @@ def submit(
 
 @app.command()
 def status(
-    batch: Annotated[
-        str | None, typer.Argument(metavar="BATCH", help="Batch id; omit for every recent batch.")
-    ] = None,
+    batch: Annotated[str | None, typer.Argument(metavar="BATCH", help="Batch id; omit for every recent batch.")] = None,
     user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's batches.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     as_jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP + " (episodes, or batches)")] = False,

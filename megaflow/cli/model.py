@@ -178,9 +178,7 @@ def serve(
 
 @app.command("endpoints")
 def endpoints(
-    model_name: Annotated[
-        str, typer.Argument(metavar="MODEL", help="Model name; default: MEGAFLOW_MODEL_NAME.")
-    ] = "",
+    model_name: Annotated[str, typer.Argument(metavar="MODEL", help="Model name; default: MEGAFLOW_MODEL_NAME.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List a model's endpoints: outstanding requests, failures, health."""
