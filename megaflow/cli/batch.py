@@ -261,11 +261,13 @@ def rollout(
                 fh.flush()
                 n += 1
                 masked += bool(group["masked"])
-                out_console.print(
-                    f"group {group['index']} {group['task_id']}: rewards {group['rewards']}"
-                    + (" masked" if group["masked"] else ""),
-                    markup=False,
+                line = f"group {group['index']} {group['task_id']}: rewards {group['rewards']}" + (
+                    " masked" if group["masked"] else ""
                 )
+                if bar.live:  # above the bar, so the two do not garble each other on a terminal
+                    bar.note(line)
+                else:
+                    out_console.print(line, markup=False)
                 bar.update(n, {"written": n, "masked": masked})
     console().print(f"{n} groups written to {out} ({masked} masked)", markup=False)
     raise typer.Exit(EXIT_INFRA if masked else EXIT_OK)
