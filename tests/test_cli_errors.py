@@ -250,6 +250,7 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "badspec.jsonl").write_text('{"task_id": "a"}\n')
     (tmp / "afile").write_text("x")
     (tmp / "bad.yaml").write_text("agent: [unclosed\n")
+    (tmp / "binary.jsonl").write_bytes(b"\xff\xfe\x00 not text")
     return [
         (["submit", "nope.jsonl", "-u", "a"], "nope.jsonl"),
         (["submit", str(tmp / "notjson.jsonl"), "-u", "a"], "notjson.jsonl:2"),
@@ -261,6 +262,12 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["submit", tasks, "-u", "a", "--agent-config", str(tmp / "bad.yaml")], "bad.yaml"),
         (["submit", tasks, "-u", "bad user!"], "user"),
         (["submit", tasks, "-u", "a", "--json", "--jsonl"], "--json"),
+        (["submit", str(tmp / "binary.jsonl"), "-u", "a"], "UTF-8"),
+        (["submit", tasks, "-u", "a", "--timeout", "5"], "--wait"),
+        (["resume", "b-1", "--timeout", "5"], "--wait"),
+        (["status", ""], "not found"),
+        (["images", "prefetch", ""], "IMAGE"),
+        (["quota", "set", "bad user!", "3"], "USER"),
         (["rollout", tasks, "--out", "/nonexistent/o.jsonl"], "/nonexistent/o.jsonl"),
         (["rollout", tasks, "--out", str(tmp)], str(tmp)),
         (["rollout", tasks, "--out", "o.jsonl", "--model", "nope"], "--model"),
@@ -306,10 +313,14 @@ def test_bad_settings_are_one_line_and_exit_2(cli, tmp_path, env, named, verb):
         config = tmp_path / "megaflow.yaml"
         config.write_text("no_such_setting: 1\n")
         env = {"MEGAFLOW_CONFIG": str(config)}
+    if env.get("MEGAFLOW_CONFIG") == "BADYAML":
+        config = tmp_path / "megaflow.yaml"
+        config.write_text("redis_url: [unclosed\n")
+        env = {"MEGAFLOW_CONFIG": str(config)}
     res = cli(*verb, env=env)
     assert res.code == EXIT_USAGE, res.err
     line = res.one_error_line()
-    assert named in line and "fix" in line
+    assert named in line and "; " in line  # what is wrong; what to do
 
 
 # --- --debug, internal errors, and the real entry point ----------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -61,10 +62,27 @@ class State:
 
 def load_settings() -> Any:
     """Settings from the environment (a bad value raises ValidationError); kept so errors can name the URLs."""
+    from megaflow.core.errors import ConfigError
     from megaflow.core.settings import Settings
 
+    config = os.environ.get("MEGAFLOW_CONFIG")
+    if config and not os.path.isfile(config):
+        raise ConfigError(f"MEGAFLOW_CONFIG={config}: no such file; point it at a YAML settings file or unset it")
     State.settings = Settings.load()
     return State.settings
+
+
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")  # the rule megaflow.client applies at submit
+
+
+def check_user(name: str, param: str = "USER") -> str:
+    """A user name as the Client accepts it, or a usage error naming the parameter."""
+    if not _USER.match(name):
+        raise typer.BadParameter(
+            "must be 1-64 characters of letters, digits, '_', '.', '@' or '-', starting with a letter or digit",
+            param_hint=param,
+        )
+    return name
 
 
 class Command(TyperCommand):

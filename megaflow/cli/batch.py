@@ -147,6 +147,8 @@ def submit(
     from megaflow.datasets import read_records, to_specs
 
     fmt = output_format(as_json, as_jsonl)
+    if timeout is not None and not wait:
+        raise typer.BadParameter("only means something with --wait", param_hint="--timeout")
     model_section = parse_json_option(model, "--model")
     mini = load_agent_config(agent_config)
     specs = to_specs([r for _, r in read_records(file)], agent_config=mini, model=model_section)
@@ -181,11 +183,11 @@ def status(
 
     fmt = output_format(as_json, as_jsonl)
     settings = load_settings()
-    data = batch_status(settings, batch) if batch else overview(settings, user=user)
+    data = batch_status(settings, batch) if batch is not None else overview(settings, user=user)
     if fmt == "json":
         echo_json(data)
     elif fmt == "jsonl":
-        echo_jsonl(data["episodes"] if batch else data["batches"])
+        echo_jsonl(data["episodes"] if batch is not None else data["batches"])
     else:
         render(console(), data, hint=console(stderr=True))
 
@@ -290,6 +292,8 @@ def resume(
     from megaflow.client import Client
 
     fmt = output_format(as_json, as_jsonl)
+    if timeout is not None and not wait:
+        raise typer.BadParameter("only means something with --wait", param_hint="--timeout")
     with Client(load_settings()) as client:
         res = client.resume(batch)
         line = (

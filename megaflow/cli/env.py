@@ -98,6 +98,8 @@ def prefetch_cmd(
     """Pre-provision env hosts with images so episodes do not wait for pulls (exit 4 if a pull fails)."""
     from megaflow.cli.progress import Progress
 
+    if any(not image.strip() for image in images):
+        raise typer.BadParameter("an image name is empty", param_hint="IMAGE")
     settings = load_settings()
     targets = list(dict.fromkeys(h.strip() for h in hosts.split(",") if h.strip())) or [settings.host_name]
     remote = [h for h in targets if h != settings.host_name]

@@ -93,6 +93,13 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_INFRA, _first_line(exc)
     if isinstance(exc, mf.MegaflowError):
         return EXIT_INFRA, _first_line(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return EXIT_USAGE, f"a file is not UTF-8 text ({_first_line(exc)}); give a UTF-8 JSONL or YAML file"
+    if module == "yaml" and "YAMLError" in names:
+        import os
+
+        config = os.environ.get("MEGAFLOW_CONFIG", "a YAML file")
+        return EXIT_USAGE, f"{config}: not valid YAML ({_first_line(exc)}); fix the file"
     unreachable = _unreachable(exc, names, module)
     if unreachable:
         return EXIT_UNREACHABLE, unreachable

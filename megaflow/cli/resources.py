@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from megaflow.cli.base import JSON_HELP, App, console, echo_json, load_settings
+from megaflow.cli.base import JSON_HELP, App, check_user, console, echo_json, load_settings
 
 app = App(help="Capacity, quotas and env hosts.")
 quota_app = App(help="Per-user limits of episodes running at once.")
@@ -92,6 +92,7 @@ def quota_set(
     default: Annotated[bool, typer.Option("--default", help="Drop the override: back to MEGAFLOW_USER_LIMIT.")] = False,
 ) -> None:
     """Set a user's limit of episodes running at once (or drop the override with --default)."""
+    check_user(user)
     if (n is None) == (not default):
         raise typer.BadParameter("give either N or --default", param_hint="N")
     mgr = _manager()
