@@ -89,9 +89,7 @@ class Command(TyperCommand):
     """A Typer command whose usage line reads ``megaflow submit [OPTIONS] FILE`` (no braces)."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        return [
-            p[1:-1].upper() if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)
-        ]
+        return [p.replace("{", "").replace("}", "") for p in super().collect_usage_pieces(ctx)]
 
 
 class App(typer.Typer):

@@ -109,7 +109,9 @@ def submit(
     file: Annotated[
         Path, typer.Argument(metavar="FILE", help="JSONL file: task specs or SWE-bench instances, one a line.")
     ],
-    user: Annotated[str, typer.Option("--user", "-u", help="User the batch runs as (quotas are per user).")],
+    user: Annotated[
+        str, typer.Option("--user", "-u", metavar="NAME", help="User the batch runs as (quotas are per user).")
+    ],
     wait: Annotated[
         bool,
         typer.Option(
@@ -174,7 +176,7 @@ def submit(
 @app.command()
 def status(
     batch: Annotated[str | None, typer.Argument(metavar="BATCH", help="Batch id; omit for every recent batch.")] = None,
-    user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's batches.")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", metavar="NAME", help="Only this user's batches.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     as_jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP + " (episodes, or batches)")] = False,
 ) -> None:
@@ -216,10 +218,12 @@ def rollout(
     out: Annotated[
         Path, typer.Option("--out", "-o", metavar="JSONL", help="Output file: one line per finished group.")
     ],
-    replicas: Annotated[int, typer.Option("--replicas", "-k", min=1, help="Episodes per task (one group).")] = 1,
-    user: Annotated[str, typer.Option("--user", "-u", help="User the episodes run as.")] = "rollout",
+    replicas: Annotated[
+        int, typer.Option("--replicas", "-k", metavar="K", min=1, help="Episodes per task (one group).")
+    ] = 1,
+    user: Annotated[str, typer.Option("--user", "-u", metavar="NAME", help="User the episodes run as.")] = "rollout",
     policy_version: Annotated[
-        str | None, typer.Option("--policy-version", help="Policy version tag recorded with every call.")
+        str | None, typer.Option("--policy-version", metavar="TAG", help="Policy version tag recorded with every call.")
     ] = None,
     agent_config: Annotated[
         Path | None,
@@ -229,9 +233,11 @@ def rollout(
         str | None, typer.Option("--model", metavar="JSON", help="JSON model section for instance lines.")
     ] = None,
     max_retries: Annotated[
-        int, typer.Option("--max-retries", min=0, help="Resubmissions of an infra-failed episode.")
+        int, typer.Option("--max-retries", metavar="N", min=0, help="Resubmissions of an infra-failed episode.")
     ] = 2,
-    timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="Give up after this many seconds.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", metavar="SECONDS", min=0, help="Give up after this many seconds.")
+    ] = None,
 ) -> None:
     """Run every task K times; write each group (rewards, trajectories, tokens) as soon as it is done.
 
@@ -282,7 +288,8 @@ def resume(
         bool, typer.Option("--wait", help="Wait for the re-run and print the batch's final results.")
     ] = False,
     timeout: Annotated[
-        float | None, typer.Option("--timeout", min=0, help="With --wait: give up after this many seconds.")
+        float | None,
+        typer.Option("--timeout", metavar="SECONDS", min=0, help="With --wait: give up after this many seconds."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     as_jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,

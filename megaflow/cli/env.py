@@ -62,7 +62,9 @@ def _registered_hosts(settings) -> list[str]:
 
 @app.command("build")
 def build(
-    tag: Annotated[str | None, typer.Option("--tag", help="Image tag (default: MEGAFLOW_DEFAULT_IMAGE).")] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", metavar="TAG", help="Image tag (default: MEGAFLOW_DEFAULT_IMAGE).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the tag exists.")] = False,
 ) -> None:
     """Build the sandbox image (Debian minbase + python3, git, procps) with mmdebstrap and docker import."""
@@ -83,7 +85,7 @@ def build(
 
 @app.command("prefetch")
 def prefetch_cmd(
-    images: Annotated[list[str], typer.Argument(metavar="IMAGE...", help="Images to make present.")],
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Images to make present.")],
     hosts: Annotated[
         str,
         typer.Option(

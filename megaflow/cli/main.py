@@ -56,18 +56,22 @@ class LogLevel(str, enum.Enum):
     ERROR = "ERROR"
 
 
-LogLevelOption = Annotated[LogLevel, typer.Option("--loglevel", case_sensitive=False, help="Log level.")]
+LogLevelOption = Annotated[
+    LogLevel,
+    typer.Option("--loglevel", metavar="LEVEL", case_sensitive=False, help="Log level: DEBUG, INFO, WARNING or ERROR."),
+]
 
 
 # --- services ------------------------------------------------------------------------------------
 @app.command()
 def worker(
-    role: Annotated[Role, typer.Argument(metavar="ROLE", help="model | agent | env")],
+    role: Annotated[Role, typer.Argument(metavar="ROLE", help="Which worker to run.")],
     host: Annotated[
-        str | None, typer.Option("--host", help="Env host name (default MEGAFLOW_HOST_NAME / hostname).")
+        str | None,
+        typer.Option("--host", metavar="NAME", help="Env host name (default MEGAFLOW_HOST_NAME / hostname)."),
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", min=1, help="Pool size (default per role).")
+        int | None, typer.Option("--concurrency", "-c", metavar="N", min=1, help="Pool size (default per role).")
     ] = None,
     loglevel: LogLevelOption = LogLevel.INFO,
 ) -> None:
@@ -103,7 +107,7 @@ def control(loglevel: LogLevelOption = LogLevel.INFO) -> None:
 @app.command()
 def up(
     env_hosts: Annotated[
-        int, typer.Option("--env-hosts", min=1, help="Env workers (distinct env hosts) to start.")
+        int, typer.Option("--env-hosts", metavar="N", min=1, help="Env workers (distinct env hosts) to start.")
     ] = 2,
 ) -> None:
     """Start a local fleet: control service, model, agent and env workers."""
@@ -127,7 +131,9 @@ def down() -> None:
 @app.command()
 def demo(
     keep_fleet: Annotated[bool, typer.Option("--keep-fleet", help="Leave the fleet running afterwards.")] = False,
-    env_hosts: Annotated[int, typer.Option("--env-hosts", min=1, help="Env hosts of the local fleet.")] = 2,
+    env_hosts: Annotated[
+        int, typer.Option("--env-hosts", metavar="N", min=1, help="Env hosts of the local fleet.")
+    ] = 2,
 ) -> None:
     """Build the image if needed, start the fleet, run the demo tasks and print a summary."""
     from megaflow.demo import run_demo
@@ -140,10 +146,12 @@ def demo(
 @app.command()
 def flower(
     port: Annotated[
-        int | None, typer.Option("--port", min=0, max=65535, help="Port (default MEGAFLOW_FLOWER_PORT).")
+        int | None,
+        typer.Option("--port", metavar="PORT", min=0, max=65535, help="Port (default MEGAFLOW_FLOWER_PORT)."),
     ] = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Listen address (default MEGAFLOW_FLOWER_ADDRESS).")
+        str | None,
+        typer.Option("--address", metavar="ADDRESS", help="Listen address (default MEGAFLOW_FLOWER_ADDRESS)."),
     ] = None,
     loglevel: LogLevelOption = LogLevel.INFO,
 ) -> None:
@@ -158,10 +166,12 @@ def flower(
 @app.command()
 def metrics(
     port: Annotated[
-        int | None, typer.Option("--port", min=0, max=65535, help="Port (default MEGAFLOW_METRICS_PORT).")
+        int | None,
+        typer.Option("--port", metavar="PORT", min=0, max=65535, help="Port (default MEGAFLOW_METRICS_PORT)."),
     ] = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Listen address (default MEGAFLOW_METRICS_ADDRESS).")
+        str | None,
+        typer.Option("--address", metavar="ADDRESS", help="Listen address (default MEGAFLOW_METRICS_ADDRESS)."),
     ] = None,
     once: Annotated[bool, typer.Option("--once", help="Print the metrics once and exit instead of serving.")] = False,
     loglevel: LogLevelOption = LogLevel.INFO,
