@@ -97,25 +97,20 @@ def _counts(counts: dict[str, int]) -> str:
     return " ".join(f"{s}={counts[s]}" for s in states.ORDER if counts.get(s))
 
 
-def _columns(table: Table, names: tuple[str, ...], ids: frozenset[str]) -> None:
-    for col in names:  # ids never wrap: a script or a reader must be able to copy them whole
-        table.add_column(col, no_wrap=col in ids, overflow="ignore" if col in ids else "fold")
-
-
 def render(console: Console, data: dict[str, Any], hint: Console | None = None) -> None:
     """Tables for batch_status() or overview(); ``hint`` (stderr) gets advice that is not data."""
+    from megaflow.cli.base import print_table
+
     hint = hint or console
     if "episodes" in data:
-        t = Table(title=f"batch {data['batch_id']}: {data['finished']}/{data['total']} finished")
-        _columns(t, ("episode", "task", "state", "reward", "cause", "host", "steps"), frozenset({"episode", "task"}))
-        for e in data["episodes"]:
-            t.add_row(
-                *[
-                    ("" if e.get(k) is None else str(e.get(k)))
-                    for k in ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")
-                ]
-            )
-        console.print(t)
+        keys = ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")
+        print_table(
+            console,
+            ("episode", "task", "state", "reward", "cause", "host", "steps"),
+            [[e.get(k) for k in keys] for e in data["episodes"]],
+            ids=("episode", "task"),
+            title=f"batch {data['batch_id']}: {data['finished']}/{data['total']} finished",
+        )
         console.print(f"states: {_counts(data['counts'])}")
         console.print(
             f"throughput: {data['throughput_per_min'] or '-'} episodes/min; mean reward: "
@@ -129,24 +124,22 @@ def render(console: Console, data: dict[str, Any], hint: Console | None = None) 
                 "service (recorder) running? `megaflow up`[/yellow]"
             )
         return
-    t = Table(title="recent batches")
-    _columns(
-        t,
-        ("batch", "user", "created", "done", "states", "episodes/min", "failures by cause"),
-        frozenset({"batch", "user"}),
-    )
+    rows = []
     for b in data["batches"]:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["created_at"])) if b.get("created_at") else ""
-        t.add_row(
-            b["batch_id"],
-            b.get("user") or "",
-            created,
-            f"{b['finished']}/{b['total']}",
-            _counts(b["counts"]),
-            str(b["throughput_per_min"] or "-"),
-            ", ".join(f"{k}={v}" for k, v in b["failures_by_cause"].items()),
+        rows.append(
+            [
+                b["batch_id"],
+                b.get("user") or "",
+                created,
+                f"{b['finished']}/{b['total']}",
+                _counts(b["counts"]),
+                str(b["throughput_per_min"] or "-"),
+                ", ".join(f"{k}={v}" for k, v in b["failures_by_cause"].items()),
+            ]
         )
-    console.print(t)
+    columns = ("batch", "user", "created", "done", "states", "episodes/min", "failures by cause")
+    print_table(console, columns, rows, ids=("batch", "user"), title="recent batches")
     u = Table(title="per user")
     u.add_column("user")
     u.add_column("states")

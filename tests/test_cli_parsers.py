@@ -226,3 +226,38 @@ def test_example_inventory_parses_with_every_group():
     inv = json.loads(proc.stdout)
     for group in ("redis", "mongodb", "flower", "model_hosts", "agent_hosts", "env_hosts"):
         assert inv.get(group, {}).get("hosts"), group
+
+
+@pytest.mark.parametrize("width", [60, 80, 1000])
+def test_ids_are_never_folded(width):
+    from rich.console import Console
+
+    from megaflow.cli.batch import print_results
+    from megaflow.status import render
+
+    eid = "b-20261204-140943-2be9c9-resume2-00017"
+    row = {
+        "episode_id": eid,
+        "task_id": "django__django-11099-a-long-instance-name",
+        "state": "FAILED",
+        "reward": 0.0,
+        "cause": "tests_failed",
+        "host": "env-host-with-a-long-name",
+        "steps": 12,
+    }
+    data = {
+        "batch_id": "b-1",
+        "total": 1,
+        "finished": 1,
+        "counts": {"FAILED": 1},
+        "throughput_per_min": None,
+        "mean_reward": 0.0,
+        "failures_by_cause": {"tests_failed": 1},
+        "episodes": [row],
+    }
+    for draw in (lambda c: print_results(c, [row]), lambda c: render(c, data)):
+        out = io.StringIO()
+        draw(Console(file=out, width=width, force_terminal=False))
+        text = out.getvalue()
+        assert eid in text and row["task_id"] in text, text
+        assert "tests_failed" in text and "env-host-with-a-long-name" in text, text  # nothing else dropped

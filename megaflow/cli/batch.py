@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from megaflow.cli.base import (
     EXIT_INFRA,
@@ -25,6 +24,7 @@ from megaflow.cli.base import (
     load_settings,
     outcome_status,
     output_format,
+    print_table,
 )
 from megaflow.core.errors import SpecError
 
@@ -42,21 +42,16 @@ RESULT_COLUMNS = (
 ID_COLUMNS = {"episode", "task", "batch"}
 
 
-def results_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
-    """A results table whose id columns never wrap (other columns fold when the terminal is narrow)."""
-    table = Table(title=title)
-    for col, _ in RESULT_COLUMNS:
-        if col in ID_COLUMNS:
-            table.add_column(col, no_wrap=True, overflow="ignore")
-        else:
-            table.add_column(col, overflow="fold")
-    for r in rows:
-        cells = []
-        for _, key in RESULT_COLUMNS:
-            v = r.get(key)
-            cells.append("" if v is None or v == "" else f"{v:g}" if isinstance(v, float) else str(v))
-        table.add_row(*cells)
-    return table
+def print_results(out: Any, rows: list[dict[str, Any]], title: str | None = None) -> None:
+    """Episode results as a table (one ``EPISODE TASK state=...`` line a row when the table cannot fit)."""
+    cells = [
+        [
+            "" if r.get(k) is None else f"{r[k]:g}" if isinstance(r.get(k), float) else r.get(k)
+            for _, k in RESULT_COLUMNS
+        ]
+        for r in rows
+    ]
+    print_table(out, [c for c, _ in RESULT_COLUMNS], cells, ids=ID_COLUMNS, title=title)
 
 
 def parse_json_option(value: str | None, option: str) -> dict[str, Any] | None:
@@ -101,7 +96,7 @@ def _print_results(rows: list[dict[str, Any]], fmt: str, extra: dict[str, Any] |
     elif fmt == "jsonl":
         echo_jsonl(rows)
     else:
-        console().print(results_table(rows))
+        print_results(console(), rows)
 
 
 @app.command()
