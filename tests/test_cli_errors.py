@@ -395,3 +395,16 @@ def test_every_verb_is_in_the_readme_table():
     readme = (ROOT / "README.md").read_text()
     for verb, _ in COMMANDS:
         assert f"`megaflow {verb}" in readme, f"`megaflow {verb}` is missing from the README's command table"
+
+
+def test_a_closed_stdout_ends_quietly_with_141(cli, monkeypatch):
+    from megaflow.cli import resources
+    from megaflow.cli.base import EXIT_BROKEN_PIPE
+
+    def closed() -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(resources, "_manager", closed)
+    monkeypatch.setattr("megaflow.cli.errors._silence_stdout", lambda: None)  # capsys's stdout stays usable
+    res = cli("capacity")
+    assert res.code == EXIT_BROKEN_PIPE and res.err == ""

@@ -29,6 +29,7 @@ EXIT_INFRA = 4  # infrastructure failed: episodes ended with cause "infra", a ho
 EXIT_UNREACHABLE = 5  # a service cannot be reached: Redis, Docker, a model endpoint, a store
 EXIT_TIMEOUT = 6  # --timeout ran out before the batch finished (it keeps running)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`| head`), as a process killed by SIGPIPE reports
 
 EXIT_STATUSES = {
     EXIT_OK: "success: every episode ended as expected",
@@ -39,6 +40,7 @@ EXIT_STATUSES = {
     EXIT_UNREACHABLE: "a service is unreachable (Redis, Docker, model endpoint, metadata/artifact store)",
     EXIT_TIMEOUT: "--timeout ran out before the batch finished",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_BROKEN_PIPE: "stdout was closed early (`| head`); nothing more is printed",
 }
 
 

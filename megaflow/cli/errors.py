@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megaflow.cli.base import (
+    EXIT_BROKEN_PIPE,
     EXIT_INFRA,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -192,6 +193,17 @@ def report(exc: BaseException) -> int:
     return code
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain about the closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def run(app: Any, argv: Sequence[str] | None = None) -> int:
     """Run the Typer app on ``argv``; return the exit status (never raises, except SystemExit)."""
     try:
@@ -201,6 +213,9 @@ def run(app: Any, argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`megaflow status --jsonl | head -1`): stop quietly
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except BaseException as exc:  # noqa: BLE001 - the single place errors become exit statuses
         if "Abort" in _names(exc):
             sys.stderr.write("error: aborted\n")
