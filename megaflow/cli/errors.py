@@ -209,6 +209,9 @@ def run(app: Any, argv: Sequence[str] | None = None) -> int:
     try:
         rv = app(args=list(argv) if argv is not None else None, prog_name="megaflow", standalone_mode=False)
     except SystemExit as exc:
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click met EPIPE on stdout and exits 1 for it
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
