@@ -8,6 +8,7 @@ are never handled here; ``main()`` hands them to ``megaflow.cli.errors.run``.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -225,6 +226,10 @@ def _mount() -> None:
     app.add_typer(resources_app)
     app.add_typer(images_app, name="images")
     app.add_typer(model_app, name="model")
+    if importlib.util.find_spec("megaflow.cli.swebench") is not None:  # the `swebench` group, where it ships
+        from megaflow.cli.swebench import app as swebench_app
+
+        app.add_typer(swebench_app, name="swebench")
 
 
 _mount()
