@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Any
-
-from rich.console import Console
-from rich.table import Table
 
 from megaflow.core import states
 from megaflow.core.errors import NotFoundError
@@ -74,7 +70,8 @@ def overview(settings: Settings, *, user: str | None = None, limit: int = 20) ->
     store = open_metadata_store(settings.metadata_url, settings)
     try:
         batches = store.list_batches(user=user, limit=limit)
-        out_batches, per_user = [], {}
+        out_batches: list[dict[str, Any]] = []
+        per_user: dict[str, Counter] = {}
         for b in batches:
             docs = store.find_tasks(batch_id=b["batch_id"])
             out_batches.append(
@@ -91,58 +88,3 @@ def overview(settings: Settings, *, user: str | None = None, limit: int = 20) ->
     finally:
         store.close()
     return {"batches": out_batches, "users": {u: dict(c) for u, c in per_user.items()}}
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{s}={counts[s]}" for s in states.ORDER if counts.get(s))
-
-
-def render(console: Console, data: dict[str, Any], hint: Console | None = None) -> None:
-    """Tables for batch_status() or overview(); ``hint`` (stderr) gets advice that is not data."""
-    from megaflow.cli.base import print_table
-
-    hint = hint or console
-    if "episodes" in data:
-        keys = ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")
-        print_table(
-            console,
-            ("episode", "task", "state", "reward", "cause", "host", "steps"),
-            [[e.get(k) for k in keys] for e in data["episodes"]],
-            ids=("episode", "task"),
-            title=f"batch {data['batch_id']}: {data['finished']}/{data['total']} finished",
-        )
-        console.print(f"states: {_counts(data['counts'])}")
-        console.print(
-            f"throughput: {data['throughput_per_min'] or '-'} episodes/min; mean reward: "
-            f"{data['mean_reward'] if data['mean_reward'] is not None else '-'}"
-        )
-        if data["failures_by_cause"]:
-            console.print("failures by cause: " + ", ".join(f"{k}={v}" for k, v in data["failures_by_cause"].items()))
-        if not data["episodes"]:
-            hint.print(
-                f"[yellow]{data.get('unrecorded', 0)} episodes in Redis but no records yet: is the control "
-                "service (recorder) running? `megaflow up`[/yellow]"
-            )
-        return
-    rows = []
-    for b in data["batches"]:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["created_at"])) if b.get("created_at") else ""
-        rows.append(
-            [
-                b["batch_id"],
-                b.get("user") or "",
-                created,
-                f"{b['finished']}/{b['total']}",
-                _counts(b["counts"]),
-                str(b["throughput_per_min"] or "-"),
-                ", ".join(f"{k}={v}" for k, v in b["failures_by_cause"].items()),
-            ]
-        )
-    columns = ("batch", "user", "created", "done", "states", "episodes/min", "failures by cause")
-    print_table(console, columns, rows, ids=("batch", "user"), title="recent batches")
-    u = Table(title="per user")
-    u.add_column("user")
-    u.add_column("states")
-    for name, counts in data["users"].items():
-        u.add_row(name, _counts(counts))
-    console.print(u)

@@ -232,8 +232,8 @@ def test_example_inventory_parses_with_every_group():
 def test_ids_are_never_folded(width):
     from rich.console import Console
 
-    from megaflow.cli.batch import print_results
-    from megaflow.status import render
+    from megaflow.cli.tables import print_results
+    from megaflow.cli.tables import render_status as render
 
     eid = "b-20261204-140943-2be9c9-resume2-00017"
     row = {

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import typer
@@ -139,33 +139,3 @@ def output_format(as_json: bool, as_jsonl: bool) -> str:
 
 JSON_HELP = "Print one JSON document (for scripts)."
 JSONL_HELP = "Print one JSON object a line (for scripts)."
-
-
-def print_table(
-    out: Console,
-    columns: Sequence[str],
-    rows: Iterable[Sequence[Any]],
-    *,
-    ids: Iterable[str] = (),
-    title: str | None = None,
-) -> None:
-    """A table whose id columns are never folded; when it cannot fit, one ``id  key=value ...`` line a row."""
-    from rich.table import Table
-
-    id_cols = set(ids)
-    cells = [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    if sum(widths) + 3 * len(columns) + 1 <= out.width:
-        table = Table(title=title)
-        for col in columns:
-            table.add_column(col, no_wrap=col in id_cols, overflow="fold")
-        for r in cells:
-            table.add_row(*r)
-        out.print(table)
-        return
-    if title:
-        out.print(title, markup=False)
-    for r in cells:
-        first = [v for c, v in zip(columns, r) if c in id_cols and v]
-        rest = [f"{c}={v}" for c, v in zip(columns, r) if c not in id_cols and v]
-        out.print("  ".join(first + rest), markup=False, highlight=False, soft_wrap=True)

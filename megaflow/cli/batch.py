@@ -24,34 +24,11 @@ from megaflow.cli.base import (
     load_settings,
     outcome_status,
     output_format,
-    print_table,
 )
+from megaflow.cli.tables import print_results, render_status
 from megaflow.core.errors import SpecError
 
 app = App(help="Batches: submit, follow, cancel, re-run, report.")
-
-RESULT_COLUMNS = (
-    ("episode", "episode_id"),
-    ("task", "task_id"),
-    ("state", "state"),
-    ("reward", "reward"),
-    ("cause", "cause"),
-    ("host", "host"),
-    ("steps", "steps"),
-)
-ID_COLUMNS = {"episode", "task", "batch"}
-
-
-def print_results(out: Any, rows: list[dict[str, Any]], title: str | None = None) -> None:
-    """Episode results as a table (one ``EPISODE TASK state=...`` line a row when the table cannot fit)."""
-    cells = [
-        [
-            "" if r.get(k) is None else f"{r[k]:g}" if isinstance(r.get(k), float) else r.get(k)
-            for _, k in RESULT_COLUMNS
-        ]
-        for r in rows
-    ]
-    print_table(out, [c for c, _ in RESULT_COLUMNS], cells, ids=ID_COLUMNS, title=title)
 
 
 def parse_json_option(value: str | None, option: str) -> dict[str, Any] | None:
@@ -176,7 +153,7 @@ def status(
     as_jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP + " (episodes, or batches)")] = False,
 ) -> None:
     """Records from the metadata store: counts by state, throughput and failure causes."""
-    from megaflow.status import batch_status, overview, render
+    from megaflow.status import batch_status, overview
 
     fmt = output_format(as_json, as_jsonl)
     settings = load_settings()
@@ -186,7 +163,7 @@ def status(
     elif fmt == "jsonl":
         echo_jsonl(data["episodes"] if batch is not None else data["batches"])
     else:
-        render(console(), data, hint=console(stderr=True))
+        render_status(console(), data, hint=console(stderr=True))
 
 
 @app.command()

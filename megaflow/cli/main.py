@@ -8,6 +8,7 @@ are never handled here; ``main()`` hands them to ``megaflow.cli.errors.run``.
 from __future__ import annotations
 
 import enum
+import importlib
 import importlib.util
 import logging
 import sys
@@ -204,7 +205,9 @@ def metrics(
             f"{exc.strerror or exc}; `megaflow up` already serves them from the control service, "
             "or pick another with --port / MEGAFLOW_METRICS_PORT"
         ) from None
-    console().print(f"metrics on http://{server.server_address[0]}:{server.port}/metrics")
+    bound = server.server_address[0]
+    bound = bound.decode() if isinstance(bound, bytes) else str(bound)
+    console().print(f"metrics on http://{bound}:{server.port}/metrics")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -227,9 +230,7 @@ def _mount() -> None:
     app.add_typer(images_app, name="images")
     app.add_typer(model_app, name="model")
     if importlib.util.find_spec("megaflow.cli.swebench") is not None:  # the `swebench` group, where it ships
-        from megaflow.cli.swebench import app as swebench_app
-
-        app.add_typer(swebench_app, name="swebench")
+        app.add_typer(importlib.import_module("megaflow.cli.swebench").app, name="swebench")
 
 
 _mount()
