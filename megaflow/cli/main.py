@@ -138,9 +138,10 @@ def demo(
     ] = 2,
 ) -> None:
     """Build the image if needed, start the fleet, run the demo tasks and print a summary."""
+    from megaflow.cli.progress import Progress
     from megaflow.demo import run_demo
 
-    ok = run_demo(load_settings(), console=console(), env_hosts=env_hosts, keep_fleet=keep_fleet)
+    ok = run_demo(load_settings(), console=console(), env_hosts=env_hosts, keep_fleet=keep_fleet, progress=Progress)
     raise typer.Exit(0 if ok else EXIT_EPISODES_FAILED)
 
 
