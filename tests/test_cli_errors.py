@@ -408,3 +408,40 @@ def test_a_closed_stdout_ends_quietly_with_141(cli, monkeypatch):
     monkeypatch.setattr("megaflow.cli.errors._silence_stdout", lambda: None)  # capsys's stdout stays usable
     res = cli("capacity")
     assert res.code == EXIT_BROKEN_PIPE and res.err == ""
+
+
+def test_artifact_store_down_is_exit_5(cli, redis_server, tmp_path, monkeypatch):
+    from megaflow.core.settings import Settings
+    from megaflow.stores import open_metadata_store
+
+    seeded = Settings.load(state_dir=str(tmp_path / "state"))
+    store = open_metadata_store(seeded.metadata_url, seeded)
+    store.upsert_task(
+        {
+            "episode_id": "e-s3",
+            "batch_id": "b-s3",
+            "user": "u",
+            "state": "SUCCEEDED",
+            "artifact_uri": "s3://bucket/e-s3.json",
+        }
+    )
+    store.close()
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_RETRY_MODE": "standard",
+    }.items():
+        monkeypatch.setenv(key, value)
+    res = cli(
+        "trajectory",
+        "e-s3",
+        env={
+            "MEGAFLOW_REDIS_URL": redis_server.url,
+            "MEGAFLOW_ARTIFACTS_URL": "s3://bucket",
+            "MEGAFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+            "MEGAFLOW_S3_REGION": "us-east-1",
+        },
+    )
+    assert res.code == EXIT_UNREACHABLE, res.err
+    assert "artifact store" in res.one_error_line()

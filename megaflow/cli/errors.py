@@ -104,6 +104,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
     unreachable = _unreachable(exc, names, module)
     if unreachable:
         return EXIT_UNREACHABLE, unreachable
+    if module == "redis":
+        return EXIT_INFRA, f"Redis refused the request: {_first_line(exc)}; check the server (memory, replica, ACLs)"
     if module == "docker":
         if "NotFound" in names:
             return EXIT_USAGE, f"Docker: {_first_line(exc)}; check the image or container name"
