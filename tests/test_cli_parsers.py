@@ -33,11 +33,13 @@ json_values = st.recursive(
 )
 
 
+@settings(deadline=None)  # a shared, loaded machine: no per-example time limit
 @given(st.dictionaries(st.text(), json_values, max_size=4))
 def test_json_option_round_trips_any_object(obj):
     assert parse_json_option(json.dumps(obj), "--model") == obj
 
 
+@settings(deadline=None)
 @given(st.text())
 def test_json_option_rejects_anything_else_as_a_usage_error(text):
     try:
@@ -53,6 +55,7 @@ def test_json_option_rejects_anything_else_as_a_usage_error(text):
     assert code == base.EXIT_USAGE and "\n" not in message
 
 
+@settings(deadline=None)
 @given(st.dictionaries(st.sampled_from([*states.ORDER, "written", "masked"]), st.integers(0, 10_000)))
 def test_format_counts_reads_back(counts):
     text = format_counts(counts)
@@ -62,6 +65,7 @@ def test_format_counts_reads_back(counts):
     assert known == sorted(known, key=states.ORDER.index)
 
 
+@settings(deadline=None)
 @given(
     st.lists(
         st.tuples(
@@ -261,3 +265,45 @@ def test_ids_are_never_folded(width):
         text = out.getvalue()
         assert eid in text and row["task_id"] in text, text
         assert "tests_failed" in text and "env-host-with-a-long-name" in text, text  # nothing else dropped
+
+
+# --- task files: a bad line is named by its line number in the file, blank lines included --------------------
+line_kinds = st.one_of(
+    st.builds(lambda t: json.dumps({"task_id": t}), st.text(max_size=8)),  # JSON, but not a complete spec
+    st.builds(json.dumps, st.integers() | st.text(max_size=4)),  # JSON, not an object (a file opening with '['
+    # is read as one JSON list instead, see datasets.read_records)
+    st.sampled_from(["", "   "]),  # blank: skipped, still counted
+    st.sampled_from(["{oops", '{"task_id": }', "nan]", "{'single': 'quotes'}"]),  # not JSON
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(line_kinds, min_size=1, max_size=6))
+def test_submit_names_the_first_bad_line_of_a_task_file(lines, tmp_path, monkeypatch, capsys):
+    for key in list(os.environ):
+        if key.startswith("MEGAFLOW_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MEGAFLOW_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("MEGAFLOW_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    def is_json(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    broken = [n for n, line in numbered if not is_json(line)]
+    capsys.readouterr()
+    code = run(app, ["submit", str(path), "-u", "alice"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == base.EXIT_USAGE and len(err) == 1 and "Traceback" not in err[0]
+    if not numbered:
+        assert "no specs" in err[0]
+    elif broken:
+        assert f"{path}:{broken[0]}: not valid JSON" in err[0]
+    else:
+        assert f"{path}:{numbered[0][0]}:" in err[0]
