@@ -260,6 +260,8 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["submit", tasks, "-u", "a", "--model", "[1, 2]"], "--model"),
         (["submit", tasks, "-u", "a", "--agent-config", "nope.yaml"], "nope.yaml"),
         (["submit", tasks, "-u", "a", "--agent-config", str(tmp / "bad.yaml")], "bad.yaml"),
+        (["submit", tasks, "-u", "a", "--agent-config", str(EXAMPLES / "mini-swe-agent.yaml")], "--agent-config"),
+        (["rollout", tasks, "-o", "o.jsonl", "--model", '{"backend": "openai"}'], "--model"),
         (["submit", tasks, "-u", "bad user!"], "user"),
         (["submit", tasks, "-u", "a", "--json", "--jsonl"], "--json"),
         (["submit", str(tmp / "binary.jsonl"), "-u", "a"], "UTF-8"),

@@ -57,6 +57,18 @@ def load_agent_config(path: Path | None) -> Any:
     return load_mini_config(path)
 
 
+def check_instance_options(file: Path, records: list[Any], **given: Any) -> None:
+    """--agent-config and --model apply to SWE-bench instance lines; with none in the file they would do nothing."""
+    used = [name for name, value in given.items() if value is not None]
+    if used and records and not any(isinstance(r, dict) and "instance_id" in r and "task_id" not in r for r in records):
+        option = "--" + used[0].replace("_", "-")
+        raise typer.BadParameter(
+            f"applies to SWE-bench instance lines, and {file} holds task specs only; put the "
+            f"section in each spec ('agent' / 'model') instead",
+            param_hint=option,
+        )
+
+
 def _file_line(file: Path, exc: SpecError) -> SpecError:
     """A spec error re-worded to name the file line rather than the list index."""
     if exc.index is None:
@@ -125,7 +137,9 @@ def submit(
         raise typer.BadParameter("only means something with --wait", param_hint="--timeout")
     model_section = parse_json_option(model, "--model")
     mini = load_agent_config(agent_config)
-    specs = to_specs([r for _, r in read_records(file)], agent_config=mini, model=model_section)
+    records = [r for _, r in read_records(file)]
+    check_instance_options(file, records, agent_config=agent_config, model=model)
+    specs = to_specs(records, agent_config=mini, model=model_section)
     with Client(load_settings()) as client:
         try:
             sub = client.submit(specs, user=user)
@@ -222,6 +236,7 @@ def rollout(
     model_section = parse_json_option(model, "--model")
     mini = load_agent_config(agent_config)
     records = [r for _, r in read_records(file)]
+    check_instance_options(file, records, agent_config=agent_config, model=model)
     tasks = to_specs(records, agent_config=mini, model=model_section, policy_version=policy_version)
     n = masked = 0
     with out.open("w") as fh, Client(load_settings()) as client:  # the output path fails before any work
