@@ -181,6 +181,7 @@ REDIS_VERBS = [
     ["submit", str(EXAMPLES / "tasks.jsonl"), "--user", "alice"],
     ["images", "prefetch", "img:1", "--hosts", "far"],
     ["up"],
+    ["demo"],
     ["worker", "agent"],
 ]
 
@@ -192,7 +193,9 @@ def test_redis_down_is_one_line_and_exit_5(cli, args):
     assert "Redis" in res.one_error_line()
 
 
-@pytest.mark.parametrize("args", [["worker", "env"], ["images", "build"], ["images", "prefetch", "img:1"]])
+@pytest.mark.parametrize(
+    "args", [["worker", "env"], ["images", "build"], ["images", "prefetch", "img:1"], ["up"], ["demo"]]
+)
 def test_no_docker_engine_is_one_line_and_exit_5(cli, redis_server, args):
     res = cli(*args, env={"MEGAFLOW_REDIS_URL": redis_server.url, "DOCKER_HOST": f"tcp://127.0.0.1:{free_port()}"})
     assert res.code == EXIT_UNREACHABLE, res.err

@@ -19,13 +19,14 @@ app = App(help="Sandbox images: build locally, prefetch onto env hosts.")
 PREFETCH_TASK = "megaflow.env.prefetch"
 
 
-def _docker():
+def docker_client(timeout: float = 300):
+    """A Docker SDK client that answered a ping, or ServiceUnavailableError naming DOCKER_HOST."""
     import docker
 
     from megaflow.core.errors import ServiceUnavailableError
 
     try:
-        client = docker.from_env(timeout=300)
+        client = docker.from_env(timeout=timeout)
         client.ping()
         return client
     except Exception as exc:  # noqa: BLE001 - any failure here means no usable engine
@@ -73,7 +74,7 @@ def build(
 
     settings = load_settings()
     tag = tag or settings.default_image
-    client = _docker()
+    client = docker_client()
     try:
         with Progress(f"build {tag}", 1) as bar:
             (build_sandbox_image if force else ensure_sandbox_image)(client, tag, progress=bar.note)
@@ -126,7 +127,7 @@ def prefetch_cmd(
             if host == settings.host_name:
                 from megaflow.env_hosts.docker_host import DockerHost
 
-                client = _docker()
+                client = docker_client()
                 try:
                     docker_host = DockerHost(client, settings, name=host, redis_client=_redis(settings))
                     for image in images:

@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -64,6 +64,21 @@ LogLevelOption = Annotated[
 ]
 
 
+def preflight(settings: Any, *, docker: bool) -> None:
+    """Reach Redis (and the Docker engine when ``docker``) now, so a dead service is one line, not a retry loop."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()
+    if docker and getattr(getattr(settings, "env", None), "type", "docker") == "docker":
+        from megaflow.cli.env import docker_client
+
+        docker_client(timeout=10).close()
+
+
 # --- services ------------------------------------------------------------------------------------
 @app.command()
 def worker(
@@ -78,12 +93,10 @@ def worker(
     loglevel: LogLevelOption = LogLevel.INFO,
 ) -> None:
     """Run one role's Celery worker in the foreground."""
-    from megaflow.fleet import check_services
     from megaflow.workers.process import run_worker
 
     settings = load_settings()
-    env_type = getattr(getattr(settings, "env", None), "type", "docker")
-    check_services(settings, docker_needed=role is Role.env and env_type == "docker")
+    preflight(settings, docker=role is Role.env)
     _logging(loglevel.value)
     run_worker(role.value, settings, host=host, concurrency=concurrency, loglevel=loglevel.value)
 
@@ -116,7 +129,9 @@ def up(
     from megaflow import fleet
 
     out = console()
-    procs = fleet.up(load_settings(), env_hosts=env_hosts, echo=out.print)
+    settings = load_settings()
+    preflight(settings, docker=True)
+    procs = fleet.up(settings, env_hosts=env_hosts, echo=out.print)
     out.print(f"fleet up: {', '.join(f'{n} (pid {p})' for n, p in sorted(procs.items()))}")
 
 
@@ -141,7 +156,9 @@ def demo(
     from megaflow.cli.progress import Progress
     from megaflow.demo import run_demo
 
-    ok = run_demo(load_settings(), console=console(), env_hosts=env_hosts, keep_fleet=keep_fleet, progress=Progress)
+    settings = load_settings()
+    preflight(settings, docker=True)
+    ok = run_demo(settings, console=console(), env_hosts=env_hosts, keep_fleet=keep_fleet, progress=Progress)
     raise typer.Exit(0 if ok else EXIT_EPISODES_FAILED)
 
 
