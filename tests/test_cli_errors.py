@@ -180,6 +180,8 @@ REDIS_VERBS = [
     ["trajectory", "e-1"],
     ["submit", str(EXAMPLES / "tasks.jsonl"), "--user", "alice"],
     ["images", "prefetch", "img:1", "--hosts", "far"],
+    ["rollout", str(EXAMPLES / "tasks.jsonl"), "--out", "groups.jsonl"],
+    ["submit", str(EXAMPLES / "tasks.jsonl"), "--user", "alice", "--wait", "--jsonl"],
     ["up"],
     ["demo"],
     ["worker", "agent"],
