@@ -58,6 +58,8 @@ def _settings_error(exc: Any) -> str:
     field = ".".join(str(p) for p in first.get("loc", ())) or "(settings)"
     value = first.get("input")
     shown = "" if isinstance(value, dict) or value is None else f"={value!r}"
+    if shown and any(word in field.lower() for word in ("password", "key", "secret", "token")):
+        shown = "=***"
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     msg = first.get("msg", "invalid").removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
@@ -75,7 +77,6 @@ def classify(exc: BaseException) -> tuple[int, str]:
         ctx = getattr(exc, "ctx", None)
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         if "NoArgsIsHelpError" in names and ctx is not None:
-            sys.stdout.write(ctx.get_help() + "\n")
             cmds = sorted(getattr(ctx.command, "commands", {}) or {})
             return EXIT_USAGE, "missing command" + (f"; choose one of: {', '.join(cmds)}" if cmds else "") + where
         text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
@@ -187,6 +188,8 @@ def _file_error(exc: OSError) -> str:
 def report(exc: BaseException) -> int:
     """Print ``exc`` as one line on stderr (traceback first under --debug); return its exit status."""
     code, message = classify(exc)
+    if "NoArgsIsHelpError" in _names(exc) and getattr(exc, "ctx", None) is not None:
+        sys.stdout.write(exc.ctx.get_help() + "\n")  # `megaflow` alone: the help, then the one error line
     if State.debug and not (code == EXIT_USAGE and "UsageError" in _names(exc)):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     sys.stdout.flush()
