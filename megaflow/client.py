@@ -23,7 +23,7 @@ from megaflow.core.spec import TaskSpec, validate_specs
 
 log = logging.getLogger(__name__)
 
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch: no trailing newline
+_USER = guards.USER_NAME  # fullmatch: no trailing newline
 
 # Reserve a batch id, refused when that batch exists in any form, so no submit overwrites another's
 # episodes. KEYS[1] batch hash, KEYS[2] batch episode list, KEYS[3] batch index (sorted set);

@@ -11,13 +11,12 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from megaflow import fleet
 from megaflow.client import Client
-from megaflow.demo_tasks import demo_specs
 from megaflow.core.settings import Settings
+from megaflow.demo_tasks import demo_specs
 
 PHASES = [("queue wait", "queued", "admitted"), ("env start", "admitted", "env_ready"),
           ("agent loop", "env_ready", "evaluating"), ("evaluation", "evaluating", "finished"),
@@ -35,8 +34,27 @@ def phase_stats(results: list[dict[str, Any]]) -> dict[str, tuple[float, float]]
     return out
 
 
+class _NoProgress:
+    """A progress display that shows nothing (library use)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _NoProgress:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, done: int, counts: dict[str, int] | None = None) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
 def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: int = 2,
-             timeout_s: float = 280.0, keep_fleet: bool = False) -> bool:
+             timeout_s: float = 280.0, keep_fleet: bool = False, progress: Any = None) -> bool:
     console = console or Console()
     t0 = time.monotonic()
     fleet.check_services(settings)
@@ -61,19 +79,23 @@ def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: i
             console.print(f"submitted {len(fix.episode_ids)} reference-fix episodes (batch {fix}) and "
                           f"{len(noop.episode_ids)} no-op episodes (batch {noop})")
             started = time.monotonic()
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console) as progress:
-                runs = ((fix, "reference fix"), (noop, "no-op agent"))
-                bars = [(sub, progress.add_task(f"{name:<13}", total=len(sub.episode_ids))) for sub, name in runs]
-                deadline = time.monotonic() + timeout_s
+            total = len(fix.episode_ids) + len(noop.episode_ids)
+            deadline = time.monotonic() + timeout_s
+            # the CLI passes megaflow.cli.progress.Progress: a bar on a terminal, a line per change when piped
+            with (progress or _NoProgress)("demo (both runs)", total, stream=console.file) as bar:
                 while True:
-                    done = [client.rt.redis.scard(client.rt.keys.batch_done(sub.batch_id)) for sub, _ in bars]
-                    for (sub, task), n in zip(bars, done):
-                        progress.update(task, completed=n)
-                    if all(n >= len(sub.episode_ids) for (sub, _), n in zip(bars, done)):
+                    counts: dict[str, int] = {}
+                    done = 0
+                    for sub in (fix, noop):
+                        st = client.status(sub.batch_id)
+                        done += st["done"]
+                        for state, n in st["counts"].items():
+                            counts[state] = counts.get(state, 0) + n
+                    bar.update(done, counts)
+                    if done >= total:
                         break
                     if time.monotonic() > deadline:
-                        console.print(f"[red]timed out after {timeout_s:.0f}s[/red]")
+                        bar.note(f"timed out after {timeout_s:.0f}s")
                         break
                     time.sleep(0.3)
             wall = time.monotonic() - started

@@ -19,6 +19,7 @@ import redis
 
 from megaflow.core.errors import ServiceUnavailableError
 from megaflow.core.settings import Settings
+from megaflow.env_hosts.config import uses_docker
 
 
 @dataclass
@@ -47,11 +48,6 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
     pids.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     return pids, logs
-
-
-def uses_docker(settings: Settings) -> bool:
-    """Whether this fleet's env hosts run containers on a Docker engine (``env_backend.type: docker``)."""
-    return (settings.env_backend or {}).get("type", "docker") == "docker"
 
 
 def check_services(settings: Settings, *, docker_needed: bool | None = None) -> None:

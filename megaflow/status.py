@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from megaflow.core import states
+from megaflow.core.errors import NotFoundError
 from megaflow.core.settings import Settings
 from megaflow.stores import open_metadata_store
 
@@ -31,14 +28,41 @@ def _summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _live_total(settings: Settings, batch_id: str) -> int:
+    """Episodes Redis holds for a batch not yet in the metadata store; NotFoundError when Redis has none either."""
+    import redis
+
+    from megaflow.core.keys import Keys
+
+    keys = Keys(settings.key_prefix)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5)
+    try:
+        n = client.llen(keys.batch_episodes(batch_id))
+        if not n and not client.exists(keys.batch(batch_id)):
+            raise NotFoundError(f"batch {batch_id} not found; list recent batches with `megaflow status`")
+        return n
+    except redis.RedisError:
+        raise NotFoundError(
+            f"batch {batch_id} not found in the metadata store (and Redis, which would know a "
+            "batch not yet recorded, is unreachable)"
+        ) from None
+    finally:
+        client.close()
+
+
 def batch_status(settings: Settings, batch_id: str) -> dict[str, Any]:
+    """One batch's records; NotFoundError when neither the metadata store nor Redis knows the id."""
     store = open_metadata_store(settings.metadata_url, settings)
     try:
         docs = store.find_tasks(batch_id=batch_id)
     finally:
         store.close()
-    episodes = [{k: d.get(k) for k in ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")}
-                for d in docs]
+    if not docs:
+        live = _live_total(settings, batch_id)
+        return {"batch_id": batch_id, **_summarise(docs), "episodes": [], "unrecorded": live}
+    episodes = [
+        {k: d.get(k) for k in ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")} for d in docs
+    ]
     return {"batch_id": batch_id, **_summarise(docs), "episodes": episodes}
 
 
@@ -46,52 +70,21 @@ def overview(settings: Settings, *, user: str | None = None, limit: int = 20) ->
     store = open_metadata_store(settings.metadata_url, settings)
     try:
         batches = store.list_batches(user=user, limit=limit)
-        out_batches, per_user = [], {}
+        out_batches: list[dict[str, Any]] = []
+        per_user: dict[str, Counter] = {}
         for b in batches:
             docs = store.find_tasks(batch_id=b["batch_id"])
-            out_batches.append({"batch_id": b["batch_id"], "user": b.get("user"), "created_at": b.get("created_at"),
-                                **_summarise(docs)})
+            out_batches.append(
+                {
+                    "batch_id": b["batch_id"],
+                    "user": b.get("user"),
+                    "created_at": b.get("created_at"),
+                    **_summarise(docs),
+                }
+            )
             u = b.get("user") or "?"
             agg = per_user.setdefault(u, Counter())
             agg.update(Counter(d.get("state") for d in docs))
     finally:
         store.close()
     return {"batches": out_batches, "users": {u: dict(c) for u, c in per_user.items()}}
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{s}={counts[s]}" for s in states.ORDER if counts.get(s))
-
-
-def render(console: Console, data: dict[str, Any]) -> None:
-    if "episodes" in data:
-        t = Table(title=f"batch {data['batch_id']}: {data['finished']}/{data['total']} finished")
-        for col in ("episode", "task", "state", "reward", "cause", "host", "steps"):
-            t.add_column(col, overflow="fold")
-        for e in data["episodes"]:
-            t.add_row(*[("" if e.get(k) is None else str(e.get(k))) for k in
-                        ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")])
-        console.print(t)
-        console.print(f"states: {_counts(data['counts'])}")
-        console.print(f"throughput: {data['throughput_per_min'] or '-'} episodes/min; mean reward: "
-                      f"{data['mean_reward'] if data['mean_reward'] is not None else '-'}")
-        if data["failures_by_cause"]:
-            console.print("failures by cause: " + ", ".join(f"{k}={v}" for k, v in data["failures_by_cause"].items()))
-        if not data["episodes"]:
-            console.print("[yellow]no records yet: is the control service (recorder) running? `megaflow up`[/yellow]")
-        return
-    t = Table(title="recent batches")
-    for col in ("batch", "user", "created", "done", "states", "episodes/min", "failures by cause"):
-        t.add_column(col, overflow="fold")
-    for b in data["batches"]:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["created_at"])) if b.get("created_at") else ""
-        t.add_row(b["batch_id"], b.get("user") or "", created, f"{b['finished']}/{b['total']}", _counts(b["counts"]),
-                  str(b["throughput_per_min"] or "-"),
-                  ", ".join(f"{k}={v}" for k, v in b["failures_by_cause"].items()))
-    console.print(t)
-    u = Table(title="per user")
-    u.add_column("user")
-    u.add_column("states")
-    for name, counts in data["users"].items():
-        u.add_row(name, _counts(counts))
-    console.print(u)

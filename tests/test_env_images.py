@@ -121,9 +121,9 @@ def test_images_cli_build_is_a_no_op_when_present_and_prefetch_runs_locally(
     assert built.output.strip().splitlines()[-1] == sandbox_image
     fetched = runner.invoke(app, ["prefetch", sandbox_image, "--hosts", settings.host_name])
     assert fetched.exit_code == 0, fetched.output
-    assert fetched.output.split() == [settings.host_name, sandbox_image, "present"]
+    assert fetched.stdout.split() == [settings.host_name, sandbox_image, "present"]  # progress goes to stderr
     missing = runner.invoke(app, ["prefetch", "megaflow-test/absent:nope"])
-    assert missing.exit_code == 1 and "error:" in missing.output
+    assert missing.exit_code == 4 and "error:" in missing.output  # a failed pull: infrastructure (exit 4)
 
 
 def test_create_pulls_again_when_the_image_vanished(docker_client, sandbox_image, settings, redis_client):
@@ -151,6 +151,13 @@ def test_images_cli_prefetch_queues_a_task_for_other_hosts(settings, redis_clien
 
     for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
+    unknown = CliRunner().invoke(app, ["prefetch", "img:1", "--hosts", "far-host"])
+    assert unknown.exit_code != 0 and "far-host" in str(unknown.exception)  # only registered hosts
+    assert not redis_client.exists(f"{settings.key_prefix}:celery:env.far-host")
+    from megaflow.core.keys import Keys
+    from megaflow.engine.resources.manager import ResourceManager
+
+    ResourceManager(redis_client, settings, Keys(settings.key_prefix)).register_host("far-host", capacity=2, images=[], warm={}, disk_free_gb=10.0)
     out = CliRunner().invoke(app, ["prefetch", "img:1", "--hosts", "far-host"])
     assert out.exit_code == 0, out.output
     assert out.output.split()[:2] == ["far-host", "queued"]

@@ -92,15 +92,17 @@ def test_cli_submit_rejects_bad_line_and_runs_good_file(fleet, tmp_path):
         batches_before = client.rt.redis.zcard(client.rt.keys.batches)
         proc = cli(fleet, "submit", str(bad), "--user", "e2e-cli", check=False)
         assert proc.returncode == 2
-        assert f"{bad}:2" in proc.stdout and "eval.command" in proc.stdout
+        assert f"{bad}:2" in proc.stderr and "eval.command" in proc.stderr
         assert client.rt.redis.zcard(client.rt.keys.batches) == batches_before
         notjson = tmp_path / "notjson.jsonl"
         notjson.write_text(json.dumps(good[0]) + "\n{oops\n")
         proc = cli(fleet, "submit", str(notjson), "--user", "e2e-cli", check=False)
-        assert proc.returncode == 2 and f"{notjson}:2" in proc.stdout and "not valid JSON" in proc.stdout
+        assert proc.returncode == 2 and f"{notjson}:2" in proc.stderr and "not valid JSON" in proc.stderr
         ok = tmp_path / "ok.jsonl"
         ok.write_text("\n".join(json.dumps(s) for s in good) + "\n")
-        out = cli(fleet, "submit", str(ok), "--user", "e2e-cli", "--wait", "--timeout", "150").stdout
+        proc = cli(fleet, "submit", str(ok), "--user", "e2e-cli", "--wait", "--timeout", "150", check=False)
+        assert proc.returncode == 3, proc.stderr  # one episode FAILED: exit status 3
+        out = proc.stdout
         assert "SUCCEEDED" in out and "FAILED" in out and "tests_failed" in out
 
 

@@ -177,7 +177,8 @@ def test_resume_reruns_only_infra_failures(fleet):
         assert list(res.resubmitted) == [sub.episode_ids[2]] and res.skipped_finished == 2
         client.wait(res.rerun_batch, timeout=120)
         # the CLI follows the re-run: its latest attempt failed for infra again, so it runs once more
-        proc = megaflow(fleet, "resume", sub.batch_id, "--wait")
+        proc = run_cli(fleet, "resume", sub.batch_id, "--wait", timeout=200, check=False)
+        assert proc.returncode == 4, proc.stderr  # the latest attempt is an infra failure again: exit status 4
         assert "1 infra failures re-run as batch" in proc.stdout and "2 finished (skipped)" in proc.stdout
         final = client.final_results(sub.batch_id)
         assert [r["original_episode_id"] for r in final] == sub.episode_ids

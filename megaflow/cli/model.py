@@ -16,27 +16,50 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(help="Model hosts: serve a model with vLLM and join the fleet.", no_args_is_help=True)
+from megaflow.cli.base import JSON_HELP, App, echo_json, load_settings
+
+app = App(help="Model hosts: serve a model with vLLM and join the fleet.")
 
 GPU_INSTALL = "pip install -r requirements-gpu.txt"
 
 
 def _settings() -> Any:
-    from megaflow.core.settings import Settings
-
-    return Settings.load()
+    return load_settings()
 
 
-def vllm_command(model: str, *, host: str, port: int, gpu_memory_utilization: float, served_model_name: str,
-                 max_num_seqs: int, token_ids: bool, extra: list[str]) -> list[str]:
+def vllm_command(
+    model: str,
+    *,
+    host: str,
+    port: int,
+    gpu_memory_utilization: float,
+    served_model_name: str,
+    max_num_seqs: int,
+    token_ids: bool,
+    extra: list[str],
+) -> list[str]:
     """The ``vllm serve`` command line the fleet expects."""
-    cmd = [shutil.which("vllm") or "vllm", "serve", model, "--host", host, "--port", str(port),
-           "--gpu-memory-utilization", str(gpu_memory_utilization), "--served-model-name", served_model_name,
-           "--max-num-seqs", str(max_num_seqs), "--enable-prefix-caching", "--disable-uvicorn-access-log"]
+    cmd = [
+        shutil.which("vllm") or "vllm",
+        "serve",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        str(gpu_memory_utilization),
+        "--served-model-name",
+        served_model_name,
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--enable-prefix-caching",
+        "--disable-uvicorn-access-log",
+    ]
     if token_ids:
         cmd.append("--return-tokens-as-token-ids")
     return cmd + list(extra)
@@ -54,17 +77,24 @@ def _answers(url: str, headers: dict[str, str], timeout: float = 5.0) -> bool:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Model to serve (a Hugging Face id or a local path)."),
-    port: int = typer.Option(8000, help="Port of the vLLM server."),
-    host: str = typer.Option("0.0.0.0", help="Address the vLLM server binds."),
-    gpu_memory_utilization: float = typer.Option(0.9, help="Share of GPU memory vLLM may use."),
-    served_model_name: str = typer.Option(
-        "", help="Name the fleet asks for (task spec model.model_name / MEGAFLOW_MODEL_NAME); default: MODEL."),
-    advertise_url: str = typer.Option(
-        "", help="Base URL other hosts reach this server at; default http://HOST_NAME:PORT/v1."),
-    max_num_seqs: int = typer.Option(0, help="Sequences vLLM batches at once; default: endpoint_concurrency."),
-    token_ids: bool = typer.Option(True, help="Return completion tokens as token ids (RL trajectories)."),
-    startup_timeout: float = typer.Option(1800.0, help="Seconds to wait for the model to load."),
+    model: Annotated[str, typer.Argument(help="Model to serve (a Hugging Face id or a local path).")],
+    port: Annotated[int, typer.Option(help="Port of the vLLM server.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address the vLLM server binds.")] = "0.0.0.0",
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of GPU memory vLLM may use.")] = 0.9,
+    served_model_name: Annotated[
+        str,
+        typer.Option(
+            help="Name the fleet asks for (task spec model.model_name / MEGAFLOW_MODEL_NAME); default: MODEL."
+        ),
+    ] = "",
+    advertise_url: Annotated[
+        str, typer.Option(help="Base URL other hosts reach this server at; default http://HOST_NAME:PORT/v1.")
+    ] = "",
+    max_num_seqs: Annotated[
+        int, typer.Option(help="Sequences vLLM batches at once; default: endpoint_concurrency.")
+    ] = 0,
+    token_ids: Annotated[bool, typer.Option(help="Return completion tokens as token ids (RL trajectories).")] = True,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for the model to load.")] = 1800.0,
 ) -> None:
     """Start ``vllm serve MODEL`` and register it as an endpoint; extra vLLM flags go after ``--``."""
     import redis
@@ -88,9 +118,16 @@ def serve(
         key = settings.model_api_key.get_secret_value()
         env = {**os.environ, "VLLM_API_KEY": key}
         headers["Authorization"] = f"Bearer {key}"
-    cmd = vllm_command(model, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
-                       served_model_name=name, max_num_seqs=max_num_seqs or settings.endpoint_concurrency,
-                       token_ids=token_ids, extra=ctx.args)
+    cmd = vllm_command(
+        model,
+        host=host,
+        port=port,
+        gpu_memory_utilization=gpu_memory_utilization,
+        served_model_name=name,
+        max_num_seqs=max_num_seqs or settings.endpoint_concurrency,
+        token_ids=token_ids,
+        extra=ctx.args,
+    )
     typer.echo("starting: " + " ".join(cmd))
     child = subprocess.Popen(cmd, env=env)
     stopping = False
@@ -140,7 +177,10 @@ def serve(
 
 
 @app.command("endpoints")
-def endpoints(model_name: str = typer.Argument("", help="Model name; default: MEGAFLOW_MODEL_NAME.")) -> None:
+def endpoints(
+    model_name: Annotated[str, typer.Argument(metavar="MODEL", help="Model name; default: MEGAFLOW_MODEL_NAME.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
     """List a model's endpoints: outstanding requests, failures, health."""
     import redis
 
@@ -151,17 +191,32 @@ def endpoints(model_name: str = typer.Argument("", help="Model name; default: ME
     name = model_name or settings.model_name
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     static = settings.model_endpoints if name == settings.model_name else []
-    pool = EndpointPool(client, Keys(settings.key_prefix), name, static, concurrency=settings.endpoint_concurrency,
-                        lease_s=settings.model_timeout_s + 30)
-    rows = pool.status()
+    pool = EndpointPool(
+        client,
+        Keys(settings.key_prefix),
+        name,
+        static,
+        concurrency=settings.endpoint_concurrency,
+        lease_s=settings.model_timeout_s + 30,
+    )
+    try:
+        rows = pool.status()
+    finally:
+        client.close()
+    if as_json:
+        echo_json({"model": name, "concurrency": settings.endpoint_concurrency, "endpoints": rows})
+        return
     if not rows:
         typer.echo(f"model {name!r}: no endpoints")
     for row in rows:
-        typer.echo(f"{row['endpoint']}  outstanding={row['outstanding']}/{settings.endpoint_concurrency}  "
-                   f"failures={row['failures']}  {'healthy' if row['healthy'] else 'OUT'}  "
-                   f"{'static' if row['static'] else 'registered'}")
-    client.close()
+        typer.echo(
+            f"{row['endpoint']}  outstanding={row['outstanding']}/{settings.endpoint_concurrency}  "
+            f"failures={row['failures']}  {'healthy' if row['healthy'] else 'OUT'}  "
+            f"{'static' if row['static'] else 'registered'}"
+        )
 
 
 if __name__ == "__main__":  # python -m megaflow.cli.model serve ...
-    sys.exit(app())
+    from megaflow.cli.errors import run
+
+    sys.exit(run(app))

@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(help="Capacity, quotas and env hosts.", no_args_is_help=True)
-quota_app = typer.Typer(help="Per-user limits of episodes running at once.", no_args_is_help=True)
-host_app = typer.Typer(help="Env hosts.", no_args_is_help=True)
+from megaflow.cli.base import JSON_HELP, App, check_user, console, echo_json, load_settings
+
+app = App(help="Capacity, quotas and env hosts.")
+quota_app = App(help="Per-user limits of episodes running at once.")
+host_app = App(help="Env hosts.")
 app.add_typer(quota_app, name="quota")
 app.add_typer(host_app, name="host")
 
@@ -22,18 +24,10 @@ def _manager() -> Any:
 
     from megaflow.core.keys import Keys
     from megaflow.engine.resources.manager import ResourceManager
-    from megaflow.core.settings import Settings
 
-    settings = Settings.load()
+    settings = load_settings()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     return ResourceManager(client, settings, Keys(settings.key_prefix))
-
-
-def _fail(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 def render_capacity(cap: dict[str, Any]) -> list[Any]:
@@ -52,71 +46,69 @@ def render_capacity(cap: dict[str, Any]) -> list[Any]:
 
     users = Table(title="Users")
     for col in ("user", "used", "limit", "queued", "at limit"):
-        users.add_column(col, justify="left" if col == "user" else "right")
+        users.add_column(col, justify="left" if col == "user" else "right", no_wrap=col == "user")
     for u in cap["users"]:
         limit = f"{u['limit']}" + (" *" if u["override"] else "")
         users.add_row(u["user"], str(u["used"]), limit, str(u["queued"]), "yes" if u["at_limit"] else "")
 
     hosts = Table(title="Env hosts")
     for col in ("host", "used", "capacity", "booting", "images", "warm", "disk free GB", "heartbeat", "state"):
-        hosts.add_column(col, justify="left" if col in ("host", "state") else "right")
+        hosts.add_column(col, justify="left" if col in ("host", "state") else "right", no_wrap=col == "host")
     for h in cap["hosts"]:
         state = "drained" if h["drained"] else ("up" if h["alive"] else "stale")
-        hosts.add_row(h["name"], str(h["used"]), str(h["capacity"]), f"{h['booting']}/{h['boot_limit']}",
-                      str(h["images"]), str(sum(h["warm"].values())), f"{h['disk_free_gb']:.1f}",
-                      f"{h['heartbeat_age_s']:.1f}s ago", state)
+        hosts.add_row(
+            h["name"],
+            str(h["used"]),
+            str(h["capacity"]),
+            f"{h['booting']}/{h['boot_limit']}",
+            str(h["images"]),
+            str(sum(h["warm"].values())),
+            f"{h['disk_free_gb']:.1f}",
+            f"{h['heartbeat_age_s']:.1f}s ago",
+            state,
+        )
     return [summary, users, hosts]
 
 
 @app.command()
-def capacity(as_json: bool = typer.Option(False, "--json", help="Print the raw figures as JSON.")) -> None:
+def capacity(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """Used / limit per tier, per user and per env host; queue length and oldest wait."""
     cap = _manager().capacity()
     if as_json:
-        import json
-
-        typer.echo(json.dumps(cap, indent=2))
+        echo_json(cap)
         return
-    from rich.console import Console
-
-    console = Console()
+    out = console()
     for table in render_capacity(cap):
-        console.print(table)
+        out.print(table)
 
 
 @quota_app.command("set")
 def quota_set(
-    user: str = typer.Argument(..., help="User name."),
-    n: Optional[int] = typer.Argument(None, help="Episodes the user may run at once (omit with --default)."),
-    default: bool = typer.Option(False, "--default", help="Drop the override: back to MEGAFLOW_USER_LIMIT."),
+    user: Annotated[str, typer.Argument(metavar="USER", help="User name.")],
+    n: Annotated[
+        int | None,
+        typer.Argument(metavar="N", min=0, help="Episodes the user may run at once (omit with --default)."),
+    ] = None,
+    default: Annotated[bool, typer.Option("--default", help="Drop the override: back to MEGAFLOW_USER_LIMIT.")] = False,
 ) -> None:
     """Set a user's limit of episodes running at once (or drop the override with --default)."""
-    from megaflow.core.errors import QuotaError
-
+    check_user(user)
     if (n is None) == (not default):
-        _fail("give either N or --default")
+        raise typer.BadParameter("give either N or --default", param_hint="N")
     mgr = _manager()
-    try:
-        mgr.set_quota(user, None if default else n)
-    except QuotaError as exc:
-        _fail(str(exc))
+    mgr.set_quota(user, None if default else n)
     mgr.request_admission()  # a raised quota may let waiting episodes in (the sweeper admits)
     typer.echo(f"quota of {user}: {mgr.quota(user)}" + (" (default)" if default else ""))
 
 
 @host_app.command("drain")
 def host_drain(
-    name: str = typer.Argument(..., help="Env host name (as in `megaflow capacity`)."),
-    undo: bool = typer.Option(False, "--undo", help="Accept new admissions again."),
+    name: Annotated[str, typer.Argument(metavar="HOST", help="Env host name (as in `megaflow capacity`).")],
+    undo: Annotated[bool, typer.Option("--undo", help="Accept new admissions again.")] = False,
 ) -> None:
     """Stop admitting episodes to a host; episodes already running there finish."""
-    from megaflow.core.errors import NotFoundError
-
     mgr = _manager()
-    try:
-        mgr.drain_host(name, drain=not undo)
-    except NotFoundError as exc:
-        _fail(str(exc))
+    mgr.drain_host(name, drain=not undo)  # NotFoundError for a host never registered
     if undo:
         mgr.request_admission()
         typer.echo(f"host {name}: accepting admissions")

@@ -24,6 +24,8 @@ MAX_PATH = 4096
 MAX_INT = 2**63 - 1  # what MongoDB, SQLite and Redis counters can hold
 
 # fullmatch only: ``$`` would let a trailing newline through
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # submitters (fullmatch)
+USER_RULE = "1-64 characters of letters, digits, '_', '.', '@' or '-', starting with a letter or digit"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # host names: queue env.<name>, Docker label
 KEY_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # no glob characters: SCAN and ACL patterns use it
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+=#-]{0,199}")

@@ -93,6 +93,11 @@ def validate_env_config(config: dict[str, Any] | None) -> Any:
         raise ConfigError(_format(exc)) from None
 
 
+def uses_docker(settings) -> bool:
+    """Whether env hosts of these settings run containers on a Docker engine (``env_backend.type: docker``)."""
+    return (getattr(settings, "env_backend", None) or {}).get("type", "docker") == "docker"
+
+
 def load_env_host(settings, *, name: str | None = None, redis=None, keys=None, is_live=None):
     """Build the env backend ``settings.env_backend`` names, for env host ``name`` (default settings.host_name)."""
     config = validate_env_config(getattr(settings, "env_backend", None))
