@@ -138,12 +138,19 @@ class WarmPool:
     def _start_one(self, image: str) -> WarmEntry:
         lifetime = self.settings.warm_idle_s + self.settings.container_lifetime_s
         labels = {L.EPISODE: "", L.MODE: "persistent", L.POOL_OWNER: self.instance_id}
+        user = self.settings.container_user
         cid, name, expiry = self.containers.boot(
-            image, labels, lifetime=lifetime, network=False, name=container_name(self.host, "warm"), auto_remove=True
+            image,
+            labels,
+            lifetime=lifetime,
+            network=False,
+            name=container_name(self.host, "warm"),
+            auto_remove=True,
+            user=user,
         )
         # The first exec then skips `docker exec` (falls back if unavailable), and the container
         # stops (and is auto-removed) as soon as this process dies, even by SIGKILL.
-        if self.sessions.open(cid):
+        if self.sessions.open(cid, user=user):
             self.sessions.ping(cid, bind=True, wait=30.0)
         return WarmEntry(cid, name, image, time.time(), expiry)
 

@@ -111,6 +111,8 @@ class SimHost:
         labels: dict[str, str] | None = None,
         mode: str = "ephemeral",
         network: bool = False,
+        user: str | None = None,
+        workdir: str | None = None,
     ) -> EnvHandle:
         if mode not in ("ephemeral", "persistent"):
             raise ValueError(f"mode must be 'ephemeral' or 'persistent', not {mode!r}")
@@ -132,7 +134,7 @@ class SimHost:
             episode_id=episode_id,
             image=image,
             mode=mode,
-            data={"warm": warm, "labels": dict(labels or {})},
+            data={"warm": warm, "labels": dict(labels or {}), "user": user or self.settings.container_user},
         )
 
     def close(self, handle: EnvHandle | dict) -> None:
