@@ -124,24 +124,28 @@ class DiskLimit:
         layer = os.path.dirname(upper)
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         image = self._image(cid)
-        staging = image + ".mnt"
         with open(image, "wb") as f:
             f.truncate(self.size)
         try:
-            _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard", image)
-            os.makedirs(staging, exist_ok=True)
-            _run("mount", "-o", "loop", image, staging)
-            try:
-                _run("cp", "-a", layer + "/.", staging + "/")
-            finally:
-                _run("umount", staging)
+            # -d: the new file system starts with the layer dir's contents (diff/, work/, link, lower)
+            _run(
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-O",
+                "^has_journal",
+                "-E",
+                "lazy_itable_init=1,nodiscard",
+                "-d",
+                layer,
+                image,
+            )
             _run("mount", "-o", "loop", image, layer)
         except Exception:
             self.release(cid)
             raise
-        finally:
-            if os.path.isdir(staging):
-                os.rmdir(staging)
 
     def release(self, cid: str) -> None:
         """Loop mode: unmount what Docker left mounted and delete the container's image file (idempotent)."""
@@ -150,13 +154,12 @@ class DiskLimit:
         image = self._image(cid)
         for target in self._mounts_of(image):
             subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-        for path in (image, image + ".mnt"):
-            try:
-                os.rmdir(path) if path.endswith(".mnt") else os.remove(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("disk limit: could not remove %s: %s", path, exc)
+        try:
+            os.remove(image)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("disk limit: could not remove %s: %s", image, exc)
 
     @staticmethod
     def _mounts_of(image: str) -> list[str]:
