@@ -278,9 +278,10 @@ class Containers:
             data = b"".join(stream)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             member = tar.next()
-            if member is None or not member.isfile():
+            f = tar.extractfile(member) if member is not None and member.isfile() else None
+            if f is None:
                 raise TaskError(f"get_file: {path} is not a regular file")
-            return tar.extractfile(member).read()
+            return f.read()
 
     def remove(self, cid: str) -> bool:
         """Force-remove the container and its anonymous volumes; False when it was already gone."""

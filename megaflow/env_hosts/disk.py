@@ -122,6 +122,7 @@ class DiskLimit:
             return
         upper = self.client.api.inspect_container(cid)["GraphDriver"]["Data"]["UpperDir"]
         layer = os.path.dirname(upper)
+        assert self._dir is not None  # set when the mode was resolved
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         image = self._image(cid)
         with open(image, "wb") as f:

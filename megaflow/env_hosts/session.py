@@ -130,7 +130,7 @@ class ExecSession:
             session.kill_grace_s = kill_grace_s
             session.user = user
             session._send({"ping": 1})
-            if session._recv(time.monotonic() + timeout).get("pong") != 1:
+            if (session._recv(time.monotonic() + timeout) or {}).get("pong") != 1:
                 session.close()
                 return None
             return session
