@@ -67,7 +67,9 @@ def test_commands_run_unprivileged_by_default(host):
     handle = host.create("ep-user", host.settings.default_image, workdir="/repo")
     assert handle.data["user"] == "1000:1000"
     assert sh(host, handle, "id -u; id -g").output == "1000\n1000\n"
-    assert sh(host, handle, "grep CapEff /proc/self/status").output.split()[1] == "0000000000000000"
+    status = dict(line.split(":\t", 1) for line in sh(host, handle, "cat /proc/self/status").output.splitlines())
+    assert status["CapEff"].strip() == "0000000000000000"
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"  # seccomp filter mode
     assert sh(host, handle, 'echo x > "$HOME/f" && touch /repo/a && echo ok').output == "ok\n"
     assert sh(host, handle, "touch /etc/x").exit_code != 0
     assert sh(host, handle, "touch /tmp/f && chown 0 /tmp/f").exit_code != 0
