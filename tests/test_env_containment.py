@@ -142,3 +142,14 @@ def test_demo_episode_as_the_unprivileged_user(host, kind):
     report = run_tests(rt, handle, spec, spec.workdir)
     assert report["resolved"] is (kind == "fix"), report
     assert sh(host, handle, f"stat -c %u {spec.workdir} {spec.workdir}/.git").output.split() == ["1000", "1000"]
+
+
+def test_auto_mode_falls_back_when_docker_refuses_storage_opt(host):
+    if host.client.info()["DriverStatus"][0][1] == "xfs":
+        pytest.skip("Docker may accept storage-opt here")
+    host.disk.mode  # noqa: B018 - resolve auto first
+    host.disk._mode = "storage-opt"  # what auto picks on overlay2 over xfs; on this fs Docker refuses it
+    handle = host.create("ep-fallback", host.settings.default_image)
+    assert host.disk.mode == "loop"
+    r = sh(host, handle, "fallocate -l 100M /tmp/x; echo rc=$?")
+    assert "No space left on device" in r.output and "rc=1" in r.output

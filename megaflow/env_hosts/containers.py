@@ -120,31 +120,16 @@ class Containers:
         cid = None
         try:
             with docker_errors(f"boot of {image} on {self.host}", missing=InfraError):
-                host_config = api.create_host_config(
-                    nano_cpus=int(s.container_cpus * 1e9),
-                    mem_limit=s.container_memory,
-                    memswap_limit=s.container_memory,
-                    pids_limit=s.container_pids,
-                    network_mode="bridge" if network else "none",
-                    privileged=False,
-                    init=True,
-                    auto_remove=auto_remove,
-                    security_opt=["no-new-privileges"],
-                    cap_drop=["ALL"],
-                    cap_add=list(PACKAGE_INSTALL_CAPS),
-                    storage_opt=self.disk.storage_opt(),
-                )
-                cid = api.create_container(
+                cid = self._create(
+                    api,
                     image,
-                    ["sleep", str(int(lifetime))],
+                    labels,
+                    lifetime=lifetime,
+                    network=network,
                     name=name,
-                    labels=labels,
-                    host_config=host_config,
-                    working_dir="/",
-                    stdin_open=False,
-                    network_disabled=not network,
+                    auto_remove=auto_remove,
                     user=user,
-                )["Id"]
+                )
                 self.disk.attach(cid)
                 if parse_user(user)[0] != 0:
                     self.make_dirs(cid, [HOME], user)
@@ -159,6 +144,54 @@ class Containers:
         finally:
             self._boot_slots.release()
         return cid, name, expiry
+
+    def _create(
+        self,
+        api,
+        image: str,
+        labels: dict[str, str],
+        *,
+        lifetime: float,
+        network: bool,
+        name: str,
+        auto_remove: bool,
+        user: str,
+    ) -> str:
+        """``docker create`` with the limits; retried once without storage-opt when auto mode finds it refused."""
+        import docker.errors
+
+        s = self.settings
+        for attempt in (1, 2):
+            host_config = api.create_host_config(
+                nano_cpus=int(s.container_cpus * 1e9),
+                mem_limit=s.container_memory,
+                memswap_limit=s.container_memory,
+                pids_limit=s.container_pids,
+                network_mode="bridge" if network else "none",
+                privileged=False,
+                init=True,
+                auto_remove=auto_remove,
+                security_opt=["no-new-privileges"],
+                cap_drop=["ALL"],
+                cap_add=list(PACKAGE_INSTALL_CAPS),
+                storage_opt=self.disk.storage_opt(),
+            )
+            try:
+                return api.create_container(
+                    image,
+                    ["sleep", str(int(lifetime))],
+                    name=name,
+                    labels=labels,
+                    host_config=host_config,
+                    working_dir="/",
+                    stdin_open=False,
+                    network_disabled=not network,
+                    user=user,
+                )["Id"]
+            except docker.errors.APIError as exc:
+                if attempt == 2 or not self.disk.refused(str(exc)):
+                    raise
+        raise AssertionError("unreachable")
 
     def exec(
         self,

@@ -104,6 +104,28 @@ class DiskLimit:
             return "no /dev/loop-control (loop devices unavailable)"
         return None
 
+    def refused(self, error: str) -> bool:
+        """Docker refused storage-opt (e.g. overlay2 on xfs without pquota): in auto mode fall back, True to retry."""
+        low = error.lower()
+        if (
+            self.mode != "storage-opt"
+            or self.settings.container_disk_mode != "auto"
+            or not ("storage-opt" in low or "storage_opt" in low or "quota" in low)
+        ):
+            return False
+        info = self.client.info()
+        why = self._loop_unavailable(info.get("Driver"), info.get("DockerRootDir") or "")
+        with self._lock:
+            self._mode = "loop" if why is None else "off"
+            self._dir = self._dir or os.path.join(info.get("DockerRootDir") or "/var/lib/docker", "megaflow-disks")
+        log.warning(
+            "Docker refused --storage-opt size (%s); disk limit mode now %s%s",
+            error[:200],
+            self._mode,
+            "" if why is None else f" ({why})",
+        )
+        return True
+
     def storage_opt(self) -> dict[str, str] | None:
         """``storage_opt`` for the container create, in storage-opt mode."""
         return {"size": str(self.size)} if self.mode == "storage-opt" else None
