@@ -1,6 +1,6 @@
 """Container start-up on one env host, same image: plain `docker run` vs ephemeral vs persistent (warm pool).
 
-    python bench/env_startup.py [--runs 10] [--image megaflow-sandbox:latest]
+    python bench/env_startup.py [--runs 10] [--image megaflow-sandbox:latest] [--disk-mode off|loop|auto] [--user root]
 
 Figures (medians over --runs):
   anchor      `docker run --rm --network none IMAGE true` (the docker CLI, end to end)
@@ -35,10 +35,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--image", default=None)
+    parser.add_argument("--disk-mode", default=None, help="container_disk_mode (default: the settings')")
+    parser.add_argument("--user", default=None, help="container_user (default: the settings')")
     args = parser.parse_args()
 
     client = docker.from_env(timeout=300)
-    settings = Settings.load(env_mode="persistent", warm_pool_size=1)
+    overrides = {"container_disk_mode": args.disk_mode, "container_user": args.user}
+    settings = Settings.load(env_mode="persistent", warm_pool_size=1, **{k: v for k, v in overrides.items() if v})
     image = ensure_sandbox_image(client, args.image or settings.default_image)
     name = f"bench-{uuid.uuid4().hex[:6]}"
     host = DockerHost(client, settings.model_copy(update={"default_image": image}), name=name)
@@ -80,7 +83,8 @@ def main() -> None:
     finally:
         host.shutdown()
         for c in client.api.containers(all=True, filters={"label": f"{L.HOST}={name}"}):
-            client.api.remove_container(c["Id"], force=True)
+            host.remove_container(c["Id"])
+        host.disk.sweep(host.containers.list_all_ids)
 
     med = {
         k: statistics.median(v)
@@ -95,7 +99,9 @@ def main() -> None:
         }.items()
     }
     ms = lambda s: f"{s * 1000:8.1f} ms"
-    print(f"image {image}, {args.runs} runs, medians")
+    print(
+        f"image {image}, {args.runs} runs, medians; disk limit {host.disk.describe()}, user {settings.container_user}"
+    )
     print(f"  anchor  docker run --rm IMAGE true           {ms(med['anchor'])}")
     print(f"  ephemeral create -> handle ready             {ms(med['eph_ready'])}")
     print(f"  ephemeral create -> first exec returned      {ms(med['eph_exec'])}")

@@ -39,7 +39,9 @@ class CliDockerHost:
     def _docker(self, *args: str, timeout: float = 60, stdin: bytes | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", *args], input=stdin, capture_output=True, timeout=timeout, check=False)
 
-    def create(self, episode_id, image, *, labels=None, mode="ephemeral", network=False) -> EnvHandle:
+    def create(
+        self, episode_id, image, *, labels=None, mode="ephemeral", network=False, user=None, workdir=None
+    ) -> EnvHandle:
         p = self._docker(
             "run",
             "-d",
@@ -54,6 +56,8 @@ class CliDockerHost:
         )
         if p.returncode:
             raise InfraError(f"docker run: {p.stderr.decode()}")
+        if workdir:
+            self._docker("exec", p.stdout.decode().strip(), "mkdir", "-p", workdir)
         return EnvHandle(self.backend, self.name, p.stdout.decode().strip(), episode_id, image, mode)
 
     def execute(self, handle, command, *, timeout=None, workdir=None, env=None) -> ExecResult:
@@ -217,10 +221,10 @@ def test_files_round_trip(env):
 
 def test_sessions_keep_state(env):
     host, image = env
-    handle = host.create("ep-c4", image)
+    handle = host.create("ep-c4", image, workdir="/work")
     one = host.open_session(handle, workdir="/tmp")
     two = host.open_session(handle, env={"B": "b"})
-    assert host.run_in_session(handle, one, "mkdir -p /work && cd /work && export A=7", timeout=10).exit_code == 0
+    assert host.run_in_session(handle, one, "cd /work && export A=7", timeout=10).exit_code == 0
     r = host.run_in_session(handle, one, 'pwd; echo "$A"', timeout=10)
     assert (r.exit_code, r.output) == (0, "/work\n7\n")
     r = host.run_in_session(handle, two, 'pwd; echo "$A$B"', timeout=10)

@@ -40,6 +40,8 @@ def make_host(docker_client, sandbox_image, settings, redis_client):
         host.shutdown()
     for name in names:
         remove_host_containers(docker_client, name)
+    for host in hosts[:1]:  # loop-mode disk files of the containers removed above
+        host.disk.sweep(host.containers.list_all_ids)
 
 
 @pytest.fixture(params=["docker-exec", "session"])

@@ -19,7 +19,8 @@ def warm_host(docker_client, sandbox_image, settings, redis_client):
     yield host
     host.shutdown()
     for c in docker_client.api.containers(all=True, filters={"label": f"{L.HOST}={name}"}):
-        docker_client.api.remove_container(c["Id"], force=True)
+        host.remove_container(c["Id"])
+    host.disk.sweep(host.containers.list_all_ids)  # disk files of auto-removed warm containers
 
 
 def wait_for(predicate, timeout=20.0):

@@ -38,11 +38,13 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.fixture
-def host_name(docker_client):
+def host_name(docker_client, settings):
     name = f"t-env-{uuid.uuid4().hex[:8]}"
     yield name
+    host = DockerHost(docker_client, settings, name=name)
     for c in docker_client.api.containers(all=True, filters={"label": f"{L.HOST}={name}"}):
-        docker_client.api.remove_container(c["Id"], force=True)
+        host.remove_container(c["Id"])
+    host.disk.sweep(host.containers.list_all_ids)  # disk files of containers that stopped by themselves
 
 
 def exists(docker_client, cid: str) -> bool:

@@ -145,6 +145,28 @@ class Settings(BaseSettings):
         "'mypkg.mymod:MyHost', ...}. As an environment variable: JSON.",
     )
 
+    # --- containment (megaflow.env_hosts.disk, containers) ----------------------------------------
+    container_disk: str = Field(
+        "10g",
+        pattern=r"^\s*(0|\d+(\.\d+)?\s*[kKmMgGtT]?[bB]?)?\s*$",
+        description="Disk a container may write (its whole writable layer), e.g. 10g; 0 or empty: no limit.",
+    )
+    container_disk_mode: Literal["auto", "storage-opt", "loop", "off"] = Field(
+        "auto",
+        description="How the disk limit is enforced: storage-opt (overlay2 on xfs with pquota, btrfs, zfs), loop "
+        "(overlay2 on any fs: the layer on a sized loop-mounted ext4 file; env worker as root), auto (the first "
+        "that works here), off.",
+    )
+    container_disk_dir: str = Field(
+        "", description="Where loop-mode disk files live (default: DOCKER_ROOT/megaflow-disks; sparse files)."
+    )
+    container_user: str = Field(
+        "1000:1000",
+        pattern=r"^(root|\d{1,9}(:\d{1,9})?)$",
+        description="User commands run as in a container: UID[:GID] (unprivileged; owns its HOME and the work "
+        "dir) or root (only for tasks that need it; root keeps just the capabilities package installs need).",
+    )
+
     # --- time limits (command < agent budget < container lifetime < episode guard) -------------
     command_timeout_s: float = Field(60.0, gt=0, description="Time limit of one shell command in a container.")
     eval_timeout_s: float = Field(300.0, gt=0, description="Time limit of the evaluation command.")

@@ -165,8 +165,14 @@ class EnvHost(Protocol):
         labels: dict[str, str] | None = None,
         mode: str = "ephemeral",
         network: bool = False,
+        user: str | None = None,
+        workdir: str | None = None,
     ) -> EnvHandle:
-        """Start (or take a warm) sandbox of ``image`` for an episode."""
+        """Start (or take a warm) sandbox of ``image`` for an episode.
+
+        Commands run as ``user`` ("root" or "UID[:GID]"; None: the backend's unprivileged default),
+        who owns ``workdir`` (created if missing).
+        """
         ...
 
     def execute(

@@ -81,6 +81,7 @@ def validate_env_config(config: dict[str, Any] | None) -> Any:
         raise ConfigError(
             "env_backend.type is missing: set it to 'docker', 'sim' or a dotted path like 'mypkg.mymod:MyHost'"
         )
+    model: Any = None
     if kind in BUILTIN:
         model = DockerEnvConfig if kind == "docker" else SimEnvConfig
     else:

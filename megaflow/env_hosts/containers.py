@@ -31,9 +31,30 @@ _NAME_OK = re.compile(r"[^a-zA-Z0-9_.-]+")
 # that group, so a fork bomb or a stray background job cannot outlive its command. The kill is
 # a builtin: it works even when the pids limit is exhausted. stderr joins stdout (in order).
 _WRAPPER = (
-    f'timeout -k {KILL_GRACE_S} "$1" bash -lc "$2" & p=$!; wait $p; rc=$?; '
+    f'timeout -k {KILL_GRACE_S} "$1" bash -lc "$2" & p=$!; wait $p 2>/dev/null; rc=$?; '
     "kill -9 -- -$p 2>/dev/null; kill -9 -- -$p 2>/dev/null; exit $rc"
 )
+
+
+# Root in a container keeps only what package installs need (dpkg/apt/pip: owners, modes, dropping
+# to the _apt user, signalling its own children); an unprivileged user has no capabilities at all.
+PACKAGE_INSTALL_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "KILL")
+HOME = "/home/megaflow"  # HOME of an unprivileged command user (created at boot, owned by that user)
+
+
+def parse_user(user: str) -> tuple[int, int]:
+    """``"root"`` / ``"UID"`` / ``"UID:GID"`` -> (uid, gid)."""
+    if user in ("root", "0", "0:0"):
+        return 0, 0
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid or uid)
+
+
+def user_env(user: str, env: dict | None) -> dict[str, str] | None:
+    """The exec environment: HOME for an unprivileged user (it has no passwd entry), then ``env``."""
+    out = {} if parse_user(user)[0] == 0 else {"HOME": HOME, "USER": "megaflow"}
+    out.update({k: str(v) for k, v in (env or {}).items()})
+    return out or None
 
 
 def container_name(host: str, tag: str) -> str:
@@ -49,11 +70,12 @@ def timed_out(code: int | None, duration: float, timeout: float) -> bool:
 class Containers:
     """Create, exec in, copy files to/from and remove containers of one env host."""
 
-    def __init__(self, docker_client, settings, host: str, images):
+    def __init__(self, docker_client, settings, host: str, images, disk):
         self.client = docker_client
         self.settings = settings
         self.host = host
         self.images = images  # ImageCache: told when a create finds its image missing
+        self.disk = disk  # DiskLimit: the writable layer's size limit
         self._boot_slots = threading.BoundedSemaphore(settings.boot_concurrency)
         self._boot_api = None
 
@@ -73,8 +95,12 @@ class Containers:
         network: bool,
         name: str,
         auto_remove: bool = False,
+        user: str = "root",
     ) -> tuple[str, str, float]:
-        """Create and start one container within the boot deadline; returns (id, name, lease expiry)."""
+        """Create and start one container within the boot deadline; returns (id, name, lease expiry).
+
+        Its main process runs as ``user``; an unprivileged user gets its HOME before the start.
+        """
         s = self.settings
         expiry = time.time() + lifetime + LEASE_MARGIN_S
         labels = {
@@ -94,28 +120,19 @@ class Containers:
         cid = None
         try:
             with docker_errors(f"boot of {image} on {self.host}", missing=InfraError):
-                host_config = api.create_host_config(
-                    nano_cpus=int(s.container_cpus * 1e9),
-                    mem_limit=s.container_memory,
-                    memswap_limit=s.container_memory,
-                    pids_limit=s.container_pids,
-                    network_mode="bridge" if network else "none",
-                    privileged=False,
-                    init=True,
-                    auto_remove=auto_remove,
-                    security_opt=["no-new-privileges"],
-                    cap_drop=["NET_RAW", "MKNOD", "AUDIT_WRITE"],
-                )
-                cid = api.create_container(
+                cid = self._create(
+                    api,
                     image,
-                    ["sleep", str(int(lifetime))],
+                    labels,
+                    lifetime=lifetime,
+                    network=network,
                     name=name,
-                    labels=labels,
-                    host_config=host_config,
-                    working_dir="/",
-                    stdin_open=False,
-                    network_disabled=not network,
-                )["Id"]
+                    auto_remove=auto_remove,
+                    user=user,
+                )
+                self.disk.attach(cid)
+                if parse_user(user)[0] != 0:
+                    self.make_dirs(cid, [HOME], user)
                 api.start(cid)
         except InfraError as exc:
             self.images.mark_missing(image)
@@ -128,10 +145,65 @@ class Containers:
             self._boot_slots.release()
         return cid, name, expiry
 
+    def _create(
+        self,
+        api,
+        image: str,
+        labels: dict[str, str],
+        *,
+        lifetime: float,
+        network: bool,
+        name: str,
+        auto_remove: bool,
+        user: str,
+    ) -> str:
+        """``docker create`` with the limits; retried once without storage-opt when auto mode finds it refused."""
+        import docker.errors
+
+        s = self.settings
+        for attempt in (1, 2):
+            host_config = api.create_host_config(
+                nano_cpus=int(s.container_cpus * 1e9),
+                mem_limit=s.container_memory,
+                memswap_limit=s.container_memory,
+                pids_limit=s.container_pids,
+                network_mode="bridge" if network else "none",
+                privileged=False,
+                init=True,
+                auto_remove=auto_remove,
+                security_opt=["no-new-privileges"],
+                cap_drop=["ALL"],
+                cap_add=list(PACKAGE_INSTALL_CAPS),
+                storage_opt=self.disk.storage_opt(),
+            )
+            try:
+                return api.create_container(
+                    image,
+                    ["sleep", str(int(lifetime))],
+                    name=name,
+                    labels=labels,
+                    host_config=host_config,
+                    working_dir="/",
+                    stdin_open=False,
+                    network_disabled=not network,
+                    user=user,
+                )["Id"]
+            except docker.errors.APIError as exc:
+                if attempt == 2 or not self.disk.refused(str(exc)):
+                    raise
+        raise AssertionError("unreachable")
+
     def exec(
-        self, cid: str, command: str, *, timeout: float, workdir: str | None = None, env: dict | None = None
+        self,
+        cid: str,
+        command: str,
+        *,
+        timeout: float,
+        workdir: str | None = None,
+        env: dict | None = None,
+        user: str = "root",
     ) -> ExecResult:
-        """Run ``bash -lc command`` through a plain ``docker exec`` under the in-container time limit."""
+        """Run ``bash -lc command`` as ``user`` through a plain ``docker exec`` under the in-container time limit."""
         argv = ["bash", "-c", _WRAPPER, "megaflow-exec", f"{timeout:g}s", "exec 2>&1\n" + command]
         api = self.client.api
         cap = OutputCap(self.settings.output_cap_bytes)
@@ -145,7 +217,8 @@ class Containers:
                 stdout=True,
                 stderr=True,
                 workdir=workdir,
-                environment={k: str(v) for k, v in (env or {}).items()} or None,
+                environment=user_env(user, env),
+                user=user,
             )["Id"]
             sock = api.exec_start(exec_id, socket=True)
             raw = getattr(sock, "_sock", sock)
@@ -180,17 +253,44 @@ class Containers:
                 f"OOMKilled={state.get('OOMKilled')}, exit {state.get('ExitCode')})"
             )
 
-    def put_files(self, cid: str, files: dict[str, str | bytes]) -> None:
-        """Write files (absolute path -> content) into the container as one tar archive."""
+    def make_dirs(self, cid: str, dirs: list[str], user: str) -> None:
+        """Create ``dirs`` (absolute) owned by ``user``; an existing one is handed to the user (not its contents)."""
+        uid, gid = parse_user(user)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for d in dirs:
+                tar.addfile(_dir_entry(d, uid, gid))
+        with docker_errors(f"make_dirs in {cid[:12]}"):
+            self.client.api.put_archive(cid, "/", buf.getvalue())
+
+    def put_files(
+        self, cid: str, files: dict[str, str | bytes], *, user: str = "root", writable: tuple[str, ...] = ()
+    ) -> None:
+        """Write files (absolute path -> content) into the container as one tar archive, owned by ``user``.
+
+        Missing directories below one of ``writable`` (the user's own directories) are created owned
+        by the user too, so that it can add files beside them later.
+        """
+        uid, gid = parse_user(user)
+        for path in files:
+            if not path.startswith("/"):
+                raise TaskError(f"put_files: path must be absolute, got {path!r}")
+        dirs: set[str] = set()
+        for path in files:
+            root = next((w.rstrip("/") for w in writable if uid and path.startswith(w.rstrip("/") + "/")), None)
+            parent = path.rsplit("/", 1)[0]
+            while root is not None and len(parent) > len(root) and parent not in dirs:
+                dirs.add(parent)
+                parent = parent.rsplit("/", 1)[0]
         buf = io.BytesIO()
         now = time.time()
         with tarfile.open(fileobj=buf, mode="w") as tar:
+            for d in sorted(dirs):
+                tar.addfile(_dir_entry(d, uid, gid))
             for path, content in files.items():
-                if not path.startswith("/"):
-                    raise TaskError(f"put_files: path must be absolute, got {path!r}")
                 data = content.encode() if isinstance(content, str) else bytes(content)
                 info = tarfile.TarInfo(path.lstrip("/"))
-                info.size, info.mtime = len(data), now
+                info.size, info.mtime, info.uid, info.gid = len(data), now, uid, gid
                 info.mode = 0o755 if data.startswith(b"#!") else 0o644
                 tar.addfile(info, io.BytesIO(data))
         with docker_errors(f"put_files into {cid[:12]}"):
@@ -211,9 +311,10 @@ class Containers:
             data = b"".join(stream)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             member = tar.next()
-            if member is None or not member.isfile():
+            f = tar.extractfile(member) if member is not None and member.isfile() else None
+            if f is None:
                 raise TaskError(f"get_file: {path} is not a regular file")
-            return tar.extractfile(member).read()
+            return f.read()
 
     def remove(self, cid: str) -> bool:
         """Force-remove the container and its anonymous volumes; False when it was already gone."""
@@ -232,6 +333,13 @@ class Containers:
                     raise
         except ContainerLostError:
             return False
+        finally:
+            self.disk.release(cid)
+
+    def list_all_ids(self) -> set[str]:
+        """Ids of every container of this engine (any owner)."""
+        with docker_errors("list containers"):
+            return {c["Id"] for c in self.client.api.containers(all=True, quiet=True)}
 
     def list_mine(self) -> list[dict]:
         """MegaFlow containers of this host and fleet (running or not), as Docker lists them."""
@@ -240,6 +348,12 @@ class Containers:
                 all=True,
                 filters={"label": [f"{L.HOST}={self.host}", f"{L.FLEET}={self.settings.fleet_id}", f"{L.MANAGED}=1"]},
             )
+
+
+def _dir_entry(path: str, uid: int, gid: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(path.strip("/"))
+    info.type, info.mode, info.uid, info.gid, info.mtime = tarfile.DIRTYPE, 0o755, uid, gid, time.time()
+    return info
 
 
 def _read_frames(raw: socket.socket, cap: OutputCap, deadline: float) -> bool:

@@ -25,7 +25,8 @@ from megaflow.env_hosts import labels as L
 from megaflow.env_hosts import shell
 from megaflow.env_hosts.base import EnvHandle, ExecResult
 from megaflow.env_hosts.claims import Claims
-from megaflow.env_hosts.containers import CLIENT_SLACK_S, KILL_GRACE_S, Containers, container_name
+from megaflow.env_hosts.containers import CLIENT_SLACK_S, HOME, KILL_GRACE_S, Containers, container_name, parse_user
+from megaflow.env_hosts.disk import DiskLimit
 from megaflow.env_hosts.errors import ImageMissingError
 from megaflow.env_hosts.image_cache import ImageCache
 from megaflow.env_hosts.pool import WarmPool
@@ -68,7 +69,8 @@ class DockerHost:
         self.instance_id = uuid.uuid4().hex[:12]
         self.sessions = sessions  # open an exec session after a container's first plain exec
         self.images = ImageCache(docker_client, settings, name, redis_client=redis_client, keys=self.keys)
-        self.containers = Containers(docker_client, settings, name, self.images)
+        self.disk = DiskLimit(docker_client, settings)
+        self.containers = Containers(docker_client, settings, name, self.images, self.disk)
         self.exec_sessions = ExecSessions(
             docker_client.api, kill_grace_s=KILL_GRACE_S, cap=settings.output_cap_bytes, client_slack_s=CLIENT_SLACK_S
         )
@@ -109,12 +111,18 @@ class DockerHost:
         labels: dict[str, str] | None = None,
         mode: str = "ephemeral",
         network: bool = False,
+        user: str | None = None,
+        workdir: str | None = None,
     ) -> EnvHandle:
         """Start a container for an episode and return its handle.
 
         ``persistent`` takes a live warm container of ``image`` from this host's pool when one is
         there (and asks the pool to refill in the background), else boots one like ``ephemeral``.
+        Commands run as ``user`` ("root" or "UID[:GID]"; default ``settings.container_user``); an
+        unprivileged user owns its HOME and ``workdir`` (created if missing).
         """
+        user = user or self.settings.container_user
+        parse_user(user)  # a bad user fails here, not at the first command
         if mode not in ("ephemeral", "persistent"):
             raise ValueError(f"mode must be 'ephemeral' or 'persistent', not {mode!r}")
         labels = L.qualify(labels)
@@ -125,7 +133,18 @@ class DockerHost:
                 self.pool.refill_async(image)
                 if taken is not None:
                     entry, expiry = taken
-                    return self._handle(entry.container_id, entry.name, image, mode, episode_id, expiry, warm=True)
+                    self._prepare(entry.container_id, user, workdir, home=user != self.settings.container_user)
+                    return self._handle(
+                        entry.container_id,
+                        entry.name,
+                        image,
+                        mode,
+                        episode_id,
+                        expiry,
+                        warm=True,
+                        user=user,
+                        workdir=workdir,
+                    )
         all_labels = {**labels, L.EPISODE: episode_id, L.MODE: mode}
         for attempt in (1, 2):
             self.ensure_image(image)
@@ -136,16 +155,41 @@ class DockerHost:
                     lifetime=self.settings.container_lifetime_s,
                     network=network,
                     name=container_name(self.name, episode_id),
+                    user=user,
                 )
                 break
             except ImageMissingError:
                 if attempt == 2:  # removed from under us twice: give up
                     raise
-        return self._handle(cid, name, image, mode, episode_id, expiry, warm=False)
+        try:
+            self._prepare(cid, user, workdir)
+        except Exception:
+            self.remove_container(cid)
+            raise
+        return self._handle(cid, name, image, mode, episode_id, expiry, warm=False, user=user, workdir=workdir)
+
+    def _prepare(self, cid: str, user: str, workdir: str | None, *, home: bool = False) -> None:
+        """Give an unprivileged user its work dir (and HOME when the container was booted for another user)."""
+        if parse_user(user)[0] == 0:
+            return
+        dirs = ([HOME] if home else []) + ([workdir] if workdir else [])
+        if dirs:
+            self.containers.make_dirs(cid, dirs, user)
 
     def _handle(
-        self, cid: str, name: str, image: str, mode: str, episode_id: str, expiry: float, *, warm: bool
+        self,
+        cid: str,
+        name: str,
+        image: str,
+        mode: str,
+        episode_id: str,
+        expiry: float,
+        *,
+        warm: bool,
+        user: str,
+        workdir: str | None,
     ) -> EnvHandle:
+        writable = [] if parse_user(user)[0] == 0 else [HOME, "/tmp", *([workdir] if workdir else [])]
         return EnvHandle(
             backend=self.backend,
             host=self.name,
@@ -153,8 +197,13 @@ class DockerHost:
             episode_id=episode_id,
             image=image,
             mode=mode,
-            data={"name": name, "lease_expiry": expiry, "warm": warm},
+            data={"name": name, "lease_expiry": expiry, "warm": warm, "user": user, "writable": writable},
         )
+
+    @staticmethod
+    def _user(handle: EnvHandle, user: str | None) -> str:
+        """The user a command runs as: ``user``, else the handle's (root for handles from before users existed)."""
+        return user or handle.data.get("user") or "root"
 
     # --- exec -----------------------------------------------------------------------------------
     def execute(
@@ -165,25 +214,27 @@ class DockerHost:
         timeout: float | None = None,
         workdir: str | None = None,
         env: dict | None = None,
+        user: str | None = None,
     ) -> ExecResult:
-        """Run ``bash -lc command`` in the container; the time limit is enforced inside it.
+        """Run ``bash -lc command`` in the container as the handle's user (or ``user``); the time limit is enforced inside.
 
         A command that fails or times out is a normal result (the agent sees it); a container that
         is gone or a Docker failure raises an InfraError.
         """
         timeout = self.settings.command_timeout_s if timeout is None else float(timeout)
-        cid = EnvHandle.coerce(handle).id
+        h = EnvHandle.coerce(handle)
+        cid, user = h.id, self._user(h, user)
         had_session = cid in self.exec_sessions
         try:
-            result = self.exec_sessions.run(cid, command, timeout=timeout, workdir=workdir, env=env)
+            result = self.exec_sessions.run(cid, command, timeout=timeout, workdir=workdir, env=env, user=user)
         except SessionLost as exc:
             self.containers.check_running(cid)
             raise RetryableInfraError(f"exec session in {cid[:12]} broke mid-command: {exc}") from exc
         if result is not None:
             return result
-        result = self.containers.exec(cid, command, timeout=timeout, workdir=workdir, env=env)
+        result = self.containers.exec(cid, command, timeout=timeout, workdir=workdir, env=env, user=user)
         if self.sessions and not had_session:
-            self.exec_sessions.open_async(cid)  # later commands skip `docker exec`
+            self.exec_sessions.open_async(cid, user=user)  # later commands skip `docker exec`
         return result
 
     def evaluate(
@@ -222,8 +273,9 @@ class DockerHost:
 
     # --- files ----------------------------------------------------------------------------------
     def put_files(self, handle: EnvHandle | dict, files: dict[str, str | bytes]) -> None:
-        """Write files (absolute path -> content) into the container as one tar archive."""
-        self.containers.put_files(EnvHandle.coerce(handle).id, files)
+        """Write files (absolute path -> content) into the container, owned by the handle's user."""
+        h = EnvHandle.coerce(handle)
+        self.containers.put_files(h.id, files, user=self._user(h, None), writable=tuple(h.data.get("writable") or ()))
 
     def get_file(self, handle: EnvHandle | dict, path: str) -> bytes:
         """Read one regular file from the container; a missing path is a TaskError."""
@@ -271,7 +323,14 @@ class DockerHost:
         trimmed = self.pool.trim()
         started = self.pool.refill()
         evicted = self.images.evict(protect=self.in_use_images())
-        return {"reaped": reaped, "warm_trimmed": trimmed, "warm_started": started, "evicted": evicted}
+        disks = self.disk.sweep(self.containers.list_all_ids)
+        return {
+            "reaped": reaped,
+            "warm_trimmed": trimmed,
+            "warm_started": started,
+            "evicted": evicted,
+            "disks_released": disks,
+        }
 
     def in_use_images(self) -> set[str]:
         """Images with a MegaFlow container on this host, or a warm pool, or the default image."""
@@ -289,6 +348,7 @@ class DockerHost:
             "images": self.images.present(),
             "warm": self.pool.counts(),
             "disk_free_gb": round(self.images.disk_free_gb(), 2),
+            "disk_limit": self.disk.describe(),
         }
 
     def shutdown(self) -> None:

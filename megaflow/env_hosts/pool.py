@@ -138,12 +138,19 @@ class WarmPool:
     def _start_one(self, image: str) -> WarmEntry:
         lifetime = self.settings.warm_idle_s + self.settings.container_lifetime_s
         labels = {L.EPISODE: "", L.MODE: "persistent", L.POOL_OWNER: self.instance_id}
+        user = self.settings.container_user
         cid, name, expiry = self.containers.boot(
-            image, labels, lifetime=lifetime, network=False, name=container_name(self.host, "warm"), auto_remove=True
+            image,
+            labels,
+            lifetime=lifetime,
+            network=False,
+            name=container_name(self.host, "warm"),
+            auto_remove=True,
+            user=user,
         )
         # The first exec then skips `docker exec` (falls back if unavailable), and the container
         # stops (and is auto-removed) as soon as this process dies, even by SIGKILL.
-        if self.sessions.open(cid):
+        if self.sessions.open(cid, user=user):
             self.sessions.ping(cid, bind=True, wait=30.0)
         return WarmEntry(cid, name, image, time.time(), expiry)
 
@@ -160,13 +167,13 @@ class WarmPool:
                     break
                 try:
                     self.images.ensure(img)
-                    entry = self._start_one(img)
+                    entry: WarmEntry | None = self._start_one(img)
                 except InfraError as exc:
                     self.log(f"warm pool refill of {img} failed: {exc}")
                     break  # the next upkeep pass tries again
                 with self._lock:
                     if not self._closed:
-                        self._items.setdefault(img, deque()).append(entry)
+                        self._items.setdefault(img, deque()).append(entry)  # type: ignore[arg-type]
                         entry = None
                 if entry is not None:  # drained while booting
                     self._remove(entry.container_id)
@@ -205,7 +212,7 @@ class WarmPool:
                 if image not in self._pinned and now - last > idle:
                     del self._wanted[image]
             for image, q in self._items.items():
-                keep = deque()
+                keep: deque[WarmEntry] = deque()
                 for e in q:
                     if now - e.started > idle or (image not in self._pinned and image not in self._wanted):
                         drop.append(e)
@@ -221,9 +228,9 @@ class WarmPool:
         dead: list[WarmEntry] = []
         with self._lock:
             for e in failed_check:
-                q = self._items.get(e.image)
-                if q and e in q:  # not handed out meanwhile
-                    q.remove(e)
+                waiting = self._items.get(e.image)
+                if waiting and e in waiting:  # not handed out meanwhile
+                    waiting.remove(e)
                     dead.append(e)
         for e in drop + dead:
             self._remove(e.container_id)

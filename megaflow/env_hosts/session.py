@@ -106,19 +106,31 @@ class ExecSession:
         self.lock = threading.Lock()
         self.broken = False
         self.kill_grace_s = 5.0
+        self.user = "root"  # commands run as this user
 
     @classmethod
-    def open(cls, api, container_id: str, *, kill_grace_s: float, timeout: float = 10.0) -> ExecSession | None:
-        """Start the runner and check it answers; None when it cannot run here (e.g. no python3)."""
+    def open(
+        cls, api, container_id: str, *, kill_grace_s: float, timeout: float = 10.0, user: str = "root"
+    ) -> ExecSession | None:
+        """Start the runner as ``user`` and check it answers; None when it cannot run here (e.g. no python3)."""
+        from megaflow.env_hosts.containers import user_env
+
         try:
             exec_id = api.exec_create(
-                container_id, ["python3", "-u", "-c", RUNNER], stdin=True, stdout=True, stderr=True
+                container_id,
+                ["python3", "-u", "-c", RUNNER],
+                stdin=True,
+                stdout=True,
+                stderr=True,
+                user=user,
+                environment=user_env(user, None),
             )["Id"]
             sock = api.exec_start(exec_id, socket=True)
             session = cls(container_id, sock, getattr(sock, "_sock", sock))
             session.kill_grace_s = kill_grace_s
+            session.user = user
             session._send({"ping": 1})
-            if session._recv(time.monotonic() + timeout).get("pong") != 1:
+            if (session._recv(time.monotonic() + timeout) or {}).get("pong") != 1:
                 session.close()
                 return None
             return session
@@ -240,9 +252,9 @@ class ExecSessions:
     def __contains__(self, cid: str) -> bool:
         return cid in self._sessions
 
-    def open(self, cid: str, *, background: bool = False) -> bool:
-        """Start a session in ``cid``; False when unavailable (no python3) or closed while opening."""
-        session = ExecSession.open(self.api, cid, kill_grace_s=self.kill_grace_s)
+    def open(self, cid: str, *, user: str, background: bool = False) -> bool:
+        """Start a session in ``cid`` running commands as ``user``; False when unavailable or closed while opening."""
+        session = ExecSession.open(self.api, cid, kill_grace_s=self.kill_grace_s, user=user)
         if session is None:
             return False
         with self._lock:
@@ -252,14 +264,18 @@ class ExecSessions:
             self._sessions[cid] = session
         return True
 
-    def open_async(self, cid: str) -> None:
+    def open_async(self, cid: str, *, user: str) -> None:
         """Open a session for ``cid`` in the background, once per container (overlaps the agent's next model call)."""
         with self._lock:
             if cid in self._tried or cid in self._sessions:
                 return
             self._tried.add(cid)
         threading.Thread(
-            target=self.open, args=(cid,), kwargs={"background": True}, name=f"exec-session-{cid[:12]}", daemon=True
+            target=self.open,
+            args=(cid,),
+            kwargs={"user": user, "background": True},
+            name=f"exec-session-{cid[:12]}",
+            daemon=True,
         ).start()
 
     def drop(self, cid: str) -> None:
@@ -286,14 +302,16 @@ class ExecSessions:
             session.lock.release()
 
     def run(
-        self, cid: str, command: str, *, timeout: float, workdir: str | None, env: dict | None
+        self, cid: str, command: str, *, timeout: float, workdir: str | None, env: dict | None, user: str
     ) -> ExecResult | None:
-        """Run through ``cid``'s session; None when there is none, it is busy or unusable and nothing ran.
+        """Run through ``cid``'s session; None when there is none, it runs as another user, is busy or unusable.
 
         Raises SessionLost when the session broke mid-command.
         """
         session = self._sessions.get(cid)
-        if session is None or not session.lock.acquire(blocking=False):  # busy: use plain docker exec
+        if session is None or session.user != user:
+            return None
+        if not session.lock.acquire(blocking=False):  # busy: use plain docker exec
             return None
         try:
             if session.broken:

@@ -32,6 +32,19 @@ _FIELD = re.compile(r"\{(\w+)\}")
 _SHELL_SPECIAL = {"|", "||", ">", ">>", "<", "<<", "&", "(", ")", ">&", "<&", "|&"}
 
 
+def _empty_match() -> re.Match[str]:
+    m = re.compile("").match("")
+    assert m is not None
+    return m
+
+
+_EMPTY = _empty_match()  # the match of a default rule that matched nothing
+
+
+def _compile(pattern: str | None) -> re.Pattern[str] | None:
+    return re.compile(pattern) if pattern is not None else None
+
+
 class _Box:
     """One simulated sandbox."""
 
@@ -60,8 +73,7 @@ class SimHost:
         self.name = name
         self.is_live = is_live
         self._rules = [
-            (r, re.compile(r.match), r.if_ran and re.compile(r.if_ran), r.unless_ran and re.compile(r.unless_ran))
-            for r in self.config.all_rules()
+            (r, re.compile(r.match), _compile(r.if_ran), _compile(r.unless_ran)) for r in self.config.all_rules()
         ]
         self._default = (self.config.default, re.compile(self.config.default.match), None, None)
         self._boxes: dict[str, _Box] = {}
@@ -111,6 +123,8 @@ class SimHost:
         labels: dict[str, str] | None = None,
         mode: str = "ephemeral",
         network: bool = False,
+        user: str | None = None,
+        workdir: str | None = None,
     ) -> EnvHandle:
         if mode not in ("ephemeral", "persistent"):
             raise ValueError(f"mode must be 'ephemeral' or 'persistent', not {mode!r}")
@@ -132,7 +146,7 @@ class SimHost:
             episode_id=episode_id,
             image=image,
             mode=mode,
-            data={"warm": warm, "labels": dict(labels or {})},
+            data={"warm": warm, "labels": dict(labels or {}), "user": user or self.settings.container_user},
         )
 
     def close(self, handle: EnvHandle | dict) -> None:
@@ -244,7 +258,7 @@ class SimHost:
             truncated=truncated,
         )
 
-    def _pick(self, box: _Box, command: str) -> tuple[SimRule, re.Match]:
+    def _pick(self, box: _Box, command: str) -> tuple[SimRule, re.Match[str]]:
         for rule, match_re, if_ran, unless_ran in self._rules:
             m = match_re.search(command)
             if m is None:
@@ -255,7 +269,7 @@ class SimHost:
                 continue
             return rule, m
         rule, match_re, _, _ = self._default
-        return rule, match_re.search(command) or re.match("", "")
+        return rule, match_re.search(command) or _EMPTY
 
     @staticmethod
     def _render(rule: SimRule, match: re.Match, command: str, rng: random.Random) -> str:
@@ -282,7 +296,7 @@ class SimHost:
                 tokens = list(lex)
             except ValueError:
                 return None
-            connector, words = ";", []
+            connector, words = ";", list[str]()
             for tok in tokens + [";"]:
                 if tok in ("&&", ";"):
                     if words:

@@ -114,7 +114,8 @@ class Each(_Strict):
     @field_validator("match")
     @classmethod
     def _regex(cls, v: str) -> str:
-        return _check_regex(v, "match")
+        _check_regex(v, "match")
+        return v
 
 
 class SimRule(_Strict):
@@ -173,7 +174,7 @@ class SimEnvConfig(_Strict):
     )
     rules: list[SimRule] = Field(default_factory=list, description="Rules per command pattern, tried in order.")
     default: SimRule = Field(
-        default_factory=SimRule,
+        default_factory=lambda: SimRule.model_validate({}),
         description="What a command that no rule matches produces (default: exit 0, no output).",
     )
 
