@@ -169,6 +169,10 @@ class TaskSpec(BaseModel):
     mode: Literal["ephemeral", "persistent"] | None = Field(None, description="Default settings.env_mode.")
     network: bool = Field(False, description="Give the container a network (off by default).")
     workdir: str = Field("/repo", description="Working directory of every command.")
+    user: str | None = Field(
+        None, pattern=r"^(root|[0-9]{1,9}(:[0-9]{1,9})?)$",
+        description="Who commands run as: 'root' (images whose repository is root-owned, e.g. SWE-bench's "
+        "/testbed) or 'UID[:GID]'; default settings.container_user (unprivileged).")
     files: dict[str, str] = Field(default_factory=dict, description="Absolute path -> text written before set-up.")
     setup: list[str] = Field(default_factory=list, description="Shell commands run after the files are written.")
     problem_statement: str = Field("", description="What the agent must do.")

@@ -38,7 +38,7 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
     try:
         handle = rt.env_host.create(ep.id, ep.fields.get("image") or rt.settings.default_image,
                                     labels=_labels(rt, ep), mode=ep.fields.get("mode") or rt.settings.env_mode,
-                                    network=spec.network)
+                                    network=spec.network, user=spec.user, workdir=spec.workdir)
         try:
             _setup(rt, handle, spec)
         except BaseException:

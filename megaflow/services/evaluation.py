@@ -216,7 +216,8 @@ def _in_fresh_container(rt, ep, spec, patch: str) -> dict[str, Any]:
 
     image = ep.fields.get("image") or rt.settings.default_image
     # Labelled with the episode's own id: the reaper keeps it while the episode is live.
-    handle = rt.env_host.create(ep.id, image, labels=_labels(rt, ep), mode="ephemeral", network=spec.network)
+    handle = rt.env_host.create(ep.id, image, labels=_labels(rt, ep), mode="ephemeral", network=spec.network,
+                                user=spec.user, workdir=spec.workdir)
     try:
         _setup(rt, handle, spec)
         if patch.strip():
