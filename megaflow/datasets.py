@@ -133,7 +133,7 @@ def instance_to_spec(
         raw["test_cmd"] = test_cmd
     row = parse_instance(raw, where, namespace=namespace)
     if grading is None:
-        grading = "prediction" if prediction is not None else "fresh"
+        grading = "prediction" if prediction is not None else "in_place" if fresh_container is False else "fresh"
     if grading not in GRADINGS:
         raise SpecError(f"grading must be one of {', '.join(GRADINGS)}, not {grading!r}", field="grading")
     agent, model_hint, workdir_hint = _agent_section(agent_config)

@@ -8,8 +8,7 @@ test command) and grades the whole log with ``swebench``'s ``get_eval_report`` (
 Grading modes, from ``spec.metadata["swebench"]["grading"]``:
 - ``fresh`` (default): never trusts the agent's container; only its diff leaves it.
 - ``in_place``: explicit opt-in for RL reward speed; runs the eval script in the agent's container,
-  so an agent that tampers with its tools there can fool it. Also chosen by an explicit
-  ``eval.fresh_container: false``.
+  so an agent that tampers with its tools there can fool it (``eval.fresh_container: true`` overrides).
 - ``prediction``: an evaluation-only episode; the patch comes from predictions.jsonl and is graded
   in the episode's own container when no command ran there, else in a fresh one.
 Per instance the harness's files (report.json, test_output.txt, patch.diff, eval.sh,
@@ -53,13 +52,16 @@ def spec_row(spec) -> dict[str, Any]:
 
 
 def grading_mode(spec) -> str:
+    """``metadata.swebench.grading`` (fresh unless it says in_place / prediction); fresh_container true forces fresh.
+
+    A stored spec carries every EvalSpec default, so ``fresh_container: false`` cannot be told
+    from "not given"; the in-place opt-in is therefore ``grading: in_place`` only.
+    """
     meta = spec.metadata.get("swebench") if isinstance(spec.metadata.get("swebench"), dict) else {}
-    mode = meta.get("grading")
-    if mode == "prediction":
-        return mode
-    if "fresh_container" in spec.eval.model_fields_set:
-        return "fresh" if spec.eval.fresh_container else "in_place"
-    return "in_place" if mode == "in_place" else "fresh"
+    mode = meta.get("grading") or "fresh"
+    if mode == "in_place" and spec.eval.fresh_container:
+        return "fresh"
+    return mode if mode in ("fresh", "in_place", "prediction") else "fresh"
 
 
 def _model_name(spec) -> str:
