@@ -120,6 +120,7 @@ def instance_to_spec(
     prediction: dict[str, Any] | None = None,
     timeout_s: float | None = None,
     namespace: str | None = "swebench",
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """A TaskSpec dict that runs one instance and grades it like the SWE-bench harness.
 
@@ -143,6 +144,8 @@ def instance_to_spec(
     meta: dict[str, Any] = {"row": {k: v for k, v in row.items() if k not in _PRIVATE}, "grading": grading}
     if run_id:
         meta["run_id"] = run_id
+    if model_name:
+        meta["model_name_or_path"] = model_name
     if prediction is not None:
         meta["model_patch"] = prediction.get("model_patch")
         meta["model_name_or_path"] = prediction.get("model_name_or_path")
