@@ -23,7 +23,7 @@ def cli(fleet, *args: str):
     return result.output
 
 
-def test_eval_grades_predictions_on_the_fleet_and_resumes(fleet, instance, tmp_path):
+def test_eval_grades_predictions_on_the_fleet_and_resumes(fleet, instance, tmp_path):  # noqa: F811
     data = tmp_path / "dataset.jsonl"
     data.write_text(json.dumps(instance["row"]) + "\n")
     preds = tmp_path / "predictions.jsonl"
@@ -59,7 +59,7 @@ def test_eval_grades_predictions_on_the_fleet_and_resumes(fleet, instance, tmp_p
     assert "1 already graded in run fleet-1, 0 to grade" in again
 
 
-def test_agent_run_writes_predictions_and_the_summary(fleet, instance, tmp_path):
+def test_agent_run_writes_predictions_and_the_summary(fleet, instance, tmp_path):  # noqa: F811
     data = tmp_path / "dataset.jsonl"
     data.write_text(json.dumps(instance["row"]) + "\n")
     fix = f"Fixing it.\n```bash\ngit apply <<'MEGAFLOW_PATCH'\n{instance['gold']}MEGAFLOW_PATCH\n```"
