@@ -187,6 +187,8 @@ def _report(rt, row, result, patch, log, *, run_id, model, mode, started) -> dic
         "error": result.get("error"),
         "harness_report": harness_report or None,
         "tests_status": harness_report.get("tests_status"),
+        "test_results": result.get("test_results"),
+        "test_patch_applied": result.get("test_patch_applied"),
         "test_exit_code": result.get("test_exit_code"),
         "test_timed_out": bool(result.get("test_timed_out")),
         "markers_intact": result.get("markers_intact", True),

@@ -14,13 +14,16 @@ from megaflow.swebench import harness
 from megaflow.swebench.rows import harness_row
 from megaflow.swebench.runner import InstanceLog, apply_patch, git_diff, run_eval_script
 
+# What `git apply -v` prints when the eval script's test patch does not apply.
+TEST_PATCH_ERRORS = ("error: patch failed", "patch does not apply", "error: corrupt patch", "No valid patches in input")
+
 
 def prediction(row: dict[str, Any], patch: str | None, model: str | None) -> dict[str, Any]:
     return {"instance_id": row["instance_id"], "model_name_or_path": model or "None", "model_patch": patch}
 
 
 def grade_log(row: dict[str, Any], patch: str | None, log: str, model: str | None = None) -> dict[str, Any]:
-    """The harness's report of a test log plus MegaFlow's marker check (which can only refuse a pass)."""
+    """The harness's report and statuses of a test log, plus MegaFlow's forgery checks (they only refuse a pass)."""
     spec = harness.make_test_spec(harness_row(row))
     report = harness.grade_log(spec, prediction(row, patch, model), log)
     intact = harness.markers_intact(log, spec.eval_script)
@@ -29,10 +32,13 @@ def grade_log(row: dict[str, Any], patch: str | None, log: str, model: str | Non
         report = {**report, "resolved": False}
     from swebench.harness.grading import parse_test_exit_code
 
+    status, _ = harness.status_map(spec, log)
     return {
         "report": report,
         "markers_intact": intact,
         "late_passes": late,
+        "test_results": status,
+        "test_patch_applied": not any(e in log for e in TEST_PATCH_ERRORS),
         "test_exit_code": parse_test_exit_code(log),
         "eval_script": spec.eval_script,
     }
@@ -108,5 +114,7 @@ def grade_patch(
         test_exit_code=graded["test_exit_code"],
         markers_intact=graded["markers_intact"],
         late_passes=graded["late_passes"],
+        test_results=graded["test_results"],
+        test_patch_applied=graded["test_patch_applied"],
     )
     return out
