@@ -37,10 +37,15 @@ def swebench_image(instance_id: str, namespace: str | None = "swebench") -> str:
     return instance_image(instance_id, namespace)
 
 
-def read_records(path: str | Path) -> list[tuple[str, Any]]:
-    """(where, record) pairs of a JSONL, JSON-list or Parquet file."""
+def read_records(path: str | Path, split: str = "test") -> list[tuple[str, Any]]:
+    """(where, record) pairs of a JSONL, JSON-list or Parquet file, or of a Hugging Face dataset name."""
+    name = str(path)
     path = Path(path)
     if not path.exists():
+        if name.count("/") == 1 and not path.suffix:  # e.g. SWE-bench/SWE-bench_Verified: the harness's loader
+            from megaflow.swebench.harness import load_hub_dataset
+
+            return [(f"{name}[{i}]", r) for i, r in enumerate(load_hub_dataset(name, split))]
         raise SpecError(f"{path}: no such file")
     if path.suffix == ".parquet":
         try:
@@ -72,9 +77,11 @@ def parse_instance(raw: Any, where: str = "instance", **kwargs: Any) -> dict[str
     return normalize(raw, where, **kwargs)
 
 
-def load_instances(path: str | Path, instance_ids: Iterable[str] | None = None, **kwargs: Any) -> list[dict[str, Any]]:
-    """Every row of a file, normalised; ``instance_ids`` keeps those (an unknown id is an error)."""
-    rows = [parse_instance(raw, where, **kwargs) for where, raw in read_records(path)]
+def load_instances(
+    path: str | Path, instance_ids: Iterable[str] | None = None, *, split: str = "test", **kwargs: Any
+) -> list[dict[str, Any]]:
+    """Every row of a file (or hub dataset), normalised; ``instance_ids`` keeps those (an unknown id is an error)."""
+    rows = [parse_instance(raw, where, **kwargs) for where, raw in read_records(path, split)]
     if instance_ids:
         wanted = list(dict.fromkeys(instance_ids))
         by_id = {r["instance_id"]: r for r in rows}

@@ -91,9 +91,10 @@ def _completed(client, run_id: str, preds: dict[str, dict]) -> set[str]:
 
 @app.command("eval")
 def eval_command(
-    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="Instances: .jsonl, .json or .parquet.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="Instances: .jsonl, .json, .parquet or a hub name.")],
     predictions: Annotated[str, typer.Option("--predictions", "-p", help="predictions.jsonl/.json, or 'gold'.")],
     run_id: Annotated[str, typer.Option("--run-id", help="Names the run; a rerun skips what it already graded.")],
+    split: Annotated[str, typer.Option("--split", help="Split of a hub dataset.")] = "test",
     instance_ids: Annotated[
         list[str] | None, typer.Option("--instance-ids", "-i", help="Only these (repeat or comma).")
     ] = None,
@@ -118,7 +119,11 @@ def eval_command(
 
     try:
         ids = _ids(instance_ids)
-        rows = load_instances(dataset, ids, namespace=_namespace(namespace))
+        all_rows = load_instances(dataset, split=split, namespace=_namespace(namespace))
+        rows = [r for r in all_rows if not ids or r["instance_id"] in ids]
+        missing = sorted(set(ids or ()) - {r["instance_id"] for r in rows})
+        if missing:
+            _fail(f"instance ids not in {dataset}: {' '.join(missing)}")
         if predictions == "gold":
             preds = [
                 {"instance_id": r["instance_id"], "model_name_or_path": "gold", "model_patch": r["patch"]} for r in rows
@@ -126,7 +131,7 @@ def eval_command(
         else:
             preds = read_predictions(predictions)
         by_id = {p["instance_id"]: p for p in preds}
-        unknown = sorted(set(by_id) - {r["instance_id"] for r in load_instances(dataset, namespace=None)})
+        unknown = sorted(set(by_id) - {r["instance_id"] for r in all_rows})
         if unknown:
             _fail(f"prediction ids not in {dataset}: {' '.join(unknown)}")
         if ids:
@@ -160,9 +165,10 @@ def eval_command(
 
 @app.command("run")
 def run_command(
-    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="Instances: .jsonl, .json or .parquet.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="Instances: .jsonl, .json, .parquet or a hub name.")],
     run_id: Annotated[str, typer.Option("--run-id", help="Names the run; a rerun skips instances already graded.")],
     model_name: Annotated[str, typer.Option("--model-name", help="model_name_or_path written to predictions.jsonl.")],
+    split: Annotated[str, typer.Option("--split", help="Split of a hub dataset.")] = "test",
     agent_config: Annotated[
         Path | None, typer.Option("--agent-config", help="mini-swe-agent YAML or AgentSpec JSON.")
     ] = None,
@@ -191,7 +197,7 @@ def run_command(
     from megaflow.swebench import layout
 
     try:
-        rows = load_instances(dataset, _ids(instance_ids), namespace=_namespace(namespace))
+        rows = load_instances(dataset, _ids(instance_ids), split=split, namespace=_namespace(namespace))
         agent = None
         if agent_config is not None:
             agent = json.loads(agent_config.read_text()) if agent_config.suffix == ".json" else str(agent_config)

@@ -232,3 +232,14 @@ def late_passes(log: str, test_spec, tests: list[str]) -> list[str]:
             elif status in good and test in failed and test not in late:
                 late.append(test)
     return late
+
+
+def load_hub_dataset(name: str, split: str = "test") -> list[dict[str, Any]]:
+    """A dataset by its Hugging Face name, through the harness's own loader (needs the hub or its cache)."""
+    swebench()
+    from swebench.harness.utils import load_swebench_dataset
+
+    try:
+        return [dict(r) for r in load_swebench_dataset(name, split)]
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs the name and the cause
+        raise ConfigError(f"dataset {name!r} (split {split!r}) could not be loaded: {exc}") from None
