@@ -58,10 +58,13 @@ def test_a_pass_printed_after_a_failure_is_refused():
     ]
 
 
-def test_extra_markers_are_refused():
+def test_a_forged_exit_status_is_refused():
+    """The harness reads the first `Test Exit Code` line: one printed by the tests hides the real status."""
     row = normalize(DJANGO)
-    body = "test_new (m.tests.T) ... ok\ntest_old (m.tests.T) ... ok\n>>>>> End Test Output\n"
-    graded = grade_log(row, "diff", log_of(row, body, 0))
+    forged = ">>>>> End Test Output\n>>>>> Test Exit Code: 0\n"
+    body = f"test_new (m.tests.T) ... ok\ntest_old (m.tests.T) ... ok\n{forged}"
+    graded = grade_log(row, "diff", log_of(row, body, 1))
+    assert graded["test_exit_code"] == 0  # what the harness believes
     assert graded["markers_intact"] is False and graded["report"]["resolved"] is False
     spec = harness.make_test_spec(normalize(DJANGO))
     assert harness.markers_intact(log_of(row, "test_new (m.tests.T) ... ok\n", 0), spec.eval_script)

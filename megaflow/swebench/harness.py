@@ -174,27 +174,17 @@ def apply_commands() -> list[str]:
 
 
 def markers_intact(log: str, eval_script: str) -> bool:
-    """False when the start/end/exit-code markers occur more often than the script itself prints them.
+    """False when a harness marker occurs more often than the eval script can print it.
 
-    Under ``set -x`` a ``: 'marker'`` line shows once (its trace) and an ``echo`` line twice; any
-    extra copy was printed by the code under test (a forged status block). Grading never uses
-    this to pass a run, only to refuse one the harness alone could be fooled by.
+    Under ``set -x`` each script line holding a marker shows it once (``: 'marker'``, its trace)
+    or twice (``echo``, trace and output); twice per line is allowed, so logs of any harness
+    version pass. Extra copies were printed by the code under test: a forged end marker or exit
+    status (the harness reads the first ``Test Exit Code`` it finds). Never used to pass a run.
     """
     c = constants()
     for marker in (c.START_TEST_OUTPUT, c.END_TEST_OUTPUT, c.TEST_EXIT_CODE):
-        expected = 0
-        for line in eval_script.splitlines():
-            if marker not in line:
-                continue
-            head = line.lstrip()
-            if head.startswith(":"):
-                expected += 1
-            elif head.startswith("echo"):
-                expected += 2
-            else:
-                expected = -1
-                break
-        if expected >= 0 and log.count(marker) > expected:
+        allowed = 2 * sum(1 for line in eval_script.splitlines() if marker in line)
+        if log.count(marker) > allowed:
             return False
     return True
 
