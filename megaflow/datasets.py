@@ -1,129 +1,87 @@
-"""Datasets in the SWE-bench instance format, and their conversion to task specs.
+"""Datasets of SWE-bench style instances, and their conversion to task specs.
 
-An instance has ``instance_id``, ``repo``, ``base_commit``, ``problem_statement``, ``patch`` (the
-reference fix), ``test_patch``, ``FAIL_TO_PASS``, ``PASS_TO_PASS`` (lists, or JSON-encoded lists
-as on the Hugging Face hub) and an image name (``image_name``, ``image`` or ``docker_image``;
-default: the SWE-bench eval image named after the instance). Optional: ``test_cmd`` (the test
-runner; tests are appended or fill ``{tests}``), ``log_parser`` (unittest | pytest | auto),
-``workdir``, ``setup`` (shell commands), and ``repo_files`` (relative path -> text, for small
-self-contained repositories such as the built-in demo tasks, committed as the base in /repo).
+Rows are read from JSONL, a JSON list or Parquet (Hugging Face exports, lists as JSON text) and
+normalised by megaflow.swebench.rows: harness 5.x rows keep their ``eval_script`` / ``log_parser``
+/ ``image``; older SWE-bench, Lite, Verified, Multimodal, SWE-rebench and MegaFlow-native rows get
+an eval script of the harness's shape; Multi-SWE-bench and bare SWE-smith rows are rejected with a
+message naming the field. MegaFlow-native rows may carry ``repo_files`` (path -> text, committed as
+the base in /repo), ``setup``, ``workdir``, ``test_cmd`` and ``log_parser`` (a harness parser name,
+or ``pytest`` / ``unittest``).
 
-``load_instances(path)`` reads JSONL (or a JSON list); ``instance_to_spec`` makes a TaskSpec dict
-that evaluates SWE-bench style (megaflow.services.evaluation).
+``instance_to_spec`` makes a TaskSpec dict graded by megaflow.services.evaluation: in a fresh
+container unless ``grading="in_place"`` (RL reward speed, trusts the agent's container).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Any
 
 from megaflow.core.errors import SpecError
+from megaflow.core.spec import SUBMIT_WORD
 
 DEMO_WORKDIR = "/repo"
 SWEBENCH_WORKDIR = "/testbed"
-UNITTEST_CMD = "python3 -m unittest -v"
-# SWE-bench eval images keep the repo's environment in conda env "testbed"; repos whose tests
-# do not run under pytest (django, sympy, ...) need an instance-level test_cmd.
-SWEBENCH_TEST_CMD = ("if [ -f /opt/miniconda3/bin/activate ]; then . /opt/miniconda3/bin/activate testbed; fi; "
-                     "pytest -rA")
 BASE_SETUP = "git init -q && git add -A && git -c user.email=base@megaflow -c user.name=base commit -qm base"
+# Row keys never copied into the spec's metadata: the gold patch must not reach the agent's record.
+_PRIVATE = ("patch", "problem_statement", "hints_text")
+GRADINGS = ("fresh", "in_place", "prediction")
 
 
-def swebench_image(instance_id: str) -> str:
-    """The SWE-bench eval image of an instance (its ``__`` becomes ``_1776_``, lower case)."""
-    return f"docker.io/swebench/sweb.eval.x86_64.{instance_id.replace('__', '_1776_')}:latest".lower()
+def swebench_image(instance_id: str, namespace: str | None = "swebench") -> str:
+    """The harness's instance image name (``sweb.eval.x86_64.<id>:latest``; ``__`` -> ``_1776_`` under a namespace)."""
+    from megaflow.swebench.rows import instance_image
+
+    return instance_image(instance_id, namespace)
 
 
-class Instance(BaseModel):
-    """One SWE-bench instance (extra keys such as ``version`` or ``hints_text`` are kept)."""
+def read_records(path: str | Path, split: str = "test", *, max_bytes: int | None = None) -> list[tuple[str, Any]]:
+    """(where, record) pairs of a JSONL, JSON-list or Parquet file, or of a Hugging Face dataset name.
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    instance_id: str = Field(..., min_length=1, max_length=200)
-    repo: str = ""
-    base_commit: str = ""
-    problem_statement: str = Field(..., min_length=1)
-    patch: str = ""
-    test_patch: str = ""
-    FAIL_TO_PASS: list[str] = Field(default_factory=list)
-    PASS_TO_PASS: list[str] = Field(default_factory=list)
-    image_name: str | None = None
-    test_cmd: str | None = None
-    log_parser: str = "auto"
-    workdir: str | None = None
-    setup: list[str] = Field(default_factory=list)
-    repo_files: dict[str, str] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _image_aliases(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not data.get("image_name"):
-            for alias in ("image", "docker_image"):
-                if data.get(alias):
-                    data = {**data, "image_name": data[alias]}
-                    break
-        return data
-
-    @field_validator("FAIL_TO_PASS", "PASS_TO_PASS", mode="before")
-    @classmethod
-    def _json_list(cls, v: Any) -> Any:
-        if isinstance(v, str):  # the Hugging Face dataset stores them as JSON text
-            try:
-                v = json.loads(v) if v.strip() else []
-            except json.JSONDecodeError:
-                raise ValueError("must be a list of test names (or a JSON-encoded list)") from None
-        return v
-
-    @field_validator("log_parser")
-    @classmethod
-    def _parser(cls, v: str) -> str:
-        if v not in ("auto", "unittest", "pytest"):
-            raise ValueError("must be auto, unittest or pytest")
-        return v
-
-    @model_validator(mode="after")
-    def _has_tests(self) -> "Instance":
-        if not (self.FAIL_TO_PASS or self.PASS_TO_PASS):
-            raise ValueError("FAIL_TO_PASS and PASS_TO_PASS are both empty: nothing to evaluate")
-        return self
-
-
-def parse_instance(raw: Any, where: str = "instance") -> Instance:
-    """Validate one instance; SpecError names ``where`` and the field."""
-    if isinstance(raw, Instance):
-        return raw
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: must be a JSON object, got {type(raw).__name__}")
-    try:
-        return Instance.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(instance)"
-        msg = "required field is missing; add it" if err["type"] == "missing" else err["msg"]
-        raise SpecError(f"{where}: field '{field}': {msg}", field=field) from None
-
-
-def read_records(path: str | Path, *, max_bytes: int | None = None) -> list[tuple[str, Any]]:
-    """(where, record) pairs of a JSONL file (or a file holding one JSON list), read with bounds.
-
-    Any unreadable input (a directory, /dev/zero, UTF-16, invalid UTF-8, deep JSON) raises SpecError
-    naming the file and line; ``max_bytes`` defaults to MEGAFLOW_MAX_TASK_FILE_BYTES' default.
+    Text files are read with bounds (megaflow.core.taskfile): a directory, /dev/zero, UTF-16, invalid UTF-8 or
+    deep JSON raises SpecError naming the file and line; ``max_bytes`` defaults to MEGAFLOW_MAX_TASK_FILE_BYTES'.
     """
-    from megaflow import taskfile
+    name = str(path)
+    path = Path(path)
+    if not path.exists():
+        if name.count("/") == 1 and not path.suffix:  # e.g. SWE-bench/SWE-bench_Verified: the harness's loader
+            from megaflow.swebench.harness import load_hub_dataset
+
+            return [(f"{name}[{i}]", r) for i, r in enumerate(load_hub_dataset(name, split))]
+        raise SpecError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SpecError(f"{path}: reading Parquet needs pyarrow: pip install 'megaflow[swebench]'") from None
+        return [(f"{path}[{i}]", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    from megaflow.core import taskfile
 
     return taskfile.read_records(path, max_bytes=max_bytes or taskfile.DEFAULT_MAX_BYTES)
 
 
-def load_instances(path: str | Path) -> list[dict[str, Any]]:
-    """Every instance of a JSONL file, validated and normalised (lists decoded, image name set)."""
-    out = []
-    for where, raw in read_records(path):
-        inst = parse_instance(raw, where)
-        out.append(inst.model_dump())
-    return out
+def parse_instance(raw: Any, where: str = "instance", **kwargs: Any) -> dict[str, Any]:
+    """One row normalised to the harness's shape (megaflow.swebench.rows); SpecError names the field."""
+    from megaflow.swebench.rows import normalize
+
+    return normalize(raw, where, **kwargs)
+
+
+def load_instances(
+    path: str | Path, instance_ids: Iterable[str] | None = None, *, split: str = "test", **kwargs: Any
+) -> list[dict[str, Any]]:
+    """Every row of a file (or hub dataset), normalised; ``instance_ids`` keeps those (an unknown id is an error)."""
+    rows = [parse_instance(raw, where, **kwargs) for where, raw in read_records(path, split)]
+    if instance_ids:
+        wanted = list(dict.fromkeys(instance_ids))
+        by_id = {r["instance_id"]: r for r in rows}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise SpecError(f"{path}: instance ids not in the dataset: {' '.join(missing)}", field="instance_ids")
+        rows = [by_id[i] for i in wanted]
+    return rows
 
 
 def _agent_section(agent_config: Any) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
@@ -134,54 +92,99 @@ def _agent_section(agent_config: Any) -> tuple[dict[str, Any] | None, dict[str, 
 
     if isinstance(agent_config, MiniConfig):
         return agent_config.agent, agent_config.model, agent_config.workdir
-    if isinstance(agent_config, (str, Path)) or (isinstance(agent_config, dict) and isinstance(
-            agent_config.get("agent"), dict)):
+    if isinstance(agent_config, (str, Path)) or (
+        isinstance(agent_config, dict) and isinstance(agent_config.get("agent"), dict)
+    ):
         mini = load_mini_config(agent_config)
         return mini.agent, mini.model, mini.workdir
     if isinstance(agent_config, dict):
         return dict(agent_config), {}, None
-    raise SpecError("agent_config must be an AgentSpec mapping, a mini-swe-agent config or a path to one",
-                    field="agent")
+    raise SpecError(
+        "agent_config must be an AgentSpec mapping, a mini-swe-agent config or a path to one", field="agent"
+    )
 
 
-def instance_to_spec(instance: dict[str, Any] | Instance, *, agent_config: Any = None,
-                     model: dict[str, Any] | None = None, image: str | None = None, mode: str | None = None,
-                     policy_version: str | None = None, fresh_container: bool = False,
-                     test_cmd: str | None = None) -> dict[str, Any]:
-    """A TaskSpec dict that runs one instance and evaluates it SWE-bench style.
+def instance_to_spec(
+    instance: dict[str, Any],
+    *,
+    agent_config: Any = None,
+    model: dict[str, Any] | None = None,
+    image: str | None = None,
+    mode: str | None = None,
+    policy_version: str | None = None,
+    fresh_container: bool | None = None,
+    test_cmd: str | None = None,
+    grading: str | None = None,
+    run_id: str | None = None,
+    prediction: dict[str, Any] | None = None,
+    timeout_s: float | None = None,
+    namespace: str | None = "swebench",
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """A TaskSpec dict that runs one instance and grades it like the SWE-bench harness.
 
-    ``agent_config``: AgentSpec fields, or a mini-swe-agent YAML config (path or parsed); its
-    model section (model_name, model_kwargs) is used unless ``model`` overrides it.
+    ``agent_config``: AgentSpec fields, or a mini-swe-agent YAML config (path or parsed); its model
+    section is used unless ``model`` overrides it. ``prediction`` (instance_id, model_name_or_path,
+    model_patch) makes an evaluation-only episode: no agent acts, the prediction's patch is graded.
     """
     where = f"instance {instance.get('instance_id')}" if isinstance(instance, dict) else "instance"
-    inst = parse_instance(instance, where)
+    raw = dict(instance) if isinstance(instance, dict) else instance
+    if isinstance(raw, dict) and test_cmd:
+        raw["test_cmd"] = test_cmd
+    row = parse_instance(raw, where, namespace=namespace)
+    if grading is None:
+        grading = "prediction" if prediction is not None else "in_place" if fresh_container is False else "fresh"
+    if grading not in GRADINGS:
+        raise SpecError(f"grading must be one of {', '.join(GRADINGS)}, not {grading!r}", field="grading")
     agent, model_hint, workdir_hint = _agent_section(agent_config)
-    self_contained = inst.repo_files is not None
-    workdir = inst.workdir or workdir_hint or (DEMO_WORKDIR if self_contained else SWEBENCH_WORKDIR)
-    spec: dict[str, Any] = {
-        "task_id": inst.instance_id,
-        "workdir": workdir,
-        "problem_statement": inst.problem_statement,
-        "setup": list(inst.setup),
-        "eval": {
-            "command": test_cmd or inst.test_cmd or (UNITTEST_CMD if inst.log_parser == "unittest"
-                                                     else SWEBENCH_TEST_CMD),
-            "test_patch": inst.test_patch or None,
-            "fail_to_pass": list(inst.FAIL_TO_PASS),
-            "pass_to_pass": list(inst.PASS_TO_PASS),
-            "log_parser": inst.log_parser,
-            "fresh_container": fresh_container,
-        },
-        "metadata": {"instance_id": inst.instance_id, "repo": inst.repo, "base_commit": inst.base_commit},
+    native = row["family"] == "megaflow"
+    workdir = instance.get("workdir") or workdir_hint or row["workdir"]
+    row["workdir"] = workdir
+    meta: dict[str, Any] = {"row": {k: v for k, v in row.items() if k not in _PRIVATE}, "grading": grading}
+    if run_id:
+        meta["run_id"] = run_id
+    if model_name:
+        meta["model_name_or_path"] = model_name
+    if prediction is not None:
+        meta["model_patch"] = prediction.get("model_patch")
+        meta["model_name_or_path"] = prediction.get("model_name_or_path")
+    ev: dict[str, Any] = {
+        "command": f"bash /eval.sh  # {row['instance_id']}: the harness's eval script ({row['eval_script_source']})",
+        "test_patch": row["test_patch"] or None,
+        "fail_to_pass": list(row["FAIL_TO_PASS"]),
+        "pass_to_pass": list(row["PASS_TO_PASS"]),
     }
-    if self_contained:
-        spec["files"] = {f"{workdir.rstrip('/')}/{p}": c for p, c in inst.repo_files.items()}
+    if fresh_container is not None:
+        ev["fresh_container"] = fresh_container
+    if timeout_s:
+        ev["timeout_s"] = timeout_s
+    spec: dict[str, Any] = {
+        "task_id": row["instance_id"],
+        "workdir": workdir,
+        "problem_statement": row["problem_statement"],
+        "setup": list(row.get("setup") or []),
+        "eval": ev,
+        "metadata": {
+            "instance_id": row["instance_id"],
+            "repo": row["repo"],
+            "base_commit": row["base_commit"],
+            "swebench": meta,
+        },
+    }
+    if native:
+        spec["files"] = {f"{workdir.rstrip('/')}/{p}": c for p, c in row["repo_files"].items()}
         spec["setup"] = [BASE_SETUP, *spec["setup"]]
-    chosen_image = image or inst.image_name or (None if self_contained else swebench_image(inst.instance_id))
+    if not native:  # harness images: the repository (/testbed) is root's, and the harness runs as root
+        spec["user"] = "root"
+    chosen_image = image or row.get("image")
     if chosen_image:
         spec["image"] = chosen_image
     if mode:
         spec["mode"] = mode
+    if prediction is not None:
+        spec["model"] = {"backend": "scripted", "replies": [SUBMIT_WORD]}
+        spec["problem_statement"] = spec["problem_statement"] or f"Evaluate a prediction for {row['instance_id']}."
+        return spec
     if agent:
         spec["agent"] = agent
     merged_model = {**model_hint, **(model or {})}

@@ -58,6 +58,8 @@ def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: i
     console = console or Console()
     t0 = time.monotonic()
     fleet.check_services(settings)
+    # containers grade like the SWE-bench harness; the sim backend answers the tests' exit status
+    grading = "swebench" if fleet.uses_docker(settings) else "exit_code"
     if fleet.uses_docker(settings):
         import docker
 
@@ -74,8 +76,8 @@ def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: i
     ok = False
     try:
         with Client(settings) as client:
-            fix = client.submit(demo_specs("fix"), user="demo")
-            noop = client.submit(demo_specs("noop"), user="demo-noop")
+            fix = client.submit(demo_specs("fix", grading=grading), user="demo")
+            noop = client.submit(demo_specs("noop", grading=grading), user="demo-noop")
             console.print(f"submitted {len(fix.episode_ids)} reference-fix episodes (batch {fix}) and "
                           f"{len(noop.episode_ids)} no-op episodes (batch {noop})")
             started = time.monotonic()

@@ -1,91 +1,94 @@
-"""SWE-bench grading without services: test-output parsers, the verdict, test ids in the command."""
+"""The evaluation step's decisions without containers: which row, which grading mode, the forgery guards."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import pytest
 
-from megaflow.services.evaluation import grade, parse_log, parse_pytest, parse_unittest, patch_files, runner_command
+pytest.importorskip("swebench")
 
+from megaflow.core.spec import TaskSpec
+from megaflow.datasets import instance_to_spec
+from megaflow.services.evaluation import grading_mode, spec_row
+from megaflow.swebench import harness
+from megaflow.swebench.grade import grade_log
+from megaflow.swebench.rows import normalize
 
-def test_unittest_verbose_output_of_this_python(tmp_path):
-    """Parse what `python -m unittest -v` really prints (id form differs before and after 3.11)."""
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text("")
-    (tmp_path / "pkg" / "test_m.py").write_text(textwrap.dedent("""\
-        import unittest
+pytestmark = pytest.mark.swebench
 
-        class TestM(unittest.TestCase):
-            def test_ok(self):
-                pass
-
-            def test_fail(self):
-                self.assertEqual(1, 2)
-
-            def test_error(self):
-                raise RuntimeError("x")
-
-            def test_prints(self):
-                print("noise from the test")
-
-            @unittest.skip("later")
-            def test_skip(self):
-                pass
-
-            @unittest.expectedFailure
-            def test_xfail(self):
-                self.assertEqual(1, 2)
-        """))
-    proc = subprocess.run([sys.executable, "-m", "unittest", "-v", "pkg.test_m"], cwd=tmp_path,
-                          capture_output=True, text=True)
-    status = parse_unittest(proc.stdout + proc.stderr)
-    base = "pkg.test_m.TestM."
-    assert status == {base + "test_ok": "PASSED", base + "test_fail": "FAILED", base + "test_error": "ERROR",
-                      base + "test_prints": "PASSED", base + "test_skip": "SKIPPED", base + "test_xfail": "XFAIL"}
+DJANGO = {
+    "instance_id": "django__django-1",
+    "repo": "django/django",
+    "base_commit": "a" * 40,
+    "problem_statement": "p",
+    "test_patch": "diff --git a/tests/m/tests.py b/tests/m/tests.py\n--- a/tests/m/tests.py\n"
+    "+++ b/tests/m/tests.py\n@@ -1 +1 @@\n-a\n+b\n",
+    "FAIL_TO_PASS": ["test_new (m.tests.T)"],
+    "PASS_TO_PASS": ["test_old (m.tests.T)"],
+    "version": "3.0",
+}
 
 
-def test_unittest_older_id_form_and_status_on_its_own_line():
-    log = ("test_a (tests.test_x.TestX) ... ok\n"
-           "test_b (tests.test_x.TestX) ... some output\nFAIL\n"
-           "test_c (tests.test_x.TestX.test_c)\nA docstring line ... ERROR\n"
-           "ERROR: test_c (tests.test_x.TestX.test_c)\n")
-    assert parse_unittest(log) == {"tests.test_x.TestX.test_a": "PASSED", "tests.test_x.TestX.test_b": "FAILED",
-                                   "tests.test_x.TestX.test_c": "ERROR"}
+def log_of(row: dict, body: str, code: int) -> str:
+    """What the eval script prints around a test run's own output (set -x traces, markers, exit status)."""
+    return (
+        f"+ git apply -v -\n+ : '>>>>> Start Test Output'\n+ ./tests/runtests.py m.tests\n{body}"
+        f"+ SWEBENCH_TEST_EXIT_CODE={code}\n+ : '>>>>> End Test Output'\n"
+        f"+ echo '>>>>> Test Exit Code: {code}'\n>>>>> Test Exit Code: {code}\n"
+    )
 
 
-def test_pytest_summary_and_verbose_lines():
-    log = textwrap.dedent("""\
-        tests/test_a.py::test_one PASSED                                  [ 25%]
-        tests/test_a.py::test_two[x-1] FAILED                             [ 50%]
-        =========================== short test summary info ===========================
-        PASSED tests/test_a.py::test_one
-        FAILED tests/test_a.py::test_two[x-1] - AssertionError: assert 1 == 2
-        ERROR tests/test_b.py::test_setup - RuntimeError
-        SKIPPED [1] tests/test_c.py:3: no reason
-        XFAIL tests/test_c.py::test_known - bug 12
-        XPASS tests/test_c.py::test_lucky
-        """)
-    assert parse_pytest(log) == {"tests/test_a.py::test_one": "PASSED", "tests/test_a.py::test_two[x-1]": "FAILED",
-                                 "tests/test_b.py::test_setup": "ERROR", "tests/test_c.py::test_known": "XFAIL",
-                                 "tests/test_c.py::test_lucky": "FAILED"}
-    assert parse_log(log, "auto")["tests/test_a.py::test_one"] == "PASSED"
+def test_django_ids_are_the_harness_ids():
+    row = normalize(DJANGO)
+    ok = log_of(row, "test_new (m.tests.T) ... ok\ntest_old (m.tests.T) ... ok\n", 0)
+    assert grade_log(row, "diff", ok)["report"]["resolved"] is True
+    failing = log_of(row, "test_new (m.tests.T) ... FAIL\ntest_old (m.tests.T) ... ok\n", 1)
+    graded = grade_log(row, "diff", failing)
+    assert graded["report"]["tests_status"]["FAIL_TO_PASS"]["failure"] == ["test_new (m.tests.T)"]
+    assert graded["test_exit_code"] == 1
 
 
-def test_grade_is_swebench_resolution():
-    status = {"f1": "PASSED", "f2": "XFAIL", "p1": "PASSED", "p2": "FAILED"}
-    r = grade(status, ["f1", "f2"], ["p1"])
-    assert r["resolved"] is True
-    assert r["tests_status"]["FAIL_TO_PASS"] == {"success": ["f1", "f2"], "failure": []}
-    r = grade(status, ["f1", "missing"], ["p1", "p2"])
-    assert r["resolved"] is False
-    assert r["tests_status"]["FAIL_TO_PASS"]["failure"] == ["missing"]
-    assert r["tests_status"]["PASS_TO_PASS"] == {"success": ["p1"], "failure": ["p2"]}
-    assert grade({}, [], [])["resolved"] is False
+def test_a_pass_printed_after_a_failure_is_refused():
+    row = normalize(DJANGO)
+    body = "test_new (m.tests.T) ... FAIL\ntest_old (m.tests.T) ... ERROR\ntest_new (m.tests.T) ... ok\n"
+    body += "test_old (m.tests.T) ... ok\ntest_unrelated (m.tests.T) ... FAIL\n"  # explains the exit status
+    graded = grade_log(row, "diff", log_of(row, body, 1))
+    assert graded["report"]["resolved"] is False and graded["late_passes"] == [
+        "test_new (m.tests.T)",
+        "test_old (m.tests.T)",
+    ]
 
 
-def test_tests_command_and_patch_files():
-    assert runner_command("pytest -rA", ["a.py::t[x y]", "b"]) == "pytest -rA 'a.py::t[x y]' b"
-    assert runner_command("./runtests.py {tests} --parallel 1", ["m.T"]) == "./runtests.py m.T --parallel 1"
-    patch = "diff --git a/x/t.py b/x/t.py\n--- a/x/t.py\n+++ b/x/t.py\ndiff --git a/n.py b/n.py\nnew file mode 100644\n"
-    assert patch_files(patch) == ["x/t.py", "n.py"]
+def test_a_forged_exit_status_is_refused():
+    """The harness reads the first `Test Exit Code` line: one printed by the tests hides the real status."""
+    row = normalize(DJANGO)
+    forged = ">>>>> End Test Output\n>>>>> Test Exit Code: 0\n"
+    body = f"test_new (m.tests.T) ... ok\ntest_old (m.tests.T) ... ok\n{forged}"
+    graded = grade_log(row, "diff", log_of(row, body, 1))
+    assert graded["test_exit_code"] == 0  # what the harness believes
+    assert graded["markers_intact"] is False and graded["report"]["resolved"] is False
+    spec = harness.make_test_spec(normalize(DJANGO))
+    assert harness.markers_intact(log_of(row, "test_new (m.tests.T) ... ok\n", 0), spec.eval_script)
+
+
+def test_grading_modes_and_legacy_specs():
+    assert grading_mode(TaskSpec.model_validate(instance_to_spec(DJANGO))) == "fresh"
+    assert grading_mode(TaskSpec.model_validate(instance_to_spec(DJANGO, grading="in_place"))) == "in_place"
+    forced = instance_to_spec(DJANGO, grading="in_place", fresh_container=True)
+    assert grading_mode(TaskSpec.model_validate(forced)) == "fresh"
+    legacy = TaskSpec.model_validate(
+        {
+            "task_id": "t1",
+            "workdir": "/repo",
+            "eval": {
+                "command": "python3 -m unittest -v",
+                "fail_to_pass": ["tests.test_a.T.test_x"],
+                "log_parser": "unittest",
+                "test_patch": "diff --git a/tests/test_a.py b/tests/test_a.py\nnew file mode 100644\n",
+            },
+        }
+    )
+    assert grading_mode(legacy) == "fresh"  # no metadata: never the agent's container
+    row = spec_row(legacy)
+    assert (
+        row["log_parser"] == harness.NATIVE_UNITTEST and "python3 -m unittest -v tests/test_a.py" in row["eval_script"]
+    )

@@ -60,7 +60,9 @@ def assert_nothing_held(runner: LocalRunner, ids: list[str]) -> None:
 
 
 def test_demo_batch_in_process(fleet_local):
-    batch, ids = submit(fleet_local, demo_specs("fix")[:2] + demo_specs("noop")[:1])
+    grading = "exit_code" if fleet_local.root.settings.env_backend["type"] == "sim" else "swebench"
+    specs = demo_specs("fix", grading=grading)[:2] + demo_specs("noop", grading=grading)[:1]
+    batch, ids = submit(fleet_local, specs)
     results = fleet_local.run_until_done(batch)
     assert [r["state"] for r in results] == [states.SUCCEEDED, states.SUCCEEDED, states.FAILED]
     assert results[2]["cause"] == states.CAUSE_TESTS

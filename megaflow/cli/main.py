@@ -8,8 +8,6 @@ are never handled here; ``main()`` hands them to ``megaflow.cli.errors.run``.
 from __future__ import annotations
 
 import enum
-import importlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -262,13 +260,13 @@ def _mount() -> None:
     from megaflow.cli.env import app as images_app
     from megaflow.cli.model import app as model_app
     from megaflow.cli.resources import app as resources_app
+    from megaflow.cli.swebench import app as swebench_app
 
     app.add_typer(batch_app)  # no name: its commands join the top level
     app.add_typer(resources_app)
     app.add_typer(images_app, name="images")
     app.add_typer(model_app, name="model")
-    if importlib.util.find_spec("megaflow.cli.swebench") is not None:  # the `swebench` group, where it ships
-        app.add_typer(importlib.import_module("megaflow.cli.swebench").app, name="swebench")
+    app.add_typer(swebench_app, name="swebench")
 
 
 _mount()

@@ -130,9 +130,24 @@ def task_spec(inst: dict[str, Any], *, replies: list[str], image: str | None = N
                             **kwargs)
 
 
-def demo_specs(kind: str = "fix", **kwargs: Any) -> list[dict[str, Any]]:
-    """Specs for every demo task: kind 'fix' (reference fix, all succeed) or 'noop' (all fail)."""
+def demo_specs(kind: str = "fix", *, grading: str = "swebench", **kwargs: Any) -> list[dict[str, Any]]:
+    """Specs for every demo task: kind 'fix' (reference fix, all succeed) or 'noop' (all fail).
+
+    ``grading`` 'swebench' grades like the SWE-bench harness (test patch in a fresh container,
+    FAIL_TO_PASS / PASS_TO_PASS from the test log); 'exit_code' writes the tests and rewards the
+    exit status of ``python3 -m unittest`` (what the ``sim`` env backend's demo preset answers).
+    """
     if kind not in ("fix", "noop"):
         raise ValueError("kind must be 'fix' or 'noop'")
-    return [task_spec(i, replies=fix_replies(i["patch"]) if kind == "fix" else noop_replies(), **kwargs)
-            for i in instances()]
+    if grading not in ("swebench", "exit_code"):
+        raise ValueError("grading must be 'swebench' or 'exit_code'")
+    specs = []
+    for inst in instances():
+        spec = task_spec(inst, replies=fix_replies(inst["patch"]) if kind == "fix" else noop_replies(), **kwargs)
+        if grading == "exit_code":
+            workdir = spec["workdir"].rstrip("/")
+            spec["eval"] = {"command": "python3 -m unittest -v",
+                            "files": {f"{workdir}/{p}": src for p, src in inst["test_files"].items()}}
+            spec["metadata"].pop("swebench", None)
+        specs.append(spec)
+    return specs

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from megaflow.core.errors import ConfigError, InfraError, RetryableInfraError
 
-SANDBOX_PACKAGES = ("python3", "git", "ca-certificates", "procps", "coreutils")
+SANDBOX_PACKAGES = ("python3", "git", "ca-certificates", "procps", "coreutils", "patch", "python3-pytest")
 DEFAULT_SUITE = "bookworm"
 DEFAULT_SOURCES = "/etc/apt/sources.list.d/debian.sources"
 

@@ -184,8 +184,9 @@ class SimEnvConfig(_Strict):
 
 
 # The demo batch (megaflow.demo_tasks): "fix" episodes run `git apply <<'MEGAFLOW_PATCH'` as an
-# agent command, "noop" ones never do. The evaluation runs `python3 -m unittest -v ID ...` and grades
-# the per-test lines of its log, so the test run prints one unittest line per test id.
+# agent command, "noop" ones never do. Under sim the demo grades by the exit status of
+# `python3 -m unittest` (megaflow.demo_tasks.demo_specs(grading="exit_code")); the per-test lines
+# below are what a unittest run would print when test ids are named on its command line.
 _TEST_ID = r"(?<![\w.])(?P<id>[A-Za-z_][\w.]*\.(?P<name>test_\w+))(?![\w.])"
 DEMO_RULES: list[dict[str, Any]] = [
     {
