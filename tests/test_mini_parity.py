@@ -158,7 +158,10 @@ def run_mini(config: dict[str, Any], replies: list[dict[str, Any]], task_text: s
             model._api_url = server.url + "/v1/chat/completions"
         env = get_environment(cfg["environment"], default_type="local")
         agent = get_agent(model, env, cfg["agent"], default_type="default")
-        agent.run(task_text)
+        try:
+            agent.run(task_text)
+        except Exception:  # mini re-raises an uncaught exception after adding its exit message
+            pass
         return agent.messages, server.requests
     finally:
         server.close()
@@ -230,3 +233,48 @@ def test_same_conversation_as_mini(case, names, model_class, harness, tmp_path):
     assert mini_msgs[-1]["extra"]["exit_status"] == "Submitted"
     assert ep.fields["submission"] == mini_msgs[-1]["extra"]["submission"] == PATCH.replace("\\n", "\n")
     assert_same(mini_msgs, mini_reqs, history, harness)
+
+
+def run_both(harness, tmp_path, names, model_class, steps, **over):
+    (tmp_path / "x.py").write_text("print('x')\n")
+    config = configure(names, model_class, str(tmp_path), **over)
+    replies = script(config, steps)
+    mini_msgs, mini_reqs = run_mini(config, replies, "Fix x.py")
+    ep, history = run_megaflow(harness, config, replies, "Fix x.py")
+    return mini_msgs, mini_reqs, ep, history
+
+
+@pytest.mark.parametrize("over,steps,state,cause,status", [
+    ({"agent": {"step_limit": 2}}, ["echo a", "echo b", "echo c"], "FAILED", "agent_limit", "LimitsExceeded"),
+    ({"agent": {"max_consecutive_format_errors": 2}}, ["echo a", None, None, "echo c"], "FAILED", "format",
+     "RepeatedFormatError"),
+    ({"agent": {"wall_time_limit_seconds": 1}, "environment": {"timeout": 10}}, ["sleep 1.5", "echo b"],
+     "TIMED_OUT", "timeout", "TimeExceeded"),
+    ({"agent": {"step_limit": 0, "cost_limit": 0}}, ["echo a"] * 6 + [SUBMIT], "EVALUATING", "", "Submitted"),
+], ids=["step_limit", "format_errors", "wall_time", "unlimited"])
+def test_limits_end_runs_as_mini_does(harness, tmp_path, over, steps, state, cause, status):
+    mini_msgs, mini_reqs, ep, history = run_both(harness, tmp_path, ("mini.yaml",), None, steps, **over)
+    assert mini_msgs[-1]["extra"]["exit_status"] == status
+    assert (ep.state, ep.fields.get("cause", "")) == (state, cause)
+    assert_same(mini_msgs, mini_reqs, history, harness)
+
+
+def test_cost_limit_with_mini_cost_tracking(harness, tmp_path):
+    """litellm prices each call from the config's model registry, on both sides; cost_limit stops the run."""
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"openai/scripted": {"input_cost_per_token": 0.001, "output_cost_per_token": 0.0,
+                                                        "litellm_provider": "openai", "mode": "chat"}}))
+    over = {"agent": {"cost_limit": 0.025}, "model": {"litellm_model_registry": str(registry),
+                                                       "cost_tracking": "default"}}
+    mini_msgs, mini_reqs, ep, history = run_both(harness, tmp_path, ("mini.yaml",), None, ["echo a"] * 5, **over)
+    assert mini_msgs[-1]["extra"]["exit_status"] == "LimitsExceeded"
+    assert (ep.state, ep.fields["cause"]) == ("FAILED", "agent_limit") and "cost 0.03" in ep.fields["error"]
+    assert_same(mini_msgs, mini_reqs, history, harness)
+
+
+def test_unpriced_model_fails_as_mini_does(harness, tmp_path):
+    """cost_tracking 'default' and a model litellm cannot price: mini's RuntimeError ends the run."""
+    mini_msgs, _, ep, history = run_both(harness, tmp_path, ("mini.yaml",), None, ["echo a"],
+                                         model={"cost_tracking": "default", "model_name": "openai/unpriced"})
+    assert mini_msgs[-1]["extra"]["exit_status"] == "RuntimeError" == history[-1]["extra"]["exit_status"]
+    assert ep.state == "FAILED" and "Error calculating cost" in ep.fields["error"]
