@@ -12,7 +12,8 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -33,19 +34,20 @@ class Harness:
 
     def __init__(self, settings, redis_client, workdir: str):
         self.rt = Runtime(settings, role="test")
-        self.rt.__dict__["engine"] = EpisodeEngine(redis_client, settings, Keys(settings.key_prefix),
-                                                   lambda *a: None)
+        self.rt.__dict__["engine"] = EpisodeEngine(redis_client, settings, Keys(settings.key_prefix), lambda *a: None)
         self.workdir = workdir
         self.requests: list[dict[str, Any]] = []  # what the model service would send, call by call
 
-    def run(self, spec: dict[str, Any], replies: list[Reply] | Callable[[dict], Reply],
-            max_hops: int = 200) -> tuple[Any, list[dict[str, Any]]]:
+    def run(
+        self, spec: dict[str, Any], replies: list[Reply] | Callable[[dict], Reply], max_hops: int = 200
+    ) -> tuple[Any, list[dict[str, Any]]]:
         """Run one episode to its end (or its evaluation); return (episode, whole history)."""
         eng = self.rt.engine
         _, (eid,) = eng.create_batch(validate_specs([spec]), "tester")
         ep = eng.load(eid, history=False)
-        eng.advance(ep, state=states.RUNNING, phase="env_ready", fields={"host": "test-host"},
-                    next_task=lifecycle.to_agent())
+        eng.advance(
+            ep, state=states.RUNNING, phase="env_ready", fields={"host": "test-host"}, next_task=lifecycle.to_agent()
+        )
         queue = list(replies) if isinstance(replies, list) else None
         for _ in range(max_hops):
             ep = eng.load(eid)
@@ -68,23 +70,39 @@ class Harness:
     def model_step(self, ep, reply: Reply) -> None:
         """The model service's contract: one assistant record with the whole message and its usage."""
         usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-        record = {"role": "assistant", "content": reply.get("content"), "step": ep.step,
-                  "finish_reason": reply.get("finish_reason") or ("tool_calls" if reply.get("tool_calls") else "stop"),
-                  "prompt_tokens": 10, "completion_tokens": 5, "usage": usage, "model_name": "scripted"}
+        record = {
+            "role": "assistant",
+            "content": reply.get("content"),
+            "step": ep.step,
+            "finish_reason": reply.get("finish_reason") or ("tool_calls" if reply.get("tool_calls") else "stop"),
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "usage": usage,
+            "model_name": "scripted",
+        }
         if reply.get("tool_calls"):
             record["tool_calls"] = reply["tool_calls"]
-        self.rt.engine.advance(ep, history=[record], incr={"model_calls": 1, "prompt_tokens": 10,
-                                                           "completion_tokens": 5},
-                               next_task=lifecycle.to_agent())
+        self.rt.engine.advance(
+            ep,
+            history=[record],
+            incr={"model_calls": 1, "prompt_tokens": 10, "completion_tokens": 5},
+            next_task=lifecycle.to_agent(),
+        )
 
     def env_step(self, ep) -> None:
         """The env service's contract: run ``pending`` (bash -lc, time limit, cwd, env), record it raw."""
         pending = ep.pending or {}
         timeout = float(pending.get("timeout") or 60)
         started = time.monotonic()
-        proc = subprocess.Popen(["bash", "-lc", pending["command"]], cwd=pending.get("workdir") or self.workdir,
-                                env=os.environ | dict(pending.get("env") or {}), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-lc", pending["command"]],
+            cwd=pending.get("workdir") or self.workdir,
+            env=os.environ | dict(pending.get("env") or {}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, _ = proc.communicate(timeout=timeout)
             code, timed_out = proc.returncode, False
@@ -92,8 +110,15 @@ class Harness:
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             code, timed_out = None, True
-        record = {"role": "env", "kind": "exec", "command": pending["command"], "exit_code": code, "output": out,
-                  "timed_out": timed_out, "duration_s": round(time.monotonic() - started, 4)}
+        record = {
+            "role": "env",
+            "kind": "exec",
+            "command": pending["command"],
+            "exit_code": code,
+            "output": out,
+            "timed_out": timed_out,
+            "duration_s": round(time.monotonic() - started, 4),
+        }
         self.rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
 
 
@@ -107,23 +132,45 @@ def harness(settings, redis_client, tmp_path):
 
 
 def test_bash_agent_renders_observations_from_raw_results(harness):
-    replies = [{"content": "```bash\necho hi; exit 3\n```"}, {"content": "no command here"},
-               {"content": "```bash\nsleep 20\n```"}, {"content": "MEGAFLOW_SUBMIT"}]
+    replies = [
+        {"content": "```bash\necho hi; exit 3\n```"},
+        {"content": "no command here"},
+        {"content": "```bash\nsleep 20\n```"},
+        {"content": "MEGAFLOW_SUBMIT"},
+    ]
     ep, hist = harness.run(task({"type": "bash", "command_timeout_s": 2}), replies)
     assert ep.state == states.EVALUATING
     kinds = [(r["role"], r.get("kind")) for r in hist]
-    assert kinds == [("system", None), ("user", None), ("assistant", None), ("env", "exec"),
-                     ("user", "observation"), ("assistant", None), ("user", "format_error"), ("assistant", None),
-                     ("env", "exec"), ("user", "observation"), ("assistant", None)]
+    assert kinds == [
+        ("system", None),
+        ("user", None),
+        ("assistant", None),
+        ("env", "exec"),
+        ("user", "observation"),
+        ("assistant", None),
+        ("user", "format_error"),
+        ("assistant", None),
+        ("env", "exec"),
+        ("user", "observation"),
+        ("assistant", None),
+    ]
     assert hist[4]["content"] == "Exit code: 3\n<output>\nhi\n\n</output>"
     assert hist[9]["content"].startswith("The command timed out")
     # the model saw the chat records only, never the raw env records
-    assert [m["role"] for m in harness.requests[-1]["messages"]] == ["system", "user", "assistant", "user",
-                                                                      "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in harness.requests[-1]["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
 
 
 def test_bash_agent_limits_end_the_episode_with_a_cause(harness):
-    ep, hist = harness.run(task({"type": "bash", "max_steps": 2}), [{"content": "```bash\ntrue\n```"}] * 3)
+    ep, _ = harness.run(task({"type": "bash", "max_steps": 2}), [{"content": "```bash\ntrue\n```"}] * 3)
     assert (ep.state, ep.fields["cause"]) == (states.FAILED, states.CAUSE_AGENT_LIMIT)
     assert "step limit reached (2 model calls)" in ep.fields["error"]
     ep, _ = harness.run(task({"type": "bash", "max_format_errors": 2}), [{"content": "x"}, {"content": "y"}])

@@ -10,6 +10,7 @@ and the same requests to the model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,17 +23,17 @@ import pytest
 import yaml
 
 from megaflow.agents.mini import import_mini, shipped_configs
-from tests.test_agent_service import Harness, harness, task  # noqa: F401  (harness: a fixture)
+from tests.test_agent_service import Harness, task
 
 pytestmark = pytest.mark.mini
 
 os.environ.setdefault("MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT", "1")  # a broken case fails at once, not after retries
 import_mini()
 
-from minisweagent.agents import get_agent  # noqa: E402
-from minisweagent.environments import get_environment  # noqa: E402
-from minisweagent.models import get_model  # noqa: E402
-from minisweagent.utils.serialize import recursive_merge  # noqa: E402
+from minisweagent.agents import get_agent
+from minisweagent.environments import get_environment
+from minisweagent.models import get_model
+from minisweagent.utils.serialize import recursive_merge
 
 CHAT_KEYS = ("role", "content", "tool_call_id")
 SUBMIT = "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
@@ -58,12 +59,23 @@ class ScriptedServer:
                 message = {"role": "assistant", "content": reply.get("content")}
                 if reply.get("tool_calls"):
                     message["tool_calls"] = reply["tool_calls"]
-                data = json.dumps({
-                    "id": f"cmpl-{len(outer.requests)}", "object": "chat.completion", "created": 1,
-                    "model": "scripted", "choices": [{"index": 0, "message": message, "finish_reason":
-                                                      reply.get("finish_reason") or (
-                                                          "tool_calls" if reply.get("tool_calls") else "stop")}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}).encode()
+                data = json.dumps(
+                    {
+                        "id": f"cmpl-{len(outer.requests)}",
+                        "object": "chat.completion",
+                        "created": 1,
+                        "model": "scripted",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": message,
+                                "finish_reason": reply.get("finish_reason")
+                                or ("tool_calls" if reply.get("tool_calls") else "stop"),
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -79,9 +91,16 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
+@pytest.fixture
+def harness(settings, redis_client, tmp_path):
+    return Harness(settings, redis_client, str(tmp_path))
+
+
 def load(*names: str) -> dict[str, Any]:
-    base = {p.relative_to(p.parents[1] if p.parent.name == "benchmarks" else p.parent).as_posix(): p
-            for p in shipped_configs()}
+    base = {
+        p.relative_to(p.parents[1] if p.parent.name == "benchmarks" else p.parent).as_posix(): p
+        for p in shipped_configs()
+    }
     return recursive_merge(*(yaml.safe_load(base[n].read_text()) for n in names))
 
 
@@ -119,13 +138,22 @@ def script(config: dict[str, Any], steps: list[Any]) -> list[dict[str, Any]]:
     for i, step in enumerate(steps):
         commands = step if isinstance(step, list) else [step]
         if is_text(config):
-            blocks = "\n\n".join(f"<mswea_bash_command>{c}</mswea_bash_command>" if xml
-                                 else f"```mswea_bash_command\n{c}\n```" for c in commands if c is not None)
+            blocks = "\n\n".join(
+                f"<mswea_bash_command>{c}</mswea_bash_command>" if xml else f"```mswea_bash_command\n{c}\n```"
+                for c in commands
+                if c is not None
+            )
             out.append({"content": f"THOUGHT: step {i}.\n\n{blocks}".strip()})
         else:
-            calls = [{"id": f"call_{i}_{j}", "type": "function",
-                      "function": {"name": "bash", "arguments": json.dumps({"command": c})}}
-                     for j, c in enumerate(commands) if c is not None]
+            calls = [
+                {
+                    "id": f"call_{i}_{j}",
+                    "type": "function",
+                    "function": {"name": "bash", "arguments": json.dumps({"command": c})},
+                }
+                for j, c in enumerate(commands)
+                if c is not None
+            ]
             out.append({"content": f"Step {i}.", "tool_calls": calls} if calls else {"content": f"Step {i}: hmm."})
     return out
 
@@ -138,10 +166,23 @@ def configure(names: tuple[str, ...], model_class: str | None, workdir: str, **o
     if model_class:
         model["model_class"] = model_class
     model.pop("provider", None)  # portkey's, with model_class replaced
-    config["environment"] = {**config.get("environment", {}), "environment_class": "local", "cwd": workdir,
-                             "timeout": 2}
-    for key in ("interpreter", "run_args", "executable", "container_timeout", "startup_timeout", "runtime_timeout",
-                "deployment_timeout", "install_pipx", "modal_sandbox_kwargs"):
+    config["environment"] = {
+        **config.get("environment", {}),
+        "environment_class": "local",
+        "cwd": workdir,
+        "timeout": 2,
+    }
+    for key in (
+        "interpreter",
+        "run_args",
+        "executable",
+        "container_timeout",
+        "startup_timeout",
+        "runtime_timeout",
+        "deployment_timeout",
+        "install_pipx",
+        "modal_sandbox_kwargs",
+    ):
         config["environment"].pop(key, None)  # sandbox start-up keys: not LocalEnvironment's
     config["environment"].get("env", {}).pop("BASH_ENV", None)  # the SWE-bench image's .bashrc, not this host's
     return recursive_merge(config, over)
@@ -158,30 +199,35 @@ def run_mini(config: dict[str, Any], replies: list[dict[str, Any]], task_text: s
             model._api_url = server.url + "/v1/chat/completions"
         env = get_environment(cfg["environment"], default_type="local")
         agent = get_agent(model, env, cfg["agent"], default_type="default")
-        try:
+        with contextlib.suppress(RuntimeError):  # mini re-raises an uncaught error after its exit message
             agent.run(task_text)
-        except Exception:  # mini re-raises an uncaught exception after adding its exit message
-            pass
         return agent.messages, server.requests
     finally:
         server.close()
 
 
 def run_megaflow(harness: Harness, config: dict[str, Any], replies: list[dict[str, Any]], task_text: str):
-    ep, history = harness.run(task({"type": "mini_swe_agent", "config": config}, problem_statement=task_text),
-                              copy.deepcopy(replies))
+    ep, history = harness.run(
+        task({"type": "mini_swe_agent", "config": config}, problem_statement=task_text), copy.deepcopy(replies)
+    )
     return ep, history
 
 
 def norm_message(m: dict[str, Any]) -> dict[str, Any]:
     out = {k: m.get(k) for k in CHAT_KEYS if m.get(k) is not None}
     if m.get("tool_calls"):
-        out["tool_calls"] = [{"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-                             for c in m["tool_calls"]]
+        out["tool_calls"] = [
+            {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in m["tool_calls"]
+        ]
     if m.get("role") == "exit":
         extra = m.get("extra") or {}
-        out = {"role": "exit", "content": m.get("content"), "exit_status": extra.get("exit_status"),
-               "submission": extra.get("submission")}
+        out = {
+            "role": "exit",
+            "content": m.get("content"),
+            "exit_status": extra.get("exit_status"),
+            "submission": extra.get("submission"),
+        }
     return out
 
 
@@ -204,8 +250,9 @@ def megaflow_conversation(history: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 def norm_requests(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keep = ("tools", "parallel_tool_calls", "tool_choice", "temperature")
-    return [{"messages": [norm_message(m) for m in r["messages"]], **{k: r[k] for k in keep if k in r}}
-            for r in requests]
+    return [
+        {"messages": [norm_message(m) for m in r["messages"]], **{k: r[k] for k in keep if k in r}} for r in requests
+    ]
 
 
 def assert_same(mini_msgs, mini_reqs, history, harness) -> None:
@@ -213,14 +260,21 @@ def assert_same(mini_msgs, mini_reqs, history, harness) -> None:
     theirs = mini_conversation(mini_msgs)
     for i, (a, b) in enumerate(zip(theirs, ours)):
         assert a == b, f"message {i} differs:\nmini:     {a}\nmegaflow: {b}"
-    assert len(theirs) == len(ours), (len(theirs), len(ours), theirs[len(ours):], ours[len(theirs):])
+    assert len(theirs) == len(ours), (len(theirs), len(ours), theirs[len(ours) :], ours[len(theirs) :])
     assert norm_requests(mini_reqs) == norm_requests(harness.requests)
 
 
 # A run that visits every event kind: an action, a malformed reply, a failing command, several
 # actions in one reply, a time-out, a submit command that exits non-zero (not a submit), the submit.
-STEPS = ["echo hello && ls", None, "printf 'a\\nb\\n'; exit 3", ["echo one", "echo two"], "sleep 20",
-         f"{SUBMIT} && false", f"{SUBMIT} && printf '{PATCH}'"]
+STEPS = [
+    "echo hello && ls",
+    None,
+    "printf 'a\\nb\\n'; exit 3",
+    ["echo one", "echo two"],
+    "sleep 20",
+    f"{SUBMIT} && false",
+    f"{SUBMIT} && printf '{PATCH}'",
+]
 
 
 @pytest.mark.parametrize("case,names,model_class", CASES, ids=[c[0] for c in CASES])
@@ -244,14 +298,28 @@ def run_both(harness, tmp_path, names, model_class, steps, **over):
     return mini_msgs, mini_reqs, ep, history
 
 
-@pytest.mark.parametrize("over,steps,state,cause,status", [
-    ({"agent": {"step_limit": 2}}, ["echo a", "echo b", "echo c"], "FAILED", "agent_limit", "LimitsExceeded"),
-    ({"agent": {"max_consecutive_format_errors": 2}}, ["echo a", None, None, "echo c"], "FAILED", "format",
-     "RepeatedFormatError"),
-    ({"agent": {"wall_time_limit_seconds": 1}, "environment": {"timeout": 10}}, ["sleep 1.5", "echo b"],
-     "TIMED_OUT", "timeout", "TimeExceeded"),
-    ({"agent": {"step_limit": 0, "cost_limit": 0}}, ["echo a"] * 6 + [SUBMIT], "EVALUATING", "", "Submitted"),
-], ids=["step_limit", "format_errors", "wall_time", "unlimited"])
+@pytest.mark.parametrize(
+    "over,steps,state,cause,status",
+    [
+        ({"agent": {"step_limit": 2}}, ["echo a", "echo b", "echo c"], "FAILED", "agent_limit", "LimitsExceeded"),
+        (
+            {"agent": {"max_consecutive_format_errors": 2}},
+            ["echo a", None, None, "echo c"],
+            "FAILED",
+            "format",
+            "RepeatedFormatError",
+        ),
+        (
+            {"agent": {"wall_time_limit_seconds": 1}, "environment": {"timeout": 10}},
+            ["sleep 1.5", "echo b"],
+            "TIMED_OUT",
+            "timeout",
+            "TimeExceeded",
+        ),
+        ({"agent": {"step_limit": 0, "cost_limit": 0}}, ["echo a"] * 6 + [SUBMIT], "EVALUATING", "", "Submitted"),
+    ],
+    ids=["step_limit", "format_errors", "wall_time", "unlimited"],
+)
 def test_limits_end_runs_as_mini_does(harness, tmp_path, over, steps, state, cause, status):
     mini_msgs, mini_reqs, ep, history = run_both(harness, tmp_path, ("mini.yaml",), None, steps, **over)
     assert mini_msgs[-1]["extra"]["exit_status"] == status
@@ -262,10 +330,22 @@ def test_limits_end_runs_as_mini_does(harness, tmp_path, over, steps, state, cau
 def test_cost_limit_with_mini_cost_tracking(harness, tmp_path):
     """litellm prices each call from the config's model registry, on both sides; cost_limit stops the run."""
     registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"openai/scripted": {"input_cost_per_token": 0.001, "output_cost_per_token": 0.0,
-                                                        "litellm_provider": "openai", "mode": "chat"}}))
-    over = {"agent": {"cost_limit": 0.025}, "model": {"litellm_model_registry": str(registry),
-                                                       "cost_tracking": "default"}}
+    registry.write_text(
+        json.dumps(
+            {
+                "openai/scripted": {
+                    "input_cost_per_token": 0.001,
+                    "output_cost_per_token": 0.0,
+                    "litellm_provider": "openai",
+                    "mode": "chat",
+                }
+            }
+        )
+    )
+    over = {
+        "agent": {"cost_limit": 0.025},
+        "model": {"litellm_model_registry": str(registry), "cost_tracking": "default"},
+    }
     mini_msgs, mini_reqs, ep, history = run_both(harness, tmp_path, ("mini.yaml",), None, ["echo a"] * 5, **over)
     assert mini_msgs[-1]["extra"]["exit_status"] == "LimitsExceeded"
     assert (ep.state, ep.fields["cause"]) == ("FAILED", "agent_limit") and "cost 0.03" in ep.fields["error"]
@@ -274,7 +354,13 @@ def test_cost_limit_with_mini_cost_tracking(harness, tmp_path):
 
 def test_unpriced_model_fails_as_mini_does(harness, tmp_path):
     """cost_tracking 'default' and a model litellm cannot price: mini's RuntimeError ends the run."""
-    mini_msgs, _, ep, history = run_both(harness, tmp_path, ("mini.yaml",), None, ["echo a"],
-                                         model={"cost_tracking": "default", "model_name": "openai/unpriced"})
+    mini_msgs, _, ep, history = run_both(
+        harness,
+        tmp_path,
+        ("mini.yaml",),
+        None,
+        ["echo a"],
+        model={"cost_tracking": "default", "model_name": "openai/unpriced"},
+    )
     assert mini_msgs[-1]["extra"]["exit_status"] == "RuntimeError" == history[-1]["extra"]["exit_status"]
     assert ep.state == "FAILED" and "Error calculating cost" in ep.fields["error"]

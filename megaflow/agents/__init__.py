@@ -19,5 +19,15 @@ from megaflow.agents.base import (
 )
 from megaflow.agents.conversation import build_request, chat_messages
 
-__all__ = ["REGISTRY", "Agent", "AgentBase", "Decision", "StepContext", "agent_class", "build_request",
-           "chat_messages", "make_agent", "validate_agent_section"]
+__all__ = [
+    "REGISTRY",
+    "Agent",
+    "AgentBase",
+    "Decision",
+    "StepContext",
+    "agent_class",
+    "build_request",
+    "chat_messages",
+    "make_agent",
+    "validate_agent_section",
+]

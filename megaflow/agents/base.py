@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from pydantic import ValidationError
+
 from megaflow.core.errors import SpecError
 from megaflow.core.spec import AgentSpec, TaskSpec
 
@@ -118,9 +120,11 @@ def agent_class(type_name: str) -> type:
     target = REGISTRY.get(type_name)
     if target is None:
         if not _DOTTED.match(type_name):
-            raise SpecError(f"field 'agent.type': unknown agent type {type_name!r}; use one of "
-                            f"{sorted(REGISTRY)} or a dotted path to your class (mypkg.agents:MyAgent)",
-                            field="agent.type")
+            raise SpecError(
+                f"field 'agent.type': unknown agent type {type_name!r}; use one of "
+                f"{sorted(REGISTRY)} or a dotted path to your class (mypkg.agents:MyAgent)",
+                field="agent.type",
+            )
         target = type_name
     if ":" in target:
         module_name, attr = target.split(":", 1)
@@ -130,14 +134,16 @@ def agent_class(type_name: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         hint = " (pip install 'megaflow[mini]')" if "minisweagent" in str(exc) else ""
-        raise SpecError(f"field 'agent.type': agent {type_name!r} cannot be imported: {exc}{hint}",
-                        field="agent.type") from None
+        raise SpecError(
+            f"field 'agent.type': agent {type_name!r} cannot be imported: {exc}{hint}", field="agent.type"
+        ) from None
     cls = getattr(module, attr, None)
     if cls is None:
         raise SpecError(f"field 'agent.type': module {module_name!r} has no {attr!r}", field="agent.type")
     if not callable(getattr(cls, "decide", None)):
-        raise SpecError(f"field 'agent.type': {type_name!r} is not an agent (it has no decide(ctx) method)",
-                        field="agent.type")
+        raise SpecError(
+            f"field 'agent.type': {type_name!r} is not an agent (it has no decide(ctx) method)", field="agent.type"
+        )
     return cls
 
 
@@ -154,8 +160,11 @@ def validate_agent_section(section: dict[str, Any] | None) -> dict[str, Any]:
     raw = dict(section or {})
     try:
         spec = AgentSpec.model_validate(raw)
-    except Exception as exc:  # pydantic's message names the field
-        raise SpecError(f"field 'agent': {exc}", field="agent") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(["agent", *(str(p) for p in err["loc"])])
+        msg = "unknown field; remove it or check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
+        raise SpecError(f"field '{where}': {msg}", field=where) from None
     cls = agent_class(spec.type)
     hook = getattr(cls, "validate_section", None)
     if hook is None:

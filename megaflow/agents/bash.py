@@ -69,8 +69,11 @@ class BashAgent(AgentBase):
     @classmethod
     def validate_section(cls, section: dict[str, Any]) -> dict[str, Any]:
         if section.get("config"):
-            raise SpecError("field 'agent.config': the bash agent takes no config; set its agent.* fields "
-                            "(system_template, max_steps, ...) instead", field="agent.config")
+            raise SpecError(
+                "field 'agent.config': the bash agent takes no config; set its agent.* fields "
+                "(system_template, max_steps, ...) instead",
+                field="agent.config",
+            )
         return section
 
     # --- templates -----------------------------------------------------------------------------
@@ -81,8 +84,13 @@ class BashAgent(AgentBase):
             return template
 
     def initial_messages(self, task: TaskSpec) -> list[dict[str, Any]]:
-        values = {"submit_word": self.spec.submit_word, "problem_statement": task.problem_statement,
-                  "task": task.problem_statement, "workdir": task.workdir, "task_id": task.task_id}
+        values = {
+            "submit_word": self.spec.submit_word,
+            "problem_statement": task.problem_statement,
+            "task": task.problem_statement,
+            "workdir": task.workdir,
+            "task_id": task.task_id,
+        }
         system = self.render(self.spec.system_template or SYSTEM_TEMPLATE, **values)
         user = self.render(self.spec.instance_template or INSTANCE_TEMPLATE, **values)
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -90,14 +98,20 @@ class BashAgent(AgentBase):
     def observation(self, exit_code: int | None, output: str, timed_out: bool, command: str = "") -> str:
         """The user message that reports a command's result to the model."""
         if timed_out:
-            return self.render(self.spec.timeout_template or TIMEOUT_TEMPLATE, output=output, command=command,
-                               exit_code=exit_code)
-        return self.render(self.spec.action_observation_template or OBSERVATION_TEMPLATE, exit_code=exit_code,
-                           output=output, command=command)
+            return self.render(
+                self.spec.timeout_template or TIMEOUT_TEMPLATE, output=output, command=command, exit_code=exit_code
+            )
+        return self.render(
+            self.spec.action_observation_template or OBSERVATION_TEMPLATE,
+            exit_code=exit_code,
+            output=output,
+            command=command,
+        )
 
     def format_error(self, actions: list[str]) -> str:
-        return self.render(self.spec.format_error_template or FORMAT_ERROR, submit_word=self.spec.submit_word,
-                           n_actions=len(actions))
+        return self.render(
+            self.spec.format_error_template or FORMAT_ERROR, submit_word=self.spec.submit_word, n_actions=len(actions)
+        )
 
     # --- decisions -----------------------------------------------------------------------------
     def actions(self, reply: str) -> list[str]:
@@ -129,21 +143,36 @@ class BashAgent(AgentBase):
         if last.get("role") == "assistant":
             action = self.parse(str(last.get("content") or ""))
             if action.kind == "exec":
-                return Decision(EXEC, exec={"command": action.command, **self.exec_options(ctx.task)},
-                                state={"format_streak": 0})
+                return Decision(
+                    EXEC, exec={"command": action.command, **self.exec_options(ctx.task)}, state={"format_streak": 0}
+                )
             if action.kind == "submit":
                 return Decision(SUBMIT, state={"format_streak": 0})
             streak += 1
             record = {"role": "user", "content": action.message, "kind": "format_error"}
             if streak >= self.max_format_errors:
-                return Decision(END, records=[record], outcome=states.FAILED, cause=states.CAUSE_FORMAT,
-                                reason=f"format error limit reached ({streak} replies in a row without one action)")
+                return Decision(
+                    END,
+                    records=[record],
+                    outcome=states.FAILED,
+                    cause=states.CAUSE_FORMAT,
+                    reason=f"format error limit reached ({streak} replies in a row without one action)",
+                )
             return self._to_model(ctx, [record], {"format_streak": streak}, incr={"format_errors": 1})
         if last.get("kind") == "exec":
-            text = self.observation(last.get("exit_code"), str(last.get("output") or ""), bool(last.get("timed_out")),
-                                    str(last.get("command") or ""))
-            record = {"role": "user", "content": text, "kind": "observation", "exit_code": last.get("exit_code"),
-                      "timed_out": bool(last.get("timed_out"))}
+            text = self.observation(
+                last.get("exit_code"),
+                str(last.get("output") or ""),
+                bool(last.get("timed_out")),
+                str(last.get("command") or ""),
+            )
+            record = {
+                "role": "user",
+                "content": text,
+                "kind": "observation",
+                "exit_code": last.get("exit_code"),
+                "timed_out": bool(last.get("timed_out")),
+            }
             return self._to_model(ctx, [record], {"format_streak": 0})
         return self._to_model(ctx, [], {"format_streak": streak})
 
@@ -156,17 +185,32 @@ class BashAgent(AgentBase):
             out["env"] = dict(self.spec.env)
         return out
 
-    def _to_model(self, ctx: StepContext, records: list[dict[str, Any]], state: dict[str, Any],
-                  incr: dict[str, float] | None = None) -> Decision:
+    def _to_model(
+        self,
+        ctx: StepContext,
+        records: list[dict[str, Any]],
+        state: dict[str, Any],
+        incr: dict[str, float] | None = None,
+    ) -> Decision:
         """Another model call, unless a limit says stop (then the records still land in the history)."""
         calls = int(ctx.counters.get("model_calls", 0))
         tokens = int(ctx.counters.get("prompt_tokens", 0) + ctx.counters.get("completion_tokens", 0))
         if calls >= self.max_steps:
-            return Decision(END, records=records, outcome=states.FAILED, cause=states.CAUSE_AGENT_LIMIT,
-                            reason=f"step limit reached ({self.max_steps} model calls)")
+            return Decision(
+                END,
+                records=records,
+                outcome=states.FAILED,
+                cause=states.CAUSE_AGENT_LIMIT,
+                reason=f"step limit reached ({self.max_steps} model calls)",
+            )
         if self.max_tokens is not None and tokens >= self.max_tokens:
-            return Decision(END, records=records, outcome=states.FAILED, cause=states.CAUSE_AGENT_LIMIT,
-                            reason=f"token limit reached ({tokens} >= {self.max_tokens})")
+            return Decision(
+                END,
+                records=records,
+                outcome=states.FAILED,
+                cause=states.CAUSE_AGENT_LIMIT,
+                reason=f"token limit reached ({tokens} >= {self.max_tokens})",
+            )
         return Decision(MODEL, records=records, state=state, incr=dict(incr or {}))
 
 

@@ -19,22 +19,55 @@ from megaflow.core.errors import SpecError
 
 SUBMIT_MARKER = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
 
-AGENT_KEYS = {"system_template", "instance_template", "step_limit", "cost_limit", "wall_time_limit_seconds",
-              "max_consecutive_format_errors", "agent_class"}
-MODEL_KEYS = {"model_name", "model_class", "model_kwargs", "observation_template", "format_error_template",
-              "action_regex", "multimodal_regex", "set_cache_control", "cost_tracking", "litellm_model_registry"}
+AGENT_KEYS = {
+    "system_template",
+    "instance_template",
+    "step_limit",
+    "cost_limit",
+    "wall_time_limit_seconds",
+    "max_consecutive_format_errors",
+    "agent_class",
+}
+MODEL_KEYS = {
+    "model_name",
+    "model_class",
+    "model_kwargs",
+    "observation_template",
+    "format_error_template",
+    "action_regex",
+    "multimodal_regex",
+    "set_cache_control",
+    "cost_tracking",
+    "litellm_model_registry",
+}
 ENV_KEYS = {"cwd", "timeout", "env", "interpreter", "environment_class", "forward_env"}
 
 # Keys MegaFlow replaces with its own machinery; accepted, and listed in a note record of the episode.
 SUPERSEDED = {
-    "agent": {"mode": "no human in the loop: MegaFlow runs mini's DefaultAgent unattended (yolo)",
-              "whitelist_actions": "no human in the loop (interactive agent only)",
-              "confirm_exit": "no human in the loop (interactive agent only)"},
+    "agent": {
+        "mode": "no human in the loop: MegaFlow runs mini's DefaultAgent unattended (yolo)",
+        "whitelist_actions": "no human in the loop (interactive agent only)",
+        "confirm_exit": "no human in the loop (interactive agent only)",
+    },
     "model": {"provider": "requests go through MegaFlow's model gateway (the task's model section)"},
-    "environment": {k: "the sandbox is the episode's container on a MegaFlow env host (limits from settings)"
-                    for k in ("executable", "run_args", "container_timeout", "pull_timeout", "startup_timeout",
-                              "runtime_timeout", "deployment_timeout", "install_pipx", "modal_sandbox_kwargs",
-                              "sandbox_build_retries", "global_args", "exec_args", "wrapper_args")},
+    "environment": {
+        k: "the sandbox is the episode's container on a MegaFlow env host (limits from settings)"
+        for k in (
+            "executable",
+            "run_args",
+            "container_timeout",
+            "pull_timeout",
+            "startup_timeout",
+            "runtime_timeout",
+            "deployment_timeout",
+            "install_pipx",
+            "modal_sandbox_kwargs",
+            "sandbox_build_retries",
+            "global_args",
+            "exec_args",
+            "wrapper_args",
+        )
+    },
 }
 REJECTED = {
     ("agent", "output_path"): "MegaFlow stores every trajectory as an artifact (a result's artifact_uri); remove it",
@@ -42,13 +75,31 @@ REJECTED = {
     ("model", "outputs"): "scripted replies belong in the task's model section (backend: scripted, replies)",
 }
 # model_kwargs that pick an endpoint or credentials: MegaFlow's gateway owns those.
-ENDPOINT_KWARGS = {"api_base", "base_url", "api_key", "api_version", "custom_llm_provider", "organization",
-                   "extra_headers", "headers", "timeout", "num_retries"}
+ENDPOINT_KWARGS = {
+    "api_base",
+    "base_url",
+    "api_key",
+    "api_version",
+    "custom_llm_provider",
+    "organization",
+    "extra_headers",
+    "headers",
+    "timeout",
+    "num_retries",
+}
 CONSUMED_KWARGS = {"drop_params"}  # litellm-only: MegaFlow's gateway never adds parameters a server lacks
 
-ENV_CLASSES = {"docker", "local", "singularity", "swerex_docker", "swerex_modal", "bubblewrap", "contree",
-               "minisweagent.environments.docker.DockerEnvironment",
-               "minisweagent.environments.local.LocalEnvironment"}
+ENV_CLASSES = {
+    "docker",
+    "local",
+    "singularity",
+    "swerex_docker",
+    "swerex_modal",
+    "bubblewrap",
+    "contree",
+    "minisweagent.environments.docker.DockerEnvironment",
+    "minisweagent.environments.local.LocalEnvironment",
+}
 TEXT_MODEL_CLASSES = {"litellm_textbased", "openrouter_textbased"}
 TOOL_MODEL_CLASSES = {"litellm", "openrouter", "requesty", "portkey"}
 UNSTEPPABLE_MODEL_CLASSES = {
@@ -66,8 +117,10 @@ def import_mini() -> Any:
     try:
         import minisweagent
     except ImportError:
-        raise SpecError("field 'agent.type': the mini_swe_agent agent needs mini-swe-agent; "
-                        "pip install 'megaflow[mini]'", field="agent.type") from None
+        raise SpecError(
+            "field 'agent.type': the mini_swe_agent agent needs mini-swe-agent; pip install 'megaflow[mini]'",
+            field="agent.type",
+        ) from None
     return minisweagent
 
 
@@ -99,8 +152,9 @@ def load_mini_config(source: str | Path | dict[str, Any]) -> MiniConfig:
     if not isinstance(data, dict):
         raise SpecError("agent config: must be a mapping with agent / model / environment sections", field="agent")
     env = data.get("environment") or {}
-    return MiniConfig(agent={"type": "mini_swe_agent", "config": data},
-                      workdir=env.get("cwd") if isinstance(env, dict) else None)
+    return MiniConfig(
+        agent={"type": "mini_swe_agent", "config": data}, workdir=env.get("cwd") if isinstance(env, dict) else None
+    )
 
 
 def packaged_config(name: str) -> Path | None:
@@ -140,21 +194,32 @@ def _check_template(key: str, text: Any) -> None:
 
 def config_notes(config: dict[str, Any]) -> list[str]:
     """Keys a config sets that MegaFlow supersedes or mini itself does not use, each with the reason."""
-    notes = [f"{section}.{key}: {why}" for section, keys in SUPERSEDED.items()
-             for key, why in keys.items() if key in (config.get(section) or {})]
+    notes = [
+        f"{section}.{key}: {why}"
+        for section, keys in SUPERSEDED.items()
+        for key, why in keys.items()
+        if key in (config.get(section) or {})
+    ]
     model, agent = config.get("model") or {}, config.get("agent") or {}
     cls = model_class_name(model)
     if cls in TOOL_MODEL_CLASSES:
         if "action_regex" in model:
-            notes.append(f"model.action_regex: not used by model_class {cls!r} (tool calls), as in mini itself; "
-                         "set model_class: litellm_textbased to parse actions from text")
+            notes.append(
+                f"model.action_regex: not used by model_class {cls!r} (tool calls), as in mini itself; "
+                "set model_class: litellm_textbased to parse actions from text"
+            )
         prompts = str(agent.get("system_template", "")) + str(agent.get("instance_template", ""))
         if "mswea_bash_command" in prompts:
-            notes.append(f"model.model_class: {cls!r} (tool calls, mini's default) while the prompts ask for text "
-                         "actions; mini users pass --model-class litellm_textbased for such configs")
+            notes.append(
+                f"model.model_class: {cls!r} (tool calls, mini's default) while the prompts ask for text "
+                "actions; mini users pass --model-class litellm_textbased for such configs"
+            )
     kwargs = model.get("model_kwargs") or {}
-    notes += [f"model.model_kwargs.{k}: litellm-only, not needed by MegaFlow's gateway" for k in CONSUMED_KWARGS
-              if k in kwargs]
+    notes += [
+        f"model.model_kwargs.{k}: litellm-only, not needed by MegaFlow's gateway"
+        for k in CONSUMED_KWARGS
+        if k in kwargs
+    ]
     return notes
 
 
@@ -167,13 +232,17 @@ def validate_mini_config(config: dict[str, Any]) -> dict[str, Any]:
     """Check every key of a mini config (honoured, superseded or rejected); return it unchanged."""
     import_mini()
     from minisweagent.agents.default import AgentConfig
+    from pydantic import ValidationError
 
     if not isinstance(config, dict):
         raise _fail("", "must be a mapping with agent / model / environment sections")
     for section in config:
         if section not in ("agent", "model", "environment"):
-            raise _fail(section, "unknown section; a mini-swe-agent config has agent, model and environment "
-                                 "(run-time options of mini's CLI have no place in a task spec)")
+            raise _fail(
+                section,
+                "unknown section; a mini-swe-agent config has agent, model and environment "
+                "(run-time options of mini's CLI have no place in a task spec)",
+            )
     sections = {name: config.get(name) or {} for name in ("agent", "model", "environment")}
     for name, sec in sections.items():
         if not isinstance(sec, dict):
@@ -183,15 +252,20 @@ def validate_mini_config(config: dict[str, Any]) -> dict[str, Any]:
             if (name, key) in REJECTED:
                 raise _fail(f"{name}.{key}", REJECTED[(name, key)])
             if key not in allowed and key not in SUPERSEDED[name]:
-                raise _fail(f"{name}.{key}", f"unknown key for mini-swe-agent 2.4's {name} section; "
-                                             "remove it or check the spelling")
+                raise _fail(
+                    f"{name}.{key}",
+                    f"unknown key for mini-swe-agent 2.4's {name} section; remove it or check the spelling",
+                )
     agent, model, env = sections["agent"], sections["model"], sections["environment"]
     if agent.get("agent_class", "default") not in ("default", "minisweagent.agents.default.DefaultAgent"):
-        raise _fail("agent.agent_class", "MegaFlow steps mini's DefaultAgent; other agent classes run their own "
-                                         "loop and cannot be stepped (remove the key)")
+        raise _fail(
+            "agent.agent_class",
+            "MegaFlow steps mini's DefaultAgent; other agent classes run their own "
+            "loop and cannot be stepped (remove the key)",
+        )
     try:
         AgentConfig(**{k: v for k, v in agent.items() if k in AGENT_KEYS - {"agent_class"}})
-    except Exception as exc:
+    except ValidationError as exc:
         raise _fail("agent", _pydantic_message(exc)) from None
     for key in ("system_template", "instance_template"):
         _check_template(f"agent.{key}", agent[key])
@@ -216,8 +290,11 @@ def _check_model(model: dict[str, Any]) -> None:
         raise _fail("model.model_kwargs", "must be a mapping of request parameters")
     for key in kwargs:
         if key in ENDPOINT_KWARGS:
-            raise _fail(f"model.model_kwargs.{key}", "endpoints, credentials, time-outs and retries come from the "
-                                                      "task's model section and MegaFlow's settings; remove it")
+            raise _fail(
+                f"model.model_kwargs.{key}",
+                "endpoints, credentials, time-outs and retries come from the "
+                "task's model section and MegaFlow's settings; remove it",
+            )
     if "action_regex" in model:
         import re
 
@@ -234,11 +311,16 @@ def _check_model(model: dict[str, Any]) -> None:
 def _check_environment(env: dict[str, Any]) -> None:
     cls = env.get("environment_class", "docker")
     if cls not in ENV_CLASSES:
-        raise _fail("environment.environment_class", f"{cls!r}: commands run in the episode's container on a "
-                                                     f"MegaFlow env host; use one of {sorted(ENV_CLASSES)[:7]}")
+        raise _fail(
+            "environment.environment_class",
+            f"{cls!r}: commands run in the episode's container on a "
+            f"MegaFlow env host; use one of {sorted(ENV_CLASSES)[:7]}",
+        )
     if env.get("forward_env"):
-        raise _fail("environment.forward_env", "the agent worker's variables are not the submitter's; "
-                                               "set the values under environment.env instead")
+        raise _fail(
+            "environment.forward_env",
+            "the agent worker's variables are not the submitter's; set the values under environment.env instead",
+        )
     if "timeout" in env and (not isinstance(env["timeout"], (int, float)) or env["timeout"] <= 0):
         raise _fail("environment.timeout", "must be a positive number of seconds")
     if not isinstance(env.get("env", {}), dict):

@@ -30,7 +30,9 @@ def resolve_model_class(name: str) -> type:
     try:
         return get_model_class("", name)
     except ValueError as exc:
-        raise SpecError(f"field 'agent.config.model.model_class': {exc}", field="agent.config.model.model_class") from None
+        raise SpecError(
+            f"field 'agent.config.model.model_class': {exc}", field="agent.config.model.model_class"
+        ) from None
 
 
 def model_family(name: str) -> tuple[str, bool]:
@@ -47,17 +49,18 @@ def model_family(name: str) -> tuple[str, bool]:
         return LITELLM, not textbased
     if issubclass(cls, (OpenRouterModel, RequestyModel)):
         return DICT, not textbased
-    raise SpecError(f"field 'agent.config.model.model_class': {name!r} is not one of mini's chat-completion model "
-                    "families (litellm, openrouter, requesty, or a subclass); MegaFlow cannot feed it replies",
-                    field="agent.config.model.model_class")
+    raise SpecError(
+        f"field 'agent.config.model.model_class': {name!r} is not one of mini's chat-completion model "
+        "families (litellm, openrouter, requesty, or a subclass); MegaFlow cannot feed it replies",
+        field="agent.config.model.model_class",
+    )
 
 
 def build_model(model_cfg: dict[str, Any], default_name: str) -> Any:
     """The model object mini's ``get_model`` would build from this config (nothing is called yet)."""
     name = str(model_cfg.get("model_class") or "litellm")
     cls = resolve_model_class(name)
-    config = {k: copy.deepcopy(v) for k, v in model_cfg.items()
-              if k != "model_class" and k not in SUPERSEDED["model"]}
+    config = {k: copy.deepcopy(v) for k, v in model_cfg.items() if k != "model_class" and k not in SUPERSEDED["model"]}
     config["model_name"] = config.get("model_name") or default_name
     lowered = config["model_name"].lower()
     if any(s in lowered for s in ("anthropic", "sonnet", "opus", "claude")) and "set_cache_control" not in config:
@@ -77,10 +80,14 @@ def response_json(record: dict[str, Any], model_name: str) -> dict[str, Any]:
     if usage is None:
         p, c = int(record.get("prompt_tokens") or 0), int(record.get("completion_tokens") or 0)
         usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-    return {"id": str(record.get("id") or f"megaflow-{record.get('step', 0)}"), "object": "chat.completion",
-            "created": int(float(record.get("t") or 0)), "model": record.get("model_name") or model_name,
-            "choices": [{"index": 0, "message": message, "finish_reason": record.get("finish_reason")}],
-            "usage": usage}
+    return {
+        "id": str(record.get("id") or f"megaflow-{record.get('step', 0)}"),
+        "object": "chat.completion",
+        "created": int(float(record.get("t") or 0)),
+        "model": record.get("model_name") or model_name,
+        "choices": [{"index": 0, "message": message, "finish_reason": record.get("finish_reason")}],
+        "usage": usage,
+    }
 
 
 def replay(model: Any, record: dict[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,15 @@ from megaflow.core.errors import SpecError
 from megaflow.core.spec import AgentSpec
 
 STATE_KEYS = ("start_time", "n_calls", "cost", "n_format_errors", "task", "actions", "outputs", "phase")
-DOCKER_LIKE = ("docker", "swerex_docker", "singularity", "swerex_modal", "bubblewrap", "contree",
-               "minisweagent.environments.docker.DockerEnvironment")
+DOCKER_LIKE = (
+    "docker",
+    "swerex_docker",
+    "singularity",
+    "swerex_modal",
+    "bubblewrap",
+    "contree",
+    "minisweagent.environments.docker.DockerEnvironment",
+)
 CAUSE_AGENT_ERROR = getattr(states, "CAUSE_AGENT_ERROR", states.CAUSE_AGENT_CONFIG)
 
 
@@ -54,8 +61,11 @@ class MiniSweAgent(AgentBase):
     def validate_section(cls, section: dict[str, Any]) -> dict[str, Any]:
         extra = sorted(k for k in section if k not in ("type", "config", "wall_time_s"))
         if extra:
-            raise SpecError(f"field 'agent.{extra[0]}': the mini_swe_agent agent takes its settings from "
-                            "agent.config (mini's YAML layout: agent / model / environment)", field=f"agent.{extra[0]}")
+            raise SpecError(
+                f"field 'agent.{extra[0]}': the mini_swe_agent agent takes its settings from "
+                "agent.config (mini's YAML layout: agent / model / environment)",
+                field=f"agent.{extra[0]}",
+            )
         validate_mini_config(section.get("config") or {})
         return section
 
@@ -67,9 +77,19 @@ class MiniSweAgent(AgentBase):
         from megaflow.agents.mini_models import build_model
 
         model = build_model(dict(self.config.get("model") or {}), default_name=self._model_name(ctx))
-        agent_cfg = {k: v for k, v in (self.config.get("agent") or {}).items()
-                     if k in ("system_template", "instance_template", "step_limit", "cost_limit",
-                              "wall_time_limit_seconds", "max_consecutive_format_errors")}
+        agent_cfg = {
+            k: v
+            for k, v in (self.config.get("agent") or {}).items()
+            if k
+            in (
+                "system_template",
+                "instance_template",
+                "step_limit",
+                "cost_limit",
+                "wall_time_limit_seconds",
+                "max_consecutive_format_errors",
+            )
+        }
         agent = DefaultAgent(model, _Environment(self, ctx), **agent_cfg)
         agent.n_calls = int(st.get("n_calls", 0))
         agent.cost = float(st.get("cost", 0.0))
@@ -85,8 +105,13 @@ class MiniSweAgent(AgentBase):
 
     @staticmethod
     def _save(agent: Any, st: dict[str, Any], **changes: Any) -> dict[str, Any]:
-        return {**st, "n_calls": agent.n_calls, "cost": agent.cost,
-                "n_format_errors": agent.n_consecutive_format_errors, **changes}
+        return {
+            **st,
+            "n_calls": agent.n_calls,
+            "cost": agent.cost,
+            "n_format_errors": agent.n_consecutive_format_errors,
+            **changes,
+        }
 
     # --- the step ---------------------------------------------------------------------------------
     def decide(self, ctx: StepContext) -> Decision:
@@ -95,7 +120,7 @@ class MiniSweAgent(AgentBase):
             return self._decide(ctx)
         except SpecError as exc:
             return _exit(exc, states.CAUSE_AGENT_CONFIG)
-        except Exception as exc:  # as mini's handle_uncaught_exception: an exit message, then the run ends
+        except Exception as exc:  # noqa: BLE001  (as mini's handle_uncaught_exception: an exit message, the run ends)
             return _exit(exc, CAUSE_AGENT_ERROR)
 
     def _decide(self, ctx: StepContext) -> Decision:
@@ -103,17 +128,32 @@ class MiniSweAgent(AgentBase):
 
         st = dict(ctx.state)
         if ctx.first:
-            st = {"start_time": ctx.now, "n_calls": 0, "cost": 0.0, "n_format_errors": 0,
-                  "task": ctx.task.problem_statement, "actions": [], "outputs": []}
+            st = {
+                "start_time": ctx.now,
+                "n_calls": 0,
+                "cost": 0.0,
+                "n_format_errors": 0,
+                "task": ctx.task.problem_statement,
+                "actions": [],
+                "outputs": [],
+            }
             agent = self._objects(ctx, st)
             from megaflow.agents.mini_models import request_options
 
-            records = [_record(agent.model.format_message(role="system",
-                                                          content=agent._render_template(agent.config.system_template)),
-                               kind="prompt"),
-                       _record(agent.model.format_message(role="user",
-                                                          content=agent._render_template(agent.config.instance_template)),
-                               kind="prompt")]
+            records = [
+                _record(
+                    agent.model.format_message(
+                        role="system", content=agent._render_template(agent.config.system_template)
+                    ),
+                    kind="prompt",
+                ),
+                _record(
+                    agent.model.format_message(
+                        role="user", content=agent._render_template(agent.config.instance_template)
+                    ),
+                    kind="prompt",
+                ),
+            ]
             notes = config_notes(self.config)
             if notes:
                 records.insert(0, {"role": "note", "kind": "config_notes", "content": "\n".join(notes)})
@@ -133,12 +173,20 @@ class MiniSweAgent(AgentBase):
                 records = [_record(m, kind="format_error", drop_reply=True) for m in exc.messages]
                 limit = agent.config.max_consecutive_format_errors
                 if 0 < limit <= agent.n_consecutive_format_errors:
-                    exit_msg = {"role": "exit", "content": "RepeatedFormatError",
-                                "extra": {"exit_status": "RepeatedFormatError", "submission": ""}}
-                    return Decision(END, records=[*records, _record(exit_msg, kind="exit")],
-                                    state=self._save(agent, st), outcome=states.FAILED, cause=states.CAUSE_FORMAT,
-                                    reason=f"RepeatedFormatError: {agent.n_consecutive_format_errors} format errors "
-                                           "in a row (max_consecutive_format_errors)")
+                    exit_msg = {
+                        "role": "exit",
+                        "content": "RepeatedFormatError",
+                        "extra": {"exit_status": "RepeatedFormatError", "submission": ""},
+                    }
+                    return Decision(
+                        END,
+                        records=[*records, _record(exit_msg, kind="exit")],
+                        state=self._save(agent, st),
+                        outcome=states.FAILED,
+                        cause=states.CAUSE_FORMAT,
+                        reason=f"RepeatedFormatError: {agent.n_consecutive_format_errors} format errors "
+                        "in a row (max_consecutive_format_errors)",
+                    )
                 return self._query(agent, st, records)
             agent.cost += message.get("extra", {}).get("cost", 0.0)
             actions = list(message.get("extra", {}).get("actions", []))
@@ -151,20 +199,27 @@ class MiniSweAgent(AgentBase):
             except Submitted as exc:
                 msg = exc.messages[0]
                 submission = msg.get("extra", {}).get("submission", "")
-                return Decision(SUBMIT, records=[_record(msg, kind="exit")], state=self._save(agent, st, phase="done"),
-                                submission=submission)
+                return Decision(
+                    SUBMIT,
+                    records=[_record(msg, kind="exit")],
+                    state=self._save(agent, st, phase="done"),
+                    submission=submission,
+                )
             st = {**st, "outputs": [*st.get("outputs", []), output]}
             return self._next_action(agent, ctx, st)
-        raise RuntimeError(f"mini_swe_agent: unexpected event (phase {phase!r}, last record role "
-                           f"{last.get('role')!r}, kind {last.get('kind')!r})")
+        raise RuntimeError(
+            f"mini_swe_agent: unexpected event (phase {phase!r}, last record role "
+            f"{last.get('role')!r}, kind {last.get('kind')!r})"
+        )
 
     def _next_action(self, agent: Any, ctx: StepContext, st: dict[str, Any]) -> Decision:
         """Run the reply's next action, or, when all ran, add mini's observations and query again."""
         actions, outputs = st.get("actions", []), st.get("outputs", [])
         if len(outputs) < len(actions):
             return Decision(EXEC, exec=self._exec(ctx, actions[len(outputs)]), state={**st, "phase": "exec"})
-        observations = agent.model.format_observation_messages({"extra": {"actions": actions}}, outputs,
-                                                               agent.get_template_vars())
+        observations = agent.model.format_observation_messages(
+            {"extra": {"actions": actions}}, outputs, agent.get_template_vars()
+        )
         agent.n_consecutive_format_errors = 0  # a clean step
         records = [_record(m, kind="observation") for m in observations]
         return self._query(agent, {**st, "actions": [], "outputs": []}, records)
@@ -181,13 +236,19 @@ class MiniSweAgent(AgentBase):
         except LimitsExceeded as exc:
             timed = isinstance(exc, TimeExceeded)
             msg = exc.messages[0]
-            limits = {"step_limit": agent.config.step_limit, "cost_limit": agent.config.cost_limit,
-                      "wall_time_limit_seconds": agent.config.wall_time_limit_seconds}
-            return Decision(END, records=[*records, _record(msg, kind="exit")], state=self._save(agent, st),
-                            outcome=states.TIMED_OUT if timed else states.FAILED,
-                            cause=states.CAUSE_TIMEOUT if timed else states.CAUSE_AGENT_LIMIT,
-                            reason=f"{msg.get('content')}: {agent.n_calls} model calls, cost {agent.cost:g} "
-                                   f"(limits: {limits})")
+            limits = {
+                "step_limit": agent.config.step_limit,
+                "cost_limit": agent.config.cost_limit,
+                "wall_time_limit_seconds": agent.config.wall_time_limit_seconds,
+            }
+            return Decision(
+                END,
+                records=[*records, _record(msg, kind="exit")],
+                state=self._save(agent, st),
+                outcome=states.TIMED_OUT if timed else states.FAILED,
+                cause=states.CAUSE_TIMEOUT if timed else states.CAUSE_AGENT_LIMIT,
+                reason=f"{msg.get('content')}: {agent.n_calls} model calls, cost {agent.cost:g} (limits: {limits})",
+            )
         finally:
             agent.model = model
         raise RuntimeError("mini's query() returned without calling the model")
@@ -209,8 +270,11 @@ class MiniSweAgent(AgentBase):
     def _interpreter(self) -> list[str]:
         if "interpreter" in self.env_cfg:
             return list(self.env_cfg["interpreter"])
-        return ["sh", "-c"] if self.env_class in ("local", "minisweagent.environments.local.LocalEnvironment") \
-            else ["bash", "-lc"]  # mini's LocalEnvironment runs through the shell (shell=True)
+        return (
+            ["sh", "-c"]
+            if self.env_class in ("local", "minisweagent.environments.local.LocalEnvironment")
+            else ["bash", "-lc"]
+        )  # mini's LocalEnvironment runs through the shell (shell=True)
 
     def _timeout(self) -> int | float:
         return self.env_cfg.get("timeout", 30)  # mini's environments default to 30 s
@@ -222,9 +286,12 @@ class MiniSweAgent(AgentBase):
         actions = ctx.state.get("actions", [])
         command = str(actions[len(ctx.state.get("outputs", []))].get("command", "")) if actions else ""
         exc = subprocess.TimeoutExpired(self._timeout_cmd(ctx, command), self._timeout())
-        return {"output": str(rec.get("output") or ""), "returncode": -1,
-                "exception_info": f"An error occurred while executing the command: {exc}",
-                "extra": {"exception_type": type(exc).__name__, "exception": str(exc)}}
+        return {
+            "output": str(rec.get("output") or ""),
+            "returncode": -1,
+            "exception_info": f"An error occurred while executing the command: {exc}",
+            "extra": {"exception_type": type(exc).__name__, "exception": str(exc)},
+        }
 
     def _timeout_cmd(self, ctx: StepContext, command: str) -> Any:
         """What mini's environment ran (it is named in the time-out message)."""
@@ -253,8 +320,9 @@ class _Environment:
         if self.env_class in ("local", "minisweagent.environments.local.LocalEnvironment"):
             from minisweagent.environments.local import LocalEnvironmentConfig
 
-            return recursive_merge(LocalEnvironmentConfig(**keys).model_dump(), platform.uname()._asdict(),
-                                   dict(os.environ), kwargs)
+            return recursive_merge(
+                LocalEnvironmentConfig(**keys).model_dump(), platform.uname()._asdict(), dict(os.environ), kwargs
+            )
         if self.env_class in ("docker", "minisweagent.environments.docker.DockerEnvironment"):
             from minisweagent.environments.docker import DockerEnvironmentConfig
 
@@ -283,10 +351,22 @@ def _record(message: dict[str, Any], *, kind: str, **extra: Any) -> dict[str, An
 
 
 def _exit(exc: Exception, cause: str) -> Decision:
-    exit_msg = {"role": "exit", "content": str(exc),
-                "extra": {"exit_status": type(exc).__name__, "submission": "", "exception_str": str(exc),
-                          "traceback": traceback.format_exc()}}
+    exit_msg = {
+        "role": "exit",
+        "content": str(exc),
+        "extra": {
+            "exit_status": type(exc).__name__,
+            "submission": "",
+            "exception_str": str(exc),
+            "traceback": traceback.format_exc(),
+        },
+    }
     rec = _record(exit_msg, kind="exit")
     rec["extra"]["traceback"] = traceback.format_exc()[-4000:]
-    return Decision(END, records=[rec], outcome=states.FAILED, cause=cause,
-                    reason=f"mini-swe-agent: {type(exc).__name__}: {exc}"[:2000])
+    return Decision(
+        END,
+        records=[rec],
+        outcome=states.FAILED,
+        cause=cause,
+        reason=f"mini-swe-agent: {type(exc).__name__}: {exc}"[:2000],
+    )

@@ -37,19 +37,25 @@ class AgentSpec(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="The agent's own config (validated by it).")
     max_steps: int | None = Field(None, ge=1, description="Model calls allowed; default settings.max_steps.")
     max_tokens: int | None = Field(None, ge=1, description="Total prompt+completion tokens allowed.")
-    wall_time_s: float | None = Field(None, gt=0, description="Agent wall-time budget; default settings.episode_budget_s.")
-    max_format_errors: int | None = Field(None, ge=1, description="Format errors in a row that end the episode "
-                                                                  "(cause 'format'); default 3.")
+    wall_time_s: float | None = Field(
+        None, gt=0, description="Agent wall-time budget; default settings.episode_budget_s."
+    )
+    max_format_errors: int | None = Field(
+        None, ge=1, description="Format errors in a row that end the episode (cause 'format'); default 3."
+    )
     submit_word: str = Field(SUBMIT_WORD, min_length=3, description="A reply containing this word submits (bash).")
     system_template: str | None = Field(None, description="System prompt; {submit_word} is filled in.")
     instance_template: str | None = Field(None, description="First user message; {problem_statement} is filled in.")
     action_observation_template: str | None = Field(
-        None, description="User message reporting a command's result (fields: exit_code, output, command).")
+        None, description="User message reporting a command's result (fields: exit_code, output, command)."
+    )
     format_error_template: str | None = Field(None, description="Reply to a model message without exactly one action.")
     timeout_template: str | None = Field(None, description="User message after a command timed out.")
     action_regex: str | None = Field(None, description="Regex whose one group is the command (DOTALL).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every command.")
-    command_timeout_s: float | None = Field(None, gt=0, description="Per-command limit; default settings.command_timeout_s.")
+    command_timeout_s: float | None = Field(
+        None, gt=0, description="Per-command limit; default settings.command_timeout_s."
+    )
 
     @field_validator("type")
     @classmethod
@@ -57,8 +63,10 @@ class AgentSpec(BaseModel):
         import re
 
         if not re.match(r"^[A-Za-z_][\w.]*([:.][A-Za-z_]\w*)?$", v):
-            raise ValueError("must be a registered agent name (bash, mini_swe_agent, ...) or a dotted path "
-                             "to a class (mypkg.agents:MyAgent)")
+            raise ValueError(
+                "must be a registered agent name (bash, mini_swe_agent, ...) or a dotted path "
+                "to a class (mypkg.agents:MyAgent)"
+            )
         return v
 
     @field_validator("action_regex")

@@ -47,13 +47,24 @@ def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
     budget = spec.agent.wall_time_s or rt.settings.episode_budget_s
     started = float(ep.fields.get("t:env_ready") or ep.fields.get("created_at") or now)
     if now - started > budget:
-        lifecycle.finish(rt, ep, states.TIMED_OUT, cause=states.CAUSE_TIMEOUT,
-                         error=f"wall-time limit reached (agent budget of {budget:g}s used up)")
+        lifecycle.finish(
+            rt,
+            ep,
+            states.TIMED_OUT,
+            cause=states.CAUSE_TIMEOUT,
+            error=f"wall-time limit reached (agent budget of {budget:g}s used up)",
+        )
         return "timed_out"
-    ctx = StepContext(task=spec, history=ep.history, history_len=ep.history_len,
-                      state=json.loads(ep.fields.get("agent_state") or "{}"),
-                      counters={k: ep.num(k) for k in COUNTERS}, container=ep.container,
-                      settings=rt.settings, now=now)
+    ctx = StepContext(
+        task=spec,
+        history=ep.history,
+        history_len=ep.history_len,
+        state=json.loads(ep.fields.get("agent_state") or "{}"),
+        counters={k: ep.num(k) for k in COUNTERS},
+        container=ep.container,
+        settings=rt.settings,
+        now=now,
+    )
     try:
         decision = agent.decide(ctx)
     except SpecError as exc:  # e.g. a template that does not render: the task's fault, end it clearly
@@ -73,18 +84,29 @@ def apply_decision(rt: Runtime, ep: Any, d: Decision) -> str:
         rt.engine.advance(ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_model())
     elif d.next == EXEC:
         fields["pending"] = json.dumps(d.exec)
-        rt.engine.advance(ep, history=d.records, fields=fields, incr=d.incr,
-                          next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host))
+        rt.engine.advance(
+            ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host)
+        )
     elif d.next == SUBMIT:
         if d.submission is not None:
             fields["submission"] = d.submission
-        rt.engine.advance(ep, history=d.records, fields=fields, incr=d.incr, state=states.EVALUATING,
-                          phase="evaluating", next_task=lifecycle.to_host(lifecycle.ENV_EVALUATE, ep.host))
+        rt.engine.advance(
+            ep,
+            history=d.records,
+            fields=fields,
+            incr=d.incr,
+            state=states.EVALUATING,
+            phase="evaluating",
+            next_task=lifecycle.to_host(lifecycle.ENV_EVALUATE, ep.host),
+        )
     elif d.next == END:
-        if d.records or fields:  # what the agent said last goes into the trajectory first
-            if not rt.engine.advance(ep, history=d.records, fields=fields, incr=d.incr, keep_step=True):
-                return "dropped"
-        lifecycle.finish(rt, ep, d.outcome or states.FAILED, cause=d.cause or states.CAUSE_AGENT_LIMIT,
-                         error=d.reason or None)
+        # what the agent said last goes into the trajectory first
+        if (d.records or fields) and not rt.engine.advance(
+            ep, history=d.records, fields=fields, incr=d.incr, keep_step=True
+        ):
+            return "dropped"
+        lifecycle.finish(
+            rt, ep, d.outcome or states.FAILED, cause=d.cause or states.CAUSE_AGENT_LIMIT, error=d.reason or None
+        )
         return d.cause or "end"
     return d.next
