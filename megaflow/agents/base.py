@@ -177,3 +177,22 @@ def validate_agent_section(section: dict[str, Any] | None) -> dict[str, Any]:
         raise SpecError(f"field 'agent': {exc}", field="agent") from None
     AgentSpec.model_validate(out)  # a hook must return a valid section
     return out
+
+
+def with_agent_section(record: dict[str, Any], section: dict[str, Any] | None, where: str = "") -> dict[str, Any]:
+    """A task-spec line with the agent section given on the command line (``--agent-config``).
+
+    A line without an ``agent`` section gets it; a line with a different one is an error (never
+    one silently winning over the other).
+    """
+    if section is None:
+        return record
+    own = record.get("agent")
+    if own is not None and own != section:
+        prefix = f"{where}: " if where else ""
+        raise SpecError(
+            f"{prefix}field 'agent': the line has its own agent section and --agent-config gives "
+            "another; keep one of them",
+            field="agent",
+        )
+    return {**record, "agent": section}
