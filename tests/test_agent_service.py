@@ -32,21 +32,30 @@ Reply = dict[str, Any]  # an OpenAI assistant message (content, tool_calls) plus
 class Harness:
     """One process plays every service: the engine and agent step are real, model and env are stand-ins."""
 
-    def __init__(self, settings, redis_client, workdir: str):
+    def __init__(self, settings, redis_client, workdir: str, executor: Callable[[dict], dict] | None = None):
         self.rt = Runtime(settings, role="test")
         self.rt.__dict__["engine"] = EpisodeEngine(redis_client, settings, Keys(settings.key_prefix), lambda *a: None)
         self.workdir = workdir
+        self.executor = executor  # pending -> raw record (a real env host); default: a local subprocess
         self.requests: list[dict[str, Any]] = []  # what the model service would send, call by call
 
     def run(
-        self, spec: dict[str, Any], replies: list[Reply] | Callable[[dict], Reply], max_hops: int = 200
+        self,
+        spec: dict[str, Any],
+        replies: list[Reply] | Callable[[dict], Reply],
+        max_hops: int = 200,
+        container: dict[str, Any] | None = None,
     ) -> tuple[Any, list[dict[str, Any]]]:
         """Run one episode to its end (or its evaluation); return (episode, whole history)."""
         eng = self.rt.engine
         _, (eid,) = eng.create_batch(validate_specs([spec]), "tester")
         ep = eng.load(eid, history=False)
         eng.advance(
-            ep, state=states.RUNNING, phase="env_ready", fields={"host": "test-host"}, next_task=lifecycle.to_agent()
+            ep,
+            state=states.RUNNING,
+            phase="env_ready",
+            fields={"host": "test-host", **({"container": container} if container else {})},
+            next_task=lifecycle.to_agent(),
         )
         queue = list(replies) if isinstance(replies, list) else None
         for _ in range(max_hops):
@@ -92,6 +101,10 @@ class Harness:
     def env_step(self, ep) -> None:
         """The env service's contract: run ``pending`` (bash -lc, time limit, cwd, env), record it raw."""
         pending = ep.pending or {}
+        if self.executor is not None:
+            record = self.executor(pending)
+            self.rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
+            return
         timeout = float(pending.get("timeout") or 60)
         started = time.monotonic()
         proc = subprocess.Popen(

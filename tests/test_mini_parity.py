@@ -188,6 +188,9 @@ def configure(names: tuple[str, ...], model_class: str | None, workdir: str, **o
     return recursive_merge(config, over)
 
 
+LAST_ENV: list[Any] = []  # the environment of the latest mini run (its container id, for masking)
+
+
 def run_mini(config: dict[str, Any], replies: list[dict[str, Any]], task_text: str):
     """mini-swe-agent's own run against the scripted server: (messages, requests the server got)."""
     server = ScriptedServer(replies)
@@ -198,6 +201,7 @@ def run_mini(config: dict[str, Any], replies: list[dict[str, Any]], task_text: s
         if hasattr(model, "_api_url"):  # openrouter's classes post to a fixed URL: point it at loopback
             model._api_url = server.url + "/v1/chat/completions"
         env = get_environment(cfg["environment"], default_type="local")
+        LAST_ENV[:] = [env]
         agent = get_agent(model, env, cfg["agent"], default_type="default")
         with contextlib.suppress(RuntimeError):  # mini re-raises an uncaught error after its exit message
             agent.run(task_text)
@@ -364,3 +368,72 @@ def test_unpriced_model_fails_as_mini_does(harness, tmp_path):
     )
     assert mini_msgs[-1]["extra"]["exit_status"] == "RuntimeError" == history[-1]["extra"]["exit_status"]
     assert ep.state == "FAILED" and "Error calculating cost" in ep.fields["error"]
+
+
+def test_same_conversation_in_containers(settings, redis_client, docker_client, sandbox_image, tmp_path):
+    """mini's DockerEnvironment and MegaFlow's Docker env host, same image: the same conversation.
+
+    The time-out message names each side's own container; it is compared with the id masked.
+    """
+    from megaflow.env_hosts.docker_host import DockerHost
+
+    host = DockerHost(docker_client, settings, name="parity-host", redis_client=redis_client)
+    handle = host.create("parity-ep", sandbox_image, labels={"megaflow.prefix": settings.key_prefix})
+
+    def execute(pending: dict[str, Any]) -> dict[str, Any]:
+        res = host.execute(
+            handle,
+            pending["command"],
+            timeout=pending.get("timeout"),
+            workdir=pending.get("workdir"),
+            env=pending.get("env"),
+        )
+        return {
+            "role": "env",
+            "kind": "exec",
+            "command": pending["command"],
+            "exit_code": res.exit_code,
+            "output": res.output,
+            "timed_out": res.timed_out,
+            "duration_s": res.duration_s,
+        }
+
+    try:
+        config = load("mini.yaml")
+        config["model"].update(model_name="openai/scripted", cost_tracking="ignore_errors")
+        config["environment"].update(environment_class="docker", cwd="/tmp", timeout=3)
+        steps = [
+            "echo hello && ls -d /etc",
+            "printf 'a\\nb\\n'; exit 3",
+            ["echo one", "echo two"],
+            "sleep 20",
+            f"{SUBMIT} && printf '{PATCH}'",
+        ]
+        replies = script(config, steps)
+        mini_cfg = copy.deepcopy(config)
+        mini_cfg["environment"].update(image=sandbox_image, run_args=["--rm", "--network", "none"])
+        mini_msgs, mini_reqs = run_mini(mini_cfg, replies, "Fix x.py")
+        harness = Harness(settings, redis_client, "/tmp", executor=execute)
+        harness.rt.__dict__["env_host"] = host
+        ep, history = harness.run(
+            task({"type": "mini_swe_agent", "config": config}, image=sandbox_image, problem_statement="Fix x.py"),
+            copy.deepcopy(replies),
+            container=handle,
+        )
+        timed = [m["content"] for m in mini_msgs if "timed out" in str(m.get("content"))]
+        assert timed and "docker" in timed[0] and "exec" in timed[0]
+        mini_sent = [m for r in mini_reqs for m in r["messages"]]
+        our_sent = [m for r in harness.requests for m in r["messages"]]
+        for msgs, cid in (
+            (mini_msgs + mini_sent, LAST_ENV[0].container_id),
+            (history + our_sent, handle["container_id"]),
+        ):
+            for m in msgs:  # each side names its own container in the time-out message
+                if isinstance(m.get("content"), str):
+                    m["content"] = m["content"].replace(cid, "<cid>")
+        assert ep.fields["submission"] == PATCH.replace("\\n", "\n")
+        assert_same(mini_msgs, mini_reqs, history, harness)
+    finally:
+        host.close(handle)
+        if LAST_ENV:
+            LAST_ENV.pop().cleanup()  # mini's own container
