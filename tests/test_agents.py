@@ -186,3 +186,15 @@ def test_trajectory_steps_pair_replies_with_actions():
         history[:3] + [{"role": "exit", "content": "p", "extra": {"exit_status": "Submitted", "submission": "p"}}]
     )
     assert mini_end[0]["action"] == {"type": "submit"} and mini_end[0]["exit"]["submission"] == "p"
+
+
+def test_agent_config_option_applies_to_task_spec_lines():
+    from megaflow.agents.base import with_agent_section
+
+    line = {"task_id": "t", "eval": {"command": "true"}}
+    section = load_mini_config("mini").agent
+    assert with_agent_section(line, section)["agent"] is section
+    assert with_agent_section(line, None) is line
+    assert with_agent_section({**line, "agent": section}, section)["agent"] == section
+    with pytest.raises(SpecError, match="f.jsonl:3: field 'agent': the line has its own agent section"):
+        with_agent_section({**line, "agent": {"type": "bash"}}, section, "f.jsonl:3")

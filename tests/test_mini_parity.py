@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from megaflow.agents.mini import import_mini, shipped_configs
+from megaflow.agents.trajectory import trajectory_steps
 from tests.test_agent_service import Harness, task
 
 pytestmark = pytest.mark.mini
@@ -291,6 +292,14 @@ def test_same_conversation_as_mini(case, names, model_class, harness, tmp_path):
     assert mini_msgs[-1]["extra"]["exit_status"] == "Submitted"
     assert ep.fields["submission"] == mini_msgs[-1]["extra"]["submission"] == PATCH.replace("\\n", "\n")
     assert_same(mini_msgs, mini_reqs, history, harness)
+    # what MegaFlow keeps besides the conversation: notes on superseded keys, the request options, the steps
+    request = json.loads(ep.fields["agent_request"])
+    assert ("tools" in request) == (not is_text(config))
+    if "mode" in config["agent"]:
+        assert history[0]["kind"] == "config_notes" and "agent.mode" in history[0]["content"]
+    steps = trajectory_steps(history)
+    assert len(steps) == len(STEPS) and steps[-1]["exit"]["status"] == "Submitted"
+    assert steps[1]["action"] == {"type": "format_error"}
 
 
 def run_both(harness, tmp_path, names, model_class, steps, **over):
@@ -337,7 +346,7 @@ def test_cost_limit_with_mini_cost_tracking(harness, tmp_path):
     registry.write_text(
         json.dumps(
             {
-                "openai/scripted": {
+                "openai/priced-model": {  # registered for the whole process: a name no other test uses
                     "input_cost_per_token": 0.001,
                     "output_cost_per_token": 0.0,
                     "litellm_provider": "openai",
@@ -348,7 +357,11 @@ def test_cost_limit_with_mini_cost_tracking(harness, tmp_path):
     )
     over = {
         "agent": {"cost_limit": 0.025},
-        "model": {"litellm_model_registry": str(registry), "cost_tracking": "default"},
+        "model": {
+            "litellm_model_registry": str(registry),
+            "cost_tracking": "default",
+            "model_name": "openai/priced-model",
+        },
     }
     mini_msgs, mini_reqs, ep, history = run_both(harness, tmp_path, ("mini.yaml",), None, ["echo a"] * 5, **over)
     assert mini_msgs[-1]["extra"]["exit_status"] == "LimitsExceeded"

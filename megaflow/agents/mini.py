@@ -214,6 +214,15 @@ def config_notes(config: dict[str, Any]) -> list[str]:
                 f"model.model_class: {cls!r} (tool calls, mini's default) while the prompts ask for text "
                 "actions; mini users pass --model-class litellm_textbased for such configs"
             )
+    env = config.get("environment") or {}
+    if "interpreter" in env and env.get("environment_class") in (
+        "local",
+        "minisweagent.environments.local.LocalEnvironment",
+    ):
+        notes.append(
+            "environment.interpreter: not used by mini's LocalEnvironment (commands run through /bin/sh), "
+            "as in mini itself"
+        )
     kwargs = model.get("model_kwargs") or {}
     notes += [
         f"model.model_kwargs.{k}: litellm-only, not needed by MegaFlow's gateway"

@@ -26,7 +26,8 @@ from megaflow.core import states
 from megaflow.core.errors import SpecError
 from megaflow.core.spec import AgentSpec
 
-STATE_KEYS = ("start_time", "n_calls", "cost", "n_format_errors", "task", "actions", "outputs", "phase")
+STATE_KEYS = ("start_time", "n_calls", "cost", "n_format_errors", "actions", "outputs", "phase")
+LOCAL = ("local", "minisweagent.environments.local.LocalEnvironment")
 DOCKER_LIKE = (
     "docker",
     "swerex_docker",
@@ -95,7 +96,7 @@ class MiniSweAgent(AgentBase):
         agent.cost = float(st.get("cost", 0.0))
         agent.n_consecutive_format_errors = int(st.get("n_format_errors", 0))
         agent._start_time = float(st.get("start_time", ctx.now))
-        agent.extra_template_vars = {"task": st.get("task", ctx.task.problem_statement)}
+        agent.extra_template_vars = {"task": ctx.task.problem_statement}
         return agent
 
     @staticmethod
@@ -133,7 +134,6 @@ class MiniSweAgent(AgentBase):
                 "n_calls": 0,
                 "cost": 0.0,
                 "n_format_errors": 0,
-                "task": ctx.task.problem_statement,
                 "actions": [],
                 "outputs": [],
             }
@@ -268,13 +268,10 @@ class MiniSweAgent(AgentBase):
         return out
 
     def _interpreter(self) -> list[str]:
-        if "interpreter" in self.env_cfg:
-            return list(self.env_cfg["interpreter"])
-        return (
-            ["sh", "-c"]
-            if self.env_class in ("local", "minisweagent.environments.local.LocalEnvironment")
-            else ["bash", "-lc"]
-        )  # mini's LocalEnvironment runs through the shell (shell=True)
+        """mini's LocalEnvironment runs commands through /bin/sh (shell=True); the others through ``interpreter``."""
+        if self.env_class in LOCAL:
+            return ["sh", "-c"]
+        return list(self.env_cfg.get("interpreter") or ["bash", "-lc"])
 
     def _timeout(self) -> int | float:
         return self.env_cfg.get("timeout", 30)  # mini's environments default to 30 s
@@ -317,7 +314,7 @@ class _Environment:
         from minisweagent.utils.serialize import recursive_merge
 
         keys = {k: v for k, v in self.cfg.items() if k != "environment_class"}
-        if self.env_class in ("local", "minisweagent.environments.local.LocalEnvironment"):
+        if self.env_class in LOCAL:
             from minisweagent.environments.local import LocalEnvironmentConfig
 
             return recursive_merge(
