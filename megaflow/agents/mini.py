@@ -6,6 +6,13 @@ honoured, or superseded by MegaFlow with a note kept in the trajectory (``SUPERS
 sandbox is started, interactive-mode keys; MegaFlow runs unattended, like ``mini-extra swebench``),
 or rejected at submit with a message naming it. mini-swe-agent is an optional dependency
 (``pip install 'megaflow[mini]'``); it is imported only when a mini config is used.
+
+How keys map: ``agent.*`` limits and templates run in mini's own DefaultAgent; ``model.*`` in
+mini's model class (``model_class``, default litellm: tool calls), whose ``model_kwargs`` and
+bash tool become the episode's model-request options; ``environment.timeout`` / ``env`` / ``cwd``
+(unset: the task's workdir) go with every command; ``interpreter`` wraps it (docker-like
+classes; mini's local class runs through /bin/sh); ``environment_class`` also decides the
+time-out message and the template variables, as in mini.
 """
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ class MiniSweAgent(AgentBase):
         """What mini's environment ran (it is named in the time-out message)."""
         if self.env_class not in DOCKER_LIKE:
             return command
-        cwd = self.env_cfg.get("cwd") or "/"
+        cwd = self.env_cfg.get("cwd") or ctx.task.workdir  # where it ran (unset: the task's workdir)
         cmd = [str(self.env_cfg.get("executable") or "docker"), "exec", "-w", cwd]
         for key, value in (self.env_cfg.get("env") or {}).items():
             cmd += ["-e", f"{key}={value}"]
@@ -307,6 +307,7 @@ class _Environment:
     def __init__(self, agent: MiniSweAgent, ctx: StepContext):
         self.cfg, self.env_class = agent.env_cfg, agent.env_class
         self.image = ctx.task.image or getattr(ctx.settings, "default_image", "") or ""
+        self.workdir = ctx.task.workdir
 
     def get_template_vars(self, **kwargs: Any) -> dict[str, Any]:
         import os
@@ -314,6 +315,7 @@ class _Environment:
         from minisweagent.utils.serialize import recursive_merge
 
         keys = {k: v for k, v in self.cfg.items() if k != "environment_class"}
+        keys.setdefault("cwd", self.workdir)  # commands run in the task's workdir unless cwd says otherwise
         if self.env_class in LOCAL:
             from minisweagent.environments.local import LocalEnvironmentConfig
 
