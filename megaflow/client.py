@@ -74,6 +74,7 @@ class Client:
                             "or leave it out to get a generated one", field="batch_id")
         valid = validate_specs(_take(specs, self.settings.max_batch_episodes))
         check_models(valid, self.settings)
+        valid = check_agents(valid)
         check_limits(valid, self.settings)
         self._check_redis()
         bid = self._reserve(batch_id, user)
@@ -213,6 +214,21 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_agents(specs: list[TaskSpec]) -> list[TaskSpec]:
+    """Each spec's agent section checked against the agent registry (its own config too), normalised."""
+    from megaflow.agents import validate_agent_section
+    from megaflow.core.spec import AgentSpec
+
+    out = []
+    for i, spec in enumerate(specs):
+        try:
+            section = validate_agent_section(spec.agent.model_dump(exclude_defaults=True) | {"type": spec.agent.type})
+        except SpecError as exc:
+            raise SpecError(str(exc), index=i, field=exc.field) from None
+        out.append(spec.model_copy(update={"agent": AgentSpec.model_validate(section)}))
+    return out
 
 
 def check_models(specs: list[TaskSpec], settings: Settings) -> None:

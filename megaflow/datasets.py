@@ -197,10 +197,15 @@ def instance_to_spec(
 
 def to_specs(records: Iterable[Any], **kwargs: Any) -> list[dict[str, Any]]:
     """Task specs from a mix of TaskSpec dicts (``task_id``) and SWE-bench instances (``instance_id``)."""
+    from megaflow.agents.base import with_agent_section
+
+    section = _agent_section(kwargs["agent_config"])[0] if kwargs.get("agent_config") is not None else None
     out = []
-    for rec in records:
+    for i, rec in enumerate(records):
         if isinstance(rec, dict) and "instance_id" in rec and "task_id" not in rec:
             out.append(instance_to_spec(rec, **kwargs))
+        elif isinstance(rec, dict) and section is not None:  # --agent-config applies to task-spec lines too
+            out.append(with_agent_section(rec, section, f"record {i}"))
         else:
             out.append(rec)
     return out

@@ -1,189 +1,175 @@
-"""Agents without services: templates, action parsing, format errors, limits, mini-swe-agent configs."""
+"""The agent seam without services: registry, dotted paths, submit-time checks, requests, trajectories."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
-from megaflow.core import states
-from megaflow.agents import make_agent
-from megaflow.agents.mini import MiniAgent, load_mini_config
+from megaflow.agents import REGISTRY, agent_class, build_request, validate_agent_section
+from megaflow.agents.bash import BashAgent
+from megaflow.agents.mini import load_mini_config, shipped_configs, validate_mini_config
 from megaflow.agents.trajectory import token_data, trajectory_steps
 from megaflow.core.errors import SpecError
-from megaflow.core.spec import AgentSpec, TaskSpec, validate_specs
-
-TASK = TaskSpec(task_id="t1", problem_statement="fix calc.add", eval={"command": "true"})
-
-# The layout of mini-swe-agent v1 configs: every template under agent:.
-MINI_V1 = textwrap.dedent("""\
-    agent:
-      system_template: "You fix bugs. Step limit {{step_limit}}."
-      instance_template: |
-        Please solve this issue: {{task}}
-        Finish with `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`.
-      action_observation_template: |-
-        <returncode>{{output.returncode}}</returncode>
-        <output>
-        {{output.output}}</output>
-      format_error_template: "Please always provide EXACTLY ONE action in triple backticks, found {{actions|length}}."
-      timeout_template: "Timed out: {{action['action']}} / {{output}}"
-      step_limit: 7
-      cost_limit: 3.0
-      mode: yolo
-    environment:
-      cwd: /testbed
-      timeout: 30
-      env:
-        PAGER: cat
-    model:
-      model_name: my-model
-      model_kwargs:
-        temperature: 0.0
-        drop_params: true
-    """)
-
-# The v2 layout: observation / format templates and the action regex live under model:.
-MINI_V2 = textwrap.dedent("""\
-    agent:
-      system_template: "sys"
-      instance_template: "Task: {{task}}"
-      step_limit: 0
-    model:
-      action_regex: "```mswea_bash_command\\\\s*\\n(.*?)\\n```"
-      observation_template: "rc={{output.returncode}}"
-      format_error_template: "found {{actions|length}} actions"
-    environment:
-      env: {}
-    """)
+from megaflow.core.spec import validate_specs
 
 
-def agent(**kw):
-    return make_agent(AgentSpec(**kw), None)
+def mini(**sections):
+    base = {"agent": {"system_template": "sys", "instance_template": "{{task}}"}}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return {"type": "mini_swe_agent", "config": base}
 
 
-# --- the bash agent -------------------------------------------------------------------------------
-def test_custom_templates_fill_fields_and_keep_unknown_braces():
-    a = agent(system_template="Submit with {submit_word}. Keep {this}.",
-              instance_template="[{task_id}] {problem_statement} in {workdir}")
-    sys_msg, user = a.initial_messages(TASK)
-    assert sys_msg["content"] == "Submit with MEGAFLOW_SUBMIT. Keep {this}."
-    assert user["content"] == "[t1] fix calc.add in /repo"
+# --- registry ---------------------------------------------------------------------------------------
+def test_types_resolve_by_name_and_by_dotted_path():
+    assert agent_class("bash") is BashAgent and {"bash", "mini_swe_agent", "mini"} <= set(REGISTRY)
+    cls = agent_class("examples.agents.echo_agent:EchoAgent")
+    assert cls.__name__ == "EchoAgent" and agent_class("examples.agents.echo_agent.EchoAgent") is cls
+    with pytest.raises(SpecError, match="unknown agent type 'nope'"):
+        agent_class("nope")
+    with pytest.raises(SpecError, match="cannot be imported"):
+        agent_class("no_such_pkg.agents:Agent")
+    with pytest.raises(SpecError, match="has no 'Missing'"):
+        agent_class("examples.agents.echo_agent:Missing")
+    with pytest.raises(SpecError, match="is not an agent"):
+        agent_class("json:JSONDecoder")
 
 
-def test_format_error_reply_uses_the_template():
-    a = agent(format_error_template="One ```bash block please ({n_actions} found).")
-    act = a.decide([{"role": "assistant", "content": "```bash\nls\n```\n```bash\npwd\n```"}])
-    assert act.kind == "format_error" and act.message == "One ```bash block please (2 found)."
-    custom = agent(action_regex=r"<cmd>(.*?)</cmd>")
-    assert custom.decide([{"role": "assistant", "content": "<cmd>ls -l</cmd>"}]).command == "ls -l"
+def test_spec_type_is_open_but_shaped():
+    spec = {"task_id": "t", "eval": {"command": "true"}, "agent": {"type": "mypkg.agents:MyAgent"}}
+    assert validate_specs([spec])[0].agent.type == "mypkg.agents:MyAgent"  # core only checks the shape
+    with pytest.raises(SpecError, match="agent.type"):
+        validate_specs([dict(spec, agent={"type": "not a type!"})])
 
 
-def test_observation_templates():
-    a = agent(action_observation_template="rc={exit_code} out={output}", timeout_template="slow: {command}")
-    assert a.observation(3, "boom", False, "make") == "rc=3 out=boom"
-    assert a.observation(None, "", True, "sleep 9") == "slow: sleep 9"
-    default = agent()
-    assert default.observation(0, "hi", False) == "Exit code: 0\n<output>\nhi\n</output>"
-
-
-def test_limits_name_their_cause():
-    a = agent(max_steps=2, max_format_errors=2)
-    turn = [{"role": "assistant", "content": "```bash\nls\n```"},
-            {"role": "user", "content": "o", "kind": "observation"}]
-    act = a.decide([{"role": "user", "content": "task"}] + turn * 2)
-    assert (act.kind, act.cause) == ("limit", states.CAUSE_AGENT_LIMIT) and "step limit" in act.reason
-    bad = {"role": "assistant", "content": "?"}
-    fmt = {"role": "user", "content": "fmt", "kind": "format_error"}
-    assert a.decide([{"role": "user", "content": "task"}, bad]).kind == "format_error"
-    act = a.decide([{"role": "user", "content": "task"}, bad, fmt, bad])
-    assert (act.kind, act.cause) == ("limit", states.CAUSE_FORMAT) and "format error limit" in act.reason
-    # a good action in between starts the count again
-    b = agent(max_format_errors=2)
-    assert b.decide([{"role": "user", "content": "t"}, bad, fmt] + turn + [bad]).kind == "format_error"
-    # a format error does not get round the step limit
-    act = agent(max_steps=1, max_format_errors=5).decide([{"role": "user", "content": "t"}, bad])
-    assert (act.kind, act.cause) == ("limit", states.CAUSE_AGENT_LIMIT)
-    tok = agent(max_tokens=10).decide([{"role": "user", "content": "t"}], tokens_used=10)
-    assert (tok.kind, tok.cause) == ("limit", states.CAUSE_AGENT_LIMIT) and "token limit" in tok.reason
-
-
-def test_bad_action_regex_is_rejected_at_submit():
-    spec = {"task_id": "t", "eval": {"command": "true"}, "agent": {"action_regex": "no groups"}}
+def test_validate_agent_section_runs_the_agents_own_checks():
+    assert validate_agent_section({"type": "bash", "max_steps": 3}) == {"type": "bash", "max_steps": 3}
+    assert validate_agent_section(None) == {"type": "bash"}
+    with pytest.raises(SpecError, match="agent.config"):
+        validate_agent_section({"type": "bash", "config": {"x": 1}})
+    with pytest.raises(SpecError, match="config.commands must be a non-empty list"):
+        validate_agent_section({"type": "examples.agents.echo_agent:EchoAgent", "config": {}})
     with pytest.raises(SpecError, match="agent.action_regex"):
-        validate_specs([spec])
+        validate_agent_section({"action_regex": "no groups"})
 
 
-# --- mini-swe-agent mode --------------------------------------------------------------------------
-def test_mini_v1_config_maps_onto_the_spec(tmp_path):
-    path = tmp_path / "mini.yaml"
-    path.write_text(MINI_V1)
-    cfg = load_mini_config(path)
-    assert cfg.agent["type"] == "mini" and cfg.agent["max_steps"] == 7
-    assert cfg.agent["command_timeout_s"] == 30 and cfg.agent["env"] == {"PAGER": "cat"}
-    assert cfg.workdir == "/testbed" and cfg.model == {"model_name": "my-model", "temperature": 0.0}
-    assert "agent.cost_limit" in cfg.ignored and "agent.mode" in cfg.ignored
-    a = make_agent(AgentSpec(**cfg.agent))
-    assert isinstance(a, MiniAgent)
-    sys_msg, user = a.initial_messages(TASK)
-    assert sys_msg["content"] == "You fix bugs. Step limit 7."
-    assert user["content"].startswith("Please solve this issue: fix calc.add")
-    act = a.decide([{"role": "assistant", "content": "THOUGHT: look\n```bash\nls -la\n```"}])
-    assert (act.kind, act.command) == ("exec", "ls -la")
-    bad = a.decide([{"role": "assistant", "content": "no action here"}])
-    assert bad.kind == "format_error"
-    assert bad.message == "Please always provide EXACTLY ONE action in triple backticks, found 0."
-    assert a.observation(1, "err", False) == "<returncode>1</returncode>\n<output>\nerr</output>"
-    assert a.observation(None, "part", True, "sleep 99") == "Timed out: sleep 99 / part"
+# --- mini-swe-agent configs: every key honoured, superseded (noted) or rejected -------------------
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    section = load_mini_config(path).agent
+    if "agent" not in section["config"]:  # swebench_modal.yaml is merged onto swebench.yaml
+        override, section = section["config"], load_mini_config("swebench").agent
+        for name, values in override.items():
+            section["config"][name].update(values)
+        assert section["config"]["model"]["model_class"] == "portkey"
+    assert validate_agent_section(section)["type"] == "mini_swe_agent"
 
 
-def test_mini_submits_when_the_output_starts_with_the_marker():
-    a = make_agent(AgentSpec(type="mini"))
-    obs = {"role": "user", "kind": "observation", "content": "...",
-           "output_head": "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT\ndiff"}
-    history = [{"role": "assistant", "content": "```bash\necho COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT\n```"}, obs]
-    assert a.decide(history).kind == "submit"
-    old = dict(obs, output_head="MINI_SWE_AGENT_FINAL_OUTPUT")
-    assert a.decide(history[:1] + [old]).kind == "submit"
-    not_first = dict(obs, output_head="hello\nCOMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT")
-    assert a.decide(history[:1] + [not_first]).kind == "model"
-    # the submit word of the bash agent means nothing to a mini agent
-    assert a.decide([{"role": "assistant", "content": "MEGAFLOW_SUBMIT"}]).kind == "format_error"
+@pytest.mark.parametrize(
+    "sections,field,msg",
+    [
+        ({"agent": {"output_path": "/tmp/t.json"}}, "agent.output_path", "artifact"),
+        ({"agent": {"step_limt": 3}}, "agent.step_limt", "unknown key"),
+        ({"agent": {"step_limit": "many"}}, "agent", "step_limit"),
+        ({"agent": {"agent_class": "interactive"}}, "agent.agent_class", "cannot be stepped"),
+        ({"agent": {"instance_template": "{% if %}"}}, "agent.instance_template", "not a valid Jinja2"),
+        ({"model": {"model_class": "litellm_response"}}, "model.model_class", "Responses API"),
+        ({"model": {"model_class": "no.such.Model"}}, "model.model_class", "Unknown model class"),
+        ({"model": {"model_kwargs": {"api_base": "http://x"}}}, "model.model_kwargs.api_base", "model section"),
+        ({"model": {"observation_template": "{{ x"}}, "model.observation_template", "Jinja2"),
+        ({"model": {"cost_tracking": "sometimes"}}, "model.cost_tracking", "ignore_errors"),
+        ({"environment": {"environment_class": "mypkg.Env"}}, "environment.environment_class", "env host"),
+        ({"environment": {"forward_env": ["HOME"]}}, "environment.forward_env", "environment.env"),
+        ({"environment": {"image": "python:3.11"}}, "environment.image", "image field"),
+        ({"environment": {"timeout": -1}}, "environment.timeout", "positive"),
+        ({"run": {"task": "x"}}, "run", "unknown section"),
+    ],
+)
+def test_bad_mini_keys_are_rejected_naming_the_key(sections, field, msg):
+    with pytest.raises(SpecError, match=msg) as err:
+        validate_agent_section(mini(**sections))
+    assert err.value.field == f"agent.config.{field}"
 
 
-def test_mini_v2_config_regex_and_templates(tmp_path):
-    path = tmp_path / "v2.yaml"
-    path.write_text(MINI_V2)
-    cfg = load_mini_config(path)
-    assert "max_steps" not in cfg.agent  # step_limit 0 means no limit of its own
-    a = make_agent(AgentSpec(**cfg.agent))
-    act = a.decide([{"role": "assistant", "content": "```mswea_bash_command\ncat x\n```"}])
-    assert (act.kind, act.command) == ("exec", "cat x")
-    assert a.decide([{"role": "assistant", "content": "```bash\ncat x\n```"}]).message == "found 0 actions"
-    assert a.observation(0, "o", False) == "rc=0"
+def test_flat_fields_and_superseded_keys_of_a_mini_section():
+    with pytest.raises(SpecError, match="agent.max_steps.*agent.config"):
+        validate_agent_section({**mini(), "max_steps": 3})
+    from megaflow.agents.mini import config_notes
+
+    cfg = mini(
+        agent={"mode": "confirm"}, environment={"run_args": ["--rm"]}, model={"model_kwargs": {"drop_params": True}}
+    )["config"]
+    assert validate_mini_config(cfg) is cfg
+    notes = config_notes(cfg)
+    assert any(n.startswith("agent.mode:") for n in notes) and any(n.startswith("environment.run_args:") for n in notes)
+    assert any("drop_params" in n for n in notes)
+    textual = mini(agent={"instance_template": "```mswea_bash_command\nls\n```"})["config"]
+    assert any("--model-class litellm_textbased" in n for n in config_notes(textual))
 
 
-def test_mini_default_regex_takes_both_fences_and_broken_template_is_a_spec_error():
-    a = make_agent(AgentSpec(type="mini"))
-    assert a.decide([{"role": "assistant", "content": "```mswea_bash_command\npwd\n```"}]).command == "pwd"
-    spec = {"task_id": "t", "eval": {"command": "true"}, "agent": {"type": "mini", "instance_template": "{% if %}"}}
-    with pytest.raises(SpecError, match="'agent'.*instance_template is not a valid Jinja2 template"):
-        validate_specs([spec])
-    broken = make_agent(AgentSpec(type="mini", system_template="{{ x.y() }}"))  # parses, fails to render
-    with pytest.raises(SpecError, match="does not render"):
-        broken.initial_messages(TASK)
+def test_mini_configs_load_by_name_path_or_dict(tmp_path):
+    assert load_mini_config("mini").agent["config"]["agent"]["step_limit"] == 0
+    assert load_mini_config("swebench").workdir == "/testbed"
+    path = tmp_path / "my.yaml"
+    path.write_text("agent:\n  system_template: s\n  instance_template: '{{task}}'\n")
+    assert load_mini_config(path).agent == {
+        "type": "mini_swe_agent",
+        "config": {"agent": {"system_template": "s", "instance_template": "{{task}}"}},
+    }
     with pytest.raises(SpecError, match="no such file"):
         load_mini_config("/nonexistent/mini.yaml")
 
 
-# --- trajectory steps ------------------------------------------------------------------------------
+# --- the model request -------------------------------------------------------------------------------
+def test_request_leaves_out_notes_raw_results_and_dropped_replies():
+    history = [
+        {"role": "note", "content": "n"},
+        {"role": "system", "content": "s", "kind": "prompt"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "bad", "finish_reason": "stop", "prompt_tokens": 3},
+        {"role": "user", "content": "fmt", "drop_reply": True, "kind": "format_error"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{}"}}],
+        },
+        {"role": "env", "kind": "exec", "output": "x"},
+        {"role": "tool", "content": "obs", "tool_call_id": "c1", "extra": {"returncode": 0}},
+        {"role": "exit", "content": "done"},
+    ]
+    req = build_request(history, {"tools": ["T"], "temperature": 0})
+    assert req["tools"] == ["T"] and req["temperature"] == 0
+    assert req["messages"] == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "user", "content": "fmt"},
+        {"role": "assistant", "content": None, "tool_calls": history[5]["tool_calls"]},
+        {"role": "tool", "content": "obs", "tool_call_id": "c1"},
+    ]
+    marked = build_request(history, {"cache_control": "default_end"})
+    assert "cache_control" not in marked and marked["messages"][-1] == {
+        "role": "tool",
+        "content": [{"type": "text", "text": "obs"}],
+        "tool_call_id": "c1",
+        "cache_control": {"type": "ephemeral"},
+    }
+
+
+# --- trajectory steps -------------------------------------------------------------------------------
 def test_trajectory_steps_pair_replies_with_actions():
     history = [
-        {"role": "system", "content": "s", "t": 1.0}, {"role": "user", "content": "u", "t": 1.0},
-        {"role": "assistant", "content": "```bash\nls\n```", "prompt_tokens": 5, "completion_tokens": 2,
-         "latency_s": 0.1, "token_ids": [1, 2], "t": 2.0},
-        {"role": "user", "kind": "observation", "command": "ls", "exit_code": 0, "output_head": "a", "duration_s": 0.2,
-         "content": "Exit code: 0", "t": 2.5},
+        {"role": "system", "content": "s", "t": 1.0},
+        {"role": "user", "content": "u", "t": 1.0},
+        {
+            "role": "assistant",
+            "content": "```bash\nls\n```",
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "latency_s": 0.1,
+            "token_ids": [1, 2],
+            "t": 2.0,
+        },
+        {"role": "env", "kind": "exec", "command": "ls", "exit_code": 0, "output": "a", "duration_s": 0.2, "t": 2.4},
+        {"role": "user", "kind": "observation", "content": "Exit code: 0", "t": 2.5},
         {"role": "assistant", "content": "hmm", "prompt_tokens": 9, "completion_tokens": 1, "t": 3.0},
         {"role": "user", "kind": "format_error", "content": "one block please", "t": 3.1},
         {"role": "assistant", "content": "MEGAFLOW_SUBMIT", "prompt_tokens": 12, "completion_tokens": 1, "t": 4.0},
@@ -192,20 +178,23 @@ def test_trajectory_steps_pair_replies_with_actions():
     steps = trajectory_steps(history)
     assert [s["action"]["type"] for s in steps] == ["exec", "format_error", "submit"]
     assert steps[0]["observation"]["exit_code"] == 0 and steps[0]["model"]["token_ids"] == [1, 2]
+    assert steps[0]["observation"]["message"] == "Exit code: 0"
     assert steps[0]["wall_s"] == 1.0 and steps[1]["observation"]["message"] == "one block please"
     tokens = token_data(history)
     assert (tokens["prompt_tokens"], tokens["completion_tokens"], len(tokens["turns"])) == (26, 4, 3)
+    mini_end = trajectory_steps(
+        history[:3] + [{"role": "exit", "content": "p", "extra": {"exit_status": "Submitted", "submission": "p"}}]
+    )
+    assert mini_end[0]["action"] == {"type": "submit"} and mini_end[0]["exit"]["submission"] == "p"
 
 
-def test_configs_shipped_with_an_installed_mini_swe_agent_are_found_by_name(tmp_path, monkeypatch):
-    """mini-swe-agent stays optional: only its YAML files are read, found next to its package."""
-    pkg = tmp_path / "minisweagent"
-    (pkg / "config" / "extra").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "config" / "extra" / "swebench.yaml").write_text(MINI_V1)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(__import__("sys").modules, "minisweagent", raising=False)
-    assert load_mini_config("swebench").agent["max_steps"] == 7
-    assert load_mini_config("extra/swebench.yaml").workdir == "/testbed"
-    with pytest.raises(SpecError, match="nor a config shipped with mini-swe-agent"):
-        load_mini_config("nonexistent")
+def test_agent_config_option_applies_to_task_spec_lines():
+    from megaflow.agents.base import with_agent_section
+
+    line = {"task_id": "t", "eval": {"command": "true"}}
+    section = load_mini_config("mini").agent
+    assert with_agent_section(line, section)["agent"] is section
+    assert with_agent_section(line, None) is line
+    assert with_agent_section({**line, "agent": section}, section)["agent"] == section
+    with pytest.raises(SpecError, match="f.jsonl:3: field 'agent': the line has its own agent section"):
+        with_agent_section({**line, "agent": {"type": "bash"}}, section, "f.jsonl:3")

@@ -306,12 +306,12 @@ def test_bad_specs_argument(settings, redis_client, specs):
 
 
 def test_caps_on_batch_and_spec_size(settings, redis_client):
-    capped = settings.model_copy(update={"max_batch_episodes": 3, "max_spec_bytes": 4096})
+    capped = settings.model_copy(update={"max_batch_episodes": 3, "max_spec_bytes": 16384})
     with Client(capped) as client:
         with pytest.raises(SpecError, match="MEGAFLOW_MAX_BATCH_EPISODES") as exc:
             client.submit((good() for _ in range(10**9)), user="alice")  # a generator is not read past the cap
         rejected("api", exc.value, "specs")
-        big = dict(good(), problem_statement="x" * 5000)
+        big = dict(good(), problem_statement="x" * 20000)
         with pytest.raises(SpecError, match="MEGAFLOW_MAX_SPEC_BYTES") as exc:
             client.submit([good(), big], user="alice")
         rejected("api", exc.value, "problem_statement")

@@ -196,7 +196,11 @@ def test_prediction_specs_and_agent_configs(tmp_path):
         "environment:\n  cwd: /work\nmodel:\n  model_name: m1\n  model_kwargs: {temperature: 0.2}\n"
     )
     spec = validate_specs([instance_to_spec(REAL, agent_config=cfg, model={"backend": "openai"})])[0]
-    assert spec.agent.type == "mini" and spec.agent.max_steps == 5 and spec.workdir == "/work"
-    assert spec.model.backend == "openai" and spec.model.model_extra == {"model_name": "m1", "temperature": 0.2}
+    # mini-swe-agent's own agent, stepped: its config whole; its model kwargs travel with each request
+    assert spec.agent.type == "mini_swe_agent" and spec.workdir == "/work"
+    assert spec.agent.config["agent"]["step_limit"] == 5
+    assert spec.agent.config["model"]["model_kwargs"] == {"temperature": 0.2}
+    assert spec.model.backend == "openai"
+    # --agent-config applies to task-spec lines as well as instance lines
     mixed = to_specs([REAL, demo_specs("noop")[0]], agent_config={"max_steps": 9})
-    assert mixed[0]["agent"] == {"max_steps": 9} and mixed[1] == demo_specs("noop")[0]
+    assert mixed[0]["agent"] == {"max_steps": 9} and mixed[1]["agent"] == {"max_steps": 9}

@@ -20,7 +20,7 @@ pytest.importorskip("swebench")
 
 from megaflow.core.spec import validate_specs
 from megaflow.datasets import instance_to_spec
-from megaflow.services.root import Runtime
+from megaflow.services.root import Root as Runtime
 from megaflow.swebench import layout
 from megaflow.swebench.images import build_from_git_repo
 from tests.test_swebench_grading import CALC, CALC_FIXED, diff_for, git

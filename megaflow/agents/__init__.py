@@ -1,25 +1,33 @@
-"""The agent service: step-based agents that decide an episode's next action from its history.
+"""Agents: stepped plug-ins that decide an episode's next move (see megaflow.agents.base).
 
-``make_agent(spec, settings)`` picks the implementation named by ``AgentSpec.type``: ``bash``
-(megaflow.agents.bash) or ``mini``, the mini-swe-agent compatible mode (megaflow.agents.mini).
+Built-in types: ``bash`` (megaflow.agents.bash) and ``mini_swe_agent`` (alias ``mini``:
+mini-swe-agent's own DefaultAgent, stepped, megaflow.agents.mini_stepped); any other type is a
+dotted path to a user's class. ``validate_agent_section`` checks a task's agent section at submit.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from megaflow.agents.base import (
+    REGISTRY,
+    Agent,
+    AgentBase,
+    Decision,
+    StepContext,
+    agent_class,
+    make_agent,
+    validate_agent_section,
+)
+from megaflow.agents.conversation import build_request, chat_messages
 
-from megaflow.agents.bash import Action, BashAgent
-from megaflow.core.spec import AgentSpec
-
-
-def make_agent(spec: AgentSpec, settings: Any = None) -> BashAgent:
-    """The agent for ``spec``; limits not set in the spec come from settings."""
-    max_steps = getattr(settings, "max_steps", None) or 50
-    if spec.type == "mini":
-        from megaflow.agents.mini import MiniAgent
-
-        return MiniAgent(spec, max_steps=max_steps)
-    return BashAgent(spec, max_steps=max_steps)
-
-
-__all__ = ["Action", "BashAgent", "make_agent"]
+__all__ = [
+    "REGISTRY",
+    "Agent",
+    "AgentBase",
+    "Decision",
+    "StepContext",
+    "agent_class",
+    "build_request",
+    "chat_messages",
+    "make_agent",
+    "validate_agent_section",
+]

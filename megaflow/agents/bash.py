@@ -1,9 +1,9 @@
 """The bash agent: one shell command per model reply; a reply with the submit word ends the episode.
 
-It is step-based: ``decide(history)`` looks at the conversation so far and says what happens next
-(call the model, run a command, submit, or stop on a limit). It keeps no state of its own, so any
-agent worker can take any step. Its prompts, action format and limits come from the task's
-AgentSpec; templates are Python ``str.format`` strings (unknown fields stay as written).
+It is stepped (megaflow.agents.base): ``decide(ctx)`` looks at the newest history record (a model
+reply or a command's raw result) and says what happens next; its only state is the count of
+format errors in a row. Prompts, action format and limits come from the task's AgentSpec;
+templates are Python ``str.format`` strings (unknown fields stay as written).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from megaflow.agents.base import END, EXEC, MODEL, SUBMIT, AgentBase, Decision, StepContext
 from megaflow.core import states
+from megaflow.core.errors import SpecError
 from megaflow.core.spec import AgentSpec, TaskSpec
 
 SYSTEM_TEMPLATE = """You are a software engineer working in a Linux shell inside a container.
@@ -38,16 +40,11 @@ _BLOCK = r"```(?:bash|sh|shell)?[ \t]*\n(.*?)```"
 
 @dataclass
 class Action:
-    """What the agent wants next: kind is model | exec | submit | format_error | limit.
-
-    A limit carries the failure ``cause`` (agent_limit or format) and a readable ``reason``.
-    """
+    """What a model reply asks for: kind is exec | submit | format_error."""
 
     kind: str
     command: str = ""
     message: str = ""
-    reason: str = ""
-    cause: str = ""
 
 
 class _Keep(dict):
@@ -57,17 +54,27 @@ class _Keep(dict):
         return "{" + key + "}"
 
 
-class BashAgent:
-    """Decides the next action of an episode from its history."""
+class BashAgent(AgentBase):
+    """MegaFlow's own agent: decides an episode's next move from its newest history record."""
 
     default_regex = _BLOCK
 
-    def __init__(self, spec: AgentSpec, *, max_steps: int, max_tokens: int | None = None):
-        self.spec = spec
-        self.max_steps = spec.max_steps or max_steps
-        self.max_tokens = spec.max_tokens or max_tokens
+    def __init__(self, spec: AgentSpec, settings: Any = None):
+        super().__init__(spec, settings)
+        self.max_steps = spec.max_steps or getattr(settings, "max_steps", None) or 50
+        self.max_tokens = spec.max_tokens
         self.max_format_errors = spec.max_format_errors or DEFAULT_MAX_FORMAT_ERRORS
         self.regex = re.compile(spec.action_regex or self.default_regex, re.DOTALL)
+
+    @classmethod
+    def validate_section(cls, section: dict[str, Any]) -> dict[str, Any]:
+        if section.get("config"):
+            raise SpecError(
+                "field 'agent.config': the bash agent takes no config; set its agent.* fields "
+                "(system_template, max_steps, ...) instead",
+                field="agent.config",
+            )
+        return section
 
     # --- templates -----------------------------------------------------------------------------
     def render(self, template: str, **values: Any) -> str:
@@ -77,8 +84,13 @@ class BashAgent:
             return template
 
     def initial_messages(self, task: TaskSpec) -> list[dict[str, Any]]:
-        values = {"submit_word": self.spec.submit_word, "problem_statement": task.problem_statement,
-                  "task": task.problem_statement, "workdir": task.workdir, "task_id": task.task_id}
+        values = {
+            "submit_word": self.spec.submit_word,
+            "problem_statement": task.problem_statement,
+            "task": task.problem_statement,
+            "workdir": task.workdir,
+            "task_id": task.task_id,
+        }
         system = self.render(self.spec.system_template or SYSTEM_TEMPLATE, **values)
         user = self.render(self.spec.instance_template or INSTANCE_TEMPLATE, **values)
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -86,14 +98,20 @@ class BashAgent:
     def observation(self, exit_code: int | None, output: str, timed_out: bool, command: str = "") -> str:
         """The user message that reports a command's result to the model."""
         if timed_out:
-            return self.render(self.spec.timeout_template or TIMEOUT_TEMPLATE, output=output, command=command,
-                               exit_code=exit_code)
-        return self.render(self.spec.action_observation_template or OBSERVATION_TEMPLATE, exit_code=exit_code,
-                           output=output, command=command)
+            return self.render(
+                self.spec.timeout_template or TIMEOUT_TEMPLATE, output=output, command=command, exit_code=exit_code
+            )
+        return self.render(
+            self.spec.action_observation_template or OBSERVATION_TEMPLATE,
+            exit_code=exit_code,
+            output=output,
+            command=command,
+        )
 
     def format_error(self, actions: list[str]) -> str:
-        return self.render(self.spec.format_error_template or FORMAT_ERROR, submit_word=self.spec.submit_word,
-                           n_actions=len(actions))
+        return self.render(
+            self.spec.format_error_template or FORMAT_ERROR, submit_word=self.spec.submit_word, n_actions=len(actions)
+        )
 
     # --- decisions -----------------------------------------------------------------------------
     def actions(self, reply: str) -> list[str]:
@@ -111,56 +129,89 @@ class BashAgent:
             return Action("exec", command=actions[0])
         return Action("format_error", message=self.format_error(actions))
 
-    def submitted(self, record: dict[str, Any]) -> bool:
-        """Whether an observation record means the agent submitted (never, for the bash agent)."""
-        return False
+    # --- the step ------------------------------------------------------------------------------
+    def decide(self, ctx: StepContext) -> Decision:
+        """Start (prompts), react to a reply (run, submit, or a format error) or to a command's result.
 
-    def decide(self, history: list[dict[str, Any]], *, tokens_used: int = 0, model_calls: int | None = None,
-               format_streak: int | None = None) -> Action:
-        """Next action: the model when the last message is the user's, else what the reply says.
-
-        Every path that leads to another model call (including a format-error reply) checks the
-        step and token limits first; the ``max_format_errors``-th bad reply in a row ends the episode.
-        ``model_calls`` and ``format_streak`` (the episode's counters) let a caller pass only the
-        history's last record; without them they are counted from the history.
+        Every path to another model call checks the step and token limits first; the
+        ``max_format_errors``-th bad reply in a row ends the episode (cause ``format``).
         """
-        if history and history[-1].get("role") == "assistant":
-            action = self.parse(str(history[-1].get("content", "")))
-            if action.kind != "format_error":
-                return action
-            errors = (format_errors_in_a_row(history) if format_streak is None else format_streak) + 1
-            if errors >= self.max_format_errors:
-                return Action("limit", cause=states.CAUSE_FORMAT,
-                              reason=f"format error limit reached ({errors} replies in a row without one action)")
-            return self._limit(history, tokens_used, model_calls) or action
-        last = history[-1] if history else {}
-        if last.get("kind") == "observation" and self.submitted(last):
-            return Action("submit")
-        return self._limit(history, tokens_used, model_calls) or Action("model")
+        streak = int(ctx.state.get("format_streak", 0))
+        if ctx.first:
+            return self._to_model(ctx, self.initial_messages(ctx.task), {"format_streak": 0})
+        last = ctx.last
+        if last.get("role") == "assistant":
+            action = self.parse(str(last.get("content") or ""))
+            if action.kind == "exec":
+                return Decision(
+                    EXEC, exec={"command": action.command, **self.exec_options(ctx.task)}, state={"format_streak": 0}
+                )
+            if action.kind == "submit":
+                return Decision(SUBMIT, state={"format_streak": 0})
+            streak += 1
+            record = {"role": "user", "content": action.message, "kind": "format_error"}
+            if streak >= self.max_format_errors:
+                return Decision(
+                    END,
+                    records=[record],
+                    outcome=states.FAILED,
+                    cause=states.CAUSE_FORMAT,
+                    reason=f"format error limit reached ({streak} replies in a row without one action)",
+                )
+            return self._to_model(ctx, [record], {"format_streak": streak}, incr={"format_errors": 1})
+        if last.get("kind") == "exec":
+            text = self.observation(
+                last.get("exit_code"),
+                str(last.get("output") or ""),
+                bool(last.get("timed_out")),
+                str(last.get("command") or ""),
+            )
+            record = {
+                "role": "user",
+                "content": text,
+                "kind": "observation",
+                "exit_code": last.get("exit_code"),
+                "timed_out": bool(last.get("timed_out")),
+            }
+            return self._to_model(ctx, [record], {"format_streak": 0})
+        return self._to_model(ctx, [], {"format_streak": streak})
 
-    def _limit(self, history: list[dict[str, Any]], tokens_used: int, model_calls: int | None) -> Action | None:
-        """The limit another model call would break, if any."""
-        calls = sum(1 for m in history if m.get("role") == "assistant") if model_calls is None else model_calls
+    def exec_options(self, task: TaskSpec) -> dict[str, Any]:
+        """Per-command options the env step honours (time limit, variables)."""
+        out: dict[str, Any] = {}
+        if self.spec.command_timeout_s:
+            out["timeout"] = self.spec.command_timeout_s
+        if self.spec.env:
+            out["env"] = dict(self.spec.env)
+        return out
+
+    def _to_model(
+        self,
+        ctx: StepContext,
+        records: list[dict[str, Any]],
+        state: dict[str, Any],
+        incr: dict[str, float] | None = None,
+    ) -> Decision:
+        """Another model call, unless a limit says stop (then the records still land in the history)."""
+        calls = int(ctx.counters.get("model_calls", 0))
+        tokens = int(ctx.counters.get("prompt_tokens", 0) + ctx.counters.get("completion_tokens", 0))
         if calls >= self.max_steps:
-            return Action("limit", cause=states.CAUSE_AGENT_LIMIT,
-                          reason=f"step limit reached ({self.max_steps} model calls)")
-        if self.max_tokens is not None and tokens_used >= self.max_tokens:
-            return Action("limit", cause=states.CAUSE_AGENT_LIMIT,
-                          reason=f"token limit reached ({tokens_used} >= {self.max_tokens})")
-        return None
-
-
-def format_errors_in_a_row(history: list[dict[str, Any]]) -> int:
-    """How many format-error replies the history holds since the last good action."""
-    n = 0
-    for rec in reversed(history):
-        if rec.get("role") == "assistant":
-            continue
-        if rec.get("kind") == "format_error":
-            n += 1
-        else:
-            break
-    return n
+            return Decision(
+                END,
+                records=records,
+                outcome=states.FAILED,
+                cause=states.CAUSE_AGENT_LIMIT,
+                reason=f"step limit reached ({self.max_steps} model calls)",
+            )
+        if self.max_tokens is not None and tokens >= self.max_tokens:
+            return Decision(
+                END,
+                records=records,
+                outcome=states.FAILED,
+                cause=states.CAUSE_AGENT_LIMIT,
+                reason=f"token limit reached ({tokens} >= {self.max_tokens})",
+            )
+        return Decision(MODEL, records=records, state=state, incr=dict(incr or {}))
 
 
 def observation(exit_code: int | None, output: str, timed_out: bool) -> str:

@@ -1,59 +1,147 @@
-"""mini-swe-agent compatible mode: its YAML agent configs, Jinja2 templates and action format.
+"""mini-swe-agent configs on MegaFlow: loading them and checking every key at submit.
 
-``load_mini_config(path_or_dict)`` turns a mini-swe-agent config (v1: every template under
-``agent:``; v2: observation/format-error templates and ``action_regex`` under ``model:``,
-``cwd``/``timeout``/``env`` under ``environment:``) into MegaFlow's agent, model and workdir
-settings. ``MiniAgent`` then behaves like mini-swe-agent's DefaultAgent, one step at a time: one
-fenced command per reply, a format-error reply otherwise, and a command whose output starts with
-``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`` (or the older ``MINI_SWE_AGENT_FINAL_OUTPUT``) submits.
-mini-swe-agent itself is not needed; Jinja2 is imported only when a mini agent renders.
+A config (mini's YAML layout: ``agent``, ``model``, ``environment``) becomes the agent section
+``{"type": "mini_swe_agent", "config": {...}}``, run by megaflow.agents.mini_stepped. Every key is
+honoured, or superseded by MegaFlow with a note kept in the trajectory (``SUPERSEDED``: how a
+sandbox is started, interactive-mode keys; MegaFlow runs unattended, like ``mini-extra swebench``),
+or rejected at submit with a message naming it. mini-swe-agent is an optional dependency
+(``pip install 'megaflow[mini]'``); it is imported only when a mini config is used.
+
+How keys map: ``agent.*`` limits and templates run in mini's own DefaultAgent; ``model.*`` in
+mini's model class (``model_class``, default litellm: tool calls), whose ``model_kwargs`` and
+bash tool become the episode's model-request options; ``environment.timeout`` / ``env`` / ``cwd``
+(unset: the task's workdir) go with every command; ``interpreter`` wraps it (docker-like
+classes; mini's local class runs through /bin/sh); ``environment_class`` also decides the
+time-out message and the template variables, as in mini.
 """
 
 from __future__ import annotations
 
-import platform
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megaflow.agents.bash import BashAgent
 from megaflow.core.errors import SpecError
 
-SUBMIT_MARKERS = ("COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT", "MINI_SWE_AGENT_FINAL_OUTPUT")
+SUBMIT_MARKER = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
 
-# Accepts both the v1 fence (```bash) and the v2 one (```mswea_bash_command).
-DEFAULT_ACTION_REGEX = r"```(?:bash|mswea_bash_command)\s*\n(.*?)\n```"
+AGENT_KEYS = {
+    "system_template",
+    "instance_template",
+    "step_limit",
+    "cost_limit",
+    "wall_time_limit_seconds",
+    "max_consecutive_format_errors",
+    "agent_class",
+}
+MODEL_KEYS = {
+    "model_name",
+    "model_class",
+    "model_kwargs",
+    "observation_template",
+    "format_error_template",
+    "action_regex",
+    "multimodal_regex",
+    "set_cache_control",
+    "cost_tracking",
+    "litellm_model_registry",
+}
+ENV_KEYS = {"cwd", "timeout", "env", "interpreter", "environment_class", "forward_env"}
 
-SYSTEM_TEMPLATE = "You are a helpful assistant that can interact with a computer shell."
-INSTANCE_TEMPLATE = (
-    "Your task: {{task}}\n\nReply with exactly one shell command in a ```bash code block per message. "
-    "When you are done, run `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT` on its own."
-)
-OBSERVATION_TEMPLATE = "<returncode>{{output.returncode}}</returncode>\n<output>\n{{output.output}}\n</output>"
-FORMAT_ERROR_TEMPLATE = ("Please always provide EXACTLY ONE action in triple backticks, "
-                         "found {{actions|length}} actions.")
-TIMEOUT_TEMPLATE = (
-    "The last command <command>{{action['action']}}</command> timed out and has been killed.\n"
-    "The output of the command was:\n<output>\n{{output}}\n</output>\n"
-    "Please try another command and make sure to avoid those requiring interactive input."
-)
+# Keys MegaFlow replaces with its own machinery; accepted, and listed in a note record of the episode.
+SUPERSEDED = {
+    "agent": {
+        "mode": "no human in the loop: MegaFlow runs mini's DefaultAgent unattended (yolo)",
+        "whitelist_actions": "no human in the loop (interactive agent only)",
+        "confirm_exit": "no human in the loop (interactive agent only)",
+    },
+    "model": {"provider": "requests go through MegaFlow's model gateway (the task's model section)"},
+    "environment": {
+        k: "the sandbox is the episode's container on a MegaFlow env host (limits from settings)"
+        for k in (
+            "executable",
+            "run_args",
+            "container_timeout",
+            "pull_timeout",
+            "startup_timeout",
+            "runtime_timeout",
+            "deployment_timeout",
+            "install_pipx",
+            "modal_sandbox_kwargs",
+            "sandbox_build_retries",
+            "global_args",
+            "exec_args",
+            "wrapper_args",
+        )
+    },
+}
+REJECTED = {
+    ("agent", "output_path"): "MegaFlow stores every trajectory as an artifact (a result's artifact_uri); remove it",
+    ("environment", "image"): "set the task's image field instead",
+    ("model", "outputs"): "scripted replies belong in the task's model section (backend: scripted, replies)",
+}
+# model_kwargs that pick an endpoint or credentials: MegaFlow's gateway owns those.
+ENDPOINT_KWARGS = {
+    "api_base",
+    "base_url",
+    "api_key",
+    "api_version",
+    "custom_llm_provider",
+    "organization",
+    "extra_headers",
+    "headers",
+    "timeout",
+    "num_retries",
+}
+CONSUMED_KWARGS = {"drop_params"}  # litellm-only: MegaFlow's gateway never adds parameters a server lacks
 
-_TEMPLATES = ("system_template", "instance_template", "action_observation_template", "format_error_template",
-              "timeout_template", "action_regex")
+ENV_CLASSES = {
+    "docker",
+    "local",
+    "singularity",
+    "swerex_docker",
+    "swerex_modal",
+    "bubblewrap",
+    "contree",
+    "minisweagent.environments.docker.DockerEnvironment",
+    "minisweagent.environments.local.LocalEnvironment",
+}
+TEXT_MODEL_CLASSES = {"litellm_textbased", "openrouter_textbased"}
+TOOL_MODEL_CLASSES = {"litellm", "openrouter", "requesty", "portkey"}
+UNSTEPPABLE_MODEL_CLASSES = {
+    "litellm_response": "speaks the Responses API; MegaFlow's gateway speaks chat completions",
+    "openrouter_response": "speaks the Responses API; MegaFlow's gateway speaks chat completions",
+    "portkey_response": "speaks the Responses API; MegaFlow's gateway speaks chat completions",
+    "deterministic": "scripted replies belong in the task's model section (backend: scripted)",
+}
+
+
+def import_mini() -> Any:
+    """Import mini-swe-agent quietly and offline (no banner, no cost-map download), or explain how to get it."""
+    os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import minisweagent
+    except ImportError:
+        raise SpecError(
+            "field 'agent.type': the mini_swe_agent agent needs mini-swe-agent; pip install 'megaflow[mini]'",
+            field="agent.type",
+        ) from None
+    return minisweagent
 
 
 @dataclass
 class MiniConfig:
-    """A mini-swe-agent config mapped onto a task spec: ``agent`` and ``model`` sections, workdir."""
+    """A mini-swe-agent config as MegaFlow task-spec pieces: the agent section, model hints, workdir."""
 
     agent: dict[str, Any]
     model: dict[str, Any] = field(default_factory=dict)
     workdir: str | None = None
-    ignored: list[str] = field(default_factory=list)
 
 
 def load_mini_config(source: str | Path | dict[str, Any]) -> MiniConfig:
-    """Read a mini-swe-agent YAML config (path or already-parsed dict) into a MiniConfig."""
+    """A mini-swe-agent YAML config (a path, a name mini ships such as ``swebench``, or a parsed dict)."""
     if isinstance(source, dict):
         data = source
     else:
@@ -61,64 +149,27 @@ def load_mini_config(source: str | Path | dict[str, Any]) -> MiniConfig:
 
         path = Path(source)
         if not path.exists():
-            path = _packaged_config(str(source)) or path
+            path = packaged_config(str(source)) or path
         if not path.exists():
-            raise SpecError(f"agent config {source}: no such file (nor a config shipped with mini-swe-agent, "
-                            "if installed)")
+            raise SpecError(f"agent config {source}: no such file (nor a config shipped with mini-swe-agent)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise SpecError(f"agent config {path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
-        raise SpecError("agent config: must be a mapping with an 'agent' section", field="agent")
-    agent_in = dict(data.get("agent") or {})
-    model_in = dict(data.get("model") or {})
-    env_in = dict(data.get("environment") or {})
-    ignored: list[str] = []
-    agent: dict[str, Any] = {"type": "mini"}
-    for name in _TEMPLATES:
-        for section in (agent_in, model_in, env_in):
-            if section.get(name):
-                agent[name] = section.pop(name)
-                break
-    if "action_observation_template" not in agent:  # v2 textbased models call it observation_template
-        for section in (model_in, env_in, agent_in):
-            if section.get("observation_template"):
-                agent["action_observation_template"] = section.pop("observation_template")
-                break
-    step_limit = agent_in.pop("step_limit", 0) or 0
-    if float(step_limit) > 0:
-        agent["max_steps"] = int(step_limit)
-    if env_in.get("timeout"):
-        agent["command_timeout_s"] = float(env_in.pop("timeout"))
-    if env_in.get("env"):
-        agent["env"] = {str(k): str(v) for k, v in env_in.pop("env").items()}
-    for key in ("max_tokens", "wall_time_s", "max_format_errors"):  # MegaFlow extensions, if present
-        if key in agent_in:
-            agent[key] = agent_in.pop(key)
-    # Left over: cost_limit (no prices here; use max_tokens), interactive-mode keys, class names.
-    ignored += [f"agent.{k}" for k in agent_in]
-    model: dict[str, Any] = {}
-    if model_in.get("model_name"):
-        model["model_name"] = model_in.pop("model_name")
-    for key, value in (model_in.pop("model_kwargs", None) or {}).items():
-        if key in ("temperature", "top_p", "max_tokens", "seed", "stop"):
-            model[key] = value
-        else:
-            ignored.append(f"model.model_kwargs.{key}")
-    ignored += [f"model.{k}" for k in model_in]
-    workdir = env_in.pop("cwd", None) or None
-    ignored += [f"environment.{k}" for k in env_in]
-    return MiniConfig(agent=agent, model=model, workdir=workdir, ignored=sorted(ignored))
+        raise SpecError("agent config: must be a mapping with agent / model / environment sections", field="agent")
+    env = data.get("environment") or {}
+    return MiniConfig(
+        agent={"type": "mini_swe_agent", "config": data}, workdir=env.get("cwd") if isinstance(env, dict) else None
+    )
 
 
-def _packaged_config(name: str) -> Path | None:
-    """A config shipped with mini-swe-agent (e.g. ``swebench`` or ``extra/swebench.yaml``), when installed."""
+def packaged_config(name: str) -> Path | None:
+    """A config shipped with mini-swe-agent (``mini``, ``swebench``, ``benchmarks/swebench.yaml``), if installed."""
     try:
-        import minisweagent  # optional: only its YAML files are read
-    except ImportError:
+        base = Path(import_mini().__file__).parent / "config"
+    except SpecError:
         return None
-    base = Path(minisweagent.__file__).parent / "config"
     for folder in ("", "extra", "benchmarks"):
         for candidate in (name, f"{name}.yaml"):
             path = base / folder / candidate
@@ -127,41 +178,178 @@ def _packaged_config(name: str) -> Path | None:
     return None
 
 
-class MiniAgent(BashAgent):
-    """mini-swe-agent's DefaultAgent, step by step: Jinja2 templates, output-marker submission."""
+def shipped_configs() -> list[Path]:
+    """Every YAML config mini-swe-agent ships."""
+    base = Path(import_mini().__file__).parent / "config"
+    return sorted(base.rglob("*.yaml"))
 
-    default_regex = DEFAULT_ACTION_REGEX
 
-    def render(self, template: str, **values: Any) -> str:
-        import jinja2
+def _fail(key: str, msg: str) -> SpecError:
+    return SpecError(f"field 'agent.config.{key}': {msg}", field=f"agent.config.{key}")
 
-        env = jinja2.Environment(undefined=jinja2.Undefined, keep_trailing_newline=True)
-        config = {"step_limit": self.spec.max_steps or 0, "cost_limit": 0.0,
-                  "system": "Linux", "release": "", "version": "", "machine": platform.machine()}
+
+def _check_template(key: str, text: Any) -> None:
+    import jinja2
+
+    if not isinstance(text, str):
+        raise _fail(key, "must be a string (a Jinja2 template)")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise _fail(key, f"not a valid Jinja2 template: {exc} (line {exc.lineno})") from None
+
+
+def config_notes(config: dict[str, Any]) -> list[str]:
+    """Keys a config sets that MegaFlow supersedes or mini itself does not use, each with the reason."""
+    notes = [
+        f"{section}.{key}: {why}"
+        for section, keys in SUPERSEDED.items()
+        for key, why in keys.items()
+        if key in (config.get(section) or {})
+    ]
+    model, agent = config.get("model") or {}, config.get("agent") or {}
+    cls = model_class_name(model)
+    if cls in TOOL_MODEL_CLASSES:
+        if "action_regex" in model:
+            notes.append(
+                f"model.action_regex: not used by model_class {cls!r} (tool calls), as in mini itself; "
+                "set model_class: litellm_textbased to parse actions from text"
+            )
+        prompts = str(agent.get("system_template", "")) + str(agent.get("instance_template", ""))
+        if "mswea_bash_command" in prompts:
+            notes.append(
+                f"model.model_class: {cls!r} (tool calls, mini's default) while the prompts ask for text "
+                "actions; mini users pass --model-class litellm_textbased for such configs"
+            )
+    env = config.get("environment") or {}
+    if "interpreter" in env and env.get("environment_class") in (
+        "local",
+        "minisweagent.environments.local.LocalEnvironment",
+    ):
+        notes.append(
+            "environment.interpreter: not used by mini's LocalEnvironment (commands run through /bin/sh), "
+            "as in mini itself"
+        )
+    kwargs = model.get("model_kwargs") or {}
+    notes += [
+        f"model.model_kwargs.{k}: litellm-only, not needed by MegaFlow's gateway"
+        for k in CONSUMED_KWARGS
+        if k in kwargs
+    ]
+    return notes
+
+
+def model_class_name(model: dict[str, Any]) -> str:
+    """The model class mini would pick: ``model_class`` if set, else litellm (tool calls)."""
+    return str(model.get("model_class") or "litellm")
+
+
+def validate_mini_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check every key of a mini config (honoured, superseded or rejected); return it unchanged."""
+    import_mini()
+    from minisweagent.agents.default import AgentConfig
+    from pydantic import ValidationError
+
+    if not isinstance(config, dict):
+        raise _fail("", "must be a mapping with agent / model / environment sections")
+    for section in config:
+        if section not in ("agent", "model", "environment"):
+            raise _fail(
+                section,
+                "unknown section; a mini-swe-agent config has agent, model and environment "
+                "(run-time options of mini's CLI have no place in a task spec)",
+            )
+    sections = {name: config.get(name) or {} for name in ("agent", "model", "environment")}
+    for name, sec in sections.items():
+        if not isinstance(sec, dict):
+            raise _fail(name, "must be a mapping")
+        allowed = {"agent": AGENT_KEYS, "model": MODEL_KEYS, "environment": ENV_KEYS}[name]
+        for key in sec:
+            if (name, key) in REJECTED:
+                raise _fail(f"{name}.{key}", REJECTED[(name, key)])
+            if key not in allowed and key not in SUPERSEDED[name]:
+                raise _fail(
+                    f"{name}.{key}",
+                    f"unknown key for mini-swe-agent 2.4's {name} section; remove it or check the spelling",
+                )
+    agent, model, env = sections["agent"], sections["model"], sections["environment"]
+    if agent.get("agent_class", "default") not in ("default", "minisweagent.agents.default.DefaultAgent"):
+        raise _fail(
+            "agent.agent_class",
+            "MegaFlow steps mini's DefaultAgent; other agent classes run their own "
+            "loop and cannot be stepped (remove the key)",
+        )
+    try:
+        AgentConfig(**{k: v for k, v in agent.items() if k in AGENT_KEYS - {"agent_class"}})
+    except ValidationError as exc:
+        raise _fail("agent", _pydantic_message(exc)) from None
+    for key in ("system_template", "instance_template"):
+        _check_template(f"agent.{key}", agent[key])
+    for key in ("observation_template", "format_error_template"):
+        if key in model:
+            _check_template(f"model.{key}", model[key])
+    _check_model(model)
+    _check_environment(env)
+    return config
+
+
+def _check_model(model: dict[str, Any]) -> None:
+    cls = model_class_name(model)
+    if cls in UNSTEPPABLE_MODEL_CLASSES:
+        raise _fail("model.model_class", f"{cls!r} {UNSTEPPABLE_MODEL_CLASSES[cls]}")
+    if cls not in TEXT_MODEL_CLASSES | TOOL_MODEL_CLASSES:
+        from megaflow.agents.mini_models import model_family
+
+        model_family(cls)  # raises naming model.model_class when the class cannot be replayed
+    kwargs = model.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise _fail("model.model_kwargs", "must be a mapping of request parameters")
+    for key in kwargs:
+        if key in ENDPOINT_KWARGS:
+            raise _fail(
+                f"model.model_kwargs.{key}",
+                "endpoints, credentials, time-outs and retries come from the "
+                "task's model section and MegaFlow's settings; remove it",
+            )
+    if "action_regex" in model:
+        import re
+
         try:
-            return env.from_string(template).render(**config, **values)
-        except jinja2.TemplateError as exc:
-            raise SpecError(f"agent template does not render: {exc}", field="agent") from None
+            re.compile(model["action_regex"])
+        except (re.error, TypeError) as exc:
+            raise _fail("model.action_regex", f"not a valid regular expression: {exc}") from None
+    if model.get("set_cache_control") not in (None, "default_end"):
+        raise _fail("model.set_cache_control", "must be 'default_end' or null")
+    if model.get("cost_tracking", "default") not in ("default", "ignore_errors"):
+        raise _fail("model.cost_tracking", "must be 'default' or 'ignore_errors'")
 
-    def initial_messages(self, task) -> list[dict[str, Any]]:
-        values = {"task": task.problem_statement, "problem_statement": task.problem_statement,
-                  "workdir": task.workdir, "cwd": task.workdir, "task_id": task.task_id}
-        return [{"role": "system", "content": self.render(self.spec.system_template or SYSTEM_TEMPLATE, **values)},
-                {"role": "user", "content": self.render(self.spec.instance_template or INSTANCE_TEMPLATE, **values)}]
 
-    def observation(self, exit_code: int | None, output: str, timed_out: bool, command: str = "") -> str:
-        if timed_out:
-            return self.render(self.spec.timeout_template or TIMEOUT_TEMPLATE, action={"action": command},
-                               output=output)
-        out = {"returncode": exit_code, "output": output, "exception_info": ""}
-        return self.render(self.spec.action_observation_template or OBSERVATION_TEMPLATE, output=out)
+def _check_environment(env: dict[str, Any]) -> None:
+    cls = env.get("environment_class", "docker")
+    if cls not in ENV_CLASSES:
+        raise _fail(
+            "environment.environment_class",
+            f"{cls!r}: commands run in the episode's container on a "
+            f"MegaFlow env host; use one of {sorted(ENV_CLASSES)[:7]}",
+        )
+    if env.get("forward_env"):
+        raise _fail(
+            "environment.forward_env",
+            "the agent worker's variables are not the submitter's; set the values under environment.env instead",
+        )
+    if "timeout" in env and (not isinstance(env["timeout"], (int, float)) or env["timeout"] <= 0):
+        raise _fail("environment.timeout", "must be a positive number of seconds")
+    if not isinstance(env.get("env", {}), dict):
+        raise _fail("environment.env", "must be a mapping of variable names to values")
+    interp = env.get("interpreter", ["bash", "-lc"])
+    if not (isinstance(interp, list) and interp and all(isinstance(a, str) for a in interp)):
+        raise _fail("environment.interpreter", "must be a non-empty list of strings, e.g. [bash, -c]")
 
-    def format_error(self, actions: list[str]) -> str:
-        return self.render(self.spec.format_error_template or FORMAT_ERROR_TEMPLATE, actions=actions)
 
-    def parse(self, reply: str):
-        return self._one_action(reply)
-
-    def submitted(self, record: dict[str, Any]) -> bool:
-        lines = str(record.get("output_head") or "").splitlines()
-        return bool(lines) and lines[0].strip() in SUBMIT_MARKERS
+def _pydantic_message(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        err = errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        return f"{where}: {err.get('msg')}"
+    return str(exc)

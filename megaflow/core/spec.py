@@ -32,31 +32,53 @@ class ModelSpec(BaseModel):
 
 
 class AgentSpec(BaseModel):
-    """How the agent behaves: its prompts, action format and limits.
+    """Which agent runs the episode and how: its type, its own config and its limits.
 
-    ``bash`` templates use Python ``str.format`` fields; ``mini`` (mini-swe-agent compatible, see
-    megaflow.agents.mini) templates are Jinja2 and a command whose output's first line is
-    ``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`` submits.
+    ``type`` is a registered agent (``bash``, ``mini_swe_agent``; see megaflow.agents.base.REGISTRY)
+    or a dotted path to a user's class (``mypkg.agents:MyAgent``); it is checked against the
+    registry at submit (megaflow.agents.validate_agent_section), since core cannot import agents.
+    ``config`` is the agent's own configuration (for ``mini_swe_agent``: a mini-swe-agent YAML
+    config's ``agent`` / ``model`` / ``environment`` sections). The template, action and limit fields
+    below are the ``bash`` agent's (Python ``str.format`` templates).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    type: Literal["bash", "mini"] = Field("bash", description="Agent flavour: bash (submit word) or mini.")
+    type: str = Field("bash", min_length=1, description="Agent type: a registered name or mypkg.module:Class.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The agent's own config (validated by it).")
     max_steps: int | None = Field(None, ge=1, description="Model calls allowed; default settings.max_steps.")
     max_tokens: int | None = Field(None, ge=1, description="Total prompt+completion tokens allowed.")
-    wall_time_s: float | None = Field(None, gt=0, description="Agent wall-time budget; default settings.episode_budget_s.")
-    max_format_errors: int | None = Field(None, ge=1, description="Format errors in a row that end the episode "
-                                                                  "(cause 'format'); default 3.")
+    wall_time_s: float | None = Field(
+        None, gt=0, description="Agent wall-time budget; default settings.episode_budget_s."
+    )
+    max_format_errors: int | None = Field(
+        None, ge=1, description="Format errors in a row that end the episode (cause 'format'); default 3."
+    )
     submit_word: str = Field(SUBMIT_WORD, min_length=3, description="A reply containing this word submits (bash).")
     system_template: str | None = Field(None, description="System prompt; {submit_word} is filled in.")
     instance_template: str | None = Field(None, description="First user message; {problem_statement} is filled in.")
     action_observation_template: str | None = Field(
-        None, description="User message reporting a command's result (vars: exit_code/output, or mini's output.*).")
+        None, description="User message reporting a command's result (fields: exit_code, output, command)."
+    )
     format_error_template: str | None = Field(None, description="Reply to a model message without exactly one action.")
     timeout_template: str | None = Field(None, description="User message after a command timed out.")
     action_regex: str | None = Field(None, description="Regex whose one group is the command (DOTALL).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every command.")
-    command_timeout_s: float | None = Field(None, gt=0, description="Per-command limit; default settings.command_timeout_s.")
+    command_timeout_s: float | None = Field(
+        None, gt=0, description="Per-command limit; default settings.command_timeout_s."
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _type_shape(cls, v: str) -> str:
+        import re
+
+        if not re.match(r"^[A-Za-z_][\w.]*([:.][A-Za-z_]\w*)?$", v):
+            raise ValueError(
+                "must be a registered agent name (bash, mini_swe_agent, ...) or a dotted path "
+                "to a class (mypkg.agents:MyAgent)"
+            )
+        return v
 
     @field_validator("action_regex")
     @classmethod
@@ -71,21 +93,6 @@ class AgentSpec(BaseModel):
             if groups != 1:
                 raise ValueError("must have exactly one capturing group (the command)")
         return v
-
-    @model_validator(mode="after")
-    def _templates_parse(self) -> "AgentSpec":
-        if self.type == "mini":  # Jinja2 templates: a syntax error is the submitter's to fix, now
-            import jinja2
-
-            for name in ("system_template", "instance_template", "action_observation_template",
-                         "format_error_template", "timeout_template"):
-                text = getattr(self, name)
-                if text:
-                    try:
-                        jinja2.Environment().parse(text)
-                    except jinja2.TemplateSyntaxError as exc:
-                        raise ValueError(f"{name} is not a valid Jinja2 template: {exc} (line {exc.lineno})") from None
-        return self
 
     # --- bad input (issue 17): limits in range, a safe environment (megaflow.core.guards) --------
     @field_validator("max_steps", "max_tokens", "wall_time_s", "max_format_errors", "command_timeout_s")

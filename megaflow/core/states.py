@@ -26,6 +26,7 @@ CAUSE_MODEL = "model_error"
 CAUSE_CANCELLED = "cancelled"
 CAUSE_SETUP = "setup"
 CAUSE_AGENT_CONFIG = "agent_config"
+CAUSE_AGENT_ERROR = "agent_error"  # the agent's own code failed (a plug-in raised)
 CAUSE_MODEL_REQUEST = "model_request"  # the model server refused the request (400/404/422, bad parameter)
 CAUSE_MODEL_AUTH = "model_auth"  # the model server refused the credentials (401/403)
 CAUSE_INTERNAL = "internal"  # an unexpected exception in a step (a bug or an unforeseen backend error)

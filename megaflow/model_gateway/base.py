@@ -40,6 +40,7 @@ class ModelRequest:
     policy_version: str | None = None
     batch_id: str = ""  # scope of an endpoint refusing our credentials (401/403)
     params: dict[str, Any] = field(default_factory=dict)  # per-call request fields (tools, ...), over the section's
+    call_index: int | None = None  # how many model calls the episode made before this one
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

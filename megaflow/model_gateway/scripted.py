@@ -1,7 +1,7 @@
 """The deterministic ``scripted`` backend: replays the replies listed in the task spec.
 
-The reply for a request is ``replies[n]`` where ``n`` is the number of assistant messages already
-in the conversation, so the backend keeps no state and a redelivered request gets the same reply.
+The reply for a request is ``replies[n]`` where ``n`` is the episode's model-call count (else the number
+of assistant messages alreadyin the conversation, so the backend keeps no state and a redelivered request gets the same reply.
 A reply is either a string (the message content) or a whole assistant message
 (``{"content": ..., "tool_calls": [...]}``), so tool-call agents can be scripted too.
 """
@@ -57,7 +57,9 @@ class ScriptedBackend:
             hint = " (the scripted backend needs model.replies: a non-empty list)" if where == "model.replies" else ""
             raise ModelRequestError(f"bad model section: {where}: {err['msg']}{hint}") from None
         replies = config.replies
-        n = sum(1 for m in request.messages if m.get("role") == "assistant")
+        # the episode's call count (a dropped malformed reply is no longer in the messages); else count replies
+        n = request.call_index if request.call_index is not None else sum(
+            1 for m in request.messages if m.get("role") == "assistant")
         if n >= len(replies):
             raise ModelError(f"scripted replies exhausted: {len(replies)} given, reply #{n + 1} asked")
         raw = replies[n]

@@ -1,4 +1,11 @@
-"""The agent service's step: decide what an episode does next and hand it to the model or env."""
+"""The agent service's step: ask the episode's agent what comes next and hand it to the model or env.
+
+The agent (megaflow.agents: a registered type or a user's class) sees the newest history record
+and its own JSON state (episode field ``agent_state``) and returns a Decision; this step applies
+it in one advance: records appended, state saved, and the next task sent (model, env exec,
+evaluation) or the episode finished. Observations are rendered here, by the agent, from the
+raw command results the env step records.
+"""
 
 from __future__ import annotations
 
@@ -6,60 +13,107 @@ from typing import TYPE_CHECKING
 
 import json
 import time
+from typing import Any
 
-from megaflow.services import lifecycle
+from megaflow.agents import Decision, StepContext, make_agent
+from megaflow.agents.base import END, EXEC, MODEL, SUBMIT
 from megaflow.core import states
-from megaflow.agents import make_agent
 from megaflow.core.errors import SpecError
+from megaflow.services import lifecycle
 
 if TYPE_CHECKING:
     from megaflow.services.root import Root as Runtime
+
+COUNTERS = ("model_calls", "prompt_tokens", "completion_tokens", "format_errors")
 
 
 def agent_step(rt: Runtime, episode_id: str, step: int) -> str:
     """Run step ``step`` of the episode's agent; return what it decided (for logs and tests).
 
-    Limits end the episode with a cause: wall time -> TIMED_OUT/timeout, steps and tokens ->
-    agent_limit, too many format errors in a row -> format.
+    The episode's wall-time budget (agent.wall_time_s, else settings.episode_budget_s) ends it
+    TIMED_OUT/timeout; an agent section that cannot be loaded ends it FAILED/agent_config.
     """
-    ep = rt.engine.claim(episode_id, step, history="tail")  # decisions need the last record and counters
+    ep = rt.engine.claim(episode_id, step, history="tail")
     if ep is None:
         return "dropped"
     if ep.fields.get("cancel") == "1":
         lifecycle.finish(rt, ep, states.CANCELLED, cause=states.CAUSE_CANCELLED)
         return "cancelled"
     spec = ep.spec
-    agent = make_agent(spec.agent, rt.settings)
-    budget = spec.agent.wall_time_s or rt.settings.episode_budget_s
-    started = float(ep.fields.get("t:env_ready") or ep.fields.get("created_at") or time.time())
-    if time.time() - started > budget:
-        lifecycle.finish(rt, ep, states.TIMED_OUT, cause=states.CAUSE_TIMEOUT,
-                         error=f"wall-time limit reached (agent budget of {budget:g}s used up)")
-        return "timed_out"
     try:
-        if not ep.history_len:
-            rt.engine.advance(ep, history=agent.initial_messages(spec), next_task=lifecycle.to_model())
-            return "model"
-        tokens = int(ep.num("prompt_tokens") + ep.num("completion_tokens"))
-        action = agent.decide(ep.history, tokens_used=tokens, model_calls=int(ep.num("model_calls")),
-                              format_streak=int(ep.num("format_streak")))
-    except SpecError as exc:  # a template that does not render: the task's fault, end it clearly
+        agent = make_agent(spec.agent, rt.settings)
+    except SpecError as exc:
         lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_AGENT_CONFIG, error=str(exc))
         return "agent_config"
-    if action.kind == "limit":
-        lifecycle.finish(rt, ep, states.FAILED, cause=action.cause or states.CAUSE_AGENT_LIMIT, error=action.reason)
-    elif action.kind == "model":
-        rt.engine.advance(ep, next_task=lifecycle.to_model())
-    elif action.kind == "exec":
-        rt.engine.advance(ep, fields={"pending": json.dumps({"command": action.command}), "format_streak": "0"},
-                          next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host))
-    elif action.kind == "submit":
-        rt.engine.advance(ep, state=states.EVALUATING, phase="evaluating", fields={"format_streak": "0"},
-                          next_task=lifecycle.to_host(lifecycle.ENV_EVALUATE, ep.host))
-    else:  # format_error: tell the model and ask again
-        rt.engine.advance(ep, history=[{"role": "user", "content": action.message, "kind": "format_error"}],
-                          incr={"format_errors": 1, "format_streak": 1}, next_task=lifecycle.to_model())
-    return action.kind
+    if getattr(agent, "needs_history", "tail") == "all" and ep.history_len > 1:
+        ep = rt.engine.claim(episode_id, step, history=True) or ep
+    now = time.time()
+    budget = spec.agent.wall_time_s or rt.settings.episode_budget_s
+    started = float(ep.fields.get("t:env_ready") or ep.fields.get("created_at") or now)
+    if now - started > budget:
+        lifecycle.finish(
+            rt,
+            ep,
+            states.TIMED_OUT,
+            cause=states.CAUSE_TIMEOUT,
+            error=f"wall-time limit reached (agent budget of {budget:g}s used up)",
+        )
+        return "timed_out"
+    ctx = StepContext(
+        task=spec,
+        history=ep.history,
+        history_len=ep.history_len,
+        state=json.loads(ep.fields.get("agent_state") or "{}"),
+        counters={k: ep.num(k) for k in COUNTERS},
+        container=ep.container,
+        settings=rt.settings,
+        now=now,
+    )
+    try:
+        decision = agent.decide(ctx)
+    except SpecError as exc:  # e.g. a template that does not render: the task's fault, end it clearly
+        lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_AGENT_CONFIG, error=str(exc))
+        return "agent_config"
+    return apply_decision(rt, ep, decision)
+
+
+def apply_decision(rt: Runtime, ep: Any, d: Decision) -> str:
+    """One advance for the decision: history records, agent fields, counters, and the next task."""
+    fields: dict[str, Any] = {}
+    if d.state is not None:
+        fields["agent_state"] = json.dumps(d.state)
+    if d.request is not None:
+        fields["agent_request"] = json.dumps(d.request)
+    if d.next == MODEL:
+        rt.engine.advance(ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_model())
+    elif d.next == EXEC:
+        fields["pending"] = json.dumps(d.exec)
+        rt.engine.advance(
+            ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host)
+        )
+    elif d.next == SUBMIT:
+        if d.submission is not None:
+            fields["submission"] = d.submission
+        rt.engine.advance(
+            ep,
+            history=d.records,
+            fields=fields,
+            incr=d.incr,
+            state=states.EVALUATING,
+            phase="evaluating",
+            next_task=lifecycle.to_host(lifecycle.ENV_EVALUATE, ep.host),
+        )
+    elif d.next == END:
+        # what the agent said last goes into the trajectory first
+        if (d.records or fields) and not rt.engine.advance(
+            ep, history=d.records, fields=fields, incr=d.incr, keep_step=True
+        ):
+            return "dropped"
+        lifecycle.finish(
+            rt, ep, d.outcome or states.FAILED, cause=d.cause or states.CAUSE_AGENT_LIMIT, error=d.reason or None
+        )
+        return d.cause or "end"
+    return d.next
 
 
 class AgentService:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from typing import TYPE_CHECKING
 
-from megaflow.agents import make_agent
-from megaflow.core import states, wire
+from megaflow.core import states
 from megaflow.core.errors import InfraError, RetryableError, TaskError
 from megaflow.engine.episodes import to_agent
 from megaflow.services import lifecycle
@@ -78,17 +76,17 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     if ep is None:
         return "dropped"
     spec = ep.spec
-    command = (ep.pending or {}).get("command", "")
-    timeout = spec.agent.command_timeout_s or rt.settings.command_timeout_s
+    pending = ep.pending or {}
+    command = pending.get("command", "")
+    timeout = pending.get("timeout") or spec.agent.command_timeout_s or rt.settings.command_timeout_s
     try:
-        res = rt.env_host.execute(_sandbox(ep), command, timeout=timeout, workdir=spec.workdir,
-                                  env=spec.agent.env or None)
+        res = rt.env_host.execute(_sandbox(ep), command, timeout=timeout, workdir=pending.get("workdir") or spec.workdir,
+                                  env=pending.get("env") or spec.agent.env or None)
     except (RetryableError, InfraError) as exc:
         return _infra_failure(rt, ep, exc, "exec", final_attempt)
-    text = make_agent(spec.agent, rt.settings).observation(res.exit_code, res.output, res.timed_out, command)
-    record = {"role": "user", "content": text, "kind": "observation", "exit_code": res.exit_code,
-              "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4), "command": command,
-              "output_head": res.output.lstrip()[:256]}  # for submit checks; content shows the output
+    # the raw result; the agent renders its observation from it when it next steps
+    record = {"role": "env", "kind": "exec", "command": command, "exit_code": res.exit_code, "output": res.output,
+              "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4), "truncated": res.truncated}
     rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=to_agent())
     return "ok"
 

@@ -112,9 +112,14 @@ def evaluate_instance(rt, ep, handle: dict) -> dict[str, Any]:
             target = handle
         else:
             fresh = _fresh(rt, ep, spec)
-            base = head_sha(rt.env_host, fresh, workdir) or "HEAD"
-            log.info(f"Image HEAD in the fresh container: {base}")
-            patch = capture_patch(rt.env_host, handle, workdir, base)
+            submitted = _submitted_patch(ep)
+            if submitted is not None:  # what the agent submitted (mini-swe-agent submits its `git diff`)
+                log.info("Model patch: the agent's submission")
+                patch = submitted
+            else:
+                base = head_sha(rt.env_host, fresh, workdir) or "HEAD"
+                log.info(f"Image HEAD in the fresh container: {base}")
+                patch = capture_patch(rt.env_host, handle, workdir, base)
             target = fresh
         log.info(f"Model patch: {len(patch or '')} characters")
         result = grade_patch(
@@ -139,6 +144,12 @@ def evaluate_instance(rt, ep, handle: dict) -> dict[str, Any]:
         if fresh is not None:
             rt.env_host.close(fresh)
     return _report(rt, row, result, patch, log, run_id=run_id, model=model, mode=mode, started=started)
+
+
+def _submitted_patch(ep) -> str | None:
+    """The agent's submission when it is a diff (the harness's agents submit their patch); else None."""
+    text = ep.fields.get("submission") or ""
+    return text if text.lstrip().startswith(("diff --git", "--- ")) else None
 
 
 def _fresh(rt, ep, spec):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from megaflow.agents import build_request
 from megaflow.core import states
 from megaflow.core.errors import ModelError, ModelUnavailableError
 from megaflow.model_gateway.base import ModelRequest, chat_message
@@ -44,14 +45,20 @@ def model_step(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool =
         return "dropped"
     model = ep.spec.model.model_dump(exclude_none=True)
     backend_name = model.pop("backend", None) or rt.settings.model_backend
+    # the agent's request (messages, tools, its model kwargs); the spec's model section stays on top
+    built = build_request(ep.history, _call_params(ep.fields.get("agent_request")))
+    messages = [chat_message(m) for m in built.pop("messages")]
+    params = {k: v for k, v in built.items() if k not in model}
+    params.update(_call_params(ep.fields.get("model_params")))
     request = ModelRequest(
-        messages=[chat_message(m) for m in ep.history],
+        messages=messages,
         model=model,
         session_id=ep.id,
         step=step,
         policy_version=ep.fields.get("policy_version") or None,
         batch_id=ep.batch_id,
-        params=_call_params(ep.fields.get("model_params")),
+        params=params,
+        call_index=int(ep.num("model_calls")),
     )
     try:
         reply = rt.backend(backend_name).complete(request)
