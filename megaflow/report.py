@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from megaflow import report_svg as svgplot
+from megaflow.core import states
 from megaflow.core.errors import NotFoundError
 from megaflow.report_svg import percentile
 from megaflow.stores.base import MetadataStore
 
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")
-STATE_ORDER = ("SUBMITTED", "QUEUED", "ADMITTED", "ENV_STARTING", "RUNNING", "EVALUATING") + TERMINAL
+TERMINAL = tuple(s for s in states.ORDER if s in states.TERMINAL)
+STATE_ORDER = tuple(states.ORDER)
 
 # (label, from phase, to phase): the latency of each part of an episode.
 PHASES = (
@@ -136,8 +137,7 @@ def summarize(docs: list[dict[str, Any]], *, host_capacity: int | None = None,
             "utilisation": (mean / host_capacity) if mean is not None and host_capacity else None,
         }
 
-    causes = Counter(str(d.get("cause") or d.get("state", "").lower() or "unknown")
-                     for d in docs if d.get("state") in TERMINAL and d.get("state") != "SUCCEEDED")
+    causes = states.failure_causes(docs)
     rewards = [float(d["reward"]) for d in docs if isinstance(d.get("reward"), (int, float))]
     return {
         "episodes": len(docs),
@@ -155,7 +155,7 @@ def summarize(docs: list[dict[str, Any]], *, host_capacity: int | None = None,
                                 for m, v in sorted(env_by_mode.items())},
         "hosts": hosts,
         "host_capacity": host_capacity,
-        "failure_causes": dict(causes.most_common()),
+        "failure_causes": causes,
         "_durations": durations,  # dropped from summary.json; the plots use them
         "_env_by_mode": dict(env_by_mode),
         "_held": held,

@@ -16,14 +16,14 @@ def _summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
     finished = [d["phases"]["finished"] for d in docs if "finished" in d.get("phases", {})]
     submitted = [d["phases"]["submitted"] for d in docs if "submitted" in d.get("phases", {})]
     span = (max(finished) - min(submitted)) if finished and submitted else 0.0
-    causes = Counter(d.get("cause") or "unknown" for d in docs if d.get("state") in (states.FAILED, states.TIMED_OUT))
+    causes = states.failure_causes(docs)
     rewards = [d["reward"] for d in docs if isinstance(d.get("reward"), (int, float))]
     return {
         "total": len(docs),
         "counts": dict(counts),
         "finished": len(finished),
         "throughput_per_min": round(len(finished) / span * 60, 2) if span > 0 else None,
-        "failures_by_cause": dict(causes),
+        "failures_by_cause": causes,
         "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
     }
 

@@ -1,5 +1,9 @@
 """Episode states and the phase names recorded with them."""
 
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 SUBMITTED = "SUBMITTED"
 QUEUED = "QUEUED"
 ADMITTED = "ADMITTED"
@@ -33,3 +37,15 @@ CAUSE_INTERNAL = "internal"  # an unexpected exception in a step (a bug or an un
 
 # Causes that say nothing about the agent's work: never scored as a result, re-run by resume.
 INFRA_CAUSES = frozenset({CAUSE_INFRA, CAUSE_INTERNAL})
+
+
+def failure_causes(docs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Episodes that ended without success, counted by cause, most common first.
+
+    The one rule ``megaflow status`` and ``megaflow report`` share: every final episode that did not
+    succeed counts once, under its cause, else its state in lower case (``cancelled``, ``timed_out``).
+    """
+    counts: Counter[str] = Counter(
+        str(d.get("cause") or str(d.get("state") or "").lower() or "unknown")
+        for d in docs if d.get("state") in TERMINAL and d.get("state") != SUCCEEDED)
+    return dict(counts.most_common())
