@@ -190,11 +190,13 @@ def test_example_rollout_file_and_mini_config_make_valid_specs():
     from megaflow.core.spec import validate_specs
     from megaflow.datasets import load_instances, to_specs
 
+    from megaflow.agents import validate_agent_section
+
     mini = load_mini_config(EXAMPLES / "mini-swe-agent.yaml")
-    assert not mini.ignored, f"keys of the example config MegaFlow ignores: {mini.ignored}"
+    validate_agent_section(mini.agent)  # every key honoured or rejected naming it: the example has none rejected
     instances = load_instances(EXAMPLES / "rollout.jsonl")
     specs = validate_specs(to_specs(instances, agent_config=mini, model={"backend": "scripted", "replies": ["x"]}))
-    assert specs and all(s.agent.type == "mini" for s in specs)
+    assert specs and all(s.agent.type == "mini_swe_agent" for s in specs)
 
 
 def test_example_predictions_match_the_rollout_instances():

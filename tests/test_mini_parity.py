@@ -431,7 +431,7 @@ def test_same_conversation_in_containers(settings, redis_client, docker_client, 
         ep, history = harness.run(
             task({"type": "mini_swe_agent", "config": config}, image=sandbox_image, problem_statement="Fix x.py"),
             copy.deepcopy(replies),
-            container=handle,
+            container=handle.to_json() if hasattr(handle, "to_json") else handle,
         )
         timed = [m["content"] for m in mini_msgs if "timed out" in str(m.get("content"))]
         assert timed and "docker" in timed[0] and "exec" in timed[0]
@@ -439,7 +439,7 @@ def test_same_conversation_in_containers(settings, redis_client, docker_client, 
         our_sent = [m for r in harness.requests for m in r["messages"]]
         for msgs, cid in (
             (mini_msgs + mini_sent, LAST_ENV[0].container_id),
-            (history + our_sent, handle["container_id"]),
+            (history + our_sent, handle.id),
         ):
             for m in msgs:  # each side names its own container in the time-out message
                 if isinstance(m.get("content"), str):
