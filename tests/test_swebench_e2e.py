@@ -114,11 +114,12 @@ def episode(rt, row, **kwargs):
 
 def agent_run(rt, instance, *commands: str, files: dict[str, str] | None = None, **kwargs) -> dict:
     """Start the agent's container, act in it, then run the evaluation step on it."""
-    from megaflow.services.env import _labels
     from megaflow.services.evaluation import evaluate_instance
+    from megaflow.services.sandbox import labels
 
     ep = episode(rt, instance["row"], **kwargs)
-    handle = rt.env_host.create(ep.id, instance["image"], labels=_labels(rt, ep), mode="ephemeral")
+    handle = rt.env_host.create(ep.id, instance["image"], labels=labels(rt, ep), mode="ephemeral",
+                                user=ep.spec.user, workdir=ep.spec.workdir)
     try:
         if files:
             rt.env_host.put_files(handle, files)
@@ -195,7 +196,7 @@ def test_predictions_are_graded_and_summarised_like_the_harness(rt, instance, tm
 
     preds = {IID: {"instance_id": IID, "model_name_or_path": "org/model", "model_patch": instance["gold"]}}
     ep = episode(rt, instance["row"], prediction=preds[IID])
-    handle = rt.env_host.create(ep.id, instance["image"], mode="ephemeral")
+    handle = rt.env_host.create(ep.id, instance["image"], mode="ephemeral", user=ep.spec.user, workdir=ep.spec.workdir)
     try:
         report = evaluate_instance(rt, ep, handle)
     finally:
@@ -208,7 +209,7 @@ def test_predictions_are_graded_and_summarised_like_the_harness(rt, instance, tm
         "model_patch": "diff --git a/x b/x\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n",
     }
     ep = episode(rt, instance["row"], prediction=bad, run_id="e2e-bad")
-    handle = rt.env_host.create(ep.id, instance["image"], mode="ephemeral")
+    handle = rt.env_host.create(ep.id, instance["image"], mode="ephemeral", user=ep.spec.user, workdir=ep.spec.workdir)
     try:
         report = evaluate_instance(rt, ep, handle)
     finally:

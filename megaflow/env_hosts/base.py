@@ -210,7 +210,11 @@ class EnvHost(Protocol):
         ...
 
     def close(self, handle: EnvHandle | dict) -> None:
-        """Remove the sandbox (idempotent)."""
+        """Remove the sandbox (idempotent).
+
+        A backend may also offer ``close_episode(episode_id) -> list[str]`` (docker and sim do): remove
+        every sandbox of an episode on this host, e.g. a fresh evaluation container a cancel cuts short.
+        """
         ...
 
     def has_image(self, image: str) -> bool:

@@ -286,6 +286,14 @@ class DockerHost:
         """Remove the episode's container (a used warm container is never returned to the pool); idempotent."""
         self.remove_container(EnvHandle.coerce(handle).id)
 
+    def close_episode(self, episode_id: str) -> list[str]:
+        """Remove every container of ``episode_id`` on this host (its sandbox, a fresh evaluation one); ids removed."""
+        gone = []
+        for c in self.containers.list_mine():
+            if (c.get("Labels") or {}).get(L.EPISODE) == episode_id and self.remove_container(c["Id"]):
+                gone.append(c["Id"])
+        return gone
+
     def remove_container(self, cid: str) -> bool:
         """Drop its exec session and claim and force-remove it; False when it was already gone."""
         self.exec_sessions.drop(cid)

@@ -149,6 +149,14 @@ class SimHost:
             data={"warm": warm, "labels": dict(labels or {}), "user": user or self.settings.container_user},
         )
 
+    def close_episode(self, episode_id: str) -> list[str]:
+        """Drop every sandbox of ``episode_id`` (its own, a fresh evaluation one); ids dropped."""
+        with self._lock:
+            gone = [sid for sid, b in self._boxes.items() if b.episode_id == episode_id]
+            for sid in gone:
+                self._boxes.pop(sid, None)
+        return gone
+
     def close(self, handle: EnvHandle | dict) -> None:
         with self._lock:
             self._boxes.pop(EnvHandle.coerce(handle).id, None)

@@ -127,8 +127,12 @@ class Lifecycle:
 
     def close_container(self, episode_id: str, handle: dict[str, Any]) -> None:
         """Remove the episode's container (on this host), then release its slots."""
+        host = self.root.env_host
         try:
-            self.root.env_host.close(handle)
+            host.close(handle)
+            close_all = getattr(host, "close_episode", None)  # any other sandbox of it (a fresh evaluation one)
+            if close_all is not None:
+                close_all(episode_id)
         except Exception:
             log.exception("episode %s: closing %s failed; the reaper will remove it", episode_id, handle.get("id"))
         self.release(episode_id)
