@@ -12,8 +12,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from pydantic import SecretStr
 from openai_server import OpenAIServer
+from pydantic import SecretStr
 
 from megaflow.core.errors import InfraError
 from megaflow.core.keys import Keys
@@ -139,10 +139,10 @@ class _Registry(ThreadingHTTPServer):
 class _RegistryHandler(BaseHTTPRequestHandler):
     server: _Registry
 
-    def log_message(self, format, *args):  # noqa: A002 - quiet
+    def log_message(self, format, *args):
         pass
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         self.server.paths.append(self.path)
         self.server.auth.append(self.headers.get("Authorization"))
         body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
