@@ -1,0 +1,119 @@
+"""A real local fleet with Redis ACL users and fake secrets (issue 17, Access).
+
+Every process runs as its role's Redis user and holds only its role's secrets; a batch finishes;
+no secret appears in a process command line, a log, a record, an artifact or Redis (Flower's task
+arguments live in the broker messages there).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import RedisServer
+
+from megaflow import fleet
+from megaflow.client import Client
+from megaflow.core.settings import Settings
+from megaflow.demo_tasks import demo_specs
+from megaflow.security import acl
+
+pytestmark = pytest.mark.fleet
+
+ADMIN = "admin-pw-5f1e"
+SECRETS = {
+    "model": "sk-model-key-8c2d",
+    "registry": "registry-pw-77aa",
+    "flower": "flower-pw-3b9c",
+    "aws": "aws-secret-d41d",
+    "other": "hf-token-e3b0",
+}
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants (Celery pool children)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for child, parent in zip(out[0::2], out[1::2], strict=True):
+        children.setdefault(int(parent), []).append(int(child))
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo += children.get(p, [])
+    return seen
+
+
+@pytest.fixture
+def acl_fleet(tmp_path, monkeypatch):
+    server = RedisServer(tmp_path)
+    server.start()
+    redis.Redis.from_url(server.url).config_set("requirepass", ADMIN)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRETS["aws"])
+    monkeypatch.setenv("HF_TOKEN", SECRETS["other"])
+    settings = Settings.load(
+        redis_url=server.url.replace("redis://", f"redis://:{ADMIN}@"),
+        state_dir=str(tmp_path / "state"),
+        host_name="acl-host",
+        env_backend={"type": "sim", "preset": "demo"},
+        metrics_port=0,
+        model_api_key=SECRETS["model"],
+        registry_username="fleet",
+        registry_password=SECRETS["registry"],
+        flower_user="ops",
+        flower_password=SECRETS["flower"],
+    )
+    passwords = acl.ensure_passwords(settings.state_dir)
+    admin = redis.Redis.from_url(settings.redis_url)
+    acl.apply(admin, settings.key_prefix, passwords)
+    try:
+        fleet.up(settings, env_hosts=1, wait_s=120, echo=lambda m: None)
+        yield settings, passwords, admin
+    finally:
+        fleet.down(settings, echo=lambda m: None)
+        admin.close()
+        server.stop()
+
+
+def test_fleet_runs_as_role_users_and_leaks_no_secret(acl_fleet):
+    settings, passwords, admin = acl_fleet
+    submitter = acl.role_url(settings.redis_url, acl.user_name("mf", "submitter"), passwords["submitter"])
+    with Client(settings.model_copy(update={"redis_url": submitter})) as client:
+        sub = client.submit(demo_specs("fix", grading="exit_code")[:3], user="alice")
+        status = client.wait(sub.batch_id, timeout=120)
+        assert status["done"] == 3, status
+        states = {r["state"] for r in client.results(sub.batch_id)}
+        assert states == {"SUCCEEDED"}, client.results(sub.batch_id)
+
+    procs = fleet.running(settings)
+    assert set(procs) == {"control", "model", "agent", "env-1"}
+    wanted = {"model": {"model"}, "env-1": {"registry"}, "agent": set(), "control": set()}
+    for name, pid in procs.items():
+        role = name.split("-")[0]
+        for p in _tree(pid):
+            env = _environ(p)
+            held = {k for k, v in SECRETS.items() if any(v in x for x in env.values())}
+            assert held == wanted[name], f"{name} (pid {p}) holds {held}"
+            assert env["MEGAFLOW_REDIS_URL"].startswith(f"redis://mf-{role}:"), name
+            assert ADMIN not in " ".join(env.values()), f"{name} holds the admin Redis password"
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+            assert not [s for s in (*SECRETS.values(), ADMIN, *passwords.values()) if s in cmdline], name
+
+    leaks = []
+    for f in Path(settings.state_dir).rglob("*"):
+        if f.is_file() and f.name != "passwords.json":
+            data = f.read_bytes()
+            leaks += [f"{f}: {k}" for k, v in SECRETS.items() if v.encode() in data]
+    assert not leaks, leaks  # logs, the sqlite records, artifacts
+    logs = "".join(f.read_text(errors="replace") for f in (Path(settings.state_dir) / "logs").glob("*.log"))
+    assert "NOPERM" not in logs and "no permissions" not in logs, "a role lacks a permission it needs"
+    for key in admin.scan_iter(count=1000):
+        dump = admin.dump(key) or b""
+        assert not [k for k, v in SECRETS.items() if v.encode() in dump], key
