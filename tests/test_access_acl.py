@@ -25,7 +25,7 @@ def acl_users(redis_client):
     """Every role user on the test server (removed afterwards, so other tests see Redis as before)."""
     acl.apply(redis_client, "mf", PASSWORDS)
     yield
-    redis_client.execute_command("ACL", "DELUSER", *(acl.user_name("mf", r) for r in acl.ROLES))
+    redis_client.execute_command("ACL", "DELUSER", *(acl.user_name("mf", r) for r in acl.ROLES), "alice", "bob")
 
 
 def as_role(redis_server, role: str) -> redis.Redis:
@@ -185,3 +185,41 @@ def test_role_env_without_s3_drops_aws_and_uses_the_roles_redis_user():
     env = role_env("agent", {**FULL, "MEGAFLOW_ARTIFACTS_URL": "file:///tmp/a"}, passwords=PASSWORDS)
     assert "AWS_SECRET_ACCESS_KEY" not in env
     assert env["MEGAFLOW_REDIS_URL"] == f"redis://mf-agent:{PASSWORDS['agent']}@127.0.0.1:6379/0"
+
+
+# --- per-person submitters ------------------------------------------------------------------------
+def test_a_person_submits_only_under_their_own_name(redis_server, redis_client, settings, acl_users, capsys):
+    from megaflow.cli.acl import app as acl_app
+    from megaflow.cli.errors import run
+    from megaflow.client import Client
+    from megaflow.core.errors import ConfigError, SpecError
+    from megaflow.demo_tasks import demo_specs
+    from megaflow.security.identity import add_person, check_submitter, remove_person
+
+    os.environ["MEGAFLOW_REDIS_URL"] = redis_server.url
+    try:
+        assert run(acl_app, ["add-user", "alice"]) == 0
+        assert run(acl_app, ["add-user", "mf-agent"]) != 0  # a role user's name is reserved
+    finally:
+        del os.environ["MEGAFLOW_REDIS_URL"]
+    out = capsys.readouterr()
+    alice_url = out.out.strip().splitlines()[0]
+    assert alice_url.startswith("redis://alice:") and "reserved" in out.err
+    with Client(settings.model_copy(update={"redis_url": alice_url})) as client:
+        check_submitter(client.rt.redis, "mf", "alice")
+        with pytest.raises(SpecError, match="not the Redis user you authenticated as"):
+            check_submitter(client.rt.redis, "mf", "bob")
+        sub = client.submit(demo_specs("fix", grading="exit_code")[:1], user="alice")  # the submitter's rules
+        assert client.rt.engine.batch_ids(sub.batch_id)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.rt.redis.hset(Keys("mf").res("quotas"), "alice", 100)
+    check_submitter(redis_client, "mf", "anyone")  # the operator's default user
+    shared = as_role(redis_server, "submitter")
+    check_submitter(shared, "mf", "anyone")  # the shared submitter role: names are not checked
+    shared.close()
+    bob_pw = add_person(redis_client, "mf", "bob", "bob-pw")
+    assert (
+        bob_pw == "bob-pw" and remove_person(redis_client, "mf", "bob") and remove_person(redis_client, "mf", "alice")
+    )
+    with pytest.raises(ConfigError, match="reserved"):
+        add_person(redis_client, "mf", "default")

@@ -84,3 +84,35 @@ def check() -> None:
     finally:
         client.close()
     typer.echo(f"Redis answers; authenticated as {who}")
+
+
+@app.command("add-user")
+def add_user(name: Annotated[str, typer.Argument(help="The person's MegaFlow user name (their Redis user).")]) -> None:
+    """Create or reset a person's Redis user (the submitter's rules) and print their MEGAFLOW_REDIS_URL once."""
+    import redis
+
+    from megaflow.security import acl, identity
+
+    settings = load_settings()
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        password = identity.add_person(client, settings.key_prefix, name)
+    finally:
+        client.close()
+    typer.echo(acl.role_url(settings.redis_url, name, password))
+
+
+@app.command("del-user")
+def del_user(name: Annotated[str, typer.Argument(help="The person's MegaFlow user name.")]) -> None:
+    """Delete a person's Redis user (Redis closes their open connections)."""
+    import redis
+
+    from megaflow.security import identity
+
+    settings = load_settings()
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        existed = identity.remove_person(client, settings.key_prefix, name)
+    finally:
+        client.close()
+    typer.echo(f"deleted Redis user {name}" if existed else f"no Redis user {name}")

@@ -34,7 +34,8 @@ _COMMANDS = {
     "metrics": "+@read +@connection +@scripting",
 }
 _NEVER = "-@admin -@dangerous"  # FLUSHALL, FLUSHDB, CONFIG, KEYS, DEBUG, SHUTDOWN, ACL, MONITOR, ...
-_ALSO = "+select"  # redis-py selects the URL's db (CLIENT SETINFO is refused; redis-py ignores that)
+# redis-py selects the URL's db; WHOAMI names the submitter (CLIENT SETINFO is refused, redis-py ignores that)
+_ALSO = "+select +acl|whoami"
 
 
 @dataclass(frozen=True)
