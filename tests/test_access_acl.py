@@ -138,6 +138,7 @@ FULL = {
     "AWS_REGION": "eu-west-1",
     "OPENAI_API_KEY": "sk-other",
     "HF_TOKEN": "hf-token",
+    "MEGAFLOW_MAX_SPEC_TOKENS": "5",  # not a secret setting, whatever its name
 }
 
 
@@ -179,6 +180,7 @@ def test_role_env_keeps_only_the_roles_secrets(args, expected):
     env = role_env(role_of(args), FULL)
     assert secrets_of(env) == expected
     assert env["PATH"] == "/usr/bin" and env["AWS_REGION"] == "eu-west-1" and env["MEGAFLOW_KEY_PREFIX"] == "mf"
+    assert env["MEGAFLOW_MAX_SPEC_TOKENS"] == "5" and env["MEGAFLOW_REDIS_URL"] == FULL["MEGAFLOW_REDIS_URL"]
 
 
 def test_role_env_without_s3_drops_aws_and_uses_the_roles_redis_user():

@@ -10,6 +10,7 @@
 | MEGAFLOW_FLOWER_PASSWORD | flower |
 | AWS_* credentials | roles that write or read artifacts, only when MEGAFLOW_ARTIFACTS_URL is s3:// |
 | credentials in MEGAFLOW_METADATA_URL | roles that use the metadata store (not flower, not metrics) |
+| any other secret setting (a SecretStr field of Settings) | none, until it is listed here |
 | any other variable that looks like a secret (``*KEY*``, ``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``) | none |
 
 With Redis ACLs applied (``megaflow acl apply``) the Redis URL of each role carries that role's own
@@ -33,7 +34,21 @@ AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
 ARTIFACT_ROLES = frozenset({"submitter", "control", "model", "agent", "env"})
 METADATA_ROLES = frozenset({"submitter", "control", "model", "agent", "env"})
 _SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSW(OR)?D|CREDENTIAL|PRIVATE", re.IGNORECASE)
-_NOT_SECRET = frozenset({"MEGAFLOW_KEY_PREFIX", "MEGAFLOW_MAX_TASK_FILE_BYTES", "MEGAFLOW_MAX_SPEC_BYTES"})
+
+
+def _secret_settings() -> frozenset[str]:
+    """MEGAFLOW_* variables of every SecretStr setting (a new one is kept from every role until listed above)."""
+    from pydantic import SecretStr
+
+    from megaflow.core.settings import Settings
+
+    return frozenset(
+        f"MEGAFLOW_{name.upper()}" for name, f in Settings.model_fields.items() if SecretStr in _types(f.annotation)
+    )
+
+
+def _types(annotation: object) -> tuple[object, ...]:
+    return (annotation, *getattr(annotation, "__args__", ()))
 
 
 def role_of(args: list[str]) -> str:
@@ -53,6 +68,7 @@ def role_env(role: str, env: Mapping[str, str], *, passwords: Mapping[str, str] 
     if role not in acl.ROLES:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(acl.ROLES)}")
     s3 = env.get("MEGAFLOW_ARTIFACTS_URL", "").startswith("s3://")
+    secret_settings = _secret_settings()
     out: dict[str, str] = {}
     for name, value in env.items():
         if name in ROLE_SECRETS:
@@ -64,7 +80,10 @@ def role_env(role: str, env: Mapping[str, str], *, passwords: Mapping[str, str] 
         elif name == "MEGAFLOW_METADATA_URL":
             if role in METADATA_ROLES or not _has_credentials(value):
                 out[name] = value
-        elif name in _NOT_SECRET or not _SECRETISH.search(name):
+        elif name.startswith("MEGAFLOW_"):
+            if name not in secret_settings:
+                out[name] = value
+        elif not _SECRETISH.search(name):
             out[name] = value
     if passwords is not None and "MEGAFLOW_REDIS_URL" in out:
         prefix = out.get("MEGAFLOW_KEY_PREFIX", "mf")
