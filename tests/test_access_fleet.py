@@ -7,18 +7,23 @@ arguments live in the broker messages there).
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
-from conftest import RedisServer
+from conftest import RedisServer, free_port
 
 from megaflow import fleet
 from megaflow.client import Client
 from megaflow.core.settings import Settings
 from megaflow.demo_tasks import demo_specs
 from megaflow.security import acl
+from megaflow.security.roles import role_env
 
 pytestmark = pytest.mark.fleet
 
@@ -82,8 +87,39 @@ def acl_fleet(tmp_path, monkeypatch):
         server.stop()
 
 
+def start_flower(settings, passwords, log: Path) -> tuple[subprocess.Popen, str]:
+    """``megaflow flower`` as the flower role (its env filtered, its own Redis user); waits for its API."""
+    port = free_port()
+    env = role_env("flower", dict(os.environ, **settings.to_env()), passwords=passwords)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "megaflow", "flower", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/api/workers", auth=("ops", SECRETS["flower"]), timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 def test_fleet_runs_as_role_users_and_leaks_no_secret(acl_fleet):
     settings, passwords, admin = acl_fleet
+    flower, flower_url = start_flower(settings, passwords, Path(settings.state_dir) / "logs" / "flower.log")
+    try:
+        _run_batch_and_check(settings, passwords, admin, flower, flower_url)
+    finally:
+        flower.terminate()
+        flower.wait(30)
+
+
+def _run_batch_and_check(settings, passwords, admin, flower, flower_url):
     submitter = acl.role_url(settings.redis_url, acl.user_name("mf", "submitter"), passwords["submitter"])
     with Client(settings.model_copy(update={"redis_url": submitter})) as client:
         sub = client.submit(demo_specs("fix", grading="exit_code")[:3], user="alice")
@@ -105,6 +141,19 @@ def test_fleet_runs_as_role_users_and_leaks_no_secret(acl_fleet):
             assert ADMIN not in " ".join(env.values()), f"{name} holds the admin Redis password"
             cmdline = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
             assert not [s for s in (*SECRETS.values(), ADMIN, *passwords.values()) if s in cmdline], name
+
+    deadline = time.monotonic() + 30
+    while True:  # Flower's API as the flower role: the batch's tasks, their short arguments, no secret
+        tasks = httpx.get(f"{flower_url}/api/tasks", auth=("ops", SECRETS["flower"]), timeout=10)
+        if sum(t.get("state") == "SUCCESS" for t in tasks.json().values()) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert any(str(t.get("args", "")).startswith("ep=") for t in tasks.json().values()), tasks.text[:2000]
+    assert not [k for k, v in SECRETS.items() if v in tasks.text]
+    flower_env = _environ(flower.pid)
+    assert {k for k, v in SECRETS.items() if any(v in x for x in flower_env.values())} == {"flower"}
+    assert flower_env["MEGAFLOW_REDIS_URL"].startswith("redis://mf-flower:")
+    assert httpx.get(f"{flower_url}/api/tasks", timeout=10).status_code == 401
 
     leaks = []
     for f in Path(settings.state_dir).rglob("*"):

@@ -30,7 +30,7 @@ _COMMANDS = {
     "model": _DATA,
     "agent": _DATA,
     "env": _DATA,
-    "flower": "+@read +@write +@pubsub +@connection +@transaction +@fast",  # inspect replies: LPUSH/BRPOP
+    "flower": "+@read +@write +@pubsub +@connection +@transaction +@fast +@scripting",  # inspect replies, kombu Lua
     "metrics": "+@read +@connection +@scripting",
 }
 _NEVER = "-@admin -@dangerous"  # FLUSHALL, FLUSHDB, CONFIG, KEYS, DEBUG, SHUTDOWN, ACL, MONITOR, ...
