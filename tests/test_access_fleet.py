@@ -155,6 +155,14 @@ def _run_batch_and_check(settings, passwords, admin, flower, flower_url):
     assert flower_env["MEGAFLOW_REDIS_URL"].startswith("redis://mf-flower:")
     assert httpx.get(f"{flower_url}/api/tasks", timeout=10).status_code == 401
 
+    from megaflow.core.keys import Keys
+    from megaflow.monitoring.metrics import collect
+
+    metrics_url = acl.role_url(settings.redis_url, acl.user_name("mf", "metrics"), passwords["metrics"])
+    reader = redis.Redis.from_url(metrics_url, decode_responses=True)
+    assert "megaflow_queue_length" in collect(reader, settings, Keys("mf"))  # the read-only metrics user
+    reader.close()
+
     leaks = []
     for f in Path(settings.state_dir).rglob("*"):
         if f.is_file() and f.name != "passwords.json":

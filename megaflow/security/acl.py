@@ -31,7 +31,7 @@ _COMMANDS = {
     "agent": _DATA,
     "env": _DATA,
     "flower": "+@read +@write +@pubsub +@connection +@transaction +@fast +@scripting",  # inspect replies, kombu Lua
-    "metrics": "+@read +@connection +@scripting",
+    "metrics": "+@read +@connection +@scripting +time",
 }
 _NEVER = "-@admin -@dangerous"  # FLUSHALL, FLUSHDB, CONFIG, KEYS, DEBUG, SHUTDOWN, ACL, MONITOR, ...
 # redis-py selects the URL's db; WHOAMI names the submitter (CLIENT SETINFO is refused, redis-py ignores that)
