@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -225,3 +226,34 @@ def test_a_person_submits_only_under_their_own_name(redis_server, redis_client, 
     )
     with pytest.raises(ConfigError, match="reserved"):
         add_person(redis_client, "mf", "default")
+
+
+def test_aclfile_loads_in_a_real_redis_server(tmp_path):
+    """The aclfile lines (for redis.conf's ``aclfile``, e.g. from Ansible) load, and the users log in."""
+    from conftest import free_port
+
+    aclfile = tmp_path / "users.acl"
+    aclfile.write_text("\n".join(["user default on nopass ~* &* +@all", *acl.render_aclfile("mf", PASSWORDS)]) + "\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--aclfile", str(aclfile)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        agent = redis.Redis.from_url(acl.role_url(url, "mf-agent", PASSWORDS["agent"]), decode_responses=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert agent.execute_command("ACL", "WHOAMI") == "mf-agent"
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server refused the aclfile"
+                time.sleep(0.05)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            agent.flushall()
+        agent.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
