@@ -2,7 +2,9 @@
 
 It checks Redis and the Docker engine, then starts one process per service: the control service,
 a model worker, an agent worker and two or more env workers with distinct host names (each one
-an "env host" with its own queue), logging to STATE_DIR/logs and tracked by pid files.
+an "env host" with its own queue), logging to STATE_DIR/logs and tracked by pid files. Each process
+gets only its role's secrets (:func:`megaflow.security.roles.role_env`) and, once `megaflow acl apply`
+ran, its role's own Redis user.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import redis
 from megaflow.core.errors import ServiceUnavailableError
 from megaflow.core.settings import Settings
 from megaflow.env_hosts.config import uses_docker
+from megaflow.security import acl
+from megaflow.security.roles import role_env, role_of
 
 
 @dataclass
@@ -111,14 +115,15 @@ def up(settings: Settings, *, env_hosts: int = 2, wait_s: float = 60.0, echo=pri
     pids, logs = _dirs(settings)
     alive = running(settings)
     env = dict(os.environ, **settings.to_env())
+    passwords = _acl_passwords(settings)
     started = []
     for proc in fleet_plan(settings, env_hosts):
         if proc.name in alive:
             continue
-        log = open(logs / f"{proc.name}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "megaflow", *proc.args], env=env, stdout=log,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        with open(logs / f"{proc.name}.log", "ab") as log:  # the child keeps its own descriptor
+            p = subprocess.Popen([sys.executable, "-m", "megaflow", *proc.args],
+                                 env=role_env(role_of(proc.args), env, passwords=passwords), stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         (pids / f"{proc.name}.pid").write_text(str(p.pid))
         started.append(proc.name)
     if started:
@@ -132,10 +137,24 @@ def up(settings: Settings, *, env_hosts: int = 2, wait_s: float = 60.0, echo=pri
     return running(settings)
 
 
+def _acl_passwords(settings: Settings) -> dict[str, str] | None:
+    """The role passwords when `megaflow acl apply` ran from this state dir (the users are created again:
+    Redis forgets them on a restart unless it has an aclfile), else None (every role uses MEGAFLOW_REDIS_URL)."""
+    if acl.load_passwords(settings.state_dir) is None:
+        return None
+    passwords = acl.ensure_passwords(settings.state_dir)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+    try:
+        acl.apply(client, settings.key_prefix, passwords)
+    finally:
+        client.close()
+    return passwords
+
+
 def wait_ready(settings: Settings, procs: list[Proc], wait_s: float) -> None:
     """Wait until every worker answers a Celery ping, env hosts are registered and control reports."""
-    from megaflow.workers.celery_app import create_app
     from megaflow.core.keys import Keys
+    from megaflow.workers.celery_app import create_app
 
     app = create_app(settings)
     keys = Keys(settings.key_prefix)
@@ -176,7 +195,7 @@ def _registered_hosts(r: redis.Redis, keys, settings: Settings) -> set[str]:
 def down(settings: Settings, *, timeout_s: float = 20.0, echo=print) -> list[str]:
     """Stop every fleet process: SIGTERM (warm shutdown), then SIGKILL after ``timeout_s``."""
     alive = running(settings)
-    for name, pid in alive.items():
+    for pid in alive.values():
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:

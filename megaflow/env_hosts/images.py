@@ -105,8 +105,45 @@ def ensure_sandbox_image(docker_client, tag: str, *, progress: Callable[[str], N
     return build_sandbox_image(docker_client, tag, progress=progress)
 
 
+DOCKER_HUB = "docker.io"
+_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
+
+
+def image_registry(image: str) -> str:
+    """The registry host an image name points at (Docker's rule): ``reg:5000/a/b:t`` -> ``reg:5000``;
+    a name with no registry part (``python:3.12``, ``org/app``) -> ``docker.io``."""
+    first, sep, _ = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        host = first.lower()
+    else:
+        host = DOCKER_HUB
+    return DOCKER_HUB if host in _HUB_ALIASES else host
+
+
+def registry_host(url: str | None) -> str:
+    """The host[:port] of MEGAFLOW_REGISTRY_URL (scheme and path dropped); unset means Docker Hub."""
+    if not url:
+        return DOCKER_HUB
+    rest = url.strip().split("://", 1)[-1]
+    host = rest.split("/", 1)[0].lower()
+    return DOCKER_HUB if host in _HUB_ALIASES else host
+
+
+def registry_auth(image: str, settings) -> dict[str, str] | None:
+    """The registry credentials for pulling ``image``: only when it lives on MEGAFLOW_REGISTRY_URL's host
+    (Docker Hub when unset); an image that points anywhere else is pulled anonymously."""
+    if not settings.registry_username or image_registry(image) != registry_host(settings.registry_url):
+        return None
+    password = settings.registry_password.get_secret_value() if settings.registry_password else ""
+    auth = {"username": settings.registry_username, "password": password}
+    if settings.registry_url:
+        auth["serveraddress"] = settings.registry_url
+    return auth
+
+
 def pull_image(docker_client, image: str, settings, *, timeout: float | None = None) -> None:
-    """Pull ``image`` with the registry credentials from settings, within ``settings.pull_timeout_s``.
+    """Pull ``image`` within ``settings.pull_timeout_s``, with the registry credentials only if it is on
+    the configured registry (:func:`registry_auth`).
 
     An image that does not exist or is refused raises :class:`InfraError`; a daemon or
     network failure raises :class:`RetryableInfraError`.
@@ -115,12 +152,7 @@ def pull_image(docker_client, image: str, settings, *, timeout: float | None = N
 
     deadline = timeout if timeout is not None else settings.pull_timeout_s
     repo, version = _split_tag(image)
-    auth = None
-    if settings.registry_username:
-        auth = {"username": settings.registry_username,
-                "password": settings.registry_password.get_secret_value() if settings.registry_password else ""}
-        if settings.registry_url:
-            auth["serveraddress"] = settings.registry_url
+    auth = registry_auth(image, settings)
     # The pull runs on a client with its own socket timeout so a stalled registry ends at the
     # deadline instead of holding an env-worker thread forever.
     api = api_with_timeout(docker_client, deadline)
@@ -142,7 +174,7 @@ def pull_image(docker_client, image: str, settings, *, timeout: float | None = N
         raise InfraError(f"image {image} not found in the registry: {exc.explanation or exc}") from exc
     except docker.errors.APIError as exc:
         msg = str(exc.explanation or exc)
-        if exc.status_code and 400 <= exc.status_code < 500 or "denied" in msg or "not found" in msg:
+        if (exc.status_code and 400 <= exc.status_code < 500) or "denied" in msg or "not found" in msg:
             raise InfraError(f"pull of {image} refused: {msg}") from exc
         raise RetryableInfraError(f"pull of {image} failed: {msg}") from exc
     except Exception as exc:  # requests.ReadTimeout, ConnectionError

@@ -13,6 +13,10 @@ healthy only, one concurrency slot), POST ``/chat/completions`` with every field
   backoff and jitter (``Retry-After`` honoured) inside ONE budget per call: at most
   ``model_max_retries + 1`` attempts and ``model_retry_budget_s`` seconds in all; then
   :class:`ModelUnavailableError` naming the endpoint and the last error (the episode ends as infra).
+
+The fleet's key (``MEGAFLOW_MODEL_API_KEY``) goes only to endpoints an operator configured: those in
+``MEGAFLOW_MODEL_ENDPOINTS`` and those registered by ``megaflow model serve``. An endpoint a task spec
+names and nobody configured gets no Authorization header at all.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from megaflow.model_gateway.openai_wire import (
     parse_reply,
 )
 from megaflow.model_gateway.pool import EndpointPool, Lease
+from megaflow.model_gateway.registry import normalize_url, registered_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +131,10 @@ class OpenAIBackend:
         self.settings = settings
         self.redis = redis_client
         self.keys = Keys(settings.key_prefix)
-        headers = {}
-        if settings.model_api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.model_api_key.get_secret_value()}"
+        # no default Authorization header: the key is added per request, for configured endpoints only
+        self._configured = frozenset(normalize_url(u) for u in settings.model_endpoints)
+        self._registered: dict[str, tuple[float, frozenset[str]]] = {}  # model -> (read at, URLs)
         self.http = httpx.Client(
-            headers=headers,
             timeout=httpx.Timeout(settings.model_timeout_s, connect=min(10.0, settings.model_timeout_s)),
             limits=httpx.Limits(
                 max_connections=None, max_keepalive_connections=max(64, 2 * settings.model_concurrency)
@@ -156,18 +160,45 @@ class OpenAIBackend:
                 unhealthy_after=s.model_unhealthy_after,
                 cooldown_s=s.model_cooldown_s,
                 sticky_ttl_s=s.model_sticky_ttl_s,
-                probe=self.probe,
+                probe=lambda endpoint: self.probe(endpoint, model_name),
             )
         return pool
 
-    def probe(self, endpoint: str) -> bool:
+    def probe(self, endpoint: str, model_name: str | None = None) -> bool:
         """True if ``GET {endpoint}/models`` answers 200 within a few seconds."""
         try:
-            return (
-                self.http.get(f"{endpoint}/models", timeout=min(5.0, self.settings.model_timeout_s)).status_code == 200
+            resp = self.http.get(
+                f"{endpoint}/models",
+                headers=self.auth_headers(endpoint, model_name),
+                timeout=min(5.0, self.settings.model_timeout_s),
             )
+            return resp.status_code == 200
         except httpx.HTTPError:
             return False
+
+    # --- credentials ------------------------------------------------------------------------------
+    def trusted(self, endpoint: str, model_name: str | None) -> bool:
+        """Whether an operator configured ``endpoint``: in settings, or registered by ``megaflow model serve``."""
+        url = normalize_url(endpoint)
+        if url in self._configured:
+            return True
+        if model_name is None:
+            return False
+        read_at, urls = self._registered.get(model_name, (0.0, frozenset()))
+        if url not in urls and time.monotonic() - read_at > EndpointPool.refresh_s:
+            try:
+                urls = frozenset(registered_endpoints(self.redis, self.keys, model_name))
+            except redis.RedisError:  # unknown: no key (the call then fails as denied, never leaks)
+                return False
+            self._registered[model_name] = (time.monotonic(), urls)
+        return url in urls
+
+    def auth_headers(self, endpoint: str, model_name: str | None) -> dict[str, str]:
+        """``Authorization: Bearer <fleet key>`` for a configured endpoint, nothing for any other one."""
+        key = self.settings.model_api_key
+        if key is None or not self.trusted(endpoint, model_name):
+            return {}
+        return {"Authorization": f"Bearer {key.get_secret_value()}"}
 
     # --- the request ------------------------------------------------------------------------------
     def build_body(self, request: ModelRequest, call: ModelCall, version: str | None) -> dict[str, Any]:
@@ -221,13 +252,17 @@ class OpenAIBackend:
             attempts += 1
             endpoint = lease.endpoint
             try:
-                data, streamed, resp_headers = self._attempt(pool, lease, body, headers, deadline)
+                data, streamed, resp_headers = self._attempt(
+                    pool, lease, body, {**headers, **self.auth_headers(lease.endpoint, call.model_name)}, deadline
+                )
             except _Denied as exc:
                 problem = str(exc)
+                if not self.trusted(lease.endpoint, call.model_name):
+                    problem += f" ({self._key_hint(lease.endpoint, call.model_name)})"
                 try:
                     pool.deny(lease.endpoint, request.batch_id, problem, s.model_auth_block_s)
                 except redis.RedisError:  # the refusal cannot be shared: end this call with it
-                    raise ModelAuthError(f"{problem}; check MEGAFLOW_MODEL_API_KEY") from None
+                    raise ModelAuthError(f"{problem}; {self._key_hint(lease.endpoint, call.model_name)}") from None
                 log.warning("model %s: %s; the batch stops using this endpoint", call.model_name, problem)
                 continue  # another endpoint, at once; acquire raises ModelAuthError when none is left
             except _Retry as exc:
@@ -263,8 +298,14 @@ class OpenAIBackend:
             )
         raise ModelUnavailableError(
             f"model {call.model_name!r}: retry budget spent ({attempts} attempt(s), at most {max_attempts}, "
-            f"{time.monotonic() - started:.1f}s of {s.model_retry_budget_s:.0f}s); last error from {endpoint}: {problem}"
+            f"{time.monotonic() - started:.1f}s of {s.model_retry_budget_s:.0f}s); "
+            f"last error from {endpoint}: {problem}"
         )
+
+    def _key_hint(self, endpoint: str, model_name: str) -> str:
+        if self.trusted(endpoint, model_name):
+            return "check MEGAFLOW_MODEL_API_KEY"
+        return "the fleet's key goes only to MEGAFLOW_MODEL_ENDPOINTS and registered model hosts; add this one there"
 
     # --- one attempt ------------------------------------------------------------------------------
     @contextmanager

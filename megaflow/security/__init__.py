@@ -1,0 +1,1 @@
+"""Access control: Redis ACL users per role, per-role secrets in worker environments."""
