@@ -8,8 +8,8 @@ import os
 import pytest
 
 from megaflow.core.keys import Keys
-from megaflow.elastic.autoscaler import Autoscaler
 from megaflow.elastic import usage
+from megaflow.elastic.autoscaler import Autoscaler
 from megaflow.elastic.config import ElasticConfig
 from megaflow.elastic.providers import Ec2Provider
 from megaflow.engine.resources import ResourceManager
@@ -36,18 +36,34 @@ def _template(endpoint: str, name: str) -> str:
 
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=endpoint)
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    ec2.create_launch_template(LaunchTemplateName=name,
-                               LaunchTemplateData={"ImageId": image, "InstanceType": "t3.medium"})
+    ec2.create_launch_template(
+        LaunchTemplateName=name, LaunchTemplateData={"ImageId": image, "InstanceType": "t3.medium"}
+    )
     ec2.close()
     return name
 
 
 def _cfg(endpoint: str, template: str, **kw) -> ElasticConfig:
-    return ElasticConfig.model_validate({
-        "min_hosts": 0, "max_hosts": 3, "cooldown_s": 0, "idle_s": 0, "boot_s": 0, "episode_s": 10,
-        "target_wait_s": 10, "prices": {"t3.medium": 0.0416},
-        "provider": {"type": "ec2", "launch_template": template, "endpoint_url": endpoint,
-                     "tags": {"team": "rl"}, "fleet": "test-fleet"}, **kw})
+    return ElasticConfig.model_validate(
+        {
+            "min_hosts": 0,
+            "max_hosts": 3,
+            "cooldown_s": 0,
+            "idle_s": 0,
+            "boot_s": 0,
+            "episode_s": 10,
+            "target_wait_s": 10,
+            "prices": {"t3.medium": 0.0416},
+            "provider": {
+                "type": "ec2",
+                "launch_template": template,
+                "endpoint_url": endpoint,
+                "tags": {"team": "rl"},
+                "fleet": "test-fleet",
+            },
+            **kw,
+        }
+    )
 
 
 def test_launch_uses_template_tags_and_user_data(ec2_endpoint, settings):

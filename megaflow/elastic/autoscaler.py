@@ -64,9 +64,15 @@ class Autoscaler:
         serving = [h for h in registered.values() if not h["drained"]]
         pending = [r for r in managed.values() if r["state"] == LAUNCHING]
         per_host = max([h["capacity"] for h in serving] or [self.settings.host_capacity])
-        st = FleetState(queued=cap["queue"]["length"], oldest_wait_s=cap["queue"]["oldest_wait_s"],
-                        live=sum(h["used"] for h in registered.values()), hosts=len(serving),
-                        pending=len(pending), capacity_per_host=per_host, episode_s=self.cfg.episode_s)
+        st = FleetState(
+            queued=cap["queue"]["length"],
+            oldest_wait_s=cap["queue"]["oldest_wait_s"],
+            live=sum(h["used"] for h in registered.values()),
+            hosts=len(serving),
+            pending=len(pending),
+            capacity_per_host=per_host,
+            episode_s=self.cfg.episode_s,
+        )
         decision = desired_hosts(st, self.cfg)
         for h in registered.values():
             if h["used"] or h["booting"]:
@@ -74,16 +80,32 @@ class Autoscaler:
             else:
                 self.idle_since.setdefault(h["name"], now)
         if decision.target != self.last_target:
-            usage.record_event(self.redis, self.keys, "target", now=now, target=decision.target,
-                               reason=decision.reason, **decision.inputs)
+            usage.record_event(
+                self.redis,
+                self.keys,
+                "target",
+                now=now,
+                target=decision.target,
+                reason=decision.reason,
+                **decision.inputs,
+            )
             self.last_target = decision.target
         if decision.delta > 0 and now - self.last_up >= self.cfg.cooldown_s:
             self._scale_out(decision, managed, now)
         elif decision.delta < 0 and now - self.last_down >= self.cfg.cooldown_s:
             self._scale_in(decision, managed, registered, len(serving), now)
         self._remove_drained(self.managed(), registered, now)
-        usage.sample(self.redis, self.keys, registered, self.provider, self.managed(), st, decision, now,
-                     keep=self.cfg.sample_keep)
+        usage.sample(
+            self.redis,
+            self.keys,
+            registered,
+            self.provider,
+            self.managed(),
+            st,
+            decision,
+            now,
+            keep=self.cfg.sample_keep,
+        )
         return decision
 
     def _reconcile(self, managed: dict[str, dict], registered: dict[str, dict], now: float) -> None:
@@ -91,8 +113,9 @@ class Autoscaler:
             if rec["state"] == LAUNCHING and name in registered:
                 rec.update(state=ACTIVE, joined_at=now)
                 self._save(rec)
-                usage.record_event(self.redis, self.keys, "joined", now=now, host=name,
-                                   boot_s=round(now - rec["launched_at"], 3))
+                usage.record_event(
+                    self.redis, self.keys, "joined", now=now, host=name, boot_s=round(now - rec["launched_at"], 3)
+                )
             elif rec["state"] == REMOVED and name not in registered:
                 self.resources.drain_host(name, False)  # its registration is gone: forget the drain mark
                 self.redis.hdel(self.keys.hosts, name)
@@ -122,20 +145,43 @@ class Autoscaler:
         if want > 0:
             for h in self.provider.launch(want):
                 self.resources.drain_host(h.name, False)  # a stale drain mark of a reused name must not stick
-                self._save({"name": h.name, "ref": h.ref, "instance_type": h.instance_type,
-                            "launched_at": h.launched_at, "state": LAUNCHING})
-                usage.record_event(self.redis, self.keys, "launch", now=now, host=h.name, ref=h.ref,
-                                   instance_type=h.instance_type, reason=d.reason, target=d.target)
+                self._save(
+                    {
+                        "name": h.name,
+                        "ref": h.ref,
+                        "instance_type": h.instance_type,
+                        "launched_at": h.launched_at,
+                        "state": LAUNCHING,
+                    }
+                )
+                usage.record_event(
+                    self.redis,
+                    self.keys,
+                    "launch",
+                    now=now,
+                    host=h.name,
+                    ref=h.ref,
+                    instance_type=h.instance_type,
+                    reason=d.reason,
+                    target=d.target,
+                )
         self.last_up = now
 
-    def _scale_in(self, d: Decision, managed: dict[str, dict], registered: dict[str, dict], serving: int,
-                  now: float) -> None:
+    def _scale_in(
+        self, d: Decision, managed: dict[str, dict], registered: dict[str, dict], serving: int, now: float
+    ) -> None:
         n = min(-d.delta, serving - self.cfg.min_hosts)
-        idle = [name for name, rec in managed.items() if rec["state"] == ACTIVE and name in registered
-                and not registered[name]["drained"] and name in self.idle_since
-                and now - self.idle_since[name] >= self.cfg.idle_s]
+        idle = [
+            name
+            for name, rec in managed.items()
+            if rec["state"] == ACTIVE
+            and name in registered
+            and not registered[name]["drained"]
+            and name in self.idle_since
+            and now - self.idle_since[name] >= self.cfg.idle_s
+        ]
         idle.sort(key=lambda name: -managed[name]["launched_at"])  # newest first
-        for name in idle[:max(0, n)]:
+        for name in idle[: max(0, n)]:
             self.resources.drain_host(name, True)
             rec = managed[name]
             rec.update(state=DRAINING, drain_at=now)
@@ -154,8 +200,14 @@ class Autoscaler:
             self.provider.terminate(self._handle(rec))
             rec.update(state=REMOVED, stopped_at=now)
             self._save(rec)
-            usage.record_event(self.redis, self.keys, "remove", now=now, host=name,
-                               host_hours=round((now - rec["launched_at"]) / 3600, 5))
+            usage.record_event(
+                self.redis,
+                self.keys,
+                "remove",
+                now=now,
+                host=name,
+                host_hours=round((now - rec["launched_at"]) / 3600, 5),
+            )
 
     # --- service loop ---------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ class LocalProviderConfig(BaseModel):
     name_prefix: str = Field("elastic", description="Host names are PREFIX-1, PREFIX-2, ...")
     instance_type: str = Field("local", description="Key into ``prices`` for host-hours of these hosts.")
     env_backend: dict[str, Any] | None = Field(
-        None, description="Env backend of the started workers (default: the fleet's env_backend).")
+        None, description="Env backend of the started workers (default: the fleet's env_backend)."
+    )
 
 
 class Ec2ProviderConfig(BaseModel):
@@ -38,9 +39,9 @@ class Ec2ProviderConfig(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on each instance.")
     fleet: str = Field("megaflow", description="Value of the megaflow:fleet tag (hosts this fleet owns).")
     user_data: str = Field(
-        "#!/bin/sh\nset -e\ncat >> /etc/megaflow.env <<'EOF'\n{env}\nEOF\n"
-        "exec megaflow worker env --host {host}\n",
-        description="User-data script; {host} and {env} (MEGAFLOW_* lines) are filled in.")
+        "#!/bin/sh\nset -e\ncat >> /etc/megaflow.env <<'EOF'\n{env}\nEOF\nexec megaflow worker env --host {host}\n",
+        description="User-data script; {host} and {env} (MEGAFLOW_* lines) are filled in.",
+    )
 
 
 class ElasticConfig(BaseModel):
@@ -58,13 +59,16 @@ class ElasticConfig(BaseModel):
     boot_s: float = Field(60.0, ge=0, description="Expected time from launch until a new host takes work.")
     idle_s: float = Field(60.0, ge=0, description="A host empty for this long may be drained (scale in).")
     provider: LocalProviderConfig | Ec2ProviderConfig = Field(
-        default_factory=LocalProviderConfig, discriminator="type", description="How hosts are started and stopped.")
+        default_factory=LocalProviderConfig, discriminator="type", description="How hosts are started and stopped."
+    )
     prices: dict[str, float] = Field(
-        default_factory=lambda: {"local": 0.0}, description="Price per host-hour by instance type (for the report).")
+        default_factory=lambda: {"local": 0.0}, description="Price per host-hour by instance type (for the report)."
+    )
     sample_keep: int = Field(2000, ge=10, description="Utilisation samples kept per host.")
     auto_mode: bool = Field(True, description="Choose ephemeral or persistent per image from demand.")
     persistent_min_demand: int = Field(
-        4, ge=1, description="Episodes of one image waiting or arrived in the window that make it persistent.")
+        4, ge=1, description="Episodes of one image waiting or arrived in the window that make it persistent."
+    )
     demand_window_s: float = Field(300.0, gt=0, description="Window of recent arrivals for the mode choice.")
     max_pool: int = Field(8, ge=0, description="Largest warm pool per image per host the mode choice asks for.")
 
@@ -82,8 +86,10 @@ class ElasticConfig(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "elastic"
-            raise ConfigError(f"elastic.{field}: {err['msg']} (fix MEGAFLOW_ELASTIC or the elastic: block; "
-                              "fields in megaflow/elastic/config.py)") from None
+            raise ConfigError(
+                f"elastic.{field}: {err['msg']} (fix MEGAFLOW_ELASTIC or the elastic: block; "
+                "fields in megaflow/elastic/config.py)"
+            ) from None
 
     def price(self, instance_type: str) -> float:
         """Price per host-hour of an instance type (0 when not listed)."""

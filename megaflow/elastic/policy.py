@@ -58,9 +58,15 @@ def desired_hosts(st: FleetState, cfg: ElasticConfig) -> Decision:
     clamped = min(cfg.max_hosts, max(cfg.min_hosts, target))
     if clamped != target:
         reason += f" (clamped to [{cfg.min_hosts}, {cfg.max_hosts}])"
-    inputs = {"queued": st.queued, "oldest_wait_s": round(st.oldest_wait_s, 3), "live": st.live,
-              "hosts": st.hosts, "pending": st.pending, "capacity_per_host": cap,
-              "episode_s": round(st.episode_s, 3)}
+    inputs = {
+        "queued": st.queued,
+        "oldest_wait_s": round(st.oldest_wait_s, 3),
+        "live": st.live,
+        "hosts": st.hosts,
+        "pending": st.pending,
+        "capacity_per_host": cap,
+        "episode_s": round(st.episode_s, 3),
+    }
     return Decision(target=clamped, delta=clamped - have, reason=reason, inputs=inputs)
 
 
@@ -74,8 +80,9 @@ class ModeChoice:
     reason: str
 
 
-def choose_mode(image: str, waiting: int, arrived: int, hosts: int, cfg: ElasticConfig,
-                forced: str | None = None) -> ModeChoice:
+def choose_mode(
+    image: str, waiting: int, arrived: int, hosts: int, cfg: ElasticConfig, forced: str | None = None
+) -> ModeChoice:
     """Persistent (warm pool) when ``waiting + arrived`` reaches ``persistent_min_demand``, else ephemeral.
 
     ``waiting``: episodes of the image in the FIFO; ``arrived``: submitted within ``demand_window_s``.

@@ -64,9 +64,14 @@ class LocalProvider:
             self.seq += 1
             name = f"{self.cfg.name_prefix}-{self.seq}"
             with open(self.logs / f"{name}.log", "ab") as log:
-                p = subprocess.Popen([sys.executable, "-m", "megaflow", "worker", "env", "--host", name], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "megaflow", "worker", "env", "--host", name],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             self.procs[name] = p
             out.append(HostHandle(name, str(p.pid), self.cfg.instance_type, time.time()))
         return out
@@ -122,8 +127,11 @@ class Ec2Provider:
 
     def user_data(self, host: str) -> str:
         """The boot script: the fleet's settings as MEGAFLOW_* lines, then an env worker for ``host``."""
-        env = {k: v for k, v in self.settings.to_env().items()
-               if k not in ("MEGAFLOW_HOST_NAME", "MEGAFLOW_STATE_DIR", "MEGAFLOW_ELASTIC")}
+        env = {
+            k: v
+            for k, v in self.settings.to_env().items()
+            if k not in ("MEGAFLOW_HOST_NAME", "MEGAFLOW_STATE_DIR", "MEGAFLOW_ELASTIC")
+        }
         lines = "\n".join(f"{k}={v}" for k, v in sorted(env.items()))
         return self.cfg.user_data.replace("{env}", lines).replace("{host}", host)
 
@@ -136,9 +144,12 @@ class Ec2Provider:
             lt_key = "LaunchTemplateId" if self.cfg.launch_template.startswith("lt-") else "LaunchTemplateName"
             kwargs: dict[str, Any] = {
                 "LaunchTemplate": {lt_key: self.cfg.launch_template, "Version": self.cfg.launch_template_version},
-                "MinCount": 1, "MaxCount": 1, "UserData": self.user_data(name),
-                "TagSpecifications": [{"ResourceType": "instance",
-                                       "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+                "MinCount": 1,
+                "MaxCount": 1,
+                "UserData": self.user_data(name),
+                "TagSpecifications": [
+                    {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+                ],
             }
             if self.cfg.instance_type:
                 kwargs["InstanceType"] = self.cfg.instance_type
@@ -158,15 +169,24 @@ class Ec2Provider:
 
     def owned(self) -> list[HostHandle]:
         """Running instances tagged with this fleet (to adopt after a control restart)."""
-        res = self.ec2.describe_instances(Filters=[
-            {"Name": "tag:megaflow:fleet", "Values": [self.cfg.fleet]},
-            {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+        res = self.ec2.describe_instances(
+            Filters=[
+                {"Name": "tag:megaflow:fleet", "Values": [self.cfg.fleet]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
+        )
         out = []
         for r in res["Reservations"]:
             for i in r["Instances"]:
                 tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
-                out.append(HostHandle(tags.get("megaflow:host", i["InstanceId"]), i["InstanceId"],
-                                      i.get("InstanceType", ""), i["LaunchTime"].timestamp()))
+                out.append(
+                    HostHandle(
+                        tags.get("megaflow:host", i["InstanceId"]),
+                        i["InstanceId"],
+                        i.get("InstanceType", ""),
+                        i["LaunchTime"].timestamp(),
+                    )
+                )
         return out
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ finished hosts. ``fleet_summary`` turns them into what the batch report shows.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Any
@@ -48,13 +49,30 @@ def events(r, keys: ElasticKeys, since: float = 0.0) -> list[dict]:
     return out
 
 
-def sample(r, keys: ElasticKeys, registered: dict[str, dict], provider: Any, managed: dict[str, dict], st: Any,
-           decision: Any, now: float, *, keep: int) -> None:
+def sample(
+    r,
+    keys: ElasticKeys,
+    registered: dict[str, dict],
+    provider: Any,
+    managed: dict[str, dict],
+    st: Any,
+    decision: Any,
+    now: float,
+    *,
+    keep: int,
+) -> None:
     """One utilisation sample per registered host and one of the fleet, each list capped at ``keep``."""
     pipe = r.pipeline(transaction=False)
     for name, h in registered.items():
-        row = {"t": now, "used": h["used"], "capacity": h["capacity"], "booting": h["booting"],
-               "disk_free_gb": h["disk_free_gb"], "warm": sum(h["warm"].values()), "drained": h["drained"]}
+        row = {
+            "t": now,
+            "used": h["used"],
+            "capacity": h["capacity"],
+            "booting": h["booting"],
+            "disk_free_gb": h["disk_free_gb"],
+            "warm": sum(h["warm"].values()),
+            "drained": h["drained"],
+        }
         rec = managed.get(name)
         if rec is not None and hasattr(provider, "usage"):
             from megaflow.elastic.providers import HostHandle
@@ -62,9 +80,20 @@ def sample(r, keys: ElasticKeys, registered: dict[str, dict], provider: Any, man
             row.update(provider.usage(HostHandle(name, rec["ref"], rec["instance_type"], rec["launched_at"])))
         pipe.rpush(keys.samples(name), json.dumps(row))
         pipe.ltrim(keys.samples(name), -keep, -1)
-    pipe.rpush(keys.fleet, json.dumps({"t": now, "hosts": st.hosts, "pending": st.pending, "queued": st.queued,
-                                       "live": st.live, "target": decision.target,
-                                       "slots": sum(h["capacity"] for h in registered.values())}))
+    pipe.rpush(
+        keys.fleet,
+        json.dumps(
+            {
+                "t": now,
+                "hosts": st.hosts,
+                "pending": st.pending,
+                "queued": st.queued,
+                "live": st.live,
+                "target": decision.target,
+                "slots": sum(h["capacity"] for h in registered.values()),
+            }
+        ),
+    )
     pipe.ltrim(keys.fleet, -keep, -1)
     pipe.execute()
 
@@ -99,24 +128,33 @@ def fleet_summary(r, prefix: str, cfg: ElasticConfig, *, since: float = 0.0, unt
         rows = [x for x in rows if since <= x["t"] <= until]
         if not rows:
             continue
-        h = hosts.setdefault(name, {"instance_type": "static", "cost": 0.0,
-                                    "host_hours": (rows[-1]["t"] - rows[0]["t"]) / 3600})
+        h = hosts.setdefault(
+            name, {"instance_type": "static", "cost": 0.0, "host_hours": (rows[-1]["t"] - rows[0]["t"]) / 3600}
+        )
         held = sum(x["capacity"] for x in rows)
-        h.update(samples=len(rows), mean_used=sum(x["used"] for x in rows) / len(rows),
-                 peak_used=max(x["used"] for x in rows), used_share=(sum(x["used"] for x in rows) / held) if held else None,
-                 disk_free_gb=rows[-1]["disk_free_gb"], peak_rss_mb=max((x.get("rss_mb", 0.0) for x in rows), default=0.0),
-                 series=[(x["t"], x["used"], x["capacity"]) for x in rows])
+        h.update(
+            samples=len(rows),
+            mean_used=sum(x["used"] for x in rows) / len(rows),
+            peak_used=max(x["used"] for x in rows),
+            used_share=(sum(x["used"] for x in rows) / held) if held else None,
+            disk_free_gb=rows[-1]["disk_free_gb"],
+            peak_rss_mb=max((x.get("rss_mb", 0.0) for x in rows), default=0.0),
+            series=[(x["t"], x["used"], x["capacity"]) for x in rows],
+        )
         cpu = [x["cpu_s"] for x in rows if "cpu_s" in x]
         if len(cpu) > 1 and rows[-1]["t"] > rows[0]["t"]:
             h["cpu_mean"] = (cpu[-1] - cpu[0]) / (rows[-1]["t"] - rows[0]["t"])
     fleet = [json.loads(x) for x in r.lrange(keys.fleet, 0, -1)]
     fleet = [x for x in fleet if since <= x["t"] <= until]
     slot_s = used_s = 0.0
-    for a, b in zip(fleet, fleet[1:]):
+    for a, b in itertools.pairwise(fleet):
         slot_s += a["slots"] * (b["t"] - a["t"])
         used_s += a["live"] * (b["t"] - a["t"])
-    return {"events": events(r, keys, since), "hosts": hosts,
-            "host_hours": sum(h["host_hours"] for h in hosts.values()),
-            "cost": sum(h["cost"] for h in hosts.values()),
-            "used_share": used_s / slot_s if slot_s else None,
-            "fleet_series": [(x["t"], x["hosts"], x["live"], x["slots"]) for x in fleet]}
+    return {
+        "events": events(r, keys, since),
+        "hosts": hosts,
+        "host_hours": sum(h["host_hours"] for h in hosts.values()),
+        "cost": sum(h["cost"] for h in hosts.values()),
+        "used_share": used_s / slot_s if slot_s else None,
+        "fleet_series": [(x["t"], x["hosts"], x["live"], x["slots"]) for x in fleet],
+    }
