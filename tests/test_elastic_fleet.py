@@ -19,6 +19,8 @@ from megaflow.elastic import usage
 from megaflow.elastic.autoscaler import Autoscaler
 from megaflow.elastic.config import ElasticConfig
 from megaflow.engine.resources import ResourceManager
+from megaflow.report import build_report
+from megaflow.stores import open_metadata_store
 
 pytestmark = pytest.mark.fleet
 
@@ -71,7 +73,7 @@ def _serving(res: ResourceManager) -> set[str]:
     return {h["name"] for h in res.hosts() if h["alive"] and not h["drained"]}
 
 
-def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_client):
+def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_client, tmp_path):
     s = settings.model_copy(
         update={
             "env_backend": {"type": "sim", "rules": [{"match": ".*", "latency_s": 0.3, "exit_code": 0}]},
@@ -127,6 +129,16 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
         summary = usage.fleet_summary(redis_client, s.key_prefix, scaler.cfg)
         assert summary["host_hours"] > 0 and summary["cost"] == pytest.approx(summary["host_hours"] * 0.05)
         assert 0 < summary["used_share"] <= 1
+        store = open_metadata_store(s.metadata_url, s)
+        try:  # the batch report shows the fleet's decisions, utilisation and cost
+            deadline = time.monotonic() + 30
+            while len([d for d in store.find_tasks(batch_id=burst.batch_id) if d.get("state") == "SUCCEEDED"]) < 14:
+                assert time.monotonic() < deadline, "recorder did not catch up"
+                time.sleep(0.2)
+            page = build_report(store, burst.batch_id, tmp_path / "report", fleet=summary).read_text()
+        finally:
+            store.close()
+        assert "Fleet: scaling, utilisation and cost" in page and "host-hours" in page and ">remove<" in page
     finally:
         scaler.close(stop_hosts=True)
         fleet.down(s, echo=lambda m: None)
