@@ -85,7 +85,7 @@ class ElasticConfig(BaseModel):
             return cls.model_validate(settings.elastic or {})
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "elastic"
+            field = ".".join(str(p) for p in err["loc"]) or "min_hosts"  # the only cross-field check
             raise ConfigError(
                 f"elastic.{field}: {err['msg']} (fix MEGAFLOW_ELASTIC or the elastic: block; "
                 "fields in megaflow/elastic/config.py)"
