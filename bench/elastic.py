@@ -81,7 +81,7 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
 
 
-def fleet_run(settings, label: str, lo: int, hi: int, burst: int) -> dict:
+def fleet_run(settings, label: str, lo: int, hi: int, burst: int, quiet_s: float) -> dict:
     """One burst on a fleet the autoscaler keeps between ``lo`` and ``hi`` hosts (lo == hi: fixed)."""
     import redis
 
@@ -123,6 +123,8 @@ def fleet_run(settings, label: str, lo: int, hi: int, burst: int) -> dict:
             sub = client.submit([spec(i) for i in range(burst)], user=label)
             st = client.wait(sub.batch_id, timeout=600, poll_s=0.2)
             t1 = time.time()
+        time.sleep(quiet_s)  # a quiet spell after the burst: a fixed fleet keeps holding its hosts
+        quiet = usage.fleet_summary(r, settings.key_prefix, cfg, since=t0, until=time.time())
         summary = usage.fleet_summary(r, settings.key_prefix, cfg, since=t0, until=t1)
         peak = max((h for _, h, _, _ in summary["fleet_series"]), default=0)
         return {
@@ -132,6 +134,7 @@ def fleet_run(settings, label: str, lo: int, hi: int, burst: int) -> dict:
             "peak_hosts": peak,
             "ok": st["counts"].get("SUCCEEDED", 0),
             "used_share": summary["used_share"],
+            "quiet_host_hours": quiet["host_hours"],
         }
     finally:
         stop.set()
@@ -168,9 +171,9 @@ def part_fleet(args) -> None:
     fleet.up(settings, env_hosts=0, wait_s=120, echo=lambda m: None)
     try:
         rows = [
-            fleet_run(settings, "auto", args.min, args.max, args.burst),
-            fleet_run(settings, "fixmax", args.max, args.max, args.burst),
-            fleet_run(settings, "fixmin", args.min, args.min, args.burst),
+            fleet_run(settings, "auto", args.min, args.max, args.burst, args.quiet),
+            fleet_run(settings, "fixmax", args.max, args.max, args.burst, args.quiet),
+            fleet_run(settings, "fixmin", args.min, args.min, args.burst, args.quiet),
         ]
     finally:
         fleet.down(settings, echo=lambda m: None)
@@ -178,13 +181,16 @@ def part_fleet(args) -> None:
         rproc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nburst of {args.burst} episodes, {args.slots} slots per host, hosts {args.min}..{args.max}")
-    print(f"{'fleet':<22}{'drain s':>9}{'host-h':>9}{'host-s':>9}{'peak':>6}{'used/held':>11}{'ok':>5}")
+    print(
+        f"{'fleet':<22}{'drain s':>9}{'host-s':>9}{'+quiet':>9}{'peak':>6}{'used/held':>11}{'ok':>5}"
+        f"   (host-s: during the burst; +quiet: burst and {args.quiet:.0f} s after)"
+    )
     names = {"auto": f"autoscaled {args.min}..{args.max}", "fixmax": f"fixed {args.max}", "fixmin": f"fixed {args.min}"}
     for row in rows:
         share = "-" if row["used_share"] is None else f"{100 * row['used_share']:.0f}%"
         print(
-            f"{names[row['label']]:<22}{row['drain_s']:>9.1f}{row['host_hours']:>9.4f}"
-            f"{3600 * row['host_hours']:>9.0f}{row['peak_hosts']:>6}{share:>11}{row['ok']:>5}"
+            f"{names[row['label']]:<22}{row['drain_s']:>9.1f}{3600 * row['host_hours']:>9.0f}"
+            f"{3600 * row['quiet_host_hours']:>9.0f}{row['peak_hosts']:>6}{share:>11}{row['ok']:>5}"
         )
 
 
@@ -303,6 +309,7 @@ def main() -> None:
     ap.add_argument("--max", type=int, default=4)
     ap.add_argument("--slots", type=int, default=2, help="slots per env host")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quiet", type=float, default=20.0, help="seconds of no load after each burst")
     ap.add_argument("--skip-fleet", action="store_true", help="only the mode model (no processes)")
     args = ap.parse_args()
     if not args.skip_fleet:
