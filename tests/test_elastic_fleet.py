@@ -142,3 +142,19 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
     finally:
         scaler.close(stop_hosts=True)
         fleet.down(s, echo=lambda m: None)
+
+
+def test_local_provider_stops_hosts_started_by_an_earlier_control(settings):
+    from megaflow.elastic.config import LocalProviderConfig
+    from megaflow.elastic.providers import LocalProvider
+
+    s = settings.model_copy(update={"env_backend": {"type": "sim"}, "metrics_port": 0})
+    first = LocalProvider(s, LocalProviderConfig(name_prefix="adopt"))
+    [h] = first.launch(1)
+    second = LocalProvider(s, LocalProviderConfig(name_prefix="adopt"))  # a restarted control service
+    try:
+        assert second.alive(h) and second.usage(h).get("rss_mb", 0) > 0
+        second.terminate(h, timeout_s=20)
+        assert not second.alive(h)
+    finally:
+        first.close()

@@ -79,7 +79,10 @@ class LocalProvider:
     def terminate(self, host: HostHandle, timeout_s: float = 20.0) -> None:
         """SIGTERM (warm shutdown), SIGKILL after ``timeout_s``; reaps the child."""
         p = self.procs.pop(host.name, None)
-        if p is None or p.poll() is not None:
+        if p is None:  # started by an earlier control process: stop it by its pid (process group)
+            self._stop_pid(host, timeout_s)
+            return
+        if p.poll() is not None:
             return
         try:
             os.killpg(p.pid, signal.SIGTERM)
@@ -92,15 +95,38 @@ class LocalProvider:
 
     def alive(self, host: HostHandle) -> bool:
         p = self.procs.get(host.name)
-        return p is not None and p.poll() is None
+        if p is None:
+            return self._pid_is_worker(host)
+        return p.poll() is None
+
+    def _pid_is_worker(self, host: HostHandle) -> bool:
+        """True if ``host.ref`` is a live env worker for ``host.name`` (a control restart lost the child)."""
+        try:
+            cmd = Path(f"/proc/{int(host.ref)}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{int(host.ref)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError):
+            return False
+        return state != "Z" and b"--host" in cmd and host.name.encode() in cmd
+
+    def _stop_pid(self, host: HostHandle, timeout_s: float) -> None:
+        if not self._pid_is_worker(host):
+            return
+        pid = int(host.ref)
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self._pid_is_worker(host):
+            time.sleep(0.2)
+        if self._pid_is_worker(host):
+            os.killpg(pid, signal.SIGKILL)
 
     def usage(self, host: HostHandle) -> dict[str, float]:
         """CPU seconds and resident memory of the host's worker process (from /proc)."""
         p = self.procs.get(host.name)
-        if p is None:
+        if p is None and not self._pid_is_worker(host):
             return {}
+        pid = p.pid if p is not None else int(host.ref)
         try:
-            stat = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             tick = os.sysconf("SC_CLK_TCK")
             page = os.sysconf("SC_PAGE_SIZE")
             return {"cpu_s": (int(stat[11]) + int(stat[12])) / tick, "rss_mb": int(stat[21]) * page / 2**20}
