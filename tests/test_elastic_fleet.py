@@ -153,7 +153,11 @@ def test_local_provider_stops_hosts_started_by_an_earlier_control(settings):
     [h] = first.launch(1)
     second = LocalProvider(s, LocalProviderConfig(name_prefix="adopt"))  # a restarted control service
     try:
-        assert second.alive(h) and second.usage(h).get("rss_mb", 0) > 0
+        deadline = time.monotonic() + 20  # /proc/PID/cmdline is empty for a moment after exec
+        while not second.alive(h):
+            assert time.monotonic() < deadline, "the worker never showed up in /proc"
+            time.sleep(0.1)
+        assert second.usage(h).get("rss_mb", 0) > 0
         second.terminate(h, timeout_s=20)
         assert not second.alive(h)
     finally:
