@@ -109,8 +109,8 @@ def running(settings: Settings) -> dict[str, int]:
 
 def up(settings: Settings, *, env_hosts: int = 2, wait_s: float = 60.0, echo=print) -> dict[str, int]:
     """Start the fleet's processes that are not running; wait until every worker answers."""
-    if env_hosts < 1:
-        raise ValueError("env_hosts must be at least 1")
+    if env_hosts < 0:
+        raise ValueError("env_hosts must be at least 0 (0: env hosts come from the autoscaler, megaflow.elastic)")
     check_services(settings)
     pids, logs = _dirs(settings)
     alive = running(settings)

@@ -194,7 +194,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(batch_id: str, s: dict[str, Any], *, generated: float | None = None) -> str:
+def render_html(batch_id: str, s: dict[str, Any], *, generated: float | None = None,
+                fleet: dict[str, Any] | None = None) -> str:
     """The report page for summary ``s`` (from summarize)."""
     e = html.escape
     t0 = s["start"] or 0.0
@@ -254,6 +255,8 @@ def render_html(batch_id: str, s: dict[str, Any], *, generated: float | None = N
                                                 host_rows)),
         ("Failure causes", fails),
     ]
+    if fleet is not None:
+        sections.append(("Fleet: scaling, utilisation and cost", fleet_section(fleet, t0)))
     body = "\n".join(f"<section><h2>{e(h)}</h2>\n{content}</section>" for h, content in sections)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated))
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)) if s["start"] else "–"
@@ -275,8 +278,31 @@ th {{ background: #f6f6f6; }} svg {{ max-width: 100%; height: auto; display: blo
 """
 
 
+def fleet_section(fleet: dict[str, Any], t0: float) -> str:
+    """The elastic fleet over the batch (``megaflow.elastic.usage.fleet_summary``): hosts, decisions, cost."""
+    series = fleet.get("fleet_series") or []
+    chart = svgplot.step_chart(
+        [("env hosts", [(t - t0, h) for t, h, _, _ in series]),
+         ("live episodes", [(t - t0, live) for t, _, live, _ in series]),
+         ("slots held", [(t - t0, slots) for t, _, _, slots in series])],
+        title="Fleet over time", x_label="seconds since the first submit", y_label="count")
+    facts = [["host-hours", f"{fleet['host_hours']:.3f}"], ["estimated cost", f"{fleet['cost']:.4f}"],
+             ["used / held capacity", _pct(fleet.get("used_share"))]]
+    hosts = [[h, v["instance_type"], f"{v['host_hours']:.3f}", f"{v['cost']:.4f}",
+              "–" if v.get("mean_used") is None else f"{v['mean_used']:.2f}", v.get("peak_used", "–"),
+              _pct(v.get("used_share")), "–" if v.get("cpu_mean") is None else f"{v['cpu_mean']:.2f}",
+              f"{v.get('peak_rss_mb', 0):.0f}", v.get("disk_free_gb", "–")] for h, v in fleet["hosts"].items()]
+    events = [[fmt_s(ev["ts"] - t0), ev["kind"], ev.get("host", ""),
+               ev.get("target", ""), ev.get("reason", "")] for ev in fleet["events"]]
+    return (chart + _table(["", ""], facts)
+            + _table(["host", "type", "host-hours", "cost", "mean live", "peak", "used share", "cpu cores",
+                      "peak rss MB", "disk free GB"], hosts)
+            + _table(["at", "decision", "host", "target", "reason"], events))
+
+
 def build_report(store: MetadataStore, batch_id: str, out_dir: str | Path, *,
-                 host_capacity: int | None = None, now: float | None = None) -> Path:
+                 host_capacity: int | None = None, now: float | None = None,
+                 fleet: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/summary.json`` for one batch; return the page's path."""
     docs = store.find_tasks(batch_id=batch_id)
     if not docs:
@@ -285,7 +311,9 @@ def build_report(store: MetadataStore, batch_id: str, out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     page = out / "index.html"
-    page.write_text(render_html(batch_id, summary), encoding="utf-8")
+    page.write_text(render_html(batch_id, summary, fleet=fleet), encoding="utf-8")
     public = {k: v for k, v in summary.items() if not k.startswith("_")}
+    if fleet is not None:
+        public["fleet"] = {k: v for k, v in fleet.items() if k != "fleet_series"}
     (out / "summary.json").write_text(json.dumps({"batch_id": batch_id, **public}, indent=2), encoding="utf-8")
     return page

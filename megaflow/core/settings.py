@@ -145,6 +145,14 @@ class Settings(BaseSettings):
         "'mypkg.mymod:MyHost', ...}. As an environment variable: JSON.",
     )
 
+    # --- elastic fleet (megaflow.elastic.config) -----------------------------------------------------
+    elastic: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Autoscaler, provider, automatic mode and prices: {min_hosts: 1, max_hosts: 8, provider: "
+        "{type: local}, prices: {local: 0.0}, ...}; fields in megaflow/elastic/config.py (empty: off). "
+        "As an environment variable: JSON.",
+    )
+
     # --- containment (megaflow.env_hosts.disk, containers) ----------------------------------------
     container_disk: str = Field(
         "10g",

@@ -1,0 +1,1 @@
+"""Elastic fleet: an autoscaler over a provider interface, automatic execution mode, utilisation and cost."""

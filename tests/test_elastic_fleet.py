@@ -1,0 +1,164 @@
+"""A sim fleet sized by the autoscaler through the local provider: 1 host, up to 3 under load, back to 1.
+
+No episode is lost or stranded, and no host is terminated while it holds a live episode (checked
+independently at the moment of each termination, from the resource manager's own keys).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from megaflow import fleet
+from megaflow.client import Client
+from megaflow.core.keys import Keys
+from megaflow.elastic import usage
+from megaflow.elastic.autoscaler import Autoscaler
+from megaflow.elastic.config import ElasticConfig
+from megaflow.engine.resources import ResourceManager
+from megaflow.report import build_report
+from megaflow.stores import open_metadata_store
+
+pytestmark = pytest.mark.fleet
+
+CFG = {
+    "min_hosts": 1,
+    "max_hosts": 3,
+    "cooldown_s": 0,
+    "idle_s": 0.5,
+    "boot_s": 0,
+    "episode_s": 2,
+    "target_wait_s": 2,
+    "lag_threshold_s": 5,
+    "prices": {"local": 0.05},
+    "provider": {"type": "local", "name_prefix": "el"},
+}
+
+
+def spec(i: int) -> dict:
+    replies = ["step\n```bash\nwork 1\n```", "step\n```bash\nwork 2\n```", "MEGAFLOW_SUBMIT"]
+    return {
+        "task_id": f"el-{i}",
+        "model": {"backend": "scripted", "replies": replies, "latency_s": 0.2},
+        "agent": {"max_steps": 4},
+        "eval": {"command": "evaluate"},
+    }
+
+
+class CheckedTerminate:
+    """Wraps the provider's terminate: records a violation if the host holds a slot or a placement."""
+
+    def __init__(self, scaler: Autoscaler, res: ResourceManager, r: redis.Redis, keys: Keys):
+        self.inner = scaler.provider.terminate
+        self.res, self.r, self.keys = res, r, keys
+        self.violations: list[str] = []
+        self.removed: list[str] = []
+        scaler.provider.terminate = self
+
+    def __call__(self, host, *args, **kwargs):
+        import json
+
+        held = [json.loads(v)["host"] for v in self.r.hvals(self.keys.res("held"))]
+        used = [h["used"] + h["booting"] for h in self.res.hosts() if h["name"] == host.name]
+        if host.name in held or any(used):
+            self.violations.append(f"{host.name}: held={held.count(host.name)} used={used}")
+        self.removed.append(host.name)
+        return self.inner(host, *args, **kwargs)
+
+
+def _serving(res: ResourceManager) -> set[str]:
+    return {h["name"] for h in res.hosts() if h["alive"] and not h["drained"]}
+
+
+def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_client, tmp_path):
+    s = settings.model_copy(
+        update={
+            "env_backend": {"type": "sim", "rules": [{"match": ".*", "latency_s": 0.3, "exit_code": 0}]},
+            "metrics_port": 0,
+            "host_capacity": 2,
+            "sweep_interval_s": 2.0,
+            "lease_s": 10.0,
+            "host_ttl_s": 5.0,
+            "global_limit": 16,
+            "user_limit": 16,
+            "elastic": CFG,
+        }
+    )
+    keys = Keys(s.key_prefix)
+    res = ResourceManager(redis_client, s, keys)
+    scaler = Autoscaler(redis_client, s, res, cfg=ElasticConfig.from_settings(s))
+    check = CheckedTerminate(scaler, res, redis_client, keys)
+    seen_max = 0
+
+    def tick_until(cond, timeout_s: float, what: str) -> None:
+        nonlocal seen_max
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            scaler.tick()
+            seen_max = max(seen_max, len(_serving(res)))
+            if time.monotonic() > deadline:
+                logs = Path(s.state_dir) / "logs"
+                tails = {f.name: f.read_text()[-1500:] for f in logs.glob("el-*.log")}
+                pytest.fail(f"{what} not reached in {timeout_s}s; hosts={res.hosts()} logs={tails}")
+            time.sleep(0.5)
+
+    fleet.up(s, env_hosts=0, wait_s=90, echo=lambda m: None)
+    try:
+        tick_until(lambda: len(_serving(res)) == 1, 60, "one host (min_hosts)")
+        with Client(s) as client:
+            burst = client.submit([spec(i) for i in range(14)], user="el")
+            tick_until(lambda: client.status(burst.batch_id)["done"] == 14, 150, "burst finished")
+            tick_until(
+                lambda: len(_serving(res)) == 1 and all(r["state"] == "active" for r in scaler.managed().values()),
+                60,
+                "back to one host",
+            )
+            trickle = client.submit([spec(100 + i) for i in range(2)], user="el")
+            tick_until(lambda: client.status(trickle.batch_id)["done"] == 2, 60, "trickle finished")
+            for b in (burst, trickle):
+                st = client.status(b.batch_id)
+                assert st["counts"] == {"SUCCEEDED": st["total"]}, st  # none lost, none failed
+        assert redis_client.hlen(keys.res("held")) == 0 and redis_client.hlen(keys.res("queued")) == 0  # none stranded
+        assert seen_max == 3, seen_max
+        assert check.violations == [] and len(check.removed) >= 2
+        kinds = [e["kind"] for e in usage.events(redis_client, scaler.keys)]
+        assert {"launch", "joined", "drain", "remove", "target"} <= set(kinds), kinds
+        summary = usage.fleet_summary(redis_client, s.key_prefix, scaler.cfg)
+        assert summary["host_hours"] > 0 and summary["cost"] == pytest.approx(summary["host_hours"] * 0.05)
+        assert 0 < summary["used_share"] <= 1
+        store = open_metadata_store(s.metadata_url, s)
+        try:  # the batch report shows the fleet's decisions, utilisation and cost
+            deadline = time.monotonic() + 30
+            while len([d for d in store.find_tasks(batch_id=burst.batch_id) if d.get("state") == "SUCCEEDED"]) < 14:
+                assert time.monotonic() < deadline, "recorder did not catch up"
+                time.sleep(0.2)
+            page = build_report(store, burst.batch_id, tmp_path / "report", fleet=summary).read_text()
+        finally:
+            store.close()
+        assert "Fleet: scaling, utilisation and cost" in page and "host-hours" in page and ">remove<" in page
+    finally:
+        scaler.close(stop_hosts=True)
+        fleet.down(s, echo=lambda m: None)
+
+
+def test_local_provider_stops_hosts_started_by_an_earlier_control(settings):
+    from megaflow.elastic.config import LocalProviderConfig
+    from megaflow.elastic.providers import LocalProvider
+
+    s = settings.model_copy(update={"env_backend": {"type": "sim"}, "metrics_port": 0})
+    first = LocalProvider(s, LocalProviderConfig(name_prefix="adopt"))
+    [h] = first.launch(1)
+    second = LocalProvider(s, LocalProviderConfig(name_prefix="adopt"))  # a restarted control service
+    try:
+        deadline = time.monotonic() + 20  # /proc/PID/cmdline is empty for a moment after exec
+        while not second.alive(h):
+            assert time.monotonic() < deadline, "the worker never showed up in /proc"
+            time.sleep(0.1)
+        assert second.usage(h).get("rss_mb", 0) > 0
+        second.terminate(h, timeout_s=20)
+        assert not second.alive(h)
+    finally:
+        first.close()
