@@ -209,13 +209,16 @@ class Rollout:
             specs = [s.model_copy(update={"policy_version": self.policy_version}) for s in specs]
         return specs
 
+    def replica_spec(self, spec: TaskSpec, group: int, replica: int) -> TaskSpec:
+        """The spec replica ``replica`` of group ``group`` runs (a subclass may vary it per replica)."""
+        extra = {"priority": TRAJECTORY_PRIORITY} if self.priority else {}
+        return spec.model_copy(update={"metadata": {**spec.metadata, **extra, "group": group, "replica": replica}})
+
     def run(self, tasks: Iterable[Any]) -> "RolloutRun":
         """Submit now (a bad task raises here); return an iterator of groups in completion order."""
         specs = self._specs(tasks)
         n = self.oversample
-        extra = {"priority": TRAJECTORY_PRIORITY} if self.priority else {}
-        payload = [s.model_copy(update={"metadata": {**s.metadata, **extra, "group": g, "replica": r}})
-                   for g, s in enumerate(specs) for r in range(n)]
+        payload = [self.replica_spec(s, g, r) for g, s in enumerate(specs) for r in range(n)]
         sub = self.client.submit(payload, user=self.user)
         root = self.batch_id = sub.batch_id
         slots = {eid: _Slot(i // n, i % n, eid, payload[i]) for i, eid in enumerate(sub.episode_ids)}
