@@ -12,8 +12,8 @@ not depend on latency. The model pool is smaller than the slot count, so model c
 Prints the batch completion time of each, the ratio (goal >= 1.5x), and the mean reward per group
 both ways, with how many replicas each kept group censored.
 
-    .venv/bin/python bench/rollout_tail.py                      # 16 groups x 4, n=6, ~2 min
-    .venv/bin/python bench/rollout_tail.py --groups 8 --slots 16
+    .venv/bin/python bench/rollout_tail.py                      # 16 groups x 4, n=6, one wave: ~1 min
+    .venv/bin/python bench/rollout_tail.py --slots 48 --model-pool 24 --ablate   # capacity-bound
 """
 
 from __future__ import annotations
@@ -73,14 +73,15 @@ def settings_for(url: str, tmp: Path, a: argparse.Namespace) -> Settings:
     )
 
 
-def one_run(settings: Settings, a: argparse.Namespace, factor: dict, reward: dict, *, tail: bool) -> dict[str, Any]:
+def one_run(settings: Settings, a: argparse.Namespace, factor: dict, reward: dict, *, oversample: bool,
+            priority: bool) -> dict[str, Any]:
     """Run the rollout one way; return its wall time and per-group rewards."""
     from megaflow.client import Client
 
-    n = a.oversample if tail else a.keep
+    n = a.oversample if oversample else a.keep
     with Client(settings) as client:
         t0 = time.monotonic()
-        run = _submit(client, a, factor, reward, n, tail)
+        run = _submit(client, a, factor, reward, n, priority)
         groups = []
         for grp in run:
             grp["closed_s"] = time.monotonic() - t0
@@ -95,7 +96,7 @@ def one_run(settings: Settings, a: argparse.Namespace, factor: dict, reward: dic
             "closed_s": [g["closed_s"] for g in sorted(groups, key=lambda x: x["index"])]}
 
 
-def _submit(client, a: argparse.Namespace, factor: dict, reward: dict, n: int, tail: bool):
+def _submit(client, a: argparse.Namespace, factor: dict, reward: dict, n: int, priority: bool):
     """Start the rollout; replica r of group g runs with its own seeded draws (same in both runs)."""
     from megaflow.core.spec import TaskSpec
     from megaflow.rollout import Rollout
@@ -105,7 +106,7 @@ def _submit(client, a: argparse.Namespace, factor: dict, reward: dict, n: int, t
             own = TaskSpec.model_validate(task(group, replica, a, factor, reward))
             return super().replica_spec(own, group, replica)
 
-    rollout = Drawn(client, replicas=a.keep, oversample=n, grace=a.grace if tail else 0.0, priority=tail,
+    rollout = Drawn(client, replicas=a.keep, oversample=n, grace=a.grace, priority=priority,
                     user="bench", timeout=3600, trajectories=False)
     return rollout.run([task(g, 0, a, factor, reward) for g in range(a.groups)])
 
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--slow-p", type=float, default=0.05, help="fraction of trajectories in the tail")
     ap.add_argument("--slow-factor", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--ablate", action="store_true", help="also run over-sampling only and priority only")
     a = ap.parse_args()
     if a.oversample < a.keep:
         ap.error("--oversample must be at least --keep")
@@ -145,9 +147,13 @@ def main() -> None:
               f"{a.model_s}s x lognormal(0.2), {a.slow_p:.0%} of trajectories x{a.slow_factor:g} "
               f"({slow} slow among the first k replicas; {stuck} groups with more than n-k slow, which "
               "over-sampling cannot save)")
-        plain = one_run(settings, a, factor, reward, tail=False)
+        plain = one_run(settings, a, factor, reward, oversample=False, priority=False)
         print(f"plain FIFO    : {plain['wall_s']:7.1f}s  masked {plain['masked']}")
-        tail = one_run(settings, a, factor, reward, tail=True)
+        if a.ablate:
+            for name, over, pri in (("oversample only", True, False), ("priority only", False, True)):
+                part = one_run(settings, a, factor, reward, oversample=over, priority=pri)
+                print(f"{name:<14}: {part['wall_s']:7.1f}s  ratio {plain['wall_s'] / part['wall_s']:.2f}x")
+        tail = one_run(settings, a, factor, reward, oversample=True, priority=True)
         print(f"oversample+pri: {tail['wall_s']:7.1f}s  masked {tail['masked']}  cancelled {tail['cancelled']}  "
               f"censored {tail['censored']}")
         print(f"batch completion time ratio plain/tail: {plain['wall_s'] / tail['wall_s']:.2f}x (goal >= 1.5x)")

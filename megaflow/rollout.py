@@ -144,8 +144,10 @@ def choose_kept(members: list[_Slot], keep: int, grace: float, now: float) -> li
     usable = sorted((s for s in members if s.result is not None and not is_infra_failure(s.result)),
                     key=lambda s: s.replica)
     lost = sum(1 for s in members if s.result is not None and is_infra_failure(s.result))
-    if all(s.result is not None for s in members) or len(members) - lost < keep:
-        return usable[:keep]  # nothing left to wait for (or k can no longer be reached: masked)
+    if all(s.result is not None for s in members):
+        return usable[:keep]  # nothing left to wait for
+    if len(members) - lost < keep and len(members) > keep:
+        return usable[:keep]  # an over-sampled group that can no longer reach k: masked, cancel the rest now
     if len(usable) < keep:
         return None
     ends = sorted(t for s in usable if (t := _t(s.result or {}, "finished")) is not None)

@@ -113,3 +113,21 @@ def test_trajectory_priority_sends_model_steps_of_longer_trajectories_first(sett
         assert r.llen(wire.broker_queue_key(prefix, wire.MODEL_QUEUE, 9)) == 1  # its first call: least urgent
         assert wire.broker_queue_key(prefix, wire.MODEL_QUEUE, 7) == plain_key + "\x06\x166"  # kombu's step
         assert [wire.trajectory_priority(c) for c in range(5)] == [9, 6, 3, 0, 0]
+
+
+def test_scripted_reply_latency_overrides_the_section_and_is_checked():
+    import pytest
+
+    from megaflow.model_gateway.base import ModelRequest
+    from megaflow.model_gateway.errors import ModelRequestError
+    from megaflow.model_gateway.scripted import ScriptedBackend
+
+    replies = [{"content": "slow", "latency_s": 0.05}, "plain"]
+    backend = ScriptedBackend()
+    first = backend.complete(ModelRequest(messages=[], model={"replies": replies, "latency_s": 0}, call_index=0))
+    assert first.content == "slow" and first.latency_s >= 0.05 and "latency_s" not in first.message
+    second = backend.complete(ModelRequest(messages=[], model={"replies": replies, "latency_s": 0}, call_index=1))
+    assert second.content == "plain"
+    with pytest.raises(ModelRequestError, match=r"model\.replies\.0\.latency_s"):
+        backend.complete(ModelRequest(messages=[], model={"replies": [{"content": "x", "latency_s": -1}]},
+                                      call_index=0))
