@@ -56,25 +56,45 @@ def task(g: int, r: int, a: argparse.Namespace, factor: dict, reward: dict) -> d
     replies: list[Any] = [{"content": f"step {i}\n```bash\nwork {i}\n```", "latency_s": lat} for i in range(CALLS - 1)]
     replies.append({"content": "MEGAFLOW_SUBMIT", "latency_s": lat})
     verdict = "pass" if reward[g, r] else "fail"
-    return {"task_id": f"g{g}", "model": {"backend": "scripted", "replies": replies},
-            "agent": {"max_steps": CALLS + 1}, "eval": {"command": f"evaluate {verdict}"},
-            "metadata": {"bench_replica": r}}
+    return {
+        "task_id": f"g{g}",
+        "model": {"backend": "scripted", "replies": replies},
+        "agent": {"max_steps": CALLS + 1},
+        "eval": {"command": f"evaluate {verdict}"},
+        "metadata": {"bench_replica": r},
+    }
 
 
 def settings_for(url: str, tmp: Path, a: argparse.Namespace) -> Settings:
     return Settings.load(
-        redis_url=url, state_dir=str(tmp / "state"), host_name="tail", task_events=False, metrics_port=0,
-        global_limit=a.slots, user_limit=a.slots, host_capacity=a.slots, boot_concurrency=a.slots,
-        model_concurrency=a.model_pool, env_concurrency=a.slots, lease_s=120.0, host_ttl_s=60.0,
-        sweep_interval_s=30.0, admit_start_timeout_s=3600.0,
-        env_backend={"type": "sim", "rules": [
-            {"match": "evaluate fail", "latency_s": a.cmd_s, "exit_code": 1},
-            {"match": ".*", "latency_s": a.cmd_s, "exit_code": 0}]},
+        redis_url=url,
+        state_dir=str(tmp / "state"),
+        host_name="tail",
+        task_events=False,
+        metrics_port=0,
+        global_limit=a.slots,
+        user_limit=a.slots,
+        host_capacity=a.slots,
+        boot_concurrency=a.slots,
+        model_concurrency=a.model_pool,
+        env_concurrency=a.slots,
+        lease_s=120.0,
+        host_ttl_s=60.0,
+        sweep_interval_s=30.0,
+        admit_start_timeout_s=3600.0,
+        env_backend={
+            "type": "sim",
+            "rules": [
+                {"match": "evaluate fail", "latency_s": a.cmd_s, "exit_code": 1},
+                {"match": ".*", "latency_s": a.cmd_s, "exit_code": 0},
+            ],
+        },
     )
 
 
-def one_run(settings: Settings, a: argparse.Namespace, factor: dict, reward: dict, *, oversample: bool,
-            priority: bool) -> dict[str, Any]:
+def one_run(
+    settings: Settings, a: argparse.Namespace, factor: dict, reward: dict, *, oversample: bool, priority: bool
+) -> dict[str, Any]:
     """Run the rollout one way; return its wall time and per-group rewards."""
     from megaflow.client import Client
 
@@ -89,11 +109,15 @@ def one_run(settings: Settings, a: argparse.Namespace, factor: dict, reward: dic
         wall = time.monotonic() - t0
         client.cancel(run.batch_id)  # nothing should be left; be sure
     means = [statistics.mean(x or 0.0 for x in grp["rewards"]) for grp in sorted(groups, key=lambda x: x["index"])]
-    return {"wall_s": wall, "means": means, "masked": sum(g["masked"] for g in groups),
-            "censored": sum(g.get("censored", 0) for g in groups), "cancelled": sum(len(g.get("cancelled", []))
-                                                                                 for g in groups),
-            "kept": [g.get("kept", list(range(a.keep))) for g in sorted(groups, key=lambda x: x["index"])],
-            "closed_s": [g["closed_s"] for g in sorted(groups, key=lambda x: x["index"])]}
+    return {
+        "wall_s": wall,
+        "means": means,
+        "masked": sum(g["masked"] for g in groups),
+        "censored": sum(g.get("censored", 0) for g in groups),
+        "cancelled": sum(len(g.get("cancelled", [])) for g in groups),
+        "kept": [g.get("kept", list(range(a.keep))) for g in sorted(groups, key=lambda x: x["index"])],
+        "closed_s": [g["closed_s"] for g in sorted(groups, key=lambda x: x["index"])],
+    }
 
 
 def _submit(client, a: argparse.Namespace, factor: dict, reward: dict, n: int, priority: bool):
@@ -106,8 +130,16 @@ def _submit(client, a: argparse.Namespace, factor: dict, reward: dict, n: int, p
             own = TaskSpec.model_validate(task(group, replica, a, factor, reward))
             return super().replica_spec(own, group, replica)
 
-    rollout = Drawn(client, replicas=a.keep, oversample=n, grace=a.grace, priority=priority,
-                    user="bench", timeout=3600, trajectories=False)
+    rollout = Drawn(
+        client,
+        replicas=a.keep,
+        oversample=n,
+        grace=a.grace,
+        priority=priority,
+        user="bench",
+        timeout=3600,
+        trajectories=False,
+    )
     return rollout.run([task(g, 0, a, factor, reward) for g in range(a.groups)])
 
 
@@ -140,13 +172,16 @@ def main() -> None:
         fleet.start("env-1", ["worker", "env", "--host", "env-1"])
         wait_workers(settings, fleet, 3)
         slow = sum(1 for (g, r), f in factor.items() if r < a.keep and f > 3)
-        stuck = sum(1 for g in range(a.groups)
-                    if sum(factor[g, r] > 3 for r in range(a.oversample)) > a.oversample - a.keep)
-        print(f"rollout: {a.groups} groups x {a.keep} kept; tail run over-samples n={a.oversample}, grace "
-              f"{a.grace}, trajectory priority; {a.slots} slots, {a.model_pool} model threads; model call "
-              f"{a.model_s}s x lognormal(0.2), {a.slow_p:.0%} of trajectories x{a.slow_factor:g} "
-              f"({slow} slow among the first k replicas; {stuck} groups with more than n-k slow, which "
-              "over-sampling cannot save)")
+        stuck = sum(
+            1 for g in range(a.groups) if sum(factor[g, r] > 3 for r in range(a.oversample)) > a.oversample - a.keep
+        )
+        print(
+            f"rollout: {a.groups} groups x {a.keep} kept; tail run over-samples n={a.oversample}, grace "
+            f"{a.grace}, trajectory priority; {a.slots} slots, {a.model_pool} model threads; model call "
+            f"{a.model_s}s x lognormal(0.2), {a.slow_p:.0%} of trajectories x{a.slow_factor:g} "
+            f"({slow} slow among the first k replicas; {stuck} groups with more than n-k slow, which "
+            "over-sampling cannot save)"
+        )
         plain = one_run(settings, a, factor, reward, oversample=False, priority=False)
         print(f"plain FIFO    : {plain['wall_s']:7.1f}s  masked {plain['masked']}")
         if a.ablate:
@@ -154,17 +189,23 @@ def main() -> None:
                 part = one_run(settings, a, factor, reward, oversample=over, priority=pri)
                 print(f"{name:<14}: {part['wall_s']:7.1f}s  ratio {plain['wall_s'] / part['wall_s']:.2f}x")
         tail = one_run(settings, a, factor, reward, oversample=True, priority=True)
-        print(f"oversample+pri: {tail['wall_s']:7.1f}s  masked {tail['masked']}  cancelled {tail['cancelled']}  "
-              f"censored {tail['censored']}")
+        print(
+            f"oversample+pri: {tail['wall_s']:7.1f}s  masked {tail['masked']}  cancelled {tail['cancelled']}  "
+            f"censored {tail['censored']}"
+        )
         print(f"batch completion time ratio plain/tail: {plain['wall_s'] / tail['wall_s']:.2f}x (goal >= 1.5x)")
         truth = [statistics.mean(float(reward[g, r]) for r in range(a.oversample)) for g in range(a.groups)]
         print("mean reward per group (plain | over-sampled | all n drawn):")
         for g in range(a.groups):
             pm, tm = plain["means"][g], tail["means"][g]
-            print(f"  g{g:02d}: {pm:.2f} | {tm:.2f} | {truth[g]:.2f}  kept {tail['kept'][g]}  "
-                  f"closed at {plain['closed_s'][g]:.1f}s | {tail['closed_s'][g]:.1f}s")
-        print(f"overall mean reward: plain {statistics.mean(plain['means']):.3f}, over-sampled "
-              f"{statistics.mean(tail['means']):.3f}, all drawn {statistics.mean(truth):.3f}")
+            print(
+                f"  g{g:02d}: {pm:.2f} | {tm:.2f} | {truth[g]:.2f}  kept {tail['kept'][g]}  "
+                f"closed at {plain['closed_s'][g]:.1f}s | {tail['closed_s'][g]:.1f}s"
+            )
+        print(
+            f"overall mean reward: plain {statistics.mean(plain['means']):.3f}, over-sampled "
+            f"{statistics.mean(tail['means']):.3f}, all drawn {statistics.mean(truth):.3f}"
+        )
     finally:
         fleet.close()
         redis_proc.terminate()

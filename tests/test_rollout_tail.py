@@ -17,8 +17,14 @@ from megaflow.rollout import _Slot, choose_kept
 
 
 def specs(n: int) -> list[dict]:
-    return [{"task_id": f"t{i}", "model": {"backend": "scripted", "replies": ["MEGAFLOW_SUBMIT"]},
-             "eval": {"command": "true"}} for i in range(n)]
+    return [
+        {
+            "task_id": f"t{i}",
+            "model": {"backend": "scripted", "replies": ["MEGAFLOW_SUBMIT"]},
+            "eval": {"command": "true"},
+        }
+        for i in range(n)
+    ]
 
 
 def batch_eps(client: Client, batch_id: str) -> list[str]:
@@ -31,8 +37,9 @@ def batch_eps(client: Client, batch_id: str) -> list[str]:
 
 def finish(client: Client, episode_id: str, reward: float) -> None:
     ep = client.rt.engine.load(episode_id, history=False)
-    assert client.rt.lifecycle.finish(ep, states.SUCCEEDED if reward else states.FAILED, reward=reward,
-                                      cause=None if reward else states.CAUSE_TESTS)
+    assert client.rt.lifecycle.finish(
+        ep, states.SUCCEEDED if reward else states.FAILED, reward=reward, cause=None if reward else states.CAUSE_TESTS
+    )
 
 
 def wait_for(cond, what: str, timeout_s: float = 15.0) -> None:
@@ -47,8 +54,7 @@ def test_oversampled_group_keeps_k_cancels_the_rest_and_frees_their_slots(settin
     with Client(s) as client:
         client.rt.resources.register_host("h1", capacity=8, images=[], warm={}, disk_free_gb=100.0)
         groups: list[dict] = []
-        run = client.rollout(specs(4), replicas=2, oversample=4, grace=0.0, user="rl", timeout=30,
-                             trajectories=False)
+        run = client.rollout(specs(4), replicas=2, oversample=4, grace=0.0, user="rl", timeout=30, trajectories=False)
         consumer = threading.Thread(target=lambda: groups.extend(run))
         consumer.start()
         ids = batch_eps(client, run.batch_id)
@@ -78,8 +84,12 @@ def test_oversampled_group_keeps_k_cancels_the_rest_and_frees_their_slots(settin
 def _slot(replica: int, admitted: float | None, finished: float | None, reward: float = 1.0) -> _Slot:
     view = None
     if finished is not None:
-        view = {"state": states.SUCCEEDED, "cause": None, "reward": reward,
-                "phases": {"admitted": admitted, "finished": finished}}
+        view = {
+            "state": states.SUCCEEDED,
+            "cause": None,
+            "reward": reward,
+            "phases": {"admitted": admitted, "finished": finished},
+        }
     return _Slot(0, replica, f"e{replica}", None, result=view)  # type: ignore[arg-type]
 
 
@@ -129,5 +139,6 @@ def test_scripted_reply_latency_overrides_the_section_and_is_checked():
     second = backend.complete(ModelRequest(messages=[], model={"replies": replies, "latency_s": 0}, call_index=1))
     assert second.content == "plain"
     with pytest.raises(ModelRequestError, match=r"model\.replies\.0\.latency_s"):
-        backend.complete(ModelRequest(messages=[], model={"replies": [{"content": "x", "latency_s": -1}]},
-                                      call_index=0))
+        backend.complete(
+            ModelRequest(messages=[], model={"replies": [{"content": "x", "latency_s": -1}]}, call_index=0)
+        )
