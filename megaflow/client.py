@@ -162,18 +162,24 @@ class Client:
 
     def rollout(self, tasks: Iterable[Any], *, replicas: int = 1, policy_version: str | None = None,
                 user: str = "rollout", max_infra_retries: int = 2, timeout: float | None = None,
-                trajectories: bool = True):
+                trajectories: bool = True, oversample: int | None = None, grace: float = 0.5,
+                priority: bool = False):
         """Run every task ``replicas`` times; iterate over the groups (rewards, trajectories, token data).
 
         Tasks are TaskSpec dicts or SWE-bench instances. Submits at once and returns a RolloutRun
         (its ``batch_id`` names the batch) that yields each group as soon as all its replicas are
         final. Infra failures are retried as new episodes up to ``max_infra_retries`` times; a group
-        still holding one comes with ``masked: true``. See megaflow.rollout.
+        still holding one comes with ``masked: true``. ``oversample`` n > ``replicas`` k runs n per
+        group and keeps k (the lowest replica indices finished by the group's deadline, ``grace``),
+        cancelling the rest; ``priority`` favours trajectories further along. See megaflow.rollout.
         """
         from megaflow.rollout import Rollout
 
         cap = self.settings.max_batch_episodes
-        for name, value, low, high in (("replicas", replicas, 1, cap), ("max_infra_retries", max_infra_retries, 0, 100)):
+        checks = [("replicas", replicas, 1, cap), ("max_infra_retries", max_infra_retries, 0, 100)]
+        if oversample is not None:
+            checks.append(("oversample", oversample, replicas, cap))
+        for name, value, low, high in checks:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise SpecError(f"field '{name}': {guards.show(value)} must be a whole number from {low} to {high}",
                                 field=name)  # fmt: skip
@@ -181,15 +187,19 @@ class Client:
                                     or not 0 < timeout <= 30 * guards.DAY):  # fmt: skip
             raise SpecError(f"field 'timeout': {guards.show(timeout)} must be a number of seconds above 0, or None",
                             field="timeout")  # fmt: skip
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 100:
+            raise SpecError(f"field 'grace': {guards.show(grace)} must be a number from 0 to 100 (a fraction of "
+                            "the group's k-th finish time)", field="grace")  # fmt: skip
         if policy_version is not None and not isinstance(policy_version, str):
             raise SpecError("field 'policy_version': must be a string", field="policy_version")
         tasks = _take(tasks, cap)
-        if len(tasks) * replicas > cap:
+        if len(tasks) * (oversample or replicas) > cap:
             raise SpecError(f"field 'replicas': {len(tasks):,} tasks x {replicas} replicas is above "
                             f"MEGAFLOW_MAX_BATCH_EPISODES ({cap:,}); run fewer at a time or raise the setting",
                             field="replicas")  # fmt: skip
         return Rollout(self, replicas=replicas, user=user, policy_version=policy_version,
-                       max_infra_retries=max_infra_retries, timeout=timeout, trajectories=trajectories).run(tasks)
+                       max_infra_retries=max_infra_retries, timeout=timeout, trajectories=trajectories,
+                       oversample=oversample, grace=float(grace), priority=bool(priority)).run(tasks)
 
     def resume(self, batch_id: str):
         """Re-run a batch's infra failures as a new batch; skip what finished. Returns a ResumeResult."""

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 
 from megaflow.core import states
 from megaflow.core.spec import TaskSpec, validate_specs
+from megaflow.engine.episodes import TRAJECTORY_PRIORITY
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +134,67 @@ class _Slot:
     result: dict[str, Any] | None = None
 
 
+def _t(view: dict[str, Any], phase: str) -> float | None:
+    t = (view.get("phases") or {}).get(phase)
+    return float(t) if t is not None else None
+
+
+def choose_kept(members: list[_Slot], keep: int, grace: float, now: float) -> list[_Slot] | None:
+    """The kept subset of an over-sampled group, or None while the group must wait (see GROUP RULE)."""
+    usable = sorted((s for s in members if s.result is not None and not is_infra_failure(s.result)),
+                    key=lambda s: s.replica)
+    lost = sum(1 for s in members if s.result is not None and is_infra_failure(s.result))
+    if all(s.result is not None for s in members):
+        return usable[:keep]  # nothing left to wait for
+    if len(members) - lost < keep and len(members) > keep:
+        return usable[:keep]  # an over-sampled group that can no longer reach k: masked, cancel the rest now
+    if len(usable) < keep:
+        return None
+    ends = sorted(t for s in usable if (t := _t(s.result or {}, "finished")) is not None)
+    starts = [t for s in usable if (t := _t(s.result or {}, "admitted")) is not None]
+    if len(ends) >= keep and starts:
+        t_k = ends[keep - 1]
+        if now < t_k + grace * max(0.0, t_k - min(starts)):
+            return None
+    return usable[:keep]
+
+
 class Rollout:
-    """Submit groups of replicas and yield each group once all its replicas are final."""
+    """Submit groups of replicas and yield each group once it is complete.
+
+    GROUP RULE (over-sampling, ``oversample`` n > ``replicas`` k): a group of n replicas closes at its
+    deadline ``T_k + grace * (T_k - start)`` (T_k: when its k-th replica finished; start: its first
+    admission) or when all n are final, whichever is first; it keeps the k lowest replica indices
+    (submission order) among those finished by then, and cancels the rest at once (their slots free
+    for other groups). Keeping the first k *to finish* would favour fast trajectories: when duration
+    and reward are correlated (an agent that submits early, one that loops until a limit), the
+    group's mean reward and its GRPO baseline would be biased toward short trajectories. Choosing by
+    submission index among all finished by the deadline makes the kept set independent of finish
+    order; only replicas slower than the deadline (the extreme tail, ``grace`` times the typical
+    duration later) are censored, and each group reports how many (``censored``). ``grace=0``
+    degenerates to first-k-to-finish. With n == k nothing is cancelled: a group waits for all.
+
+    Trajectory priority (``priority=True``, after Heddle, arXiv 2603.28101): every episode's model
+    steps go to the broker with a priority that grows with its completed model calls, so a busy
+    model pool serves trajectories further along first. Admission is FIFO by submission order, and a
+    rollout submits group by group, so older groups are admitted first already.
+    """
 
     def __init__(self, client, *, replicas: int = 1, user: str = "rollout", policy_version: str | None = None,
                  max_infra_retries: int = 2, timeout: float | None = None, poll_s: float = 0.2,
-                 trajectories: bool = True):
+                 trajectories: bool = True, oversample: int | None = None, grace: float = 0.5,
+                 priority: bool = False):
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
+        if oversample is not None and oversample < replicas:
+            raise ValueError(f"oversample ({oversample}) must be at least replicas/keep ({replicas})")
+        if grace < 0:
+            raise ValueError("grace must be 0 or more")
         self.client = client
         self.replicas = replicas
+        self.oversample = oversample or replicas
+        self.grace = grace
+        self.priority = priority
         self.user = user
         self.policy_version = policy_version
         self.max_infra_retries = max_infra_retries
@@ -159,15 +211,19 @@ class Rollout:
             specs = [s.model_copy(update={"policy_version": self.policy_version}) for s in specs]
         return specs
 
+    def replica_spec(self, spec: TaskSpec, group: int, replica: int) -> TaskSpec:
+        """The spec replica ``replica`` of group ``group`` runs (a subclass may vary it per replica)."""
+        extra = {"priority": TRAJECTORY_PRIORITY} if self.priority else {}
+        return spec.model_copy(update={"metadata": {**spec.metadata, **extra, "group": group, "replica": replica}})
+
     def run(self, tasks: Iterable[Any]) -> "RolloutRun":
         """Submit now (a bad task raises here); return an iterator of groups in completion order."""
         specs = self._specs(tasks)
-        k = self.replicas
-        payload = [s.model_copy(update={"metadata": {**s.metadata, "group": g, "replica": r}})
-                   for g, s in enumerate(specs) for r in range(k)]
+        n = self.oversample
+        payload = [self.replica_spec(s, g, r) for g, s in enumerate(specs) for r in range(n)]
         sub = self.client.submit(payload, user=self.user)
         root = self.batch_id = sub.batch_id
-        slots = {eid: _Slot(i // k, i % k, eid, payload[i]) for i, eid in enumerate(sub.episode_ids)}
+        slots = {eid: _Slot(i // n, i % n, eid, payload[i]) for i, eid in enumerate(sub.episode_ids)}
         groups: dict[int, list[_Slot]] = {}
         for slot in slots.values():
             groups.setdefault(slot.group, []).append(slot)
@@ -189,7 +245,9 @@ class Rollout:
                 for view in engine.summaries(finished):
                     open_ids.discard(view["episode_id"])
                     slot = slots[view["episode_id"]]
-                    if is_infra_failure(view) and slot.attempts <= self.max_infra_retries:
+                    if slot.group not in groups:  # cancelled by its group's close
+                        slot.result = view
+                    elif is_infra_failure(view) and slot.attempts <= self.max_infra_retries:
                         retry.append(slot)
                     else:
                         slot.result = view
@@ -206,13 +264,33 @@ class Rollout:
                     slots[eid] = slot
                 watch[new.batch_id] = set(new.episode_ids)
                 seen[new.batch_id] = 0
-            done = [g for g, members in groups.items() if all(s.result is not None for s in members)]
+            now = time.time()
+            done = {g: kept for g, members in groups.items()
+                    if (kept := choose_kept(members, self.replicas, self.grace, now)) is not None}
             for g in sorted(done):
-                yield self._group(root, g, groups.pop(g))
+                yield self._close(root, g, groups.pop(g), done[g])
             if not done and not retry:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"rollout {root}: {len(groups)} groups unfinished after {self.timeout}s")
                 time.sleep(self.poll_s)
+
+    def _close(self, root: str, g: int, members: list[_Slot], kept: list[_Slot]) -> dict[str, Any]:
+        """Cancel the group's unfinished replicas (freeing their slots now) and build its record."""
+        lifecycle = self.client.rt.lifecycle
+        open_slots = [s for s in members if s.result is None]
+        cancelled = [s.episode_id for s in open_slots if lifecycle.cancel(s.episode_id)]
+        if open_slots:
+            lifecycle.admit()
+        kept_ids = {s.episode_id for s in kept}
+        dropped = [s.episode_id for s in members if s.result is not None and s.episode_id not in kept_ids]
+        group = self._group(root, g, kept if len(kept) >= self.replicas else kept + [
+            s for s in members if s.result is not None and is_infra_failure(s.result)][: self.replicas - len(kept)])
+        group.update(oversample=self.oversample, kept=[s.replica for s in kept], cancelled=cancelled,
+                     dropped=dropped, censored=len(open_slots))
+        if len(kept) < self.replicas:
+            group.update(masked=True, mask_reason=group["mask_reason"] or f"only {len(kept)} of {self.replicas} "
+                         "replicas finished")
+        return group
 
     def _group(self, root: str, g: int, members: list[_Slot]) -> dict[str, Any]:
         members = sorted(members, key=lambda s: s.replica)
@@ -221,7 +299,7 @@ class Rollout:
         return {
             "group_id": f"{root}/g{g:05d}", "batch_id": root, "index": g, "task_id": members[0].spec.task_id,
             "policy_version": members[0].spec.policy_version or self.client.settings.policy_version,
-            "replicas": len(members), "masked": masked,
+            "replicas": self.replicas, "masked": masked,
             "mask_reason": (f"infrastructure failure after {self.max_infra_retries} retries" if masked else None),
             "rewards": [e["reward"] for e in episodes], "episodes": episodes,
         }

@@ -204,8 +204,22 @@ def rollout(
         Path, typer.Option("--out", "-o", metavar="JSONL", help="Output file: one line per finished group.")
     ],
     replicas: Annotated[
-        int, typer.Option("--replicas", "-k", metavar="K", min=1, help="Episodes per task (one group).")
+        int,
+        typer.Option("--replicas", "--keep", "-k", metavar="K", min=1, help="Episodes kept per task (one group)."),
     ] = 1,
+    oversample: Annotated[
+        int | None,
+        typer.Option("--oversample", metavar="N", min=1,
+                     help="Run N >= K episodes per task; keep K (lowest indices finished by the "
+                     "deadline), cancel the rest."),
+    ] = None,
+    grace: Annotated[
+        float, typer.Option("--grace", metavar="F", min=0,
+                            help="With --oversample: deadline = T_k + F x (T_k - group start).")
+    ] = 0.5,
+    priority: Annotated[
+        bool, typer.Option("--priority", help="Model calls of trajectories further along go first (Heddle).")
+    ] = False,
     user: Annotated[str, typer.Option("--user", "-u", metavar="NAME", help="User the episodes run as.")] = "rollout",
     policy_version: Annotated[
         str | None, typer.Option("--policy-version", metavar="TAG", help="Policy version tag recorded with every call.")
@@ -243,6 +257,9 @@ def rollout(
         run = client.rollout(
             tasks,
             replicas=replicas,
+            oversample=oversample,
+            grace=grace,
+            priority=priority,
             policy_version=policy_version,
             user=user,
             max_infra_retries=max_retries,

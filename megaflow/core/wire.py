@@ -55,9 +55,28 @@ def broker_prefix(key_prefix: str) -> str:
     return f"{key_prefix}:celery:"
 
 
-def broker_queue_key(key_prefix: str, queue: str) -> str:
-    """The Redis list a queue's messages (priority 0) live in."""
-    return broker_prefix(key_prefix) + queue
+def broker_queue_key(key_prefix: str, queue: str, priority: int = 0) -> str:
+    """The Redis list a queue's messages of ``priority`` live in (kombu's layout: priority 0 in the plain
+    list, step N in ``<queue>\\x06\\x16N``; a worker BRPOPs step 0 first, so 0 is the most urgent)."""
+    step = priority_step(priority)
+    return broker_prefix(key_prefix) + queue + (f"{PRIORITY_SEP}{step}" if step else "")
+
+
+# --- priorities (kombu's Redis transport) ----------------------------------------------------------
+PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's default priority_steps: the lists every worker consumes
+PRIORITY_SEP = "\x06\x16"
+
+
+def priority_step(priority: int) -> int:
+    """The step kombu files ``priority`` under (the largest step not above it, clamped to 0..9)."""
+    p = max(0, min(9, int(priority)))
+    return max(s for s in PRIORITY_STEPS if s <= p)
+
+
+def trajectory_priority(completed_calls: int) -> int:
+    """Trajectory-level priority (Heddle): the more model calls an episode has done, the more urgent
+    its next one (9 for the first call, 6, 3, then 0 from the fourth on)."""
+    return max(0, 9 - 3 * max(0, int(completed_calls)))
 
 
 # --- Flower --------------------------------------------------------------------------------------
@@ -90,8 +109,8 @@ def task_argsrepr(name: str, args: list[Any], queue: str) -> str:
 _HOSTNAME = socket.gethostname()
 
 
-def encode_message(key_prefix: str, name: str, args: list[Any], queue: str) -> tuple[str, str]:
-    """(broker list key, message) that ``send_task(name, args, queue=queue)`` would LPUSH.
+def encode_message(key_prefix: str, name: str, args: list[Any], queue: str, priority: int = 0) -> tuple[str, str]:
+    """(broker list key, message) that ``send_task(name, args, queue=queue, priority=priority)`` would LPUSH.
 
     The body and headers are Celery's task protocol 2 in JSON; the envelope is kombu's Redis
     transport format. JSON only: nothing here can carry a pickle.
@@ -106,12 +125,13 @@ def encode_message(key_prefix: str, name: str, args: list[Any], queue: str) -> t
         "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
     }
     properties = {
-        "correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+        "correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": priority_step(priority),
+        "body_encoding": "base64",
         "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": str(uuid.uuid4()),
     }
     envelope = {"body": base64.b64encode(json.dumps(body).encode()).decode(), "content-encoding": "utf-8",
                 "content-type": "application/json", "headers": headers, "properties": properties}
-    return broker_queue_key(key_prefix, queue), json.dumps(envelope)
+    return broker_queue_key(key_prefix, queue, priority), json.dumps(envelope)
 
 
 def decode_message(message: str) -> tuple[str, list[Any]]:

@@ -23,8 +23,8 @@ class Dispatcher(Protocol):
     def send(self, name: str, args: list[Any], queue: str) -> None:
         """Enqueue task ``name`` with JSON ``args`` on ``queue`` now."""
 
-    def encode(self, name: str, args: list[Any], queue: str) -> tuple[str, str]:
-        """(Redis list key, message) for the advance script to LPUSH."""
+    def encode(self, name: str, args: list[Any], queue: str, priority: int = 0) -> tuple[str, str]:
+        """(Redis list key, message) for the advance script to LPUSH (``priority``: 0 most urgent .. 9)."""
 
 
 class RedisDispatcher:
@@ -34,8 +34,8 @@ class RedisDispatcher:
         self.r = redis_client
         self.prefix = key_prefix
 
-    def encode(self, name: str, args: list[Any], queue: str) -> tuple[str, str]:
-        return wire.encode_message(self.prefix, name, args, queue)
+    def encode(self, name: str, args: list[Any], queue: str, priority: int = 0) -> tuple[str, str]:
+        return wire.encode_message(self.prefix, name, args, queue, priority)
 
     def send(self, name: str, args: list[Any], queue: str) -> None:
         key, message = self.encode(name, args, queue)

@@ -211,6 +211,8 @@ class EpisodeEngine:
         for i, (eid, spec) in enumerate(zip(ids, specs)):
             image = spec.image or self.settings.default_image
             mode = spec.mode or self.settings.env_mode
+            if spec.metadata.get("priority") == TRAJECTORY_PRIORITY:  # model calls ordered by progress
+                pipe.hset(self.keys.episode(eid), "priority", TRAJECTORY_PRIORITY)
             pipe.hset(self.keys.episode(eid), mapping={
                 "id": eid, "batch_id": batch_id, "user": user, "task_id": spec.task_id, "index": i,
                 "spec": spec.model_dump_json(), "state": states.QUEUED, "step": 0, "attempt": 1,
@@ -299,7 +301,8 @@ class EpisodeEngine:
         records = [json.dumps(dict(rec, t=rec.get("t", now))) for rec in (history or [])]
         queue_key, message = self.keys.episode(ep.id), ""
         if next_task:
-            queue_key, message = self.dispatcher.encode(next_task.name, [ep.id, new_step], next_task.queue)
+            queue_key, message = self.dispatcher.encode(next_task.name, [ep.id, new_step], next_task.queue,
+                                                        **_priority(ep, next_task))
         applied = self._advance(
             keys=[self.keys.episode(ep.id), self.keys.history(ep.id), self.keys.events, self.keys.live,
                   self.keys.batch_done(ep.batch_id), queue_key],
@@ -356,6 +359,16 @@ def episode_view(ep: Episode) -> dict[str, Any]:
         "artifact_uri": f.get("artifact_uri") or None,
         "phases": ep.phase_times(),
     }
+
+
+TRAJECTORY_PRIORITY = "trajectory"  # spec.metadata.priority: model steps favour episodes further along
+
+
+def _priority(ep: Episode, task: NextTask) -> dict[str, int]:
+    """The broker priority of ``task`` (only model steps of episodes submitted with trajectory priority)."""
+    if task.queue != wire.MODEL_QUEUE or ep.fields.get("priority") != TRAJECTORY_PRIORITY:
+        return {}
+    return {"priority": wire.trajectory_priority(int(ep.num("model_calls")))}
 
 
 def to_agent() -> NextTask:

@@ -3,7 +3,9 @@
 The reply for a request is ``replies[n]`` where ``n`` is the episode's model-call count (else the number
 of assistant messages alreadyin the conversation, so the backend keeps no state and a redelivered request gets the same reply.
 A reply is either a string (the message content) or a whole assistant message
-(``{"content": ..., "tool_calls": [...]}``), so tool-call agents can be scripted too.
+(``{"content": ..., "tool_calls": [...]}``), so tool-call agents can be scripted too. A dict reply may
+carry ``latency_s`` (that reply's simulated generation time, instead of the section's ``latency_s``), so a
+batch can script heavy-tailed latencies per episode (bench/rollout_tail.py).
 """
 
 from __future__ import annotations
@@ -28,11 +30,21 @@ class ScriptedConfig(OpenAIConfig):
         ...,
         min_length=1,
         description="Replies in order: a string (content) or an assistant message "
-        "({content, tool_calls, finish_reason}).",
+        "({content, tool_calls, finish_reason, latency_s}; latency_s overrides the section's for that reply).",
     )
     latency_s: float = Field(
         0.0, ge=0, le=3600, description="Seconds each reply takes (simulated generation, for scale runs)."
     )
+
+
+def _reply_latency(value: Any, default: float, n: int) -> float:
+    """A reply's own ``latency_s`` (seconds, 0..3600) if it has one, else the section's."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+        raise ModelRequestError(f"bad model section: model.replies.{n}.latency_s: {value!r} must be seconds "
+                                "from 0 to 3600")
+    return float(value)
 
 
 def _count_tokens(text: str) -> int:
@@ -64,10 +76,10 @@ class ScriptedBackend:
             raise ModelError(f"scripted replies exhausted: {len(replies)} given, reply #{n + 1} asked")
         raw = replies[n]
         message: dict[str, Any] = {"role": "assistant", **({"content": raw} if isinstance(raw, str) else raw)}
+        latency = _reply_latency(message.pop("latency_s", None), config.latency_s, n)
         finish = str(message.pop("finish_reason", None) or ("tool_calls" if message.get("tool_calls") else "stop"))
         content = str(message.get("content") or "")
         prompt = sum(_count_tokens(str(m.get("content") or "")) for m in request.messages)
-        latency = config.latency_s
         if latency:  # simulated generation time (scale runs); holds this worker thread like a real call
             time.sleep(latency)
         return ModelReply(
