@@ -77,6 +77,10 @@ class Client:
         valid = check_agents(valid)
         check_limits(valid, self.settings)
         self._check_redis()
+        from megaflow.security.identity import check_submitter
+
+        check_submitter(self.rt.redis, self.settings.key_prefix, user)  # with per-person ACL users: no other name
+        valid = self._auto_modes(valid)
         bid = self._reserve(batch_id, user)
         try:
             bid, ids = self.rt.engine.create_batch(valid, user, bid)
@@ -112,6 +116,23 @@ class Client:
         except MegaflowError as exc:  # Redis stays the authority; a store we cannot read does not block submits
             log.warning("cannot check batch id %s against the metadata store: %s", batch_id, exc)
             return False
+
+    def _auto_modes(self, specs: list[TaskSpec]) -> list[TaskSpec]:
+        """With ``elastic.auto_mode``: ephemeral or persistent per image from demand (a spec's own mode wins)."""
+        if not self.settings.elastic:
+            return specs
+        from megaflow.elastic import modes
+        from megaflow.elastic.config import ElasticConfig
+
+        cfg = ElasticConfig.from_settings(self.settings)
+        if not cfg.auto_mode:
+            return specs
+        hosts = max(1, len(self.rt.resources.hosts()))
+        choices = modes.auto_modes(self.rt.redis, self.rt.keys, self.settings, specs, hosts=hosts, cfg=cfg)
+        modes.publish_pools(self.rt.redis, self.settings.key_prefix, choices)
+        default = self.settings.default_image
+        return [s if s.mode or (s.image or default) not in choices
+                else s.model_copy(update={"mode": choices[s.image or default].mode}) for s in specs]
 
     def status(self, batch_id: str) -> dict[str, Any]:
         """Counts by state of a batch, from the live episode state."""

@@ -13,6 +13,7 @@ import time
 
 from megaflow.services import lifecycle
 from megaflow.core import states
+from megaflow.elastic.autoscaler import autoscaler_threads
 from megaflow.records import Recorder
 from megaflow.services.root import Root
 
@@ -78,6 +79,7 @@ class Control:
         recorder = Recorder(self.rt.redis, self.rt.keys, self.rt.metadata)
         threads = [threading.Thread(target=recorder.run, args=(self.stop,), name="recorder", daemon=True),
                    threading.Thread(target=self.sweep_loop, name="sweep", daemon=True)]
+        threads += autoscaler_threads(self.rt, self.stop)  # settings.elastic: size the env fleet from the backlog
         for t in threads:
             t.start()
         metrics = start_for_service(self.rt.settings)

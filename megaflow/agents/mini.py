@@ -298,8 +298,6 @@ def _check_model(model: dict[str, Any]) -> None:
     if cls in UNSTEPPABLE_MODEL_CLASSES:
         raise _fail("model.model_class", f"{cls!r} {UNSTEPPABLE_MODEL_CLASSES[cls]}")
     if cls not in TEXT_MODEL_CLASSES | TOOL_MODEL_CLASSES:
-        from megaflow.agents.mini_models import model_family
-
         model_family(cls)  # raises naming model.model_class when the class cannot be replayed
     kwargs = model.get("model_kwargs") or {}
     if not isinstance(kwargs, dict):
@@ -353,3 +351,43 @@ def _pydantic_message(exc: Exception) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()))
         return f"{where}: {err.get('msg')}"
     return str(exc)
+
+
+# --- model classes (used by the checks here and by megaflow.agents.mini_models) ---------------------
+LITELLM, DICT = "litellm", "dict"
+
+
+def resolve_model_class(name: str) -> type:
+    """The class for ``model.model_class`` (a mini short name or a dotted path); portkey parses as litellm."""
+    import_mini()
+    from minisweagent.models import get_model_class
+
+    if name == "portkey":  # its client library only carries the request, which MegaFlow's gateway makes
+        name = "litellm"
+    try:
+        return get_model_class("", name)
+    except ValueError as exc:
+        raise SpecError(
+            f"field 'agent.config.model.model_class': {exc}", field="agent.config.model.model_class"
+        ) from None
+
+
+def model_family(name: str) -> tuple[str, bool]:
+    """(response shape, tool calls?) of a model class; SpecError if MegaFlow cannot replay into it."""
+    cls = resolve_model_class(name)
+    from minisweagent.models.litellm_model import LitellmModel
+    from minisweagent.models.litellm_textbased_model import LitellmTextbasedModel
+    from minisweagent.models.openrouter_model import OpenRouterModel
+    from minisweagent.models.openrouter_textbased_model import OpenRouterTextbasedModel
+    from minisweagent.models.requesty_model import RequestyModel
+
+    textbased = issubclass(cls, (LitellmTextbasedModel, OpenRouterTextbasedModel))
+    if issubclass(cls, LitellmModel):
+        return LITELLM, not textbased
+    if issubclass(cls, (OpenRouterModel, RequestyModel)):
+        return DICT, not textbased
+    raise SpecError(
+        f"field 'agent.config.model.model_class': {name!r} is not one of mini's chat-completion model "
+        "families (litellm, openrouter, requesty, or a subclass); MegaFlow cannot feed it replies",
+        field="agent.config.model.model_class",
+    )

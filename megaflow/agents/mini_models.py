@@ -13,47 +13,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from megaflow.agents.mini import SUPERSEDED, import_mini
-from megaflow.core.errors import SpecError
+from megaflow.agents.mini import DICT, LITELLM, SUPERSEDED, import_mini, model_family, resolve_model_class  # noqa: F401
 
-LITELLM, DICT = "litellm", "dict"
 MESSAGE_FIELDS = ("role", "content", "tool_calls", "function_call", "reasoning_content", "thinking_blocks")
-
-
-def resolve_model_class(name: str) -> type:
-    """The class for ``model.model_class`` (a mini short name or a dotted path); portkey parses as litellm."""
-    import_mini()
-    from minisweagent.models import get_model_class
-
-    if name == "portkey":  # its client library only carries the request, which MegaFlow's gateway makes
-        name = "litellm"
-    try:
-        return get_model_class("", name)
-    except ValueError as exc:
-        raise SpecError(
-            f"field 'agent.config.model.model_class': {exc}", field="agent.config.model.model_class"
-        ) from None
-
-
-def model_family(name: str) -> tuple[str, bool]:
-    """(response shape, tool calls?) of a model class; SpecError if MegaFlow cannot replay into it."""
-    cls = resolve_model_class(name)
-    from minisweagent.models.litellm_model import LitellmModel
-    from minisweagent.models.litellm_textbased_model import LitellmTextbasedModel
-    from minisweagent.models.openrouter_model import OpenRouterModel
-    from minisweagent.models.openrouter_textbased_model import OpenRouterTextbasedModel
-    from minisweagent.models.requesty_model import RequestyModel
-
-    textbased = issubclass(cls, (LitellmTextbasedModel, OpenRouterTextbasedModel))
-    if issubclass(cls, LitellmModel):
-        return LITELLM, not textbased
-    if issubclass(cls, (OpenRouterModel, RequestyModel)):
-        return DICT, not textbased
-    raise SpecError(
-        f"field 'agent.config.model.model_class': {name!r} is not one of mini's chat-completion model "
-        "families (litellm, openrouter, requesty, or a subclass); MegaFlow cannot feed it replies",
-        field="agent.config.model.model_class",
-    )
 
 
 def build_model(model_cfg: dict[str, Any], default_name: str) -> Any:

@@ -128,7 +128,8 @@ def control(loglevel: LogLevelOption = LogLevel.INFO) -> None:
 @app.command()
 def up(
     env_hosts: Annotated[
-        int, typer.Option("--env-hosts", metavar="N", min=1, help="Env workers (distinct env hosts) to start.")
+        int, typer.Option("--env-hosts", metavar="N", min=0,
+                          help="Env workers (distinct env hosts) to start (0: the autoscaler adds them).")
     ] = 2,
 ) -> None:
     """Start a local fleet: control service, model, agent and env workers."""
@@ -260,6 +261,7 @@ def _mount() -> None:
     from megaflow.cli.env import app as images_app
     from megaflow.cli.model import app as model_app
     from megaflow.cli.resources import app as resources_app
+    from megaflow.cli.acl import app as acl_app
     from megaflow.cli.swebench import app as swebench_app
 
     app.add_typer(batch_app)  # no name: its commands join the top level
@@ -267,6 +269,7 @@ def _mount() -> None:
     app.add_typer(images_app, name="images")
     app.add_typer(model_app, name="model")
     app.add_typer(swebench_app, name="swebench")
+    app.add_typer(acl_app, name="acl")
 
 
 _mount()

@@ -34,8 +34,11 @@ class LocalRunner:
         self.env_roots = env_roots
         self.handled: dict[str, int] = {}
         self._attempts: dict[str, int] = {}
-        self._queues = [wire.AGENT_QUEUE, wire.MODEL_QUEUE] + [wire.env_host_queue(h) for h in env_roots]
-        self._keys = [wire.broker_queue_key(root.settings.key_prefix, q) for q in self._queues]
+        queues = [wire.AGENT_QUEUE, wire.MODEL_QUEUE] + [wire.env_host_queue(h) for h in env_roots]
+        # every priority list of every queue, most urgent first (kombu's order: step 0 first)
+        pairs = [(q, wire.broker_queue_key(root.settings.key_prefix, q, p)) for p in wire.PRIORITY_STEPS for q in queues]
+        self._queues = [q for q, _ in pairs]
+        self._keys = [k for _, k in pairs]
 
     def register_hosts(self) -> None:
         """Register every env host with the resource manager (what an env worker's heartbeat does)."""
