@@ -111,3 +111,14 @@ def env_prefetch(images: list) -> dict:
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise ValueError("images must be a list of image names")
     return root().env_service.prefetch(images)
+
+
+@app.task(name=wire.ENV_SANDBOX_OP)
+def env_sandbox_op(sandbox_id: str, op_id: str) -> str:
+    """One sandbox-API operation on a container of this host; its reply goes to the caller's Redis list."""
+    for name, value in (("sandbox_id", sandbox_id), ("op_id", op_id)):
+        if not isinstance(value, str) or not value or len(value) > 200:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    from megaflow.services.sandbox_api import SandboxHostOps
+
+    return SandboxHostOps(root()).run(sandbox_id, op_id)
