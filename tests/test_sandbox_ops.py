@@ -41,7 +41,9 @@ def test_session_keeps_cd_and_exported_variables(box):
     ops.apply(host, handle, "run_in_session", {"command": "export FOO=bar", "session": "s"}, sessions)
     obs = ops.apply(host, handle, "run_in_session", {"command": "pwd", "session": "s"}, sessions)
     assert obs == {"output": "/tmp", "exit_code": 0, "failure_reason": "", "expect_string": "", "session_type": "bash"}
-    assert ops.apply(host, handle, "run_in_session", {"command": "echo $FOO", "session": "s"}, sessions)["output"] == "bar"
+    assert (
+        ops.apply(host, handle, "run_in_session", {"command": "echo $FOO", "session": "s"}, sessions)["output"] == "bar"
+    )
     with pytest.raises(E.SessionExistsError):
         ops.apply(host, handle, "create_session", {"session": "s"}, sessions)
     ops.apply(host, handle, "close_session", {"session": "s"}, sessions)

@@ -20,10 +20,15 @@ app = App(help="Sandboxes for frameworks with their own loop (SWE-ReX compatible
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind; keep loopback unless a proxy fronts it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8880,
-    admin_token: Annotated[str | None, typer.Option(
-        envvar="MEGAFLOW_SANDBOX_ADMIN_TOKEN", help="If set, creating a sandbox needs it in X-Admin-Token.")] = None,
-    idle_timeout_s: Annotated[float, typer.Option(
-        min=1.0, help="Close a sandbox that saw no operation for this long.")] = 600.0,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MEGAFLOW_SANDBOX_ADMIN_TOKEN", help="If set, creating a sandbox needs it in X-Admin-Token."
+        ),
+    ] = None,
+    idle_timeout_s: Annotated[
+        float, typer.Option(min=1.0, help="Close a sandbox that saw no operation for this long.")
+    ] = 600.0,
 ) -> None:
     """Serve sandboxes on this fleet's env hosts; each sandbox gets its own token (X-API-Key)."""
     from megaflow.sandbox.http import SandboxHTTPServer
@@ -32,8 +37,9 @@ def serve(
 
     settings = load_settings()
     root = Root(settings, role="client")
-    server = SandboxHTTPServer(SandboxService(root, idle_timeout_s=idle_timeout_s), host, port,
-                               admin_token=admin_token).start()
+    server = SandboxHTTPServer(
+        SandboxService(root, idle_timeout_s=idle_timeout_s), host, port, admin_token=admin_token
+    ).start()
     typer.echo(f"sandbox API on {server.url} (SWE-ReX RemoteRuntime: host={server.url}, auth_token=<sandbox token>)")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

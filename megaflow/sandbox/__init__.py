@@ -9,5 +9,12 @@ from megaflow.sandbox.errors import SandboxError
 from megaflow.sandbox.http import HttpTransport, SandboxHTTPServer
 from megaflow.sandbox.runtime import MegaflowDeployment, MegaflowRuntime, Sandbox, Transport
 
-__all__ = ["HttpTransport", "MegaflowDeployment", "MegaflowRuntime", "Sandbox", "SandboxError",
-           "SandboxHTTPServer", "Transport"]
+__all__ = [
+    "HttpTransport",
+    "MegaflowDeployment",
+    "MegaflowRuntime",
+    "Sandbox",
+    "SandboxError",
+    "SandboxHTTPServer",
+    "Transport",
+]

@@ -72,17 +72,32 @@ SWEREX_NAMES = {
     SessionDoesNotExistError: "swerex.exceptions.SessionDoesNotExistError",
     SandboxFileNotFoundError: "builtins.FileNotFoundError",
 }
-_BY_NAME = {cls.__name__: cls for cls in (
-    SandboxError, SandboxRequestError, SandboxNotFoundError, SandboxAuthError, SandboxCapacityError, SandboxLostError,
-    SandboxTimeoutError, CommandTimeoutError, NonZeroExitCodeError, CommandFailedError, SessionExistsError,
-    SessionDoesNotExistError, SandboxFileNotFoundError)}
+_BY_NAME = {
+    cls.__name__: cls
+    for cls in (
+        SandboxError,
+        SandboxRequestError,
+        SandboxNotFoundError,
+        SandboxAuthError,
+        SandboxCapacityError,
+        SandboxLostError,
+        SandboxTimeoutError,
+        CommandTimeoutError,
+        NonZeroExitCodeError,
+        CommandFailedError,
+        SessionExistsError,
+        SessionDoesNotExistError,
+        SandboxFileNotFoundError,
+    )
+}
 
 
 def to_transfer(exc: BaseException) -> dict:
     """JSON form of an error: class path, message and traceback (SWE-ReX's transfer shape)."""
     cls = type(exc)
     return ExceptionTransfer(
-        message=str(exc), class_path=f"{cls.__module__}.{cls.__qualname__}",
+        message=str(exc),
+        class_path=f"{cls.__module__}.{cls.__qualname__}",
         traceback="".join(traceback.format_exception(exc))[-4000:],
     ).model_dump()
 

@@ -31,8 +31,12 @@ from megaflow.sandbox.models import OPERATIONS
 log = logging.getLogger(__name__)
 MAX_BODY = 100 * 1024 * 1024
 OPS = (*OPERATIONS, "upload", "close", "is_alive")
-_STATUS = ((E.SandboxRequestError, 422), (E.SandboxAuthError, 401), (E.SandboxNotFoundError, 404),
-           (E.SandboxCapacityError, 429))
+_STATUS = (
+    (E.SandboxRequestError, 422),
+    (E.SandboxAuthError, 401),
+    (E.SandboxNotFoundError, 404),
+    (E.SandboxCapacityError, 429),
+)
 
 
 def _upload_files(content_type: str, body: bytes) -> dict:
@@ -145,14 +149,21 @@ class SandboxHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, service: Any, host: str = "127.0.0.1", port: int = 0, *, admin_token: str | None = None,
-                 sweep_s: float = 5.0):
+    def __init__(
+        self,
+        service: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        admin_token: str | None = None,
+        sweep_s: float = 5.0,
+    ):
         super().__init__((host, port), _Handler)
         self.service = service
         self.admin_token = admin_token
         self.sweep_s = sweep_s
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._bg: list[threading.Thread] = []
 
     @property
     def url(self) -> str:
@@ -171,7 +182,7 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         for target in (self.serve_forever, self._sweeper):
             t = threading.Thread(target=target, daemon=True, name="megaflow-sandbox-api")
             t.start()
-            self._threads.append(t)
+            self._bg.append(t)
         return self
 
     def stop(self) -> None:
@@ -205,8 +216,12 @@ class HttpTransport:
         return data
 
     def create(self, *, user: str, image: str | None = None, workdir: str | None = None, wait_s: float = 0.0) -> dict:
-        body = {"user": user, "wait_s": wait_s, **({"image": image} if image else {}),
-                **({"workdir": workdir} if workdir else {})}
+        body = {
+            "user": user,
+            "wait_s": wait_s,
+            **({"image": image} if image else {}),
+            **({"workdir": workdir} if workdir else {}),
+        }
         headers = {"X-Admin-Token": self.admin_token} if self.admin_token else {}
         return self._post("/sandboxes", body, headers, timeout=wait_s + 600.0)
 

@@ -56,8 +56,9 @@ def _create_session(env_host, handle, req, sessions, workdir) -> dict:
         raise E.SessionExistsError(f"session {name!r} already exists")
     output = ""
     for source in req["startup_source"]:
-        res = env_host.run_in_session(handle, sid, f"source {shlex.quote(source)}",
-                                      timeout=max(1.0, req["startup_timeout"]) * 10)
+        res = env_host.run_in_session(
+            handle, sid, f"source {shlex.quote(source)}", timeout=max(1.0, req["startup_timeout"]) * 10
+        )
         output += res.output
     return M.CreateBashSessionResponse(output=output).model_dump()
 
@@ -75,8 +76,7 @@ def _run_in_session(env_host, handle, req, sessions, workdir) -> dict:
         raise E.CommandTimeoutError(f"timeout ({timeout:g}s) while running command {req['command']!r}")
     exit_code = None if req["check"] == "ignore" else res.exit_code
     if req["check"] == "raise" and res.exit_code != 0:
-        msg = (f"Command {req['command']!r} failed with exit code {res.exit_code}. Here is the output:\n"
-               f"{res.output!r}")
+        msg = f"Command {req['command']!r} failed with exit code {res.exit_code}. Here is the output:\n{res.output!r}"
         raise E.NonZeroExitCodeError(f"{req['error_msg']}: {msg}" if req["error_msg"] else msg)
     return M.BashObservation(output=res.output.rstrip("\n"), exit_code=exit_code).model_dump()
 

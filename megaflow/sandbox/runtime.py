@@ -23,8 +23,7 @@ MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 class Transport(Protocol):
     """What a sandbox client needs: create, one operation, close."""
 
-    def create(self, *, user: str, image: str | None = None, workdir: str | None = None,
-               wait_s: float = 0.0) -> dict:
+    def create(self, *, user: str, image: str | None = None, workdir: str | None = None, wait_s: float = 0.0) -> dict:
         """Open a sandbox; returns {id, token, host, user, image, workdir}."""
         ...
 
@@ -79,8 +78,15 @@ class Sandbox:
         self.closed = False
 
     @classmethod
-    def open(cls, transport: Transport, *, user: str, image: str | None = None, workdir: str | None = None,
-             wait_s: float = 0.0) -> Sandbox:
+    def open(
+        cls,
+        transport: Transport,
+        *,
+        user: str,
+        image: str | None = None,
+        workdir: str | None = None,
+        wait_s: float = 0.0,
+    ) -> Sandbox:
         return cls(transport, transport.create(user=user, image=image, workdir=workdir, wait_s=wait_s))
 
     def call(self, op: str, request: Any, response: type[BaseModel], timeout: float | None = None) -> Any:
@@ -168,8 +174,15 @@ class MegaflowRuntime:
 class MegaflowDeployment:
     """SWE-ReX's ``AbstractDeployment``: ``start()`` opens a sandbox on the fleet, ``stop()`` closes it."""
 
-    def __init__(self, transport: Transport, *, user: str, image: str | None = None, workdir: str | None = None,
-                 wait_s: float = 0.0):
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        user: str,
+        image: str | None = None,
+        workdir: str | None = None,
+        wait_s: float = 0.0,
+    ):
         self.transport = transport
         self.options = {"user": user, "image": image, "workdir": workdir, "wait_s": wait_s}
         self.sandbox: Sandbox | None = None

@@ -68,8 +68,7 @@ class SandboxKeys:
 class SandboxService:
     """Create, operate and close sandboxes (implements ``megaflow.sandbox.runtime.Transport``)."""
 
-    def __init__(self, root: Root, *, idle_timeout_s: float = 600.0, reply_margin_s: float = 30.0,
-                 poll_s: float = 0.2):
+    def __init__(self, root: Root, *, idle_timeout_s: float = 600.0, reply_margin_s: float = 30.0, poll_s: float = 0.2):
         self.root = root
         self.redis = root.redis
         self.k = SandboxKeys(root.settings.key_prefix)
@@ -78,8 +77,7 @@ class SandboxService:
         self.poll_s = poll_s
 
     # --- create / close ---------------------------------------------------------------------------
-    def create(self, *, user: str, image: str | None = None, workdir: str | None = None,
-               wait_s: float = 0.0) -> dict:
+    def create(self, *, user: str, image: str | None = None, workdir: str | None = None, wait_s: float = 0.0) -> dict:
         """Admit, place and start a sandbox; waits up to ``wait_s`` for a slot, else SandboxCapacityError."""
         if not isinstance(user, str) or not USER_NAME.fullmatch(user):
             raise E.SandboxRequestError(f"user must be {USER_RULE}, got {user!r}")
@@ -98,14 +96,29 @@ class SandboxService:
             time.sleep(self.poll_s)
         info = {"id": sid, "token": token, "host": host, "user": user, "image": image, "workdir": workdir}
         pipe = self.redis.pipeline()
-        pipe.hset(self.k.rec(sid), mapping={"user": user, "host": host, "image": image, "workdir": workdir,
-                                            "token": _sha(token), "state": "starting", "created": time.time()})
+        pipe.hset(
+            self.k.rec(sid),
+            mapping={
+                "user": user,
+                "host": host,
+                "image": image,
+                "workdir": workdir,
+                "token": _sha(token),
+                "state": "starting",
+                "created": time.time(),
+            },
+        )
         pipe.set(self.k.token(token), sid)
         pipe.execute()
         self._touch(sid)
         try:
-            handle = self._send(host, sid, "create", {"image": image, "workdir": workdir, "user": user},
-                                wait_s=s.boot_timeout_s + s.pull_timeout_s + self.reply_margin_s)
+            handle = self._send(
+                host,
+                sid,
+                "create",
+                {"image": image, "workdir": workdir, "user": user},
+                wait_s=s.boot_timeout_s + s.pull_timeout_s + self.reply_margin_s,
+            )
         except BaseException:
             self._forget(sid, token)
             raise
@@ -161,8 +174,9 @@ class SandboxService:
             raise E.SandboxError(f"sandbox {sandbox_id} is {rec.get('state')}, not open")
         if not self.root.resources.renew(sandbox_id):
             self._teardown(sandbox_id, rec)
-            raise E.SandboxLostError(f"sandbox {sandbox_id} lost its slot lease (its env host stopped beating); "
-                                     "it is closed: open a new one")
+            raise E.SandboxLostError(
+                f"sandbox {sandbox_id} lost its slot lease (its env host stopped beating); it is closed: open a new one"
+            )
         self._touch(sandbox_id)
         if op == "is_alive":
             return {"is_alive": True, "message": ""}
@@ -199,8 +213,9 @@ class SandboxService:
         pipe.execute()
 
     def _place(self, sid: str, user: str, image: str) -> tuple[str | None, str]:
-        hosts = [h for h in self.root.resources.hosts() if h["alive"] and not h["drained"]
-                 and h["used"] < h["capacity"]]
+        hosts = [
+            h for h in self.root.resources.hosts() if h["alive"] and not h["drained"] and h["used"] < h["capacity"]
+        ]
         hosts.sort(key=lambda h: (image not in h["warm"], h["used"] / max(1, h["capacity"])))
         why = "no_host"
         for h in hosts:
@@ -215,9 +230,11 @@ class SandboxService:
     def _refusal(self, user: str, why: str, wait_s: float) -> str:
         waited = f" within {wait_s:g}s" if wait_s else ""
         if why == "user":
-            return (f"user {user!r} is at its limit of {self.root.resources.quota(user)} sandboxes and episodes "
-                    f"running at once{waited}: close one, pass a longer wait, or raise the quota "
-                    "(`megaflow quota`)")
+            return (
+                f"user {user!r} is at its limit of {self.root.resources.quota(user)} sandboxes and episodes "
+                f"running at once{waited}: close one, pass a longer wait, or raise the quota "
+                "(`megaflow quota`)"
+            )
         if why == "global":
             return f"the fleet is at its global limit of {self.root.settings.global_limit}{waited}: wait or retry"
         return f"no registered env host has a free slot{waited} (see `megaflow capacity`): start env workers or wait"
@@ -284,10 +301,20 @@ class SandboxHostOps:
         host = self.root.env_host
         name = op["op"]
         if name == "create":
-            handle = host.create(sid, op["image"], labels={
-                "megaflow.run": "sandbox", "megaflow.episode": sid, "megaflow.user": op["user"],
-                "megaflow.host": self.root.host, "megaflow.prefix": self.root.settings.key_prefix,
-            }, mode="ephemeral", network=False, workdir=op["workdir"])
+            handle = host.create(
+                sid,
+                op["image"],
+                labels={
+                    "megaflow.run": "sandbox",
+                    "megaflow.episode": sid,
+                    "megaflow.user": op["user"],
+                    "megaflow.host": self.root.host,
+                    "megaflow.prefix": self.root.settings.key_prefix,
+                },
+                mode="ephemeral",
+                network=False,
+                workdir=op["workdir"],
+            )
             return handle.to_json()
         rec = self.root.redis.hgetall(self.k.rec(sid))
         if not rec.get("handle"):
