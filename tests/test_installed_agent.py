@@ -9,7 +9,8 @@ import pytest
 
 from megaflow import Client
 from megaflow.agents import validate_agent_section
-from megaflow.agents.installed import InstalledAgent, InstalledConfig, _fill, parse_status
+from megaflow.agents.base import NEXT_KINDS
+from megaflow.agents.installed import WAIT, InstalledAgent, InstalledConfig, _fill, parse_status
 from megaflow.core import states
 from megaflow.core.errors import SpecError
 from megaflow.core.spec import TaskSpec
@@ -82,3 +83,32 @@ def test_cancel_ends_a_running_installed_agent(fleet):
         client.wait(sub.batch_id, timeout=60)
         (res,) = client.results(sub.batch_id)
     assert res["state"] == states.CANCELLED, res
+
+
+@pytest.mark.skipif(WAIT not in NEXT_KINDS, reason="the agent service offers no 'wait' decision yet (see the report)")
+def test_no_worker_slot_is_held_while_the_program_runs(fleet):
+    from megaflow.workers.celery_app import create_app
+
+    s = spec("sleep 6; echo fixed > {workdir}/answer.txt")
+    app = create_app(fleet)
+    with Client(fleet) as client:
+        sub = client.submit([s], user="installed")
+        seen_waiting = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            (res,) = client.results(sub.batch_id)
+            if res["state"] in states.TERMINAL:
+                break
+            eid = res["episode_id"]
+            pending = client.rt.redis.hget(client.rt.keys.episode(eid), "pending") or ""
+            if "poll_s" in pending:  # waiting: the program runs, the env host polls it with a countdown
+                insp = app.control.inspect(timeout=1.0)
+                active = [t for ts in (insp.active() or {}).values() for t in ts if eid in str(t.get("args"))]
+                assert all(t["name"] == "megaflow.env.watch" for t in active), active  # only a short check
+                later = [t for ts in (insp.scheduled() or {}).values() for t in ts if eid in str(t["request"]["args"])]
+                if later and not active:  # the poll waits for its countdown in memory: no pool slot is taken
+                    seen_waiting += 1
+            time.sleep(0.3)
+        client.wait(sub.batch_id, timeout=60)
+        (res,) = client.results(sub.batch_id)
+    assert (res["state"], seen_waiting > 0) == (states.SUCCEEDED, True), res

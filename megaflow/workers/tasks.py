@@ -122,3 +122,17 @@ def env_sandbox_op(sandbox_id: str, op_id: str) -> str:
     from megaflow.services.sandbox_api import SandboxHostOps
 
     return SandboxHostOps(root()).run(sandbox_id, op_id)
+
+
+@app.task(name=wire.ENV_WATCH, bind=True)
+def env_watch(self: Task, episode_id: str, step: int) -> str:
+    """Check once whether an installed agent ended; while it runs, come back after a countdown (no slot held)."""
+    from megaflow.services.installed import AGAIN, InstalledWatch
+
+    result = _guarded(self, "watch", episode_id, step, lambda: InstalledWatch(root()).poll(episode_id, step),
+                      on_env_host=True)
+    if result.startswith(AGAIN):
+        self.apply_async(args=[episode_id, step], countdown=float(result[len(AGAIN):]),
+                         queue=wire.env_host_queue(root().host))
+        return "waiting"
+    return result
