@@ -157,3 +157,22 @@ def test_megaflow_deployment_start_stop(server):
     asyncio.run(drive())
     with pytest.raises(E.SandboxError):
         dep.runtime  # noqa: B018
+
+
+def test_idle_sandbox_is_closed_by_the_sweep_and_its_slot_freed(fleet):
+    root = Root(fleet, role="client")
+    svc = SandboxService(root, idle_timeout_s=1.0)
+    try:
+        sb = Sandbox.open(svc, user=user())
+        assert root.resources.placement(sb.id) is not None
+        deadline = time.monotonic() + 30
+        while svc.sweep() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert root.resources.placement(sb.id) is None
+        assert root.redis.hget(root.keys.episode(sb.id), "state") is None  # the reaper may take its container
+        with pytest.raises(E.SandboxNotFoundError):
+            sb.execute("true")
+        with Sandbox.open(svc, user=user()) as other, pytest.raises(E.SandboxRequestError, match="timeout must be"):
+            other.execute(M.Command(command="true", timeout=10**9))
+    finally:
+        root.close()

@@ -177,6 +177,9 @@ class SandboxService:
             raise E.SandboxLostError(
                 f"sandbox {sandbox_id} lost its slot lease (its env host stopped beating); it is closed: open a new one"
             )
+        limit = self.root.settings.step_time_limit_s - self.reply_margin_s
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= limit):
+            raise E.SandboxRequestError(f"timeout must be a number of seconds in (0, {limit:g}], got {timeout!r}")
         self._touch(sandbox_id)
         if op == "is_alive":
             return {"is_alive": True, "message": ""}
