@@ -1,0 +1,65 @@
+"""The per-episode OpenAI-compatible gateway: the key names the episode, calls are recorded, keys are scoped."""
+
+from __future__ import annotations
+
+import pytest
+
+from megaflow import Client
+from megaflow.sandbox.gateway_http import GatewayHTTPServer
+from megaflow.services.episode_gateway import EpisodeGateway, GatewayAuthError
+from megaflow.services.root import Root
+
+
+def _episode(client: Client, replies: list) -> str:
+    spec = {"task_id": "gw", "workdir": "/work", "eval": {"command": "true"}, "model": {"replies": replies}}
+    sub = client.submit([spec], user="gw-user")
+    (res,) = client.results(sub.batch_id)
+    return res["episode_id"]
+
+
+def test_openai_client_through_the_gateway_is_recorded_and_scoped(settings):
+    openai = pytest.importorskip("openai")
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root)
+    server = GatewayHTTPServer(gw).start()
+    try:
+        with Client(settings) as client:
+            a = _episode(
+                client,
+                [
+                    "first answer",
+                    {
+                        "content": "",
+                        "tool_calls": [
+                            {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": '{"cmd": "ls"}'}}
+                        ],
+                    },
+                ],
+            )
+            b = _episode(client, ["b's answer"])
+        key_a, key_b = gw.issue_key(a), gw.issue_key(b)
+        oa = openai.OpenAI(base_url=server.url, api_key=key_a, max_retries=0)
+        r1 = oa.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}])
+        assert r1.choices[0].message.content == "first answer"
+        tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
+        r2 = oa.chat.completions.create(model="any", messages=[{"role": "user", "content": "go"}], tools=tools)
+        assert r2.choices[0].message.tool_calls[0].function.name == "bash"
+        ob = openai.OpenAI(base_url=server.url, api_key=key_b, max_retries=0)
+        assert (
+            ob.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+            .choices[0]
+            .message.content
+            == "b's answer"
+        )  # b's own script: its key reaches only episode b
+        log_a = gw.drain(a)
+        assert [r["call"] for r in log_a] == [1, 2]
+        assert log_a[1]["request"]["tools"] == tools and log_a[1]["reply"]["tool_calls"][0]["id"] == "c1"
+        assert [r["reply"]["content"] for r in gw.drain(b)] == ["b's answer"]
+        root.redis.hset(root.keys.episode(a), "state", "SUCCEEDED")  # a finished episode's key stops working
+        with pytest.raises(openai.AuthenticationError):
+            oa.chat.completions.create(model="any", messages=[{"role": "user", "content": "again"}])
+        with pytest.raises(GatewayAuthError):
+            gw.complete("mf-not-a-key", {"messages": []})
+    finally:
+        server.stop()
+        root.close()
