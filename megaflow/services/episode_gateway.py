@@ -100,12 +100,19 @@ class EpisodeGateway:
         pipe.execute()
         return openai_body(reply, body.get("model") or reply.model_name or "megaflow")
 
+    def records(self, episode_id: str) -> list[dict[str, Any]]:
+        """The episode's gateway records not yet moved into its trajectory, oldest first."""
+        return [json.loads(r) for r in self.root.redis.lrange(f"{self.base}:log:{episode_id}", 0, -1)]
+
+    def forget(self, episode_id: str, n: int) -> None:
+        """Drop the ``n`` oldest records (after they reached the trajectory)."""
+        self.root.redis.ltrim(f"{self.base}:log:{episode_id}", n, -1)
+
     def drain(self, episode_id: str) -> list[dict[str, Any]]:
-        """Take the episode's gateway records (for its trajectory), oldest first."""
-        pipe = self.root.redis.pipeline()
-        pipe.lrange(f"{self.base}:log:{episode_id}", 0, -1)
-        pipe.delete(f"{self.base}:log:{episode_id}")
-        return [json.loads(r) for r in pipe.execute()[0]]
+        """Take the episode's gateway records, oldest first."""
+        out = self.records(episode_id)
+        self.forget(episode_id, len(out))
+        return out
 
 
 def openai_body(reply: Any, model: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from megaflow.core.errors import InfraError
 from megaflow.engine.episodes import to_agent
+from megaflow.services.episode_gateway import EpisodeGateway
 
 if TYPE_CHECKING:
     from megaflow.services.root import Root
@@ -52,5 +53,17 @@ class InstalledWatch:
             "duration_s": round(res.duration_s, 4),
             "truncated": res.truncated,
         }
-        rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=to_agent())
+        gateway = EpisodeGateway(rt)
+        calls = gateway.records(ep.id)  # the program's model calls through its gateway, in order
+        if (
+            rt.engine.advance(
+                ep,
+                history=[*calls, record],
+                fields={"pending": ""},
+                next_task=to_agent(),
+                incr={"model_calls": len(calls)} if calls else None,
+            )
+            and calls
+        ):
+            gateway.forget(ep.id, len(calls))
         return "ok"
