@@ -20,6 +20,7 @@ MAX_BODY = 32 * 1024 * 1024
 class _Handler(BaseHTTPRequestHandler):
     server: GatewayHTTPServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no delayed-ACK stall
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("episode gateway: " + fmt, *args)
@@ -64,6 +65,13 @@ class GatewayHTTPServer(ThreadingHTTPServer):
     """Serves one gateway object over HTTP (start() for background threads)."""
 
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up is normal (keep-alive connections closed at exit); anything else is logged."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            log.exception("request from %s failed", client_address)
 
     def __init__(self, gateway: Any, host: str = "127.0.0.1", port: int = 0):
         super().__init__((host, port), _Handler)

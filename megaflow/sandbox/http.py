@@ -61,6 +61,7 @@ def _upload_files(content_type: str, body: bytes) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     server: SandboxHTTPServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no delayed-ACK stall
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("sandbox api: " + fmt, *args)
@@ -148,6 +149,13 @@ class SandboxHTTPServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up is normal (keep-alive connections closed at exit); anything else is logged."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            log.exception("request from %s failed", client_address)
 
     def __init__(
         self,
