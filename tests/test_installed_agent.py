@@ -18,8 +18,16 @@ from megaflow.core.spec import TaskSpec
 AGENT = "megaflow.agents.installed:InstalledAgent"
 
 
-def spec(command: str, *, install: str = "", timeout_s: float = 120, eval_cmd: str = "grep -q fixed answer.txt"):
-    section = {"type": AGENT, "config": {"install": install, "command": command, "timeout_s": timeout_s, "poll_s": 0.5}}
+def spec(
+    command: str,
+    *,
+    install: str = "",
+    timeout_s: float = 120,
+    eval_cmd: str = "grep -q fixed answer.txt",
+    poll_s: float = 0.5,
+):
+    config = {"install": install, "command": command, "timeout_s": timeout_s, "poll_s": poll_s}
+    section = {"type": AGENT, "config": config}
     return {
         "task_id": f"inst-{uuid.uuid4().hex[:6]}",
         "workdir": "/work",
@@ -89,7 +97,7 @@ def test_cancel_ends_a_running_installed_agent(fleet):
 def test_no_worker_slot_is_held_while_the_program_runs(fleet):
     from megaflow.workers.celery_app import create_app
 
-    s = spec("sleep 6; echo fixed > {workdir}/answer.txt")
+    s = spec("sleep 10; echo fixed > {workdir}/answer.txt", poll_s=2.0)  # mostly waiting for the countdown
     app = create_app(fleet)
     with Client(fleet) as client:
         sub = client.submit([s], user="installed")

@@ -112,3 +112,33 @@ def test_gateway_calls_of_a_running_installed_agent_land_in_its_trajectory(fleet
             gw.complete(key, {"messages": []})  # finished: its key stops working
     finally:
         root.close()
+
+
+@pytest.mark.skipif(
+    "wait" not in __import__("megaflow.agents.base").agents.base.NEXT_KINDS,
+    reason="the agent service offers no 'wait' decision yet (see the report)",
+)
+def test_the_env_host_starts_the_program_with_a_key_naming_its_episode(fleet):
+    from megaflow.agents import validate_agent_section
+    from megaflow.core import states
+
+    section = {
+        "type": "megaflow.agents.installed:InstalledAgent",
+        "config": {
+            "gateway": True,
+            "poll_s": 0.5,
+            "command": 'printf "%s\\n%s\\n" "$OPENAI_API_KEY" "$OPENAI_BASE_URL" > {workdir}/key',
+        },
+    }
+    spec = {
+        "task_id": "gw-key",
+        "workdir": "/work",
+        "agent": validate_agent_section(section),
+        "eval": {"command": "head -1 key | grep -q '^mf-' && sed -n 2p key | grep -qx 'http://127.0.0.1:8881/v1'"},
+        "model": {"replies": ["unused"]},
+    }
+    with Client(fleet) as client:
+        sub = client.submit([spec], user="gw-key")
+        client.wait(sub.batch_id, timeout=120)
+        (res,) = client.results(sub.batch_id)
+    assert (res["state"], res["reward"]) == (states.SUCCEEDED, 1.0), res

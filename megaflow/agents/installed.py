@@ -43,6 +43,12 @@ class InstalledConfig(BaseModel):
     timeout_s: float = Field(3600.0, gt=0, description="Kill the agent and end the episode TIMED_OUT after this.")
     poll_s: float = Field(2.0, gt=0, le=60, description="How often its end is checked.")
     output_tail_bytes: int = Field(20000, ge=0, le=1_000_000, description="Output tail kept in the trajectory.")
+    gateway: bool = Field(
+        False, description="Give the program OPENAI_API_KEY (a key naming the episode) and OPENAI_BASE_URL."
+    )
+    gateway_base_url: str = Field(
+        "http://127.0.0.1:8881/v1", description="OPENAI_BASE_URL inside the container (the relay to the gateway)."
+    )
 
 
 def _fill(template: str, task: Any) -> str:
@@ -55,18 +61,22 @@ def _fill(template: str, task: Any) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: shlex.quote(str(values[m[1]])) if m[1] in values else m[0], template)
 
 
-def launch_script(cfg: InstalledConfig, task: Any) -> str:
-    """Install, then start the agent detached; its output goes to RUN_DIR/out, its status to RUN_DIR/exit."""
+# start run.sh detached in its own session; its output to RUN_DIR/out, its exit status to RUN_DIR/exit
+START_SCRIPT = (
+    f"D={RUN_DIR}\n"
+    'setsid nohup bash -c \'bash "$0/run.sh" > "$0/out" 2>&1; echo $? > "$0/exit.tmp"; '
+    'mv "$0/exit.tmp" "$0/exit"\' "$D" < /dev/null > /dev/null 2>&1 &\n'
+    'echo $! > "$D/pid"\necho "megaflow: agent started (pid $(cat "$D/pid"))"\n'
+)
+
+
+def launch_script(cfg: InstalledConfig, task: Any, *, start: bool = True) -> str:
+    """Write run.sh and install; then (``start``) start the agent detached."""
     eof = f"MF_EOF_{uuid.uuid4().hex}"
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in cfg.env.items())
     run = f"cd {shlex.quote(task.workdir)}\n{exports}{_fill(cfg.command, task)}\n"
-    return (
-        f'set -e\nD={RUN_DIR}\nmkdir -p "$D"\ncat > "$D/run.sh" <<\'{eof}\'\n{run}{eof}\n'
-        f"{cfg.install}\n"
-        'setsid nohup bash -c \'bash "$0/run.sh" > "$0/out" 2>&1; echo $? > "$0/exit.tmp"; '
-        'mv "$0/exit.tmp" "$0/exit"\' "$D" < /dev/null > /dev/null 2>&1 &\n'
-        'echo $! > "$D/pid"\necho "megaflow: agent started (pid $(cat "$D/pid"))"\n'
-    )
+    script = f'set -e\nD={RUN_DIR}\nmkdir -p "$D"\ncat > "$D/run.sh" <<\'{eof}\'\n{run}{eof}\n{cfg.install}\n'
+    return script + (START_SCRIPT if start else "")
 
 
 def check_script(cfg: InstalledConfig, wait_s: float = 0.0) -> str:
@@ -116,9 +126,18 @@ class InstalledAgent(AgentBase):
         phase = st.get("phase", "")
         last = ctx.last
         if phase == "":
-            st.update(phase="launched")
+            # with a gateway, the env host starts the program (it issues the key): install only here
+            later = cfg.gateway and WAIT in B.NEXT_KINDS
+            st.update(phase="launched", start_later=later)
+            script = launch_script(cfg, ctx.task, start=not later)
+            return Decision(EXEC, state=st, exec={"command": script, "timeout": cfg.install_timeout_s})
+        if phase == "waiting" and last.get("kind") == "installed_start":  # the env host could not start it
             return Decision(
-                EXEC, state=st, exec={"command": launch_script(cfg, ctx.task), "timeout": cfg.install_timeout_s}
+                END,
+                state=st,
+                outcome=states.FAILED,
+                cause=states.CAUSE_SETUP,
+                reason=f"start failed (exit {last.get('exit_code')}): {str(last.get('output', ''))[-1000:]}",
             )
         if phase == "launched":
             if last.get("exit_code") != 0 or last.get("timed_out"):
@@ -162,8 +181,9 @@ class InstalledAgent(AgentBase):
 
     def _wait(self, cfg: InstalledConfig, st: dict) -> Decision:
         if WAIT in B.NEXT_KINDS:  # the agent service polls on the env host with a countdown: no slot held
-            return Decision(
-                WAIT, state=st, exec={"command": check_script(cfg), "poll_s": cfg.poll_s, "deadline": st["deadline"]}
-            )
+            wait = {"command": check_script(cfg), "poll_s": cfg.poll_s, "deadline": st["deadline"]}
+            if st.get("start_later"):
+                wait.update(start=START_SCRIPT, gateway_base_url=cfg.gateway_base_url)
+            return Decision(WAIT, state=st, exec=wait)
         # fallback: a check that waits at most poll_s in the container (an env slot for that long)
         return Decision(EXEC, state=st, exec={"command": check_script(cfg, cfg.poll_s), "timeout": cfg.poll_s + 30})

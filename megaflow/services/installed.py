@@ -37,6 +37,8 @@ class InstalledWatch:
         if not ep.container:
             raise InfraError(f"episode {ep.id} has no sandbox at step {ep.step} (state {ep.state})")
         pending = ep.pending or {}
+        if pending.get("start") and ep.fields.get("installed_started") != "1":
+            return self._start(ep, pending)
         command = pending.get("command") or ""
         res = rt.env_host.execute(ep.container, command, timeout=CHECK_TIMEOUT_S, workdir=ep.spec.workdir)
         running = res.exit_code == 0 and "MF_STATUS running" in res.output
@@ -66,4 +68,23 @@ class InstalledWatch:
             and calls
         ):
             gateway.forget(ep.id, len(calls))
+        return "ok"
+
+    def _start(self, ep, pending: dict) -> str:
+        """Start the program with a gateway key naming the episode; a failed start goes back to the agent."""
+        rt = self.root
+        key = EpisodeGateway(rt).issue_key(ep.id)
+        env = {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": str(pending.get("gateway_base_url") or "")}
+        res = rt.env_host.execute(ep.container, pending["start"], timeout=CHECK_TIMEOUT_S, env=env)
+        if res.exit_code == 0 and not res.timed_out:
+            rt.engine.advance(ep, keep_step=True, fields={"installed_started": "1"})
+            return f"{AGAIN}{float(pending.get('poll_s') or 2.0):g}"
+        record = {
+            "role": "env",
+            "kind": "installed_start",
+            "exit_code": res.exit_code,
+            "output": res.output,
+            "timed_out": res.timed_out,
+        }
+        rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=to_agent())
         return "ok"
