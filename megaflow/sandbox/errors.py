@@ -104,7 +104,7 @@ def to_transfer(exc: BaseException) -> dict:
 
 def swerex_transfer(data: dict) -> dict:
     """The transfer with SWE-ReX's class path of the same meaning (for SWE-ReX clients)."""
-    cls = _BY_NAME.get(data.get("class_path", "").rpartition(".")[2])
+    cls = _BY_NAME.get(data.get("class_path", "").rpartition(".")[2], SandboxError)
     return {**data, "class_path": SWEREX_NAMES.get(cls, "swerex.exceptions.SwerexException")}
 
 

@@ -44,7 +44,10 @@ def _upload_files(content_type: str, body: bytes) -> dict:
     msg = BytesParser(policy=email_policy).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
     fields: dict[str, bytes] = {}
     for part in msg.iter_parts():
-        fields[part.get_param("name", header="content-disposition")] = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)
+        fields[str(part.get_param("name", header="content-disposition"))] = (
+            payload if isinstance(payload, bytes) else b""
+        )
     if "file" not in fields or "target_path" not in fields:
         raise ValueError("upload needs the multipart fields 'file' and 'target_path'")
     files: dict[str, str] = {}
@@ -176,6 +179,7 @@ class SandboxHTTPServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
         return f"http://{host}:{port}"
 
     def _sweeper(self) -> None:
@@ -211,7 +215,7 @@ class HttpTransport:
         self.client = httpx.Client(timeout=httpx.Timeout(600.0 + timeout_margin_s, connect=10.0))
 
     def _post(self, path: str, body: dict, headers: dict[str, str], timeout: float | None = None) -> Any:
-        kwargs = {"timeout": timeout + self.margin} if timeout else {}
+        kwargs: dict[str, Any] = {"timeout": timeout + self.margin} if timeout else {}
         resp = self.client.post(self.url + path, json=body, headers=headers, **kwargs)
         data = resp.json() if resp.content else {}
         if resp.status_code == 511:

@@ -124,7 +124,7 @@ class ExceptionTransfer(BaseModel):
 
 
 # operation name -> (request model, response model); the names are SWE-ReX's HTTP routes
-OPERATIONS: dict[str, tuple[type[BaseModel] | None, type[BaseModel]]] = {
+OPERATIONS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "create_session": (CreateBashSessionRequest, CreateBashSessionResponse),
     "run_in_session": (BashAction, BashObservation),
     "close_session": (CloseBashSessionRequest, CloseBashSessionResponse),

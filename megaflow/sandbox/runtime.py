@@ -184,7 +184,7 @@ class MegaflowDeployment:
         wait_s: float = 0.0,
     ):
         self.transport = transport
-        self.options = {"user": user, "image": image, "workdir": workdir, "wait_s": wait_s}
+        self.options: dict[str, Any] = {"user": user, "image": image, "workdir": workdir, "wait_s": wait_s}
         self.sandbox: Sandbox | None = None
         self._runtime: MegaflowRuntime | None = None
         self.hooks: list[Any] = []
@@ -193,8 +193,13 @@ class MegaflowDeployment:
         self.hooks.append(hook)
 
     async def start(self, *args: Any, **kwargs: Any) -> None:
-        self.sandbox = await asyncio.to_thread(Sandbox.open, self.transport, **self.options)
-        self._runtime = MegaflowRuntime(self.sandbox)
+        o = self.options
+        sandbox = await asyncio.to_thread(
+            lambda: Sandbox.open(
+                self.transport, user=o["user"], image=o["image"], workdir=o["workdir"], wait_s=o["wait_s"]
+            )
+        )
+        self.sandbox, self._runtime = sandbox, MegaflowRuntime(sandbox)
 
     async def stop(self, *args: Any, **kwargs: Any) -> None:
         if self.sandbox is not None:

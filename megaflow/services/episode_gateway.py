@@ -55,9 +55,10 @@ class EpisodeGateway:
 
     def episode_for(self, key: str) -> str:
         """The live episode a key names; GatewayAuthError otherwise."""
-        eid = self.root.redis.get(f"{self.base}:key:{_sha(key)}") if key else None
-        if not eid:
+        raw = self.root.redis.get(f"{self.base}:key:{_sha(key)}") if key else None
+        if not raw:
             raise GatewayAuthError("unknown or revoked API key")
+        eid = str(raw)
         state = self.root.redis.hget(self.root.keys.episode(eid), "state")
         if state is None or state in states.TERMINAL:
             raise GatewayAuthError(f"episode {eid} is finished ({state or 'gone'}): its key no longer works")

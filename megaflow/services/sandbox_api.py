@@ -128,7 +128,7 @@ class SandboxService:
     def close(self, sandbox_id: str, token: str) -> None:
         """Remove the container on its host, free the slots, forget the sandbox (idempotent for its owner)."""
         rec = self._auth(sandbox_id, token, missing_ok=True)
-        if rec is not None:
+        if rec:
             self._teardown(sandbox_id, rec)
 
     def _teardown(self, sid: str, rec: dict) -> None:
@@ -145,7 +145,7 @@ class SandboxService:
         pipe = self.redis.pipeline()
         pipe.delete(self.k.rec(sid), self.k.sessions(sid), self.root.keys.episode(sid))
         if sha:
-            pipe.delete(f"{self.k.base}:token:{sha}")
+            pipe.delete(f"{self.k.base}:token:{sha!s}")
         pipe.zrem(self.k.index, sid)
         pipe.execute()
         self.root.resources.release(sid)
@@ -159,7 +159,8 @@ class SandboxService:
         now_s, now_us = self.redis.time()
         now = int(now_s) * 1000 + int(now_us) // 1000
         n = 0
-        for sid in self.redis.zrangebyscore(self.k.index, "-inf", now):
+        for raw in self.redis.zrangebyscore(self.k.index, "-inf", now):
+            sid = str(raw)
             rec = self.redis.hgetall(self.k.rec(sid))
             if self.redis.zrem(self.k.index, sid):
                 self._teardown(sid, rec) if rec else self._forget(sid, None)
@@ -188,7 +189,8 @@ class SandboxService:
 
     def sandbox_for_token(self, token: str) -> str | None:
         """The id of the sandbox a token belongs to, if it is open."""
-        return self.redis.get(self.k.token(token)) if token else None
+        sid = self.redis.get(self.k.token(token)) if token else None
+        return str(sid) if sid else None
 
     def get(self, sandbox_id: str, token: str) -> dict:
         """The sandbox's public record ({id, host, user, image, workdir, state})."""
@@ -196,13 +198,14 @@ class SandboxService:
         return {"id": sandbox_id, **{k: rec.get(k) for k in ("host", "user", "image", "workdir", "state")}}
 
     # --- helpers --------------------------------------------------------------------------------
-    def _auth(self, sid: str, token: str, *, missing_ok: bool = False) -> dict | None:
-        rec = self.redis.hgetall(self.k.rec(sid)) if isinstance(sid, str) and sid else {}
+    def _auth(self, sid: str, token: str, *, missing_ok: bool = False) -> dict[str, Any]:
+        """The sandbox's record if ``token`` is its token ({} for a missing one with ``missing_ok``)."""
+        rec: dict[str, Any] = {str(k): v for k, v in self.redis.hgetall(self.k.rec(sid)).items()} if sid else {}
         if not rec:
             if missing_ok:
-                return None
+                return {}
             raise E.SandboxNotFoundError(f"no open sandbox {sid!r} (closed, idle past its time-out, or never made)")
-        if not isinstance(token, str) or not hmac.compare_digest(rec.get("token", ""), _sha(token)):
+        if not isinstance(token, str) or not hmac.compare_digest(str(rec.get("token", "")), _sha(token)):
             raise E.SandboxAuthError(f"this token does not belong to sandbox {sid}")
         return rec
 
@@ -327,4 +330,4 @@ class SandboxHostOps:
             host.close(handle)
             return {}
         sessions = _RedisSessions(self.root.redis, self.k.sessions(sid))
-        return ops.apply(host, handle, name, op.get("request") or {}, sessions, workdir=rec.get("workdir") or "/")
+        return ops.apply(host, handle, name, op.get("request") or {}, sessions, workdir=str(rec.get("workdir") or "/"))
