@@ -1,4 +1,5 @@
-"""``megaflow sandbox serve``: the SWE-ReX-compatible sandbox API over HTTP (loopback by default).
+"""``megaflow sandbox serve``: the SWE-ReX-compatible sandbox API over HTTP (loopback by default);
+``megaflow sandbox gateway``: the per-episode OpenAI-compatible gateway of installed agents.
 
 Mount in megaflow/cli/main.py with ``app.add_typer(sandbox_app, name="sandbox")``.
 """
@@ -41,6 +42,29 @@ def serve(
         SandboxService(root, idle_timeout_s=idle_timeout_s), host, port, admin_token=admin_token
     ).start()
     typer.echo(f"sandbox API on {server.url} (SWE-ReX RemoteRuntime: host={server.url}, auth_token=<sandbox token>)")
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop()
+    root.close()
+
+
+@app.command("gateway")
+def gateway(
+    host: Annotated[str, typer.Option(help="Address to bind (loopback: containers reach it through a relay).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8881,
+) -> None:
+    """Serve the per-episode OpenAI-compatible gateway (/v1/chat/completions; the key names the episode)."""
+    from megaflow.sandbox.gateway_http import GatewayHTTPServer
+    from megaflow.services.episode_gateway import EpisodeGateway
+    from megaflow.services.root import Root
+
+    root = Root(load_settings(), role="client")
+    server = GatewayHTTPServer(EpisodeGateway(root), host, port).start()
+    typer.echo(f"episode gateway on {server.url} (OPENAI_BASE_URL={server.url}, OPENAI_API_KEY=<episode key>)")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
