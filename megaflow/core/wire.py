@@ -40,7 +40,10 @@ ENV_EXEC = "megaflow.env.exec"
 ENV_EVALUATE = "megaflow.env.evaluate"
 ENV_CLOSE = "megaflow.env.close"
 ENV_PREFETCH = "megaflow.env.prefetch"
-TASK_NAMES = (AGENT_STEP, MODEL_COMPLETE, ENV_PROVISION, ENV_EXEC, ENV_EVALUATE, ENV_CLOSE, ENV_PREFETCH)
+ENV_SANDBOX_OP = "megaflow.env.sandbox_op"  # one sandbox-API operation, sent to env.<host>: (sandbox id, op id)
+ENV_WATCH = "megaflow.env.watch"  # poll an installed agent's end (re-sent with a countdown while it runs)
+TASK_NAMES = (AGENT_STEP, MODEL_COMPLETE, ENV_PROVISION, ENV_EXEC, ENV_EVALUATE, ENV_CLOSE, ENV_PREFETCH,
+              ENV_SANDBOX_OP, ENV_WATCH)
 
 # Celery routes by task name; per-host operations pass queue=env.<host> explicitly.
 ROUTES = {

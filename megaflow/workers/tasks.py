@@ -111,3 +111,28 @@ def env_prefetch(images: list) -> dict:
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise ValueError("images must be a list of image names")
     return root().env_service.prefetch(images)
+
+
+@app.task(name=wire.ENV_SANDBOX_OP)
+def env_sandbox_op(sandbox_id: str, op_id: str) -> str:
+    """One sandbox-API operation on a container of this host; its reply goes to the caller's Redis list."""
+    for name, value in (("sandbox_id", sandbox_id), ("op_id", op_id)):
+        if not isinstance(value, str) or not value or len(value) > 200:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    from megaflow.services.sandbox_api import SandboxHostOps
+
+    return SandboxHostOps(root()).run(sandbox_id, op_id)
+
+
+@app.task(name=wire.ENV_WATCH, bind=True)
+def env_watch(self: Task, episode_id: str, step: int) -> str:
+    """Check once whether an installed agent ended; while it runs, come back after a countdown (no slot held)."""
+    from megaflow.services.installed import AGAIN, InstalledWatch
+
+    result = _guarded(self, "watch", episode_id, step, lambda: InstalledWatch(root()).poll(episode_id, step),
+                      on_env_host=True)
+    if result.startswith(AGAIN):
+        self.apply_async(args=[episode_id, step], countdown=float(result[len(AGAIN):]),
+                         queue=wire.env_host_queue(root().host))
+        return "waiting"
+    return result

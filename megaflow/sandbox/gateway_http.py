@@ -1,0 +1,92 @@
+"""An OpenAI-compatible HTTP front for the per-episode gateway (``/v1/chat/completions``, loopback).
+
+The bearer key names the episode (megaflow.services.episode_gateway issues it); a wrong key or a
+finished episode's key is 401. The gateway object is duck-typed (``complete(key, body)``), so this
+module needs nothing above the plug-in layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
+MAX_BODY = 32 * 1024 * 1024
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: GatewayHTTPServer
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no delayed-ACK stall
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("episode gateway: " + fmt, *args)
+
+    def _reply(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str) -> None:
+        self._reply(status, {"error": {"message": message, "type": kind, "code": status}})
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":
+            return self._reply(200, {"object": "list", "data": [{"id": "megaflow", "object": "model"}]})
+        self._error(404, f"no route {self.path}", "not_found")
+
+    def do_POST(self) -> None:
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n > MAX_BODY:
+                return self._error(413, f"request body over {MAX_BODY} bytes", "invalid_request_error")
+            body = json.loads(self.rfile.read(n) or b"{}")
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self._error(404, f"no route {self.path}; use /v1/chat/completions", "not_found")
+            auth = self.headers.get("Authorization") or ""
+            key = auth[7:] if auth.lower().startswith("bearer ") else ""
+            return self._reply(200, self.server.gateway.complete(key, body))
+        except PermissionError as exc:
+            return self._error(401, str(exc), "authentication_error")
+        except (ValueError, TypeError) as exc:
+            return self._error(400, str(exc)[:2000], "invalid_request_error")
+        except Exception as exc:
+            log.exception("episode gateway: request failed")
+            return self._error(502, f"{type(exc).__name__}: {exc}"[:2000], "model_error")
+
+
+class GatewayHTTPServer(ThreadingHTTPServer):
+    """Serves one gateway object over HTTP (start() for background threads)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up is normal (keep-alive connections closed at exit); anything else is logged."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            log.exception("request from %s failed", client_address)
+
+    def __init__(self, gateway: Any, host: str = "127.0.0.1", port: int = 0):
+        super().__init__((host, port), _Handler)
+        self.gateway = gateway
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> GatewayHTTPServer:
+        threading.Thread(target=self.serve_forever, daemon=True, name="megaflow-episode-gateway").start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
