@@ -21,13 +21,15 @@ from megaflow.core.spec import AgentSpec, TaskSpec
 
 # What the episode does after a step.
 MODEL, EXEC, SUBMIT, END = "model", "exec", "submit", "end"
-NEXT_KINDS = (MODEL, EXEC, SUBMIT, END)
+WAIT = "wait"  # an installed agent runs detached in the sandbox: its env host watches it, no slot held
+NEXT_KINDS = (MODEL, EXEC, SUBMIT, END, WAIT)
 
 # Built-in agent types -> "module:Class", imported only when an episode (or a submit) uses them.
 REGISTRY: dict[str, str] = {
     "bash": "megaflow.agents.bash:BashAgent",
     "mini_swe_agent": "megaflow.agents.mini_stepped:MiniSweAgent",
     "mini": "megaflow.agents.mini_stepped:MiniSweAgent",  # the old name: mini-swe-agent's own agent now
+    "installed": "megaflow.agents.installed:InstalledAgent",  # a CLI agent's own program, run in the sandbox
 }
 
 _DOTTED = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")

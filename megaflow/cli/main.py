@@ -262,6 +262,7 @@ def _mount() -> None:
     from megaflow.cli.model import app as model_app
     from megaflow.cli.resources import app as resources_app
     from megaflow.cli.acl import app as acl_app
+    from megaflow.cli.sandbox import app as sandbox_app
     from megaflow.cli.swebench import app as swebench_app
 
     app.add_typer(batch_app)  # no name: its commands join the top level
@@ -270,6 +271,7 @@ def _mount() -> None:
     app.add_typer(model_app, name="model")
     app.add_typer(swebench_app, name="swebench")
     app.add_typer(acl_app, name="acl")
+    app.add_typer(sandbox_app, name="sandbox")
 
 
 _mount()

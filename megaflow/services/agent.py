@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from megaflow.agents import Decision, StepContext, make_agent
-from megaflow.agents.base import END, EXEC, MODEL, SUBMIT
-from megaflow.core import states
+from megaflow.agents.base import END, EXEC, MODEL, SUBMIT, WAIT
+from megaflow.core import states, wire
 from megaflow.core.errors import SpecError
 from megaflow.services import lifecycle
 
@@ -90,6 +90,11 @@ def apply_decision(rt: Runtime, ep: Any, d: Decision) -> str:
         fields["pending"] = json.dumps(d.exec)
         rt.engine.advance(
             ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host)
+        )
+    elif d.next == WAIT:  # the program runs on in the sandbox; its env host polls for its end
+        fields["pending"] = json.dumps(d.exec or {})
+        rt.engine.advance(
+            ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_host(wire.ENV_WATCH, ep.host)
         )
     elif d.next == SUBMIT:
         if d.submission is not None:
