@@ -147,7 +147,7 @@ def box_chart(groups: Sequence[tuple[str, list[float]]], *, title: str, x_label:
         if not v:
             body.append(f'<text x="{left + 4}" y="{cy + 4:.1f}" fill="#999">no data</text>')
             continue
-        p5, p25, p50, p75, p95 = (percentile(v, q) for q in (5, 25, 50, 75, 95))
+        p5, p25, p50, p75, p95 = (percentile(v, q) or 0.0 for q in (5, 25, 50, 75, 95))  # v is non-empty
         body.append(f'<line x1="{xs(p5):.1f}" y1="{cy:.1f}" x2="{xs(p95):.1f}" y2="{cy:.1f}" stroke="{color}"/>')
         body.append(f'<rect x="{xs(p25):.1f}" y="{cy - 8:.1f}" width="{max(xs(p75) - xs(p25), 1):.1f}" '
                     f'height="16" fill="{color}" fill-opacity="0.35" stroke="{color}"/>')

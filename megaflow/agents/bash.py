@@ -149,7 +149,7 @@ class BashAgent(AgentBase):
             if action.kind == "submit":
                 return Decision(SUBMIT, state={"format_streak": 0})
             streak += 1
-            record = {"role": "user", "content": action.message, "kind": "format_error"}
+            record: dict[str, Any] = {"role": "user", "content": action.message, "kind": "format_error"}
             if streak >= self.max_format_errors:
                 return Decision(
                     END,

@@ -91,7 +91,7 @@ class MiniSweAgent(AgentBase):
                 "max_consecutive_format_errors",
             )
         }
-        agent = DefaultAgent(model, _Environment(self, ctx), **agent_cfg)
+        agent = DefaultAgent(model, _Environment(self, ctx), **agent_cfg)  # type: ignore[arg-type]  # duck-typed
         agent.n_calls = int(st.get("n_calls", 0))
         agent.cost = float(st.get("cost", 0.0))
         agent.n_consecutive_format_errors = int(st.get("n_format_errors", 0))

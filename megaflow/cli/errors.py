@@ -189,7 +189,7 @@ def report(exc: BaseException) -> int:
     """Print ``exc`` as one line on stderr (traceback first under --debug); return its exit status."""
     code, message = classify(exc)
     if "NoArgsIsHelpError" in _names(exc) and getattr(exc, "ctx", None) is not None:
-        sys.stdout.write(exc.ctx.get_help() + "\n")  # `megaflow` alone: the help, then the one error line
+        sys.stdout.write(exc.ctx.get_help() + "\n")  # type: ignore[attr-defined]  # `megaflow` alone: the help, then the one error line
     if State.debug and not (code == EXIT_USAGE and "UsageError" in _names(exc)):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     sys.stdout.flush()

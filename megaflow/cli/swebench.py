@@ -272,6 +272,7 @@ def build_image(
                 namespace=_namespace(namespace),
             )
         else:
+            assert context is not None  # exactly one of --repo / --context, checked above
             tag = build_from_dockerfile(client, instance_id, context, namespace=_namespace(namespace))
     except MegaflowError as exc:
         _fail(str(exc))

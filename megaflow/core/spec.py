@@ -98,7 +98,7 @@ class AgentSpec(BaseModel):
     @field_validator("max_steps", "max_tokens", "wall_time_s", "max_format_errors", "command_timeout_s")
     @classmethod
     def _guard_limits(cls, v: float | None, info: ValidationInfo) -> float | None:
-        guards.bounded(v, *guards.SPEC_BOUNDS[info.field_name], "value")
+        guards.bounded(v, *guards.SPEC_BOUNDS[str(info.field_name)], "value")
         return v
 
     @field_validator("env")

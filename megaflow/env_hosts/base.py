@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 OMITTED = "\n[... {n} bytes of output omitted ...]\n"  # marker between the head and tail of capped output
@@ -187,7 +188,7 @@ class EnvHost(Protocol):
         """Run ``bash -lc command`` (fresh shell) under a time limit, output capped."""
         ...
 
-    def put_files(self, handle: EnvHandle | dict, files: dict[str, str | bytes]) -> None:
+    def put_files(self, handle: EnvHandle | dict, files: Mapping[str, str | bytes]) -> None:
         """Write files (absolute path -> content), creating parent directories."""
         ...
 

@@ -142,7 +142,7 @@ def episode_states(redis_client: redis.Redis, keys: Keys) -> dict[str, int]:
     for i in range(0, len(ids), _CHUNK):
         pipe = redis_client.pipeline(transaction=False)
         for eid in ids[i:i + _CHUNK]:
-            pipe.hget(keys.episode(eid), "state")
+            pipe.hget(keys.episode(str(eid)), "state")
         for state in pipe.execute():
             if state is None or state in states.TERMINAL:  # expired or finishing between two reads
                 continue

@@ -177,7 +177,7 @@ class S3ArtifactStore:
         strip = len(self.prefix) + 1 if self.prefix else 0
 
         def run() -> list[str]:
-            keys = []
+            keys: list[str] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
             return sorted(keys)
