@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up what is missing first (scripts/setup.sh).
-.PHONY: demo test setup bench
+.PHONY: demo test setup bench lint
 
 demo:
 	bash scripts/setup.sh
@@ -7,6 +7,7 @@ demo:
 
 test:
 	bash scripts/setup.sh --test
+	bash scripts/lint.sh
 	.venv/bin/python -m pytest -q
 
 setup:
@@ -14,3 +15,6 @@ setup:
 
 bench:
 	.venv/bin/python bench/dispatch.py
+
+lint:
+	bash scripts/lint.sh
