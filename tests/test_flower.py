@@ -21,7 +21,8 @@ from conftest import IN_CI, free_port
 from megaflow import Client
 from megaflow.demo_tasks import demo_specs
 from megaflow.core.errors import ConfigError
-from megaflow.monitoring.flower import flower_options, task_argsrepr
+from megaflow.core.wire import task_argsrepr
+from megaflow.monitoring.flower import flower_options
 from megaflow.core.settings import Settings
 
 USER, PASSWORD = "flower-admin", "pa:ss,word with spaces"
@@ -31,7 +32,7 @@ def test_argsrepr_is_short_and_names_episode_step_and_host():
     assert task_argsrepr("megaflow.agent.step", ["ep-1", 3], "agent") == "ep=ep-1 step=3"
     assert task_argsrepr("megaflow.env.exec", ["ep-1", 4], "env.h7") == "ep=ep-1 step=4 host=h7"
     handle = {"container_id": "0123456789abcdef0123", "host": "h8", "image": "x", "labels": {"a": "b" * 500}}
-    assert task_argsrepr("megaflow.env.close", ["ep-1", handle], "env.h7") == "ep=ep-1 container=0123456789ab host=h8"
+    assert task_argsrepr("megaflow.env.close", ["ep-1", handle], "env.h7") == "ep=ep-1 env=0123456789ab host=h8"
     assert len(task_argsrepr("other", [["img"] * 200], "env.h1")) <= 160
 
 

@@ -2,9 +2,9 @@
 
 Flower is started in this process on a Celery app built from settings (no app module path, no
 credentials on a command line where ``ps`` would show them). Flower and Tornado are imported only
-when it runs. ``task_argsrepr`` is the short form of a task's arguments that senders put in the
-message (Celery's ``argsrepr``), so Flower shows ``ep=<id> step=<k> host=<host>`` rather than a
-dict of container details.
+when it runs. Senders put the short form of a task's arguments in the message (Celery's
+``argsrepr``, ``megaflow.core.wire.task_argsrepr``), so Flower shows ``ep=<id> step=<k> host=<host>``
+rather than a dict of container details.
 """
 
 from __future__ import annotations
@@ -22,29 +22,6 @@ log = logging.getLogger(__name__)
 
 TASKS_COLUMNS = "name,args,state,received,started,runtime,worker,uuid"
 STATE_SAVE_INTERVAL_MS = 60_000  # a crashed Flower loses at most a minute of task history
-_ARGS_MAX = 160
-
-
-def task_argsrepr(name: str, args: list[Any], queue: str) -> str:
-    """Short, readable arguments of a MegaFlow task: ``ep=<id> step=<k> host=<host>``."""
-    host = queue.split(".", 1)[1] if queue.startswith("env.") else None
-    try:
-        if len(args) == 2 and isinstance(args[0], str):
-            eid, second = args
-            if isinstance(second, dict):  # megaflow.env.close: (episode id, container handle)
-                parts = [f"ep={eid}"]
-                host = second.get("host") or host
-                cid = second.get("container_id")
-                if cid:
-                    parts.append(f"container={str(cid)[:12]}")
-            else:
-                parts = [f"ep={eid}", f"step={second}"]
-            if host:
-                parts.append(f"host={host}")
-            return " ".join(parts)[:_ARGS_MAX]
-    except Exception:  # never let a display string break a send
-        pass
-    return repr(args)[:_ARGS_MAX]
 
 
 def flower_options(settings: Settings, *, port: int | None = None, address: str | None = None) -> dict[str, Any]:
