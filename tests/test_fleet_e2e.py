@@ -112,13 +112,27 @@ def test_capacity_shows_fleet(fleet):
     assert "env-1" in text and "env-2" in text
 
 
-@pytest.mark.parametrize("mode", ["persistent"])
-def test_persistent_mode_episode(fleet, mode):
+def test_persistent_mode_takes_warm_containers(fleet):
+    """Persistent mode: once a host's pool for the image is warm, an episode takes a started container."""
+    from megaflow.services.root import Root
+
+    root = Root(fleet)
+    image = fleet.default_image
     with Client(fleet) as client:
-        sub = client.submit(demo_specs("fix", mode=mode)[:2], user="e2e-warm")
+        first = client.submit(demo_specs("fix", mode="persistent")[:2], user="e2e-warm")  # asks the pools to fill
+        client.wait(first.batch_id, timeout=180)
+        assert [r["state"] for r in client.results(first.batch_id)] == [states.SUCCEEDED] * 2
+        deadline = time.monotonic() + 90
+        while not all(h.get("warm", {}).get(image, 0) >= 1 for h in root.resources.hosts()):
+            assert time.monotonic() < deadline, f"warm pools never filled: {root.resources.hosts()}"
+            time.sleep(0.5)
+        sub = client.submit(demo_specs("fix", mode="persistent")[:2], user="e2e-warm")
         client.wait(sub.batch_id, timeout=180)
         res = client.results(sub.batch_id)
-        assert [r["state"] for r in res] == [states.SUCCEEDED] * 2 and {r["mode"] for r in res} == {mode}
+    assert [r["state"] for r in res] == [states.SUCCEEDED] * 2 and {r["mode"] for r in res} == {"persistent"}
+    handles = [root.engine.load(r["episode_id"], history=False).container for r in res]
+    assert all(h and h["data"]["warm"] for h in handles), handles  # taken from the pool, not booted
+    root.close()
 
 
 def test_images_prefetch_runs_on_the_named_env_host(fleet):
