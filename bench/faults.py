@@ -71,27 +71,10 @@ class RedisAOF:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (scripts/setup.sh installs it)")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self.dir),
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        opts = ["--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", "everysec", "--loglevel", "notice"]
+        args = [exe, "--port", str(self.port), "--save", "", *opts, "--dir", str(self.dir)]
+        args += ["--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + wait_s
         while True:
@@ -234,11 +217,16 @@ class Tier:
             except Exception:
                 pass
         self.docker.close()
+        keep = os.environ.get("MEGAFLOW_FAULTS_KEEP")  # a directory: keep the logs of the run there
+        if keep:
+            shutil.copytree(
+                self.tmp, Path(keep) / self.tmp.name, ignore=shutil.ignore_patterns("*.aof", "*.rdb", "artifacts")
+            )
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def up(self) -> None:
         """Start every fleet process that is not running and wait until it answers."""
-        fleet.up(self.settings, env_hosts=2, wait_s=180, echo=lambda m: None)
+        self._call(lambda: fleet.up(self.settings, env_hosts=2, wait_s=180, echo=lambda m: None))
 
     def kill(self, *names: str, sig: int = signal.SIGKILL) -> None:
         alive = fleet.running(self.settings)

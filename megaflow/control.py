@@ -1,7 +1,10 @@
 """The control service: recorder, safety sweep and episode guard in one small process.
 
 ``megaflow control`` runs it; ``megaflow up`` starts one per fleet. Admission itself is event
-driven (submit, release, host joining); the sweep only repairs what a crash left behind.
+driven (submit, release, host joining); the sweep only repairs what a crash left behind: hosts
+whose heartbeat lapsed (their episodes re-queued as new attempts), lapsed leases, and stalled
+episodes (no progress and no task queued or running: the next task is sent again). A Redis outage
+is waited out with one log line; nothing is judged lost until heartbeats had time to come back.
 """
 
 from __future__ import annotations
