@@ -165,8 +165,9 @@ class ResourceManager:
         return bool(self._renew(args=[self.base, episode_id, self.lease_ms]))
 
     def renew_host(self, host: str) -> int:
-        """Extend the leases of every episode holding a slot on ``host``; returns how many."""
-        return int(self._renew_host(args=[self.base, host, self.lease_ms]))
+        """Extend the leases of every live episode holding a slot on ``host`` (final ones are freed);
+        returns how many were renewed."""
+        return int(self._renew_host(args=[self.base, host, self.lease_ms, self.keys.episode("")]))
 
     def placement(self, episode_id: str) -> dict[str, Any] | None:
         """Where a held episode runs ({user, host, image, ...}), or None if it holds no slots."""
