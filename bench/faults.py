@@ -214,10 +214,7 @@ class Tier:
             self.model_server.stop()
         self.redis.stop()
         for c in self._containers({}):
-            try:
-                c.remove(force=True)
-            except Exception:
-                pass
+            self._remove(c)
         self.docker.close()
         keep = os.environ.get("MEGAFLOW_FAULTS_KEEP")  # a directory: keep the logs of the run there
         if keep:
@@ -239,9 +236,18 @@ class Tier:
         while any(n in fleet.running(self.settings) for n in names) and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def _containers(self, labels: dict[str, str]) -> list[Any]:
+    def _containers(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """This fleet's containers with these labels (the API's summaries: no per-container inspect to race)."""
         filters = [f"megaflow.fleet={self.settings.fleet_id}", *(f"{k}={v}" for k, v in labels.items())]
-        return self.docker.containers.list(all=True, filters={"label": filters})
+        return self.docker.api.containers(all=True, filters={"label": filters})
+
+    def _remove(self, c: dict[str, Any], kill_only: bool = False) -> None:
+        import docker
+
+        try:
+            self.docker.api.kill(c["Id"]) if kill_only else self.docker.api.remove_container(c["Id"], force=True)
+        except docker.errors.APIError:  # gone already, or not running
+            pass
 
     # --- one scenario ---------------------------------------------------------------------------
     def specs(self, sc: Scenario) -> list[dict[str, Any]]:
@@ -272,7 +278,7 @@ class Tier:
         res.recovery_s, finished = self._follow(ids, in_flight, t_fault)
         res.lost = len(ids) - finished
         now_alive = fleet.running(self.settings)
-        res.exited = sum(1 for n in before if n not in now_alive and n not in sc.killed)
+        res.exited = sum(1 for n, pid in before.items() if now_alive.get(n) != pid and n not in sc.killed)
         self._restore()
         res.dup = self._duplicates(sub.batch_id)
         allowed = {e: {sc.expect, *sc.victims_may} for e in ctx.get("victims", ())}
@@ -435,11 +441,11 @@ def _container(action: str) -> Callable[[Tier, Any], None]:
         running = [
             c
             for c in t._containers({"megaflow.run": ctx["batch"]})
-            if c.status == "running" and states_now.get(c.labels.get("megaflow.episode")) == states.RUNNING
+            if c["State"] == "running" and states_now.get(c["Labels"].get("megaflow.episode")) == states.RUNNING
         ]
-        ctx["victims"] = [c.labels.get("megaflow.episode") for c in running[:2]]
+        ctx["victims"] = [c["Labels"].get("megaflow.episode") for c in running[:2]]
         for c in running[:2]:
-            c.kill() if action == "kill" else c.remove(force=True)
+            t._remove(c, kill_only=action == "kill")
 
     return inject
 
@@ -449,7 +455,7 @@ def _host_gone(comes_back: bool) -> Callable[[Tier, Any], None]:
         t.kill("env-2")
         if not comes_back:  # the machine is gone: its containers with it
             for c in t._containers({"megaflow.host": "env-2"}):
-                c.remove(force=True)
+                t._remove(c)
             return
         # back after it was marked lost and its episodes moved: its old containers must be reaped
         rm = t.client.rt.resources
