@@ -27,9 +27,8 @@ def survive_broker_loss() -> None:
     with kombu 5.x both raise an AttributeError deep in its connection set-up, which Celery treats as
     unrecoverable, and the worker exits. Here a closed channel raises a connection error instead (which
     kombu and Celery handle), and the put-back is skipped with one line: the messages stay in the
-    broker's unacknowledged set and are
-    redelivered after the visibility timeout (and the control service's stall sweep re-sends any step
-    whose message was lost with the connection).
+    broker's unacknowledged set and are redelivered after the visibility timeout (and the control
+    service's stall sweep re-sends any step whose message was lost with the connection).
     """
     import redis
     from kombu.transport import redis as kombu_redis
