@@ -269,7 +269,8 @@ class Tier:
         before = fleet.running(self.settings)
         sub = self.client.submit(self.specs(sc), user=sc.name)
         ids = sub.episode_ids
-        self._wait_in_flight(sub.batch_id, 3)
+        if not self._wait_in_flight(sub.batch_id, 3):
+            res.notes.append("fewer than 3 episodes were running after 120s; the fault was injected anyway")
         snapshot = self._steps(ids)
         in_flight = {e: s for e, s in snapshot.items() if s is not None}
         t_fault = time.monotonic()
@@ -288,6 +289,10 @@ class Tier:
         res.containers = self._containers_after_reap(sub.batch_id)
         res.stranded = self._stranded(ids)
         res.total_s = time.monotonic() - t_start
+        if not res.ok() or res.notes:  # keep the fleet's logs of a scenario that went wrong
+            where = Path(tempfile.gettempdir()) / f"mf-faults-logs-{sub.batch_id}"
+            shutil.copytree(Path(self.settings.state_dir) / "logs", where, dirs_exist_ok=True)
+            res.notes.append(f"fleet logs kept in {where}")
         return res
 
     def _restore(self) -> None:
@@ -307,14 +312,14 @@ class Tier:
                     raise
                 time.sleep(0.2)
 
-    def _wait_in_flight(self, batch_id: str, n: int, timeout: float = 120.0) -> None:
+    def _wait_in_flight(self, batch_id: str, n: int, timeout: float = 120.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             views = self.client.results(batch_id)
             if sum(v["state"] == states.RUNNING for v in views) >= n:
-                return
+                return True
             time.sleep(0.1)
-        raise TimeoutError(f"batch {batch_id}: fewer than {n} episodes running after {timeout}s")
+        return False
 
     def _steps(self, ids: list[str]) -> dict[str, int | None]:
         """Step of each live episode (None once final)."""
