@@ -270,12 +270,14 @@ class Tier:
         sub = self.client.submit(self.specs(sc), user=sc.name)
         ids = sub.episode_ids
         if not self._wait_in_flight(sub.batch_id, 3):
-            res.notes.append("fewer than 3 episodes were running after 120s; the fault was injected anyway")
+            res.notes.append("fewer than 3 episodes were in flight after 120s; the fault was injected anyway")
         snapshot = self._steps(ids)
         in_flight = {e: s for e, s in snapshot.items() if s is not None}
         t_fault = time.monotonic()
         ctx = {"batch": sub.batch_id, "ids": ids}
         sc.inject(self, ctx)
+        if "victims" in ctx and not ctx["victims"]:
+            res.notes.append("the fault found no running episode's container to hit")
         res.recovery_s, finished = self._follow(ids, in_flight, t_fault)
         res.lost = len(ids) - finished
         now_alive = fleet.running(self.settings)
@@ -316,7 +318,7 @@ class Tier:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             views = self.client.results(batch_id)
-            if sum(v["state"] == states.RUNNING for v in views) >= n:
+            if sum(v["state"] in (states.ENV_STARTING, states.RUNNING, states.EVALUATING) for v in views) >= n:
                 return True
             time.sleep(0.1)
         return False
@@ -442,7 +444,12 @@ def _container(action: str) -> Callable[[Tier, Any], None]:
     def inject(t: Tier, ctx: Any) -> None:
         # containers of episodes past their set-up and before evaluation (a container that dies during
         # set-up is blamed on the task today: cause "setup"; see the report)
-        states_now = {v["episode_id"]: v["state"] for v in t.client.results(ctx["batch"])}
+        deadline = time.monotonic() + 60
+        while True:  # wait for containers of running episodes
+            states_now = {v["episode_id"]: v["state"] for v in t.client.results(ctx["batch"])}
+            if states.RUNNING in states_now.values() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         running = [
             c
             for c in t._containers({"megaflow.run": ctx["batch"]})
