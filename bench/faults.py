@@ -131,6 +131,8 @@ class Scenario:
     killed: tuple[str, ...] = ()  # fleet processes the fault itself stops (not counted as exited)
     # episodes the fault hit directly (ctx["victims"]) may also end as an infrastructure failure
     victims_may: tuple[tuple[str, str | None], ...] = ((states.FAILED, states.CAUSE_INFRA),)
+    # an end any episode may have under this fault (counted in the notes)
+    any_may: tuple[tuple[str, str | None], ...] = ()
     model: str = "scripted"  # or "openai": the in-process OpenAI-compatible server (slow/hung model)
 
 
@@ -284,7 +286,8 @@ class Tier:
         res.exited = sum(1 for n, pid in before.items() if now_alive.get(n) != pid and n not in sc.killed)
         self._restore()
         res.dup = self._duplicates(sub.batch_id)
-        allowed = {e: {sc.expect, *sc.victims_may} for e in ctx.get("victims", ())}
+        allowed = {e: {sc.expect, *sc.any_may} for e in ids}
+        allowed.update({e: {sc.expect, *sc.any_may, *sc.victims_may} for e in ctx.get("victims", ())})
         res.wrong = self._wrong(ids, sc.expect, res.notes, allowed)
         self._notes = res.notes
         res.slots = self._held_after_lease(ids)
@@ -373,6 +376,9 @@ class Tier:
         views = {v["episode_id"]: v for v in self.client.rt.engine.summaries(ids)}
         ok = {e: (allowed or {}).get(e, {expect}) for e in ids}
         bad = {e for e, v in views.items() if (v["state"], v["cause"] or None) not in ok[e]}
+        other = sum(1 for e, v in views.items() if e not in bad and (v["state"], v["cause"] or None) != expect)
+        if other:
+            notes.append(f"{other} episode(s) ended in an accepted other way (an infrastructure failure)")
         for e in sorted(bad)[:3]:
             notes.append(f"{e}: {views[e]['state']} {views[e]['cause']} {(views[e]['error'] or '')[:120]}")
         store = self.client.rt.metadata
@@ -515,7 +521,15 @@ SCENARIOS = [
     Scenario("container-kill", _container("kill")),
     Scenario("container-remove", _container("remove")),
     Scenario("recorder-down", _kill("control", down="recorder_down_s"), killed=("control",)),
-    Scenario("model-slow-hung", _slow_model, expect=(states.FAILED, states.CAUSE_TESTS), model="openai"),
+    # with its only endpoint hung, the gateway marks it unhealthy for model_cooldown_s: steps then in
+    # flight end as infrastructure failures (never scored, re-run by `megaflow resume`)
+    Scenario(
+        "model-slow-hung",
+        _slow_model,
+        expect=(states.FAILED, states.CAUSE_TESTS),
+        model="openai",
+        any_may=((states.FAILED, states.CAUSE_INFRA),),
+    ),
     Scenario("env-host-leave", _leave, killed=("env-2",)),
     Scenario("env-host-lost-back", _host_gone(True), killed=("env-2",)),
     Scenario("env-host-gone", _host_gone(False), killed=("env-2",)),
