@@ -294,7 +294,7 @@ class Tier:
         res.containers = self._containers_after_reap(sub.batch_id)
         res.stranded = self._stranded(ids)
         res.total_s = time.monotonic() - t_start
-        if not res.ok() or res.notes:  # keep the fleet's logs of a scenario that went wrong
+        if not res.ok():  # keep the fleet's logs of a scenario that went wrong
             where = Path(tempfile.gettempdir()) / f"mf-faults-logs-{sub.batch_id}"
             shutil.copytree(Path(self.settings.state_dir) / "logs", where, dirs_exist_ok=True)
             res.notes.append(f"fleet logs kept in {where}")
