@@ -47,8 +47,12 @@ class Recorder:
         self.store = store
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
+        self.ensure_group()
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) unless they exist."""
         try:
-            self.r.xgroup_create(keys.events, GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(self.keys.events, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -86,11 +90,24 @@ class Recorder:
             total += n
 
     def run(self, stop: threading.Event) -> None:
+        """Record until ``stop``; a Redis outage is logged once and waited out, never fatal."""
+        down = False
         while not stop.is_set():
             try:
                 self.run_once()
-            except redis.ConnectionError:
-                log.warning("recorder: Redis unreachable; retrying")
+                if down:
+                    log.warning("recorder: Redis reachable again; recording")
+                    down = False
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                if not down:
+                    log.warning("recorder: Redis unreachable (%s); retrying every second", type(exc).__name__)
+                    down = True
+                stop.wait(1.0)
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # the stream or its group went with lost writes: make them again
+                    self.ensure_group()
+                    continue
+                log.exception("recorder: batch failed; retrying")
                 stop.wait(1.0)
             except Exception:
                 log.exception("recorder: batch failed; retrying")

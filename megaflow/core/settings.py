@@ -119,6 +119,15 @@ class Settings(BaseSettings):
         600.0, gt=0, description="The sweep re-queues an episode admitted but not started within this."
     )
 
+    # --- faults: stalled episodes, lost hosts ----------------------------------------------------
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="The sweep re-sends the next task of a live episode that made no progress for "
+        "this long and has no task queued or running (a message lost with Redis's last writes)."
+    )
+    infra_max_attempts: int = Field(
+        3, ge=1, description="Attempts of an episode whose env host was lost; past them it ends FAILED (infra)."
+    )
+
     # --- environments ------------------------------------------------------------------------
     env_mode: Literal["ephemeral", "persistent"] = Field(
         "ephemeral", description="Default environment mode for episodes that do not set one."

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -74,8 +75,9 @@ class Heartbeat(threading.Thread):
         self.maintain_every = max(self.interval, 10.0)
 
     def is_live(self, episode_id: str) -> bool:
-        state = self.root.redis.hget(self.root.keys.episode(episode_id), "state")
-        return state is not None and state not in states.TERMINAL
+        """An episode still running here: not final, and placed on this host (a moved one is not ours)."""
+        state, host = self.root.redis.hmget(self.root.keys.episode(episode_id), "state", "host")
+        return state is not None and state not in states.TERMINAL and host == self.root.host
 
     def beat(self) -> None:
         root = self.root
@@ -89,9 +91,18 @@ class Heartbeat(threading.Thread):
                 root.host, capacity=report.get("capacity", root.settings.host_capacity),
                 images=report.get("images", []), warm=report.get("warm", {}),
                 disk_free_gb=report.get("disk_free_gb", 0.0))
-            root.resources.renew_host(root.host)
+            held = root.resources.renew_host(root.host)
             if joined:  # a host joining (or back after its heartbeat lapsed) is an admission event
                 root.lifecycle.admit()
+            if root.resources.leaving(root.host) and held == 0 and not root.resources.host_loss.live_on({root.host}):
+                self.leave()
+
+    def leave(self) -> None:
+        """Told to leave and drained: unregister, then stop this worker (a warm shutdown)."""
+        log.warning("env host %s drained after being told to leave: stopping", self.root.host)
+        self.root.resources.remove_host(self.root.host)
+        self.stop.set()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def run(self) -> None:
         last_maintain = 0.0
@@ -105,14 +116,15 @@ class Heartbeat(threading.Thread):
                 if failures:
                     log.warning("heartbeat of %s works again after %d failed attempts", self.node, failures)
                 failures = 0
-                delay = self.interval
             except Exception as exc:
                 failures += 1
-                delay = min(30.0, self.interval * 2 ** min(failures, 6))
-                log.warning("heartbeat of %s failed (%s: %s); retrying in %.0fs", self.node,
-                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", delay)
+                if failures & (failures - 1) == 0:  # one line at attempts 1, 2, 4, 8, ...
+                    log.warning("heartbeat of %s failed (%s: %s); attempt %d, retrying every %.1fs", self.node,
+                                type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", failures,
+                                self.interval)
                 log.debug("heartbeat failure", exc_info=True)
-            self.stop.wait(delay)
+            # retry at the beat's own period: a host must beat again within its TTL once Redis is back
+            self.stop.wait(self.interval)
 
     def stop_and_shutdown(self) -> None:
         """Stop beating; an env worker's warm containers go with it."""

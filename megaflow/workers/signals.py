@@ -19,6 +19,53 @@ log = logging.getLogger(__name__)
 _heartbeat: Any = None
 
 
+def survive_broker_loss() -> None:
+    """Keep a worker alive when Redis goes away with messages delivered to it and not yet acknowledged.
+
+    On a lost connection kombu closes the channel and tries to put those messages back on their
+    queues over the connection that is gone, and later acks or rejects them on the closed channel;
+    with kombu 5.x both raise an AttributeError deep in its connection set-up, which Celery treats as
+    unrecoverable, and the worker exits. Here a closed channel raises a connection error instead (which
+    kombu and Celery handle), and the put-back is skipped with one line: the messages stay in the
+    broker's unacknowledged set and are redelivered after the visibility timeout (and the control
+    service's stall sweep re-sends any step whose message was lost with the connection).
+    """
+    import redis
+    from kombu.transport import redis as kombu_redis
+
+    qos, channel = kombu_redis.QoS, kombu_redis.Channel
+    if getattr(qos.restore_unacked, "_megaflow", False):
+        return
+    original = qos.restore_unacked
+    connparams = channel._connparams
+
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        # an ack or reject of a message delivered on a channel whose connection was lost: a connection
+        # error (which kombu and Celery handle), not an AttributeError (which stops the worker)
+        if self.connection is None or getattr(self.connection, "client", None) is None:
+            raise redis.ConnectionError("the broker connection this message came on is gone")
+        return connparams(self, asynchronous)
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        try:
+            return original(self, client)
+        except Exception as exc:  # the connection is gone: nothing can be put back over it
+            log.warning("broker connection lost with %d unacknowledged message(s); they are redelivered after "
+                        "the visibility timeout (%s: %s)", len(self._delivered), type(exc).__name__,
+                        str(exc).splitlines()[0][:160] if str(exc) else "")
+            self._delivered.clear()
+            return None
+
+    restore_unacked._megaflow = True  # type: ignore[attr-defined]
+    qos.restore_unacked = restore_unacked
+    channel._connparams = _connparams
+
+
+@signals.worker_init.connect
+def _init(**_: Any) -> None:
+    survive_broker_loss()
+
+
 def role_of(queues: list[str]) -> tuple[str, str | None]:
     """(role, env host) of a worker consuming ``queues``."""
     hosts = [h for h in (wire.host_of_queue(q) for q in queues) if h]

@@ -278,10 +278,13 @@ drop(ep)
 return 0
 """
 
-# Extend the leases of every episode holding a slot on one host (the env worker's heartbeat);
-# episodes whose lease already lapsed on any tier are freed instead (re-queued if never started).
+# Extend the leases of every episode holding a slot on one host (the env worker's heartbeat).
+# An episode whose lease lapsed while it ran there (the heartbeat could not reach Redis for a while)
+# is held again: the host is alive and still runs it. One admitted and never started whose lease
+# lapsed is freed instead (back to its place in the FIFO). A final episode is not renewed but freed:
+# its close may have been lost with a worker, and its container is the reaper's.
 # KEYS: none (see module docstring)
-# ARGV[1]: namespace  ARGV[2]: host  ARGV[3]: lease (ms)
+# ARGV[1]: namespace  ARGV[2]: host  ARGV[3]: lease (ms)  ARGV[4]: episode hash key prefix ("" to skip)
 # Returns the number of episodes renewed.
 RENEW_HOST_LUA = PRELUDE + """
 local h, lease = ARGV[2], tonumber(ARGV[3])
@@ -289,7 +292,10 @@ local n = 0
 for _, ep in ipairs(redis.call('ZRANGE', hkey(h), 0, -1)) do
   local raw = redis.call('HGET', K.held, ep)
   local info = raw and cjson.decode(raw)
-  if info and info.host == h and held_live(ep, info) then
+  local started = not redis.call('ZSCORE', K.admitted, ep)
+  if info and ARGV[4] ~= '' and redis.call('HGET', ARGV[4] .. ep, 'terminal') == '1' then
+    drop(ep)
+  elseif info and info.host == h and (started or held_live(ep, info)) then
     hold(ep, info.user, h, lease)
     n = n + 1
   else

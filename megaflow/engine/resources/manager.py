@@ -8,12 +8,14 @@ Admission is event driven: call ``admit()`` after ``enqueue()``, after ``release
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from megaflow.core.errors import NotFoundError, QuotaError, SpecError
 from megaflow.core.keys import Keys
 from megaflow.engine.resources import lua
+from megaflow.engine.resources.hostloss import HostLoss
 from megaflow.engine.resources.semaphore import lease_ms
 
 _BATCH = 500
@@ -54,6 +56,8 @@ class ResourceManager:
       warm containers; ``R:imghosts:<image>``: hash host -> warm containers (hosts that have it)
     - ``R:boot:<host>``: boot limiter sorted set; ``R:bootrate:<host>``: its token bucket
     - ``R:wake``: list, at most one item: a request that the sweeper run admission now
+    - ``<prefix>:env:lost``: hosts marked lost (see ``megaflow.engine.resources.hostloss``);
+      ``<prefix>:env:leaving``: set of hosts told to leave (drained, they stop once empty)
     """
 
     def __init__(self, redis_client, settings, keys: Keys):
@@ -77,6 +81,7 @@ class ResourceManager:
         self._requeue = reg(lua.REQUEUE_LUA)
         self._remove_stale = reg(lua.REMOVE_STALE_HOSTS_LUA)
         self._acquire_boot = reg(lua.ACQUIRE_BOOT_LUA)
+        self.host_loss = HostLoss(redis_client, settings, keys)
 
     # --- FIFO and admission ----------------------------------------------------------------------
 
@@ -160,8 +165,9 @@ class ResourceManager:
         return bool(self._renew(args=[self.base, episode_id, self.lease_ms]))
 
     def renew_host(self, host: str) -> int:
-        """Extend the leases of every episode holding a slot on ``host``; returns how many."""
-        return int(self._renew_host(args=[self.base, host, self.lease_ms]))
+        """Extend the leases of every live episode holding a slot on ``host`` (final ones are freed);
+        returns how many were renewed."""
+        return int(self._renew_host(args=[self.base, host, self.lease_ms, self.keys.episode("")]))
 
     def placement(self, episode_id: str) -> dict[str, Any] | None:
         """Where a held episode runs ({user, host, image, ...}), or None if it holds no slots."""
@@ -181,6 +187,8 @@ class ResourceManager:
             self.base, name, int(capacity), float(disk_free_gb), json.dumps(list(images)),
             json.dumps({k: int(v) for k, v in warm.items()}), self.host_ttl_ms,
         ])
+        if joined:
+            self.host_loss.back(name)
         return bool(joined)
 
     def drain_host(self, name: str, drain: bool = True) -> None:
@@ -194,6 +202,26 @@ class ResourceManager:
             self.redis.sadd(self._k("drained"), name)
         else:
             self.redis.srem(self._k("drained"), name)
+
+    def leave_host(self, name: str) -> None:
+        """Tell a host to leave: drained now; its env worker unregisters and stops once it holds nothing."""
+        self.drain_host(name)
+        self.redis.sadd(self.keys.env("leaving"), name)
+
+    def leaving(self, name: str) -> bool:
+        return bool(self.redis.sismember(self.keys.env("leaving"), name))
+
+    def remove_host(self, name: str) -> None:
+        """Unregister a host that left on purpose (not lost: nothing of it is moved)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for image in self.redis.smembers(self._k("himages", name)):
+            pipe.hdel(self._k("imghosts", image), name)
+        pipe.zrem(self._k("hosts"), name)
+        pipe.hdel(self._k("hostcap"), name)
+        pipe.delete(self._k("hostinfo", name), self._k("himages", name), self._k("hwarm", name))
+        pipe.srem(self._k("drained"), name)
+        pipe.srem(self.keys.env("leaving"), name)
+        pipe.execute()
 
     def hosts(self) -> list[dict[str, Any]]:
         """Every registered host with its load, capacity, boot slots, images and heartbeat age."""
@@ -312,15 +340,29 @@ class ResourceManager:
 
     # --- repair -------------------------------------------------------------------------------------
 
-    def sweep(self) -> dict[str, int]:
-        """One repair pass: remove dead hosts, free lapsed leases, re-queue admitted episodes that
-        never started (lease lapsed, or not started within ``admit_start_timeout_s``), wake parked
-        users whose slots lapsed. Returns counts of what it fixed."""
-        removed = self._remove_stale(args=[self.base, self.host_ttl_ms])
+    def sweep(self, *, remove_hosts: bool = True) -> dict[str, Any]:
+        """One repair pass: mark hosts whose heartbeat lapsed lost and re-queue their live episodes, free
+        lapsed leases, re-queue admitted episodes that never started (lease lapsed, or not started within
+        ``admit_start_timeout_s``), wake parked users whose slots lapsed. Returns counts of what it fixed,
+        and under ``exhausted`` the episodes of lost hosts out of attempts (the caller ends them).
+
+        ``remove_hosts=False`` (and no lease reclaiming) is for the moments after a Redis outage, when
+        heartbeats and renewals had no chance to arrive: nothing is judged lost then.
+        """
+        removed: list[str] = []
+        moved_n, exhausted = 0, []
+        if remove_hosts:
+            removed = list(self._remove_stale(args=[self.base, self.host_ttl_ms]))
+            if removed:
+                self.host_loss.mark_lost(removed)
+            moved = self.host_loss.move_episodes(removed) if removed else None
+            if moved:
+                moved_n, exhausted = len(moved.requeued), moved.exhausted
         reclaimed = requeued = 0
-        for chunk in _chunks((ep for ep, _ in self.redis.hscan_iter(self._k("held"), count=_BATCH)), _BATCH):
-            freed, back = self._reap(args=[self.base, *chunk])
-            reclaimed, requeued = reclaimed + int(freed), requeued + int(back)
+        if remove_hosts:
+            for chunk in _chunks((ep for ep, _ in self.redis.hscan_iter(self._k("held"), count=_BATCH)), _BATCH):
+                freed, back = self._reap(args=[self.base, *chunk])
+                reclaimed, requeued = reclaimed + int(freed), requeued + int(back)
         cutoff = self._now_ms() - int(self.settings.admit_start_timeout_s * 1000)
         stale = self.redis.zrangebyscore(self._k("admitted"), "-inf", cutoff)
         for chunk in _chunks(stale, _BATCH):
@@ -332,7 +374,7 @@ class ResourceManager:
         for name in self.redis.zrange(self._k("hosts"), 0, -1):
             self.redis.zremrangebyscore(self._k("boot", name), "-inf", now)
         return {"hosts_removed": len(removed), "leases_reclaimed": reclaimed, "requeued": requeued,
-                "users_unparked": len(due)}
+                "users_unparked": len(due), "moved": moved_n, "exhausted": exhausted}
 
     # --- helpers ------------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 
 def lease_ms(lease_s: float) -> int:
     """A lease length in whole milliseconds (at least 1)."""
-    return max(1, int(math.ceil(lease_s * 1000)))
+    return max(1, math.ceil(lease_s * 1000))
 
 
 class LeaseSemaphore:

@@ -1,0 +1,139 @@
+"""Fault injection on a real fleet: one fault per test, every count 0 (bench/faults.py prints the figures).
+
+One private redis-server (AOF, fsync every second) and one local fleet serve the module; each test
+submits the demo batch, injects its fault once episodes are in flight, and checks that no episode
+is lost, duplicated or ends wrong, and that no slot, container or stranded episode is left. The
+Docker-engine restart is left out on purpose: the engine is shared with other users of the machine.
+Host loss and the stall sweep are also checked without a fleet, on a plain Redis, at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from bench.faults import BY_NAME, HEADER, Tier
+from megaflow.control import Control, audit
+from megaflow.core import states
+from megaflow.core.settings import Settings
+from megaflow.services.root import Root
+
+pytestmark = pytest.mark.faults
+
+RECORDER_DOWN_S = float(os.environ.get("MEGAFLOW_FAULTS_RECORDER_DOWN_S", "15"))
+EPISODES = int(os.environ.get("MEGAFLOW_FAULTS_EPISODES", "24"))
+
+
+@pytest.fixture(scope="module")
+def tier(sandbox_image):
+    with Tier(episodes=EPISODES, recorder_down_s=RECORDER_DOWN_S, echo=lambda m: None) as t:
+        print("\n" + HEADER)
+        yield t
+
+
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_fault(tier, name):
+    res = tier.run(BY_NAME[name])
+    print(res.row())
+    assert res.ok(), f"{res.row()}\n" + "\n".join(res.notes)
+    assert res.recovery_s is not None, "episodes in flight at the fault never moved on"
+
+
+# --- host loss and stalls on a plain Redis (no workers: messages are written, never consumed) ------------
+def _root(redis_server, tmp_path, **over) -> Root:
+    s = Settings.load(
+        redis_url=redis_server.url,
+        state_dir=str(tmp_path / "state"),
+        host_name="h1",
+        host_ttl_s=0.5,
+        lease_s=30,
+        sweep_interval_s=0.2,
+        stall_timeout_s=0.5,
+        metrics_port=0,
+        **over,
+    )
+    return Root(s, role="control")
+
+
+def _beat(rt: Root, *hosts: str) -> None:
+    for h in hosts:
+        rt.resources.register_host(h, capacity=2, images=[], warm={}, disk_free_gb=10.0)
+
+
+def _submit(rt: Root, n: int) -> list[str]:
+    from megaflow.core.spec import validate_specs
+    from megaflow.demo_tasks import demo_specs
+
+    specs = validate_specs(demo_specs("fix")[:n])
+    _bid, ids = rt.engine.create_batch(specs, "u1")
+    rt.resources.enqueue([{"episode_id": e, "user": "u1", "image": "img"} for e in ids])
+    return ids
+
+
+def _sweep_until(ctl: Control, done, keep_alive: tuple[str, ...] = (), timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "condition not reached"
+        _beat(ctl.rt, *keep_alive)
+        ctl.sweep_once()
+        time.sleep(0.1)
+
+
+def test_lost_host_episodes_move_then_end_as_infra_after_max_attempts(redis_server, redis_client, tmp_path):
+    rt = _root(redis_server, tmp_path, infra_max_attempts=2)
+    ctl = Control(rt)
+    ctl.back_at = time.monotonic() - 60  # no settling period: the test starts with Redis up
+    _beat(rt, "h1")
+    ids = _submit(rt, 2)
+    assert rt.lifecycle.admit() == 2
+    assert {rt.engine.load(e, history=False).host for e in ids} == {"h1"}
+    # h1 stops beating; h2 joins: the episodes move to h2 as attempt 2, steps moved on, slots re-taken there
+    steps = {e: rt.engine.load(e, history=False).step for e in ids}
+    _sweep_until(ctl, lambda: all(rt.engine.load(e, history=False).host == "h2" for e in ids), keep_alive=("h2",))
+    for e in ids:
+        ep = rt.engine.load(e, history=False)
+        assert ep.state == states.ADMITTED and ep.num("attempt") == 2 and ep.step > steps[e]
+        assert rt.resources.placement(e)["host"] == "h2"
+    assert "h1" in rt.resources.host_loss.lost()
+    # h2 is lost too: out of attempts, each ends FAILED (infra) with its slots freed
+    _sweep_until(ctl, lambda: all(rt.engine.load(e, history=False).terminal for e in ids))
+    for e in ids:
+        ep = rt.engine.load(e, history=False)
+        assert (ep.state, ep.fields["cause"]) == (states.FAILED, states.CAUSE_INFRA), ep.fields
+        assert rt.resources.placement(e) is None
+    assert audit(rt, ids) == []
+    rt.close()
+
+
+def test_stalled_episode_gets_its_next_task_again(redis_server, redis_client, tmp_path):
+    rt = _root(redis_server, tmp_path)
+    ctl = Control(rt)
+    ctl.back_at = time.monotonic() - 60
+    _beat(rt, "h1")
+    (eid,) = _submit(rt, 1)
+    rt.lifecycle.admit()
+    queue = rt.keys.prefix + ":celery:env.h1"
+    assert redis_client.llen(queue) == 1
+    assert audit(rt, [eid]) == []
+    redis_client.delete(queue)  # the provision message is lost (as with Redis's last second of writes)
+    assert audit(rt, [eid]) == [eid]
+    _sweep_until(ctl, lambda: redis_client.llen(queue) == 1, keep_alive=("h1",))
+    assert audit(rt, [eid]) == []
+    rt.close()
+
+
+def test_no_host_judged_lost_right_after_redis_comes_back(redis_server, redis_client, tmp_path):
+    rt = _root(redis_server, tmp_path)
+    ctl = Control(rt)  # just started (as after an outage): heartbeats get time to arrive
+    _beat(rt, "h1")
+    ids = _submit(rt, 1)
+    rt.lifecycle.admit()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # h1's beat is older than its TTL now
+        ctl.sweep_once()
+        time.sleep(0.1)
+    assert rt.engine.load(ids[0], history=False).host == "h1"
+    assert rt.resources.host_loss.lost() == {}
+    rt.close()
