@@ -115,3 +115,14 @@ def host_drain(
     else:
         used = next((h["used"] for h in mgr.hosts() if h["name"] == name), 0)
         typer.echo(f"host {name}: drained ({used} episodes still running there will finish)")
+
+
+@host_app.command("leave")
+def host_leave(
+    name: Annotated[str, typer.Argument(metavar="HOST", help="Env host name (as in `megaflow capacity`).")],
+) -> None:
+    """Tell a host to leave: no new episodes; its env worker unregisters and stops once its episodes finish."""
+    mgr = _manager()
+    mgr.leave_host(name)  # NotFoundError for a host never registered
+    used = next((h["used"] for h in mgr.hosts() if h["name"] == name), 0)
+    typer.echo(f"host {name}: leaving ({used} episodes still running there will finish, then its worker stops)")
