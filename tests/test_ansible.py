@@ -132,9 +132,9 @@ def test_example_inventory_has_every_group_and_no_real_addresses(ansible_env):
 
 def test_group_vars_name_every_setting_and_no_secret():
     fields = list(Settings.model_fields)
-    names = yaml.safe_load((ANSIBLE_DIR / "roles/common/vars/main.yml").read_text())["megaflow_setting_names"]
+    names = yaml.safe_load((ANSIBLE_DIR / "roles/common/vars/main.yml").read_text())["common_setting_names"]
     assert len(names) == len(set(names)) and set(names) == set(fields), (
-        "a Settings field was added or removed: update megaflow_setting_names in deploy/ansible/roles/common/"
+        "a Settings field was added or removed: update common_setting_names in deploy/ansible/roles/common/"
         f"vars/main.yml and megaflow_<field> in group_vars/all.yml (missing: {sorted(set(fields) - set(names))}, "
         f"extra: {sorted(set(names) - set(fields))})")
     all_vars = yaml.safe_load((ANSIBLE_DIR / "group_vars/all.yml").read_text())
