@@ -9,6 +9,6 @@ say "ruff format --check";               .venv/bin/ruff format --check megaflow 
 say "mypy megaflow";                     .venv/bin/mypy megaflow
 if [ -x .venv/bin/ansible-lint ] && [ -f deploy/ansible/.ansible-lint ]; then
   say "ansible-lint --profile production"
-  (cd deploy/ansible && ../../.venv/bin/ansible-lint --profile production --offline -q .)
+  PATH="$PWD/.venv/bin:$PATH" .venv/bin/ansible-lint --profile production -c deploy/ansible/.ansible-lint deploy/ansible
 fi
 say "clean"

@@ -109,7 +109,7 @@ def ansible_env(tmp_path_factory) -> dict[str, str]:
 
 
 def _run(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([_tool(args[0]) or args[0], *args[1:]], cwd=ANSIBLE_DIR, env=env, text=True,
+    return subprocess.run([_tool(args[0]) or args[0], *args[1:]], cwd=ANSIBLE_DIR, env=env, text=True, check=False,
                           capture_output=True, timeout=timeout)
 
 
@@ -132,9 +132,9 @@ def test_example_inventory_has_every_group_and_no_real_addresses(ansible_env):
 
 def test_group_vars_name_every_setting_and_no_secret():
     fields = list(Settings.model_fields)
-    names = yaml.safe_load((ANSIBLE_DIR / "roles/common/vars/main.yml").read_text())["megaflow_setting_names"]
+    names = yaml.safe_load((ANSIBLE_DIR / "roles/common/vars/main.yml").read_text())["common_setting_names"]
     assert len(names) == len(set(names)) and set(names) == set(fields), (
-        "a Settings field was added or removed: update megaflow_setting_names in deploy/ansible/roles/common/"
+        "a Settings field was added or removed: update common_setting_names in deploy/ansible/roles/common/"
         f"vars/main.yml and megaflow_<field> in group_vars/all.yml (missing: {sorted(set(fields) - set(names))}, "
         f"extra: {sorted(set(names) - set(fields))})")
     all_vars = yaml.safe_load((ANSIBLE_DIR / "group_vars/all.yml").read_text())
@@ -231,7 +231,8 @@ def test_env_file_reads_the_same_in_a_shell(rendered, tmp_path):
     text = rendered["env-2"]["/etc/megaflow/megaflow.env"]["content"]
     path = tmp_path / "megaflow.env"
     path.write_text(text)
-    proc = subprocess.run(["env", "-i", "bash", "-c", f"set -a; . {path}; env -0"], capture_output=True, timeout=10)
+    proc = subprocess.run(["env", "-i", "bash", "-c", f"set -a; . {path}; env -0"], capture_output=True, timeout=10,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     shell = dict(kv.split("=", 1) for kv in proc.stdout.decode().split("\0") if "=" in kv)
     for key, value in parse_env_file(text).items():
@@ -376,11 +377,39 @@ def test_units_pass_systemd_analyze_verify(rendered, tmp_path):
     paths = []
     for name, text in units.items():
         text = text.replace("/opt/megaflow/venv/bin/megaflow", "/bin/true")
-        text = re.sub(r"^(User|Group)=.*$", r"\1=root", text, flags=re.M)
+        text = re.sub(r"^(User|Group)=.*$", r"\1=root", text, flags=re.MULTILINE)
         path = tmp_path / name.replace("@.service", "@main.service")
         path.write_text(text)
         paths.append(str(path))
-    proc = subprocess.run([tool, "verify", *paths], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([tool, "verify", *paths], capture_output=True, text=True, timeout=60, check=False)
     bad = [line for line in (proc.stdout + proc.stderr).splitlines()
            if re.search(r"Unknown (key|section)|[Ii]nvalid|[Ff]ailed to parse|bad-setting|Missing", line)]
     assert not bad, "\n".join(bad)
+
+
+def test_drain_play_syntax_check_and_refuses_no_host(ansible_env):
+    proc = _run(ansible_env, "ansible-playbook", "--syntax-check", "-i", str(INVENTORY), "drain.yml",
+                "-e", "host=env-1.example.internal")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run(ansible_env, "ansible-playbook", "-i", str(INVENTORY), "drain.yml")
+    assert proc.returncode != 0 and "-e host=NAME" in proc.stdout + proc.stderr
+
+
+def test_test_host_inventory_has_every_group_and_its_own_ports(ansible_env, tmp_path):
+    """scripts/testhosts.py's inventory: groups, docker connection, distinct free ports, group choices."""
+    from scripts.testhosts import write_inventory
+
+    path = write_inventory(tmp_path / "inv", "mf-x", ["env1", "env2"])
+    proc = _run(ansible_env, "ansible-inventory", "-i", str(path), "--list")
+    assert proc.returncode == 0, proc.stderr
+    inv = json.loads(proc.stdout)
+    for group in ("redis", "flower", "model_hosts", "agent_hosts", "control"):
+        assert inv[group]["hosts"] == ["th-ctl"], group
+    assert inv["env_hosts"]["hosts"] == ["th-env1", "th-env2"]
+    assert not inv.get("mongodb", {}).get("hosts"), "records go to SQLite: no MongoDB host"
+    hv = inv["_meta"]["hostvars"]
+    assert hv["th-env1"]["ansible_connection"] == "community.docker.docker"
+    assert hv["th-env1"]["ansible_host"] == "mf-x-env1" and hv["th-env1"]["env_hosts_docker"] == "socket"
+    assert hv["th-ctl"]["megaflow_model_backend"] == "scripted" and "env_hosts_docker" not in hv["th-ctl"]
+    ports = [hv["th-ctl"][k] for k in ("redis_port", "megaflow_flower_port", "megaflow_metrics_port")]
+    assert len(set(ports)) == 3 and 6379 not in ports

@@ -1,4 +1,4 @@
-"""Operator commands: ``megaflow capacity``, ``megaflow quota set USER N``, ``megaflow host drain NAME``.
+"""Operator commands: ``megaflow capacity``, ``megaflow quota set USER N``, ``megaflow host drain|health NAME``.
 
 ``app`` holds the three; the main CLI mounts them (``capacity`` as a command, ``quota`` and
 ``host`` as groups).
@@ -126,3 +126,26 @@ def host_leave(
     mgr.leave_host(name)  # NotFoundError for a host never registered
     used = next((h["used"] for h in mgr.hosts() if h["name"] == name), 0)
     typer.echo(f"host {name}: leaving ({used} episodes still running there will finish, then its worker stops)")
+
+
+@host_app.command("health")
+def host_health(
+    name: str | None = typer.Argument(None, help="Env host name (default: this host, MEGAFLOW_HOST_NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Docker daemon up, disk free above the image budget, image present, env worker answering ping."""
+    import json
+
+    from megaflow.core.settings import Settings
+    from megaflow.health import host_health as check
+
+    report = check(Settings.load(), name)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for c in report["checks"]:
+            typer.echo(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']:<7} {c['detail']}")
+        state = ("healthy" if report["ok"] else "unhealthy") + (" (drained)" if report["drained"] else "")
+        typer.echo(f"host {report['host']}: {state}")
+    if not report["ok"]:
+        raise typer.Exit(1)

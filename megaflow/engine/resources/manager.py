@@ -223,6 +223,10 @@ class ResourceManager:
         pipe.srem(self.keys.env("leaving"), name)
         pipe.execute()
 
+    def host_has_image(self, name: str, image: str) -> bool:
+        """Whether env host ``name`` reported ``image`` present in its last heartbeat."""
+        return bool(self.redis.sismember(self._k("himages", name), image))
+
     def hosts(self) -> list[dict[str, Any]]:
         """Every registered host with its load, capacity, boot slots, images and heartbeat age."""
         now = self._now_ms()
