@@ -27,7 +27,7 @@ from scale import PROFILES, Fleet, fleet_settings, run_batch, start_redis, wait_
 
 async def _episode(sem: asyncio.Semaphore, model_s: float, cmd_s: float, calls: int) -> None:
     async with sem:
-        for k in range(calls):
+        for _ in range(calls):
             await asyncio.sleep(model_s)  # the model call
             await asyncio.sleep(cmd_s)  # the command (the last one: the evaluation)
 
@@ -71,16 +71,20 @@ def main() -> None:
             base_wall, base_cpu = asyncio_baseline(n, a.profile, limit=n)
             row = run_batch(settings, fleet, redis_proc.pid, n, a.profile)
             ratio = row["wall_s"] / base_wall
-            print(f"N={n:>5} ({a.profile} s episodes): asyncio {base_wall:7.2f}s ({base_cpu:.2f} CPU-ms/episode) | "
-                  f"MegaFlow {row['wall_s']:7.2f}s ({row['cpu_ms_per_episode_total']:.1f} CPU-ms/episode, "
-                  f"{row['states']}) | ratio {ratio:.2f}x (goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'})")
+            print(
+                f"N={n:>5} ({a.profile} s episodes): asyncio {base_wall:7.2f}s ({base_cpu:.2f} CPU-ms/episode) | "
+                f"MegaFlow {row['wall_s']:7.2f}s ({row['cpu_ms_per_episode_total']:.1f} CPU-ms/episode, "
+                f"{row['states']}) | ratio {ratio:.2f}x (goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'})"
+            )
     finally:
         fleet.close()
         redis_proc.terminate()
         redis_proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    print("MegaFlow's price buys: crash recovery (a killed worker loses one step, never an episode), fleet / user /"
-          " host limits with leases, records and trajectories per episode, and a fleet of many machines.")
+    print(
+        "MegaFlow's price buys: crash recovery (a killed worker loses one step, never an episode), fleet / user /"
+        " host limits with leases, records and trajectories per episode, and a fleet of many machines."
+    )
 
 
 if __name__ == "__main__":

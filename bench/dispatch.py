@@ -44,9 +44,14 @@ def raw_app(url: str):
     from celery import Celery
 
     app = Celery("raw", broker=url, backend=url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
-                    worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True,
-                    worker_hijack_root_logger=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
     app.task(name="raw.noop")(noop)
     return app
 
@@ -57,8 +62,9 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+    )
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
@@ -94,16 +100,18 @@ def bench_megaflow(url: str, samples: int, tmp: Path, events: bool) -> list[floa
     import redis
 
     from megaflow.core import states
-    from megaflow.engine.episodes import EpisodeEngine
     from megaflow.core.keys import Keys
-    from megaflow.services.root import Root
     from megaflow.core.settings import Settings
     from megaflow.core.spec import validate_specs
+    from megaflow.engine.episodes import EpisodeEngine
+    from megaflow.services.root import Root
 
     settings = Settings.load(redis_url=url, state_dir=str(tmp / "state"), host_name="bench", task_events=events)
     env = dict(os.environ, **settings.to_env())
-    workers = [start([sys.executable, "-m", "megaflow", "worker", role, "-c", conc], env, tmp / f"{role}.log")
-               for role, conc in (("model", "4"), ("agent", "1"))]
+    workers = [
+        start([sys.executable, "-m", "megaflow", "worker", role, "-c", conc], env, tmp / f"{role}.log")
+        for role, conc in (("model", "4"), ("agent", "1"))
+    ]
     rt = Root(settings)
     from megaflow.workers.celery_app import create_app
 
@@ -113,22 +121,28 @@ def bench_megaflow(url: str, samples: int, tmp: Path, events: bool) -> list[floa
         engine: EpisodeEngine = rt.engine
         r = redis.Redis.from_url(url, decode_responses=True)
         calls = EPISODE_HOPS // 2
-        spec = {"task_id": "bench-hops", "model": {"backend": "scripted", "replies": ["no command"] * (calls + 2)},
-                "agent": {"max_steps": calls, "max_format_errors": EPISODE_HOPS}, "eval": {"command": "true"}}
+        spec = {
+            "task_id": "bench-hops",
+            "model": {"backend": "scripted", "replies": ["no command"] * (calls + 2)},
+            "agent": {"max_steps": calls, "max_format_errors": EPISODE_HOPS},
+            "eval": {"command": "true"},
+        }
         pairs = []
         for _ in range(WARMUP_EPISODES + -(-samples // (EPISODE_HOPS - 4))):  # episodes one after another
             _, ids = engine.create_batch(validate_specs([spec]), "bench")
             ep = engine.load(ids[0])
             engine.advance(ep, keep_step=True, state=states.RUNNING, phase="env_ready")
             rt.dispatcher.send("megaflow.agent.step", [ids[0], 0], "agent")
-            wait_for(lambda: r.hget(Keys(settings.key_prefix).episode(ids[0]), "terminal") == "1", 120,
-                     "episode end")
+            key = Keys(settings.key_prefix).episode(ids[0])
+            wait_for(lambda key=key: r.hget(key, "terminal") == "1", 120, "episode end")
             recs = [rec for rec in engine.load(ids[0]).history if rec["role"] in ("assistant", "user")][1:]
             pairs += list(zip(recs, recs[1:]))[3:]
-        pairs = pairs[WARMUP_EPISODES * (EPISODE_HOPS - 4):][:samples]
+        pairs = pairs[WARMUP_EPISODES * (EPISODE_HOPS - 4) :][:samples]
         # a hop into the agent worker ends with its format-error record; into the model worker, with a reply
-        by_pool = {"agent (prefork)": [b["t"] - a["t"] for a, b in pairs if b["role"] == "user"],
-                   "model (threads)": [b["t"] - a["t"] for a, b in pairs if b["role"] == "assistant"]}
+        by_pool = {
+            "agent (prefork)": [b["t"] - a["t"] for a, b in pairs if b["role"] == "user"],
+            "model (threads)": [b["t"] - a["t"] for a, b in pairs if b["role"] == "assistant"],
+        }
         for pool, xs in by_pool.items():
             print(f"  hops into {pool:<16}: p50 {statistics.median(xs) * 1e3:6.2f} ms  ({len(xs)} hops)")
         return [b["t"] - a["t"] for a, b in pairs]
@@ -146,13 +160,26 @@ def main() -> None:
     a = ap.parse_args()
     if a.raw_worker:
         events = ["--task-events"] if os.environ.get("RAW_TASK_EVENTS") == "1" else []
-        raw_app(a.raw_worker).worker_main(["worker", "--pool", "solo", "--loglevel", "WARNING", *events,
-                                           "--without-gossip", "--without-mingle"])
+        raw_app(a.raw_worker).worker_main(
+            ["worker", "--pool", "solo", "--loglevel", "WARNING", *events, "--without-gossip", "--without-mingle"]
+        )
         return
     tmp = Path(tempfile.mkdtemp(prefix="mf-bench-"))
     port = free_port()
-    redis_proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                                   "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    redis_proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     results = {}
     try:
@@ -168,10 +195,12 @@ def main() -> None:
     print(f"samples per run: {a.samples} (one Redis on loopback; logs in {tmp})")
     for events, (raw, hop) in results.items():
         ratio = statistics.median(hop) / statistics.median(raw)
-        print(f"task events {'on ' if events else 'off'}: raw Celery no-op round trip p50 "
-              f"{statistics.median(raw) * 1e3:6.2f} ms p99 {pct(raw, .99) * 1e3:6.2f} ms | MegaFlow step hop p50 "
-              f"{statistics.median(hop) * 1e3:6.2f} ms p99 {pct(hop, .99) * 1e3:6.2f} ms | ratio (p50) {ratio:.2f}x "
-              f"(goal <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
+        print(
+            f"task events {'on ' if events else 'off'}: raw Celery no-op round trip p50 "
+            f"{statistics.median(raw) * 1e3:6.2f} ms p99 {pct(raw, 0.99) * 1e3:6.2f} ms | MegaFlow step hop p50 "
+            f"{statistics.median(hop) * 1e3:6.2f} ms p99 {pct(hop, 0.99) * 1e3:6.2f} ms | ratio (p50) {ratio:.2f}x "
+            f"(goal <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})"
+        )
 
 
 if __name__ == "__main__":

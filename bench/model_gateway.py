@@ -168,10 +168,10 @@ class QueueDriver:
     def __init__(self, fleet: Fleet):
         from megaflow.core.keys import Keys
         from megaflow.core.spec import validate_specs
+        from megaflow.core.wire import AGENT_QUEUE, MODEL_QUEUE
         from megaflow.engine.episodes import EpisodeEngine
         from megaflow.services.lifecycle import MODEL_COMPLETE
         from megaflow.services.root import Root
-        from megaflow.core.wire import AGENT_QUEUE, MODEL_QUEUE
 
         self.fleet = fleet
         self.rt = Root(fleet.settings)

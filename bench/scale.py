@@ -55,9 +55,12 @@ def episode_spec(i: int, profile: str, model_s: float | None = None) -> dict[str
     """One simulated episode: calls-1 commands, then a submit, then the evaluation command."""
     m, _cmd, calls = PROFILES[profile]
     replies = [f"step {k}\n```bash\nwork {k}\n```" for k in range(calls - 1)] + ["MEGAFLOW_SUBMIT"]
-    return {"task_id": f"sim-{i}", "model": {"backend": "scripted", "replies": replies,
-                                             "latency_s": m if model_s is None else model_s},
-            "agent": {"max_steps": calls + 1}, "eval": {"command": "evaluate"}}
+    return {
+        "task_id": f"sim-{i}",
+        "model": {"backend": "scripted", "replies": replies, "latency_s": m if model_s is None else model_s},
+        "agent": {"max_steps": calls + 1},
+        "eval": {"command": "evaluate"},
+    }
 
 
 # --- processes -------------------------------------------------------------------------------------
@@ -113,8 +116,13 @@ class Fleet:
     def start(self, name: str, args: list[str]) -> None:
         env = dict(os.environ, **self.settings.to_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         log = open(self.tmp / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "megaflow", *args], env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "megaflow", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
 
     def close(self) -> None:
@@ -132,8 +140,22 @@ class Fleet:
 
 def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     import redis
 
     r = redis.Redis(port=port)
@@ -152,10 +174,21 @@ def fleet_settings(url: str, tmp: Path, n_max: int, profile: str, env_hosts: int
     _m, cmd_s, _c = PROFILES[profile]
     per_host = math.ceil(n_max / env_hosts)
     return Settings.load(
-        redis_url=url, state_dir=str(tmp / "state"), host_name="scale", task_events=events, metrics_port=0,
-        global_limit=n_max, user_limit=n_max, host_capacity=per_host, boot_concurrency=per_host,
-        model_concurrency=n_max, env_concurrency=per_host, lease_s=120.0, host_ttl_s=60.0,
-        sweep_interval_s=30.0, admit_start_timeout_s=3600.0,
+        redis_url=url,
+        state_dir=str(tmp / "state"),
+        host_name="scale",
+        task_events=events,
+        metrics_port=0,
+        global_limit=n_max,
+        user_limit=n_max,
+        host_capacity=per_host,
+        boot_concurrency=per_host,
+        model_concurrency=n_max,
+        env_concurrency=per_host,
+        lease_s=120.0,
+        host_ttl_s=60.0,
+        sweep_interval_s=30.0,
+        admit_start_timeout_s=3600.0,
         env_backend={"type": "sim", "rules": [{"match": ".*", "latency_s": cmd_s, "exit_code": 0}]},
     )
 
@@ -175,8 +208,15 @@ def wait_workers(settings: Settings, fleet: Fleet, n_nodes: int, timeout_s: floa
 
 
 # --- one batch -------------------------------------------------------------------------------------
-def run_batch(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile: str,
-              model_s: float | None = None, wait: bool = True) -> dict[str, Any]:
+def run_batch(
+    settings: Settings,
+    fleet: Fleet,
+    redis_pid: int,
+    n: int,
+    profile: str,
+    model_s: float | None = None,
+    wait: bool = True,
+) -> dict[str, Any]:
     import redis as redis_mod
 
     from megaflow.client import Client
@@ -219,14 +259,18 @@ def run_batch(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile:
     cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
     ideal = ideal_s(profile) if model_s is None else ideal_s(profile)
     admit = [x["phases"]["admitted"] - x["phases"]["queued"] for x in results if "admitted" in x["phases"]]
-    overhead = [x["phases"]["finished"] - x["phases"]["submitted"] - ideal for x in results
-                if "finished" in x["phases"]]
+    overhead = [
+        x["phases"]["finished"] - x["phases"]["submitted"] - ideal for x in results if "finished" in x["phases"]
+    ]
     states = {s: sum(1 for x in results if x["state"] == s) for s in {x["state"] for x in results}}
     steps = [int(r.hget(f"{settings.key_prefix}:ep:{x['episode_id']}", "step") or 0) for x in results[:200]]
     r.close()
     return {
-        "n": n, "wall_s": wall, "states": states,
-        "admission_p50_s": statistics.median(admit) if admit else None, "admission_p99_s": pct(admit, 0.99),
+        "n": n,
+        "wall_s": wall,
+        "states": states,
+        "admission_p50_s": statistics.median(admit) if admit else None,
+        "admission_p99_s": pct(admit, 0.99),
         "overhead_p50_s": statistics.median(overhead) if overhead else None,
         "cpu_ms_per_episode": {k: v * 1000 / n for k, v in cpu.items()},
         "cpu_ms_per_episode_total": sum(cpu.values()) * 1000 / n,
@@ -249,9 +293,16 @@ def raw_app(url: str, events: bool):
     from celery import Celery
 
     app = Celery("raw", broker=url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True, task_acks_late=True,
-                    worker_prefetch_multiplier=1, worker_send_task_events=events, task_send_sent_event=False,
-                    broker_transport_options={"global_keyprefix": "raw:"})
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=events,
+        task_send_sent_event=False,
+        broker_transport_options={"global_keyprefix": "raw:"},
+    )
 
     @app.task(name="raw.noop")
     def noop(i: int) -> None:
@@ -271,8 +322,13 @@ def dispatch_limit(url: str, tmp: Path, events: bool, tasks: int = 3000) -> floa
     r = redis_mod.Redis.from_url(url)
     log = open(tmp / "raw-worker.log", "wb")
     t0 = time.monotonic()
-    w = subprocess.Popen([sys.executable, __file__, "--raw-worker", url, *(["--events"] if events else [])], env=env,
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    w = subprocess.Popen(
+        [sys.executable, __file__, "--raw-worker", url, *(["--events"] if events else [])],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         while r.llen("raw:celery") > 0:
             time.sleep(0.05)
@@ -290,16 +346,25 @@ def write_report(out: Path, rows: list[dict], limit: float | None, profile: str)
     from megaflow.report_svg import bar_chart, step_chart
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps({"profile": profile, "dispatch_limit_tasks_per_s": limit,
-                                                "rows": rows}, indent=1))
+    (out / "scale.json").write_text(
+        json.dumps({"profile": profile, "dispatch_limit_tasks_per_s": limit, "rows": rows}, indent=1)
+    )
     t1 = rows[0]["wall_s"]
-    curve = step_chart([("T(N)/T(1)", [(math.log10(r["n"]), r["wall_s"] / t1) for r in rows])], y_label="T(N)/T(1)",
-                       title="T(N)/T(1) against log10 N", x_label="log10 N")
+    curve = step_chart(
+        [("T(N)/T(1)", [(math.log10(r["n"]), r["wall_s"] / t1) for r in rows])],
+        y_label="T(N)/T(1)",
+        title="T(N)/T(1) against log10 N",
+        x_label="log10 N",
+    )
     last = rows[-1]
-    split = bar_chart([(k, v, f"{v:.1f}") for k, v in last["cpu_ms_per_episode"].items()],
-                      title=f"CPU ms per episode by service at N={last['n']}", x_label="ms")
-    (out / "scale.html").write_text(f"<html><body><h1>MegaFlow scale ({profile} s episodes)</h1>{curve}{split}"
-                                    "</body></html>")
+    split = bar_chart(
+        [(k, v, f"{v:.1f}") for k, v in last["cpu_ms_per_episode"].items()],
+        title=f"CPU ms per episode by service at N={last['n']}",
+        x_label="ms",
+    )
+    (out / "scale.html").write_text(
+        f"<html><body><h1>MegaFlow scale ({profile} s episodes)</h1>{curve}{split}</body></html>"
+    )
 
 
 def main() -> None:
@@ -314,8 +379,19 @@ def main() -> None:
     a = ap.parse_args()
     if a.raw_worker:
         raw_app(a.raw_worker, a.events).worker_main(
-            ["worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "WARNING",
-             *(["--task-events"] if a.events else []), "--without-gossip", "--without-mingle"])
+            [
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "8",
+                "--loglevel",
+                "WARNING",
+                *(["--task-events"] if a.events else []),
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
         return
     tmp = Path(tempfile.mkdtemp(prefix="mf-scale-"))
     redis_proc, url = start_redis(tmp)
@@ -340,15 +416,19 @@ def main() -> None:
             rows.append(row)
             t1 = rows[0]["wall_s"]
             lim_s = n * (row["tasks_per_episode"] or 0) / limit
-            print(f"N={n:>6}: T={row['wall_s']:8.1f}s T(N)/T(1)={row['wall_s'] / t1:5.2f} "
-                  f"admission p50/p99={row['admission_p50_s']:.2f}/{row['admission_p99_s']:.2f}s "
-                  f"overhead p50={row['overhead_p50_s']:.2f}s CPU/ep={row['cpu_ms_per_episode_total']:.1f}ms "
-                  f"Redis/ep peak={row['redis_bytes_per_episode_peak'] / 1024:.1f}KB "
-                  f"after={row['redis_bytes_per_episode_after'] / 1024:.1f}KB RSS={row['rss_peak_mb']:.0f}MB "
-                  f"tasks/ep={row['tasks_per_episode']:.1f} dispatch-limit time={lim_s:.1f}s "
-                  f"T/limit={row['wall_s'] / lim_s if lim_s else float('nan'):.2f} states={row['states']}")
-            print("        CPU ms/episode by process: " + ", ".join(
-                f"{k}={v:.1f}" for k, v in row["cpu_ms_per_episode"].items()))
+            print(
+                f"N={n:>6}: T={row['wall_s']:8.1f}s T(N)/T(1)={row['wall_s'] / t1:5.2f} "
+                f"admission p50/p99={row['admission_p50_s']:.2f}/{row['admission_p99_s']:.2f}s "
+                f"overhead p50={row['overhead_p50_s']:.2f}s CPU/ep={row['cpu_ms_per_episode_total']:.1f}ms "
+                f"Redis/ep peak={row['redis_bytes_per_episode_peak'] / 1024:.1f}KB "
+                f"after={row['redis_bytes_per_episode_after'] / 1024:.1f}KB RSS={row['rss_peak_mb']:.0f}MB "
+                f"tasks/ep={row['tasks_per_episode']:.1f} dispatch-limit time={lim_s:.1f}s "
+                f"T/limit={row['wall_s'] / lim_s if lim_s else float('nan'):.2f} states={row['states']}"
+            )
+            print(
+                "        CPU ms/episode by process: "
+                + ", ".join(f"{k}={v:.1f}" for k, v in row["cpu_ms_per_episode"].items())
+            )
         write_report(Path(a.out), rows, limit, a.profile)
         print(f"wrote {a.out}/scale.json and scale.html (logs in {tmp})")
     finally:
@@ -376,8 +456,10 @@ def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile:
     lag = [v["phases"]["admitted"] - v["phases"]["queued"] for v in views if "admitted" in v["phases"]]
     rss = sum(rss_bytes(p.pid) for p in fleet.procs.values()) + rss_bytes(redis_pid)
     mem = int(r.info("memory")["used_memory"])
-    print(f"in flight: {len(lag)}/{n} admitted; admission p50 {statistics.median(lag):.3f}s p99 {pct(lag, .99):.3f}s "
-          f"(goal < 1 s); total RSS {rss / 2**30:.2f} GB (goal < 4 GB); Redis {mem / n / 1024:.1f} KB/episode")
+    print(
+        f"in flight: {len(lag)}/{n} admitted; admission p50 {statistics.median(lag):.3f}s p99 {pct(lag, 0.99):.3f}s "
+        f"(goal < 1 s); total RSS {rss / 2**30:.2f} GB (goal < 4 GB); Redis {mem / n / 1024:.1f} KB/episode"
+    )
     run["stop"].set()
     client.cancel(run["batch"])
     client.close()

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis  # noqa: E402
 
 from megaflow.core.keys import Keys  # noqa: E402
-from megaflow.engine.resources import LeaseSemaphore, ResourceManager  # noqa: E402
 from megaflow.core.settings import Settings  # noqa: E402
+from megaflow.engine.resources import LeaseSemaphore, ResourceManager  # noqa: E402
 
 
 def private_redis() -> tuple[str, subprocess.Popen]:
@@ -41,8 +41,23 @@ def private_redis() -> tuple[str, subprocess.Popen]:
     exe = shutil.which("redis-server")
     if not exe:
         sys.exit("redis-server not found; give --redis-url")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", tempfile.gettempdir()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tempfile.gettempdir(),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -89,8 +104,11 @@ def bench_ops(client: redis.Redis, url: str, n: int, rounds: int = 10) -> None:
         assert lock.acquire(blocking=False)
         lock.release()
 
-    contenders = {"three-tier (ResourceManager.acquire/release)": tiers,
-                  "one tier (LeaseSemaphore)": single, "redis-py Lock": plain}
+    contenders = {
+        "three-tier (ResourceManager.acquire/release)": tiers,
+        "one tier (LeaseSemaphore)": single,
+        "redis-py Lock": plain,
+    }
     spent = dict.fromkeys(contenders, 0.0)
     for fn in contenders.values():  # warm-up, scripts loaded
         for i in range(100):
@@ -186,8 +204,10 @@ def main() -> None:
         info = client.info("server")
         print(f"Redis {info['redis_version']} at {url}; python {sys.version.split()[0]}")
         bench_ops(client, url, args.ops)
-        for title, scenario in (("heavy user at its limit holds the queue", HeavyUser),
-                                ("FIFO head, 100 users under their limits", FifoHead)):
+        for title, scenario in (
+            ("heavy user at its limit holds the queue", HeavyUser),
+            ("FIFO head, 100 users under their limits", FifoHead),
+        ):
             t = time.perf_counter()
             small, big = scenario(client, url, 1_000), scenario(client, url, 100_000)
             setup = time.perf_counter() - t
@@ -195,8 +215,10 @@ def main() -> None:
             for i in range(args.samples):  # alternate, so load changes hit both alike
                 res[1_000].append(small.sample(i))
                 res[100_000].append(big.sample(i))
-            print(f"admission latency, {title} (admit(1) call, {args.samples} samples each, alternating; "
-                  f"setup {setup:.1f}s):")
+            print(
+                f"admission latency, {title} (admit(1) call, {args.samples} samples each, alternating; "
+                f"setup {setup:.1f}s):"
+            )
             for queued, xs in res.items():
                 print(f"  {queued:>7,} queued: {fmt(xs)}")
             ratio = statistics.median(res[100_000]) / statistics.median(res[1_000])

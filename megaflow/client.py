@@ -8,18 +8,18 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import redis
 
-from megaflow.services import lifecycle
-from megaflow.core import states
-from megaflow.core import guards
+from megaflow.core import guards, states
 from megaflow.core.errors import MegaflowError, ServiceUnavailableError, SpecError
-from megaflow.services.root import Root
 from megaflow.core.settings import Settings
 from megaflow.core.spec import TaskSpec, validate_specs
+from megaflow.services import lifecycle
+from megaflow.services.root import Root
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,27 @@ class Client:
         except redis.RedisError as exc:
             raise ServiceUnavailableError(
                 f"cannot reach Redis at MEGAFLOW_REDIS_URL ({_safe_url(self.settings.redis_url)}): {exc}; "
-                "start it (`make demo` does) or fix the URL") from None
+                "start it (`make demo` does) or fix the URL"
+            ) from None
 
-    def submit(self, specs: dict[str, Any] | TaskSpec | Iterable[dict[str, Any] | TaskSpec], *, user: str,
-               batch_id: str | None = None) -> Submission:
+    def submit(
+        self,
+        specs: dict[str, Any] | TaskSpec | Iterable[dict[str, Any] | TaskSpec],
+        *,
+        user: str,
+        batch_id: str | None = None,
+    ) -> Submission:
         """Validate every spec, then enqueue them all as one batch; a bad spec enqueues nothing."""
         if not isinstance(user, str) or not _USER.fullmatch(user):
-            raise SpecError("field 'user': must be 1-64 characters of letters, digits, '_', '.', '@' or '-'",
-                            field="user")
+            raise SpecError(
+                "field 'user': must be 1-64 characters of letters, digits, '_', '.', '@' or '-'", field="user"
+            )
         if batch_id is not None and (not isinstance(batch_id, str) or not guards.BATCH_ID.fullmatch(batch_id)):
-            raise SpecError(f"field 'batch_id': {guards.show(batch_id)} is not allowed: use {guards.BATCH_ID_RULE}, "
-                            "or leave it out to get a generated one", field="batch_id")
+            raise SpecError(
+                f"field 'batch_id': {guards.show(batch_id)} is not allowed: use {guards.BATCH_ID_RULE}, "
+                "or leave it out to get a generated one",
+                field="batch_id",
+            )
         valid = validate_specs(_take(specs, self.settings.max_batch_episodes))
         check_models(valid, self.settings)
         valid = check_agents(valid)
@@ -87,10 +97,12 @@ class Client:
         except BaseException:
             self.rt.redis.delete(self.rt.keys.batch(bid))  # one MULTI: nothing else of the batch was written
             raise
-        self.rt.resources.enqueue([
-            {"episode_id": eid, "user": user, "image": spec.image or self.settings.default_image}
-            for eid, spec in zip(ids, valid)
-        ])
+        self.rt.resources.enqueue(
+            [
+                {"episode_id": eid, "user": user, "image": spec.image or self.settings.default_image}
+                for eid, spec in zip(ids, valid)
+            ]
+        )
         lifecycle.admit(self.rt)
         return Submission(bid, ids)
 
@@ -106,8 +118,11 @@ class Client:
                 return bid
             if batch_id:
                 break
-        raise SpecError(f"field 'batch_id': batch {bid!r} already exists; a batch id names one batch only: choose "
-                        "a new id, or leave it out to get a generated one", field="batch_id")
+        raise SpecError(
+            f"field 'batch_id': batch {bid!r} already exists; a batch id names one batch only: choose "
+            "a new id, or leave it out to get a generated one",
+            field="batch_id",
+        )
 
     def _recorded(self, batch_id: str) -> bool:
         """Whether the metadata store holds episodes of ``batch_id`` (Redis may have been flushed since)."""
@@ -131,8 +146,12 @@ class Client:
         choices = modes.auto_modes(self.rt.redis, self.rt.keys, self.settings, specs, hosts=hosts, cfg=cfg)
         modes.publish_pools(self.rt.redis, self.settings.key_prefix, choices)
         default = self.settings.default_image
-        return [s if s.mode or (s.image or default) not in choices
-                else s.model_copy(update={"mode": choices[s.image or default].mode}) for s in specs]
+        return [
+            s
+            if s.mode or (s.image or default) not in choices
+            else s.model_copy(update={"mode": choices[s.image or default].mode})
+            for s in specs
+        ]
 
     def status(self, batch_id: str) -> dict[str, Any]:
         """Counts by state of a batch, from the live episode state."""
@@ -143,8 +162,14 @@ class Client:
         done = sum(counts.get(s, 0) for s in states.TERMINAL)
         return {"batch_id": batch_id, "total": len(ids), "done": done, "counts": counts}
 
-    def wait(self, batch_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
-             on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        batch_id: str,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
         """Block until every episode of the batch is terminal (or ``timeout``); return status()."""
         total = len(self.rt.engine.batch_ids(batch_id))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -181,10 +206,20 @@ class Client:
         self.rt.lifecycle.admit()
         return n
 
-    def rollout(self, tasks: Iterable[Any], *, replicas: int = 1, policy_version: str | None = None,
-                user: str = "rollout", max_infra_retries: int = 2, timeout: float | None = None,
-                trajectories: bool = True, oversample: int | None = None, grace: float = 0.5,
-                priority: bool = False):
+    def rollout(
+        self,
+        tasks: Iterable[Any],
+        *,
+        replicas: int = 1,
+        policy_version: str | None = None,
+        user: str = "rollout",
+        max_infra_retries: int = 2,
+        timeout: float | None = None,
+        trajectories: bool = True,
+        oversample: int | None = None,
+        grace: float = 0.5,
+        priority: bool = False,
+    ):
         """Run every task ``replicas`` times; iterate over the groups (rewards, trajectories, token data).
 
         Tasks are TaskSpec dicts or SWE-bench instances. Submits at once and returns a RolloutRun
@@ -218,9 +253,18 @@ class Client:
             raise SpecError(f"field 'replicas': {len(tasks):,} tasks x {replicas} replicas is above "
                             f"MEGAFLOW_MAX_BATCH_EPISODES ({cap:,}); run fewer at a time or raise the setting",
                             field="replicas")  # fmt: skip
-        return Rollout(self, replicas=replicas, user=user, policy_version=policy_version,
-                       max_infra_retries=max_infra_retries, timeout=timeout, trajectories=trajectories,
-                       oversample=oversample, grace=float(grace), priority=bool(priority)).run(tasks)
+        return Rollout(
+            self,
+            replicas=replicas,
+            user=user,
+            policy_version=policy_version,
+            max_infra_retries=max_infra_retries,
+            timeout=timeout,
+            trajectories=trajectories,
+            oversample=oversample,
+            grace=float(grace),
+            priority=bool(priority),
+        ).run(tasks)
 
     def resume(self, batch_id: str):
         """Re-run a batch's infra failures as a new batch; skip what finished. Returns a ResumeResult."""
@@ -240,7 +284,7 @@ class Client:
         if "metadata" in vars(self.rt):  # opened by a batch-id check
             self.rt.metadata.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -278,12 +322,16 @@ def _take(specs: Any, cap: int) -> list[Any]:
     if isinstance(specs, (dict, TaskSpec)):
         return [specs]
     if isinstance(specs, (str, bytes)) or not hasattr(specs, "__iter__"):
-        raise SpecError(f"specs must be a task spec (dict) or a list of them, got {type(specs).__name__}",
-                        field="specs")
+        raise SpecError(
+            f"specs must be a task spec (dict) or a list of them, got {type(specs).__name__}", field="specs"
+        )
     out = list(itertools.islice(iter(specs), cap + 1))
     if len(out) > cap:
-        raise SpecError(f"field 'specs': more than {cap:,} specs in one batch (MEGAFLOW_MAX_BATCH_EPISODES); split it "
-                        "into several submits or raise the setting", field="specs")
+        raise SpecError(
+            f"field 'specs': more than {cap:,} specs in one batch (MEGAFLOW_MAX_BATCH_EPISODES); split it "
+            "into several submits or raise the setting",
+            field="specs",
+        )
     return out
 
 
@@ -295,19 +343,40 @@ def check_limits(specs: list[TaskSpec], settings: Settings) -> None:
         if size > settings.max_spec_bytes:
             dump = spec.model_dump(mode="json")
             big = max(dump, key=lambda k: len(json.dumps(dump[k])))
-            raise SpecError(f"spec is {size:,} bytes, above MEGAFLOW_MAX_SPEC_BYTES ({settings.max_spec_bytes:,}); "
-                            f"its largest field is '{big}': make it smaller (or raise the setting)", index=i,
-                            field=big)
-        limits = (("agent.command_timeout_s", spec.agent.command_timeout_s, longest,
-                   "the fleet's longest step (MEGAFLOW_COMMAND_TIMEOUT_S / MEGAFLOW_EVAL_TIMEOUT_S)"),
-                  ("eval.timeout_s", spec.eval.timeout_s, longest,
-                   "the fleet's longest step (MEGAFLOW_COMMAND_TIMEOUT_S / MEGAFLOW_EVAL_TIMEOUT_S)"),
-                  ("agent.wall_time_s", spec.agent.wall_time_s, settings.container_lifetime_s,
-                   "the container lifetime (MEGAFLOW_CONTAINER_LIFETIME_S)"))
+            raise SpecError(
+                f"spec is {size:,} bytes, above MEGAFLOW_MAX_SPEC_BYTES ({settings.max_spec_bytes:,}); "
+                f"its largest field is '{big}': make it smaller (or raise the setting)",
+                index=i,
+                field=big,
+            )
+        limits = (
+            (
+                "agent.command_timeout_s",
+                spec.agent.command_timeout_s,
+                longest,
+                "the fleet's longest step (MEGAFLOW_COMMAND_TIMEOUT_S / MEGAFLOW_EVAL_TIMEOUT_S)",
+            ),
+            (
+                "eval.timeout_s",
+                spec.eval.timeout_s,
+                longest,
+                "the fleet's longest step (MEGAFLOW_COMMAND_TIMEOUT_S / MEGAFLOW_EVAL_TIMEOUT_S)",
+            ),
+            (
+                "agent.wall_time_s",
+                spec.agent.wall_time_s,
+                settings.container_lifetime_s,
+                "the container lifetime (MEGAFLOW_CONTAINER_LIFETIME_S)",
+            ),
+        )
         for name, value, limit, what in limits:
             if value is not None and value > limit:
-                raise SpecError(f"field '{name}': {value:g}s is above {what}, {limit:g}s; lower it, or raise "
-                                "the setting on the fleet", index=i, field=name)
+                raise SpecError(
+                    f"field '{name}': {value:g}s is above {what}, {limit:g}s; lower it, or raise "
+                    "the setting on the fleet",
+                    index=i,
+                    field=name,
+                )
 
 
 def _safe_url(url: str) -> str:

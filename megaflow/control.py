@@ -17,7 +17,6 @@ import time
 import redis
 
 from megaflow.core import states, wire
-
 from megaflow.elastic.autoscaler import autoscaler_threads
 from megaflow.records import Recorder
 from megaflow.services import lifecycle
@@ -83,7 +82,7 @@ def audit(rt: Root, episode_ids: list[str] | None = None) -> list[str]:
     A lease does not excuse a missing task (an env host renews its episodes' leases whatever they do).
     ``episode_ids`` defaults to every live episode. Empty is the never-strand promise kept.
     """
-    ids = episode_ids if episode_ids is not None else rt.redis.zrange(rt.keys.live, 0, -1)
+    ids: list[str] = episode_ids if episode_ids is not None else rt.redis.zrange(rt.keys.live, 0, -1)  # type: ignore[assignment]
     if not ids:
         return []
     tasks = pending_tasks(rt)
@@ -95,7 +94,7 @@ def audit(rt: Root, episode_ids: list[str] | None = None) -> list[str]:
     res = pipe.execute()
     stranded = []
     for i, eid in enumerate(ids):
-        (terminal, step), queued = res[2 * i:2 * i + 2]
+        (terminal, step), queued = res[2 * i : 2 * i + 2]
         if terminal == "1" or step is None or queued:
             continue
         if (eid, int(step)) not in tasks:
@@ -111,7 +110,7 @@ def redis_now(rt: Root) -> float:
 
 def _chunks(items: list, size: int = 500):
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def sweep_episodes(rt: Root, *, now: float | None = None, judge_stalls: bool = True) -> dict[str, int]:
@@ -138,8 +137,13 @@ def sweep_episodes(rt: Root, *, now: float | None = None, judge_stalls: bool = T
             started = float(admitted or created or now)
             if now - started > rt.settings.episode_guard_s:
                 ep = rt.engine.load(eid, history=False)
-                if lifecycle.finish(rt, ep, states.TIMED_OUT, cause=states.CAUSE_TIMEOUT,
-                                    error=f"episode guard of {rt.settings.episode_guard_s:.0f}s passed"):
+                if lifecycle.finish(
+                    rt,
+                    ep,
+                    states.TIMED_OUT,
+                    cause=states.CAUSE_TIMEOUT,
+                    error=f"episode guard of {rt.settings.episode_guard_s:.0f}s passed",
+                ):
                     fixed["timed_out"] += 1
             elif judge_stalls and last < stall_before:
                 stalled.append((eid, int(step)))
@@ -181,16 +185,26 @@ def _repair_stalled(rt: Root, stalled: list[tuple[str, int]], fixed: dict[str, i
             rt.redis.hset(rt.keys.episode(eid), "resent", json.dumps([count + 1, step, now]))
             rt.dispatcher.send(nxt["name"], [eid, step], nxt["queue"])
             fixed["resent"] += 1
-        elif lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INTERNAL,
-                              error=f"stalled in {ep.state} at step {step}: no progress after {count} re-send(s)"):
+        elif lifecycle.finish(
+            rt,
+            ep,
+            states.FAILED,
+            cause=states.CAUSE_INTERNAL,
+            error=f"stalled in {ep.state} at step {step}: no progress after {count} re-send(s)",
+        ):
             rt.resources.release(eid)
             fixed["ended"] += 1
 
 
 def end_out_of_attempts(rt: Root, ep, why: str) -> bool:
     """End an episode of a lost host that has used its attempts: FAILED (infra), slots freed here."""
-    done = lifecycle.finish(rt, ep, states.FAILED, cause=states.CAUSE_INFRA,
-                            error=f"{why}; {rt.settings.infra_max_attempts} attempt(s) used")
+    done = lifecycle.finish(
+        rt,
+        ep,
+        states.FAILED,
+        cause=states.CAUSE_INFRA,
+        error=f"{why}; {rt.settings.infra_max_attempts} attempt(s) used",
+    )
     rt.resources.release(ep.id)  # its close went to the lost host's queue: free the slots now
     return done
 
@@ -213,8 +227,11 @@ class Control:
     def _outage(self, what: str, exc: BaseException) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            log.warning("control: Redis unreachable in %s (%s); retrying until it is back", what,
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            log.warning(
+                "control: Redis unreachable in %s (%s); retrying until it is back",
+                what,
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            )
 
     def _reachable(self) -> None:
         if self.down_since is not None:
@@ -268,8 +285,10 @@ class Control:
     def run(self) -> None:
         from megaflow.monitoring.metrics import start_for_service
 
-        threads = [threading.Thread(target=self.record_loop, name="recorder", daemon=True),
-                   threading.Thread(target=self.sweep_loop, name="sweep", daemon=True)]
+        threads = [
+            threading.Thread(target=self.record_loop, name="recorder", daemon=True),
+            threading.Thread(target=self.sweep_loop, name="sweep", daemon=True),
+        ]
         threads += autoscaler_threads(self.rt, self.stop)  # settings.elastic: size the env fleet from the backlog
         for t in threads:
             t.start()
@@ -277,8 +296,9 @@ class Control:
         try:
             while not self.stop.is_set():
                 try:
-                    self.rt.redis.set(self.rt.keys.worker_health("control", "control"),
-                                      json.dumps({"ts": time.time()}), ex=30)
+                    self.rt.redis.set(
+                        self.rt.keys.worker_health("control", "control"), json.dumps({"ts": time.time()}), ex=30
+                    )
                     self._reachable()
                 except redis.RedisError as exc:
                     self._outage("the health report", exc)

@@ -14,7 +14,6 @@ container unless ``grading="in_place"`` (RL reward speed, trusts the agent's con
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any

@@ -18,17 +18,20 @@ from megaflow.client import Client
 from megaflow.core.settings import Settings
 from megaflow.demo_tasks import demo_specs
 
-PHASES = [("queue wait", "queued", "admitted"), ("env start", "admitted", "env_ready"),
-          ("agent loop", "env_ready", "evaluating"), ("evaluation", "evaluating", "finished"),
-          ("total", "submitted", "finished")]
+PHASES = [
+    ("queue wait", "queued", "admitted"),
+    ("env start", "admitted", "env_ready"),
+    ("agent loop", "env_ready", "evaluating"),
+    ("evaluation", "evaluating", "finished"),
+    ("total", "submitted", "finished"),
+]
 
 
 def phase_stats(results: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """(p50, max) seconds per phase over the episodes that have both ends of the phase."""
     out = {}
     for label, start, end in PHASES:
-        xs = [r["phases"][end] - r["phases"][start] for r in results
-              if start in r["phases"] and end in r["phases"]]
+        xs = [r["phases"][end] - r["phases"][start] for r in results if start in r["phases"] and end in r["phases"]]
         if xs:
             out[label] = (statistics.median(xs), max(xs))
     return out
@@ -53,8 +56,15 @@ class _NoProgress:
         pass
 
 
-def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: int = 2,
-             timeout_s: float = 280.0, keep_fleet: bool = False, progress: Any = None) -> bool:
+def run_demo(
+    settings: Settings,
+    *,
+    console: Console | None = None,
+    env_hosts: int = 2,
+    timeout_s: float = 280.0,
+    keep_fleet: bool = False,
+    progress: Any = None,
+) -> bool:
     console = console or Console()
     t0 = time.monotonic()
     fleet.check_services(settings)
@@ -78,8 +88,10 @@ def run_demo(settings: Settings, *, console: Console | None = None, env_hosts: i
         with Client(settings) as client:
             fix = client.submit(demo_specs("fix", grading=grading), user="demo")
             noop = client.submit(demo_specs("noop", grading=grading), user="demo-noop")
-            console.print(f"submitted {len(fix.episode_ids)} reference-fix episodes (batch {fix}) and "
-                          f"{len(noop.episode_ids)} no-op episodes (batch {noop})")
+            console.print(
+                f"submitted {len(fix.episode_ids)} reference-fix episodes (batch {fix}) and "
+                f"{len(noop.episode_ids)} no-op episodes (batch {noop})"
+            )
             started = time.monotonic()
             total = len(fix.episode_ids) + len(noop.episode_ids)
             deadline = time.monotonic() + timeout_s
@@ -120,8 +132,14 @@ def _summary(console: Console, res_fix: list[dict], res_noop: list[dict], wall: 
         f = sum(r["state"] == "FAILED" for r in res)
         good = all(r["state"] == want for r in res)
         ok &= good
-        table.add_row(name, str(len(res)), str(s), str(f), str(len(res) - s - f),
-                      f"all {want}: " + ("[green]yes[/green]" if good else "[red]NO[/red]"))
+        table.add_row(
+            name,
+            str(len(res)),
+            str(s),
+            str(f),
+            str(len(res) - s - f),
+            f"all {want}: " + ("[green]yes[/green]" if good else "[red]NO[/red]"),
+        )
     console.print(table)
     lat = Table(title="per-phase latency (seconds)")
     for col in ("phase", "p50", "max"):

@@ -38,11 +38,15 @@ class Proc:
 def fleet_plan(settings: Settings, env_hosts: int = 2) -> list[Proc]:
     from megaflow.workers.process import node_name
 
-    procs = [Proc("control", ["control"]),
-             Proc("model", ["worker", "model"], node_name("model", settings.host_name)),
-             Proc("agent", ["worker", "agent"], node_name("agent", settings.host_name))]
-    procs += [Proc(f"env-{i}", ["worker", "env", "--host", f"env-{i}"], node_name("env", f"env-{i}"))
-              for i in range(1, env_hosts + 1)]
+    procs = [
+        Proc("control", ["control"]),
+        Proc("model", ["worker", "model"], node_name("model", settings.host_name)),
+        Proc("agent", ["worker", "agent"], node_name("agent", settings.host_name)),
+    ]
+    procs += [
+        Proc(f"env-{i}", ["worker", "env", "--host", f"env-{i}"], node_name("env", f"env-{i}"))
+        for i in range(1, env_hosts + 1)
+    ]
     return procs
 
 
@@ -64,7 +68,8 @@ def check_services(settings: Settings, *, docker_needed: bool | None = None) -> 
         client.close()
     except redis.RedisError as exc:
         raise ServiceUnavailableError(
-            f"Redis is not reachable at MEGAFLOW_REDIS_URL: {exc}. Start redis-server (`make demo` does).") from None
+            f"Redis is not reachable at MEGAFLOW_REDIS_URL: {exc}. Start redis-server (`make demo` does)."
+        ) from None
     if docker_needed:
         try:
             import docker
@@ -74,7 +79,8 @@ def check_services(settings: Settings, *, docker_needed: bool | None = None) -> 
             d.close()
         except Exception as exc:
             raise ServiceUnavailableError(
-                f"the Docker engine is not reachable ({exc}). Start dockerd (`make demo` does).") from None
+                f"the Docker engine is not reachable ({exc}). Start dockerd (`make demo` does)."
+            ) from None
 
 
 def _alive(pid: int) -> bool:
@@ -121,9 +127,14 @@ def up(settings: Settings, *, env_hosts: int = 2, wait_s: float = 60.0, echo=pri
         if proc.name in alive:
             continue
         with open(logs / f"{proc.name}.log", "ab") as log:  # the child keeps its own descriptor
-            p = subprocess.Popen([sys.executable, "-m", "megaflow", *proc.args],
-                                 env=role_env(role_of(proc.args), env, passwords=passwords), stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "megaflow", *proc.args],
+                env=role_env(role_of(proc.args), env, passwords=passwords),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         (pids / f"{proc.name}.pid").write_text(str(p.pid))
         started.append(proc.name)
     if started:
@@ -174,13 +185,15 @@ def wait_ready(settings: Settings, procs: list[Proc], wait_s: float) -> None:
             dead = [p.name for p in procs if p.name not in running(settings)]
             if dead:
                 raise ServiceUnavailableError(
-                    f"fleet process(es) {dead} exited at start; see {Path(settings.state_dir) / 'logs'}")
+                    f"fleet process(es) {dead} exited at start; see {Path(settings.state_dir) / 'logs'}"
+                )
             if time.monotonic() > deadline:
                 missing = sorted(nodes - seen) + sorted(f"host {h}" for h in hosts - registered)
                 missing += [] if control_ok else ["control"]
                 raise ServiceUnavailableError(
                     f"fleet not ready after {wait_s:.0f}s; missing {missing}; "
-                    f"see logs in {Path(settings.state_dir) / 'logs'}")
+                    f"see logs in {Path(settings.state_dir) / 'logs'}"
+                )
     finally:
         r.close()
         app.close()

@@ -26,11 +26,25 @@ def event_documents(entry_id: str, fields: dict[str, str]) -> tuple[dict[str, An
     """(event document, task-document update) for one stream entry."""
     ev = json.loads(fields["e"])
     ts = float(fields["ts"])
-    event = {"event_id": entry_id, "episode_id": ev["episode_id"], "batch_id": ev.get("batch_id"),
-             "user": ev.get("user"), "state": ev.get("state"), "ts": ts, "step": int(fields.get("step", 0)),
-             "data": {k: v for k, v in (ev.get("fields") or {}).items() if v is not None}, "phase": ev.get("phase")}
-    doc: dict[str, Any] = {"episode_id": ev["episode_id"], "batch_id": ev.get("batch_id"), "user": ev.get("user"),
-                           "task_id": ev.get("task_id"), "state": ev.get("state"), "updated_at": ts}
+    event = {
+        "event_id": entry_id,
+        "episode_id": ev["episode_id"],
+        "batch_id": ev.get("batch_id"),
+        "user": ev.get("user"),
+        "state": ev.get("state"),
+        "ts": ts,
+        "step": int(fields.get("step", 0)),
+        "data": {k: v for k, v in (ev.get("fields") or {}).items() if v is not None},
+        "phase": ev.get("phase"),
+    }
+    doc: dict[str, Any] = {
+        "episode_id": ev["episode_id"],
+        "batch_id": ev.get("batch_id"),
+        "user": ev.get("user"),
+        "task_id": ev.get("task_id"),
+        "state": ev.get("state"),
+        "updated_at": ts,
+    }
     doc.update(event["data"])
     if ev.get("phase"):
         doc["phases"] = {ev["phase"]: ts}
@@ -40,8 +54,15 @@ def event_documents(entry_id: str, fields: dict[str, str]) -> tuple[dict[str, An
 class Recorder:
     """Consumes the event stream into a MetadataStore."""
 
-    def __init__(self, redis_client: redis.Redis, keys: Keys, store: MetadataStore, *, consumer: str = "recorder-1",
-                 claim_idle_ms: int = 60_000):
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        keys: Keys,
+        store: MetadataStore,
+        *,
+        consumer: str = "recorder-1",
+        claim_idle_ms: int = 60_000,
+    ):
         self.r = redis_client
         self.keys = keys
         self.store = store
@@ -72,10 +93,11 @@ class Recorder:
 
     def run_once(self, block_ms: int | None = 1000, count: int = 500) -> int:
         """Record one batch of events (first any stale pending ones); ``block_ms=None`` never waits."""
-        _, claimed, *_ = self.r.xautoclaim(self.keys.events, GROUP, self.consumer, self.claim_idle_ms, "0-0",
-                                           count=count)
+        _, claimed, *_ = self.r.xautoclaim(
+            self.keys.events, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count
+        )
         n = self.apply([c for c in claimed if c and c[1]])
-        resp = self.r.xreadgroup(GROUP, self.consumer, {self.keys.events: ">"}, count=count, block=block_ms)
+        resp: Any = self.r.xreadgroup(GROUP, self.consumer, {self.keys.events: ">"}, count=count, block=block_ms)
         for _stream, entries in resp or []:
             n += self.apply(entries)
         return n

@@ -12,8 +12,9 @@ import json
 import re
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from megaflow import report_svg as svgplot
 from megaflow.core import states
@@ -38,6 +39,7 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 
 # --- numbers -------------------------------------------------------------------------------------
 
+
 def _phase(doc: dict[str, Any], name: str) -> float | None:
     value = (doc.get("phases") or {}).get(name)
     if name == "submitted" and value is None:
@@ -53,8 +55,11 @@ def _span(doc: dict[str, Any], start: str, end: str) -> float | None:
 def step_durations(doc: dict[str, Any]) -> list[float]:
     """Seconds between consecutive agent steps (the first one counted from env_ready)."""
     phases = doc.get("phases") or {}
-    steps = sorted((int(m.group(1)), float(t)) for k, t in phases.items()
-                   if (m := STEP_RE.match(k)) and isinstance(t, (int, float)))
+    steps = sorted(
+        (int(m.group(1)), float(t))
+        for k, t in phases.items()
+        if (m := STEP_RE.match(k)) and isinstance(t, (int, float))
+    )
     prev = _phase(doc, "env_ready")
     out = []
     for _, t in steps:
@@ -93,8 +98,9 @@ def concurrency(spans: list[tuple[float, float, Any]]) -> list[tuple[float, int]
     return points
 
 
-def summarize(docs: list[dict[str, Any]], *, host_capacity: int | None = None,
-              now: float | None = None) -> dict[str, Any]:
+def summarize(
+    docs: list[dict[str, Any]], *, host_capacity: int | None = None, now: float | None = None
+) -> dict[str, Any]:
     """Every number the report shows, as plain JSON-able data."""
     counts = Counter(d.get("state") or "UNKNOWN" for d in docs)
     terminal = sum(counts[s] for s in TERMINAL)
@@ -114,8 +120,13 @@ def summarize(docs: list[dict[str, Any]], *, host_capacity: int | None = None,
         durations[label] = [v for d in docs if (v := _span(d, a, b)) is not None]
     durations["agent step"] = [v for d in docs for v in step_durations(d)]
     for label, values in durations.items():
-        phases[label] = {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-                         "max": max(values) if values else None, "mean": sum(values) / len(values) if values else None}
+        phases[label] = {
+            "n": len(values),
+            "p50": percentile(values, 50),
+            "p95": percentile(values, 95),
+            "max": max(values) if values else None,
+            "mean": sum(values) / len(values) if values else None,
+        }
 
     env_by_mode: dict[str, list[float]] = defaultdict(list)
     for d in docs:
@@ -132,7 +143,9 @@ def summarize(docs: list[dict[str, Any]], *, host_capacity: int | None = None,
         busy = sum(b - a for a, b, _ in spans)
         mean = busy / wall if wall else None
         hosts[host] = {
-            "episodes": len(spans), "busy_s": busy, "mean_concurrency": mean,
+            "episodes": len(spans),
+            "busy_s": busy,
+            "mean_concurrency": mean,
             "peak_concurrency": max((c for _, c in concurrency(spans)), default=0),
             "utilisation": (mean / host_capacity) if mean is not None and host_capacity else None,
         }
@@ -144,15 +157,19 @@ def summarize(docs: list[dict[str, Any]], *, host_capacity: int | None = None,
         "states": {s: counts[s] for s in sorted(counts, key=lambda s: (STATE_ORDER + (s,)).index(s))},
         "terminal": terminal,
         "success_rate": counts["SUCCEEDED"] / terminal if terminal else None,
-        "start": t0, "end": t1, "wall_s": wall, "live": live,
+        "start": t0,
+        "end": t1,
+        "wall_s": wall,
+        "live": live,
         "throughput_per_h": len(ends) / wall * 3600 if wall else None,
         "reward_mean": sum(rewards) / len(rewards) if rewards else None,
         "steps_mean": _mean(d.get("steps") for d in docs),
         "prompt_tokens": sum(int(d.get("prompt_tokens") or 0) for d in docs),
         "completion_tokens": sum(int(d.get("completion_tokens") or 0) for d in docs),
         "phases": phases,
-        "env_startup_by_mode": {m: {"n": len(v), "p50": percentile(v, 50), "p95": percentile(v, 95)}
-                                for m, v in sorted(env_by_mode.items())},
+        "env_startup_by_mode": {
+            m: {"n": len(v), "p50": percentile(v, 50), "p95": percentile(v, 95)} for m, v in sorted(env_by_mode.items())
+        },
         "hosts": hosts,
         "host_capacity": host_capacity,
         "failure_causes": causes,
@@ -169,6 +186,7 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 
 # --- page ----------------------------------------------------------------------------------------
+
 
 def fmt_s(seconds: float | None) -> str:
     """A duration for people: 850 ms, 12.3 s, 4.5 min, 2.1 h."""
@@ -194,8 +212,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(batch_id: str, s: dict[str, Any], *, generated: float | None = None,
-                fleet: dict[str, Any] | None = None) -> str:
+def render_html(
+    batch_id: str, s: dict[str, Any], *, generated: float | None = None, fleet: dict[str, Any] | None = None
+) -> str:
     """The report page for summary ``s`` (from summarize)."""
     e = html.escape
     t0 = s["start"] or 0.0
@@ -215,44 +234,85 @@ def render_html(batch_id: str, s: dict[str, Any], *, generated: float | None = N
     phase_rows = [[k, v["n"], fmt_s(v["p50"]), fmt_s(v["p95"]), fmt_s(v["max"])] for k, v in s["phases"].items()]
 
     conc = svgplot.step_chart(
-        [("running (admitted → finished)", [(t - t0, c) for t, c in concurrency(s["_held"])]),
-         ("waiting (submitted → admitted)", [(t - t0, c) for t, c in concurrency(s["_waiting"])])],
-        title="Concurrency over time", x_label="seconds since the first submit", y_label="episodes",
+        [
+            ("running (admitted → finished)", [(t - t0, c) for t, c in concurrency(s["_held"])]),
+            ("waiting (submitted → admitted)", [(t - t0, c) for t, c in concurrency(s["_waiting"])]),
+        ],
+        title="Concurrency over time",
+        x_label="seconds since the first submit",
+        y_label="episodes",
     )
     lat = svgplot.box_chart(
         [(k, v) for k, v in s["_durations"].items()],
-        title="Latency per phase", x_label="seconds", fmt=fmt_s,
+        title="Latency per phase",
+        x_label="seconds",
+        fmt=fmt_s,
     )
     env = svgplot.box_chart(
         [(f"{mode}", v) for mode, v in s["_env_by_mode"].items()],
-        title="Env start-up by mode", x_label="seconds (admitted → env ready)", fmt=fmt_s,
+        title="Env start-up by mode",
+        x_label="seconds (admitted → env ready)",
+        fmt=fmt_s,
     )
     cap = s["host_capacity"]
     if cap:
-        host_bars = [(h, v["utilisation"] or 0.0, f"{_pct(v['utilisation'])} · peak {v['peak_concurrency']}/{cap}"
-                      f" · {v['episodes']} ep") for h, v in s["hosts"].items()]
+        host_bars = [
+            (
+                h,
+                v["utilisation"] or 0.0,
+                f"{_pct(v['utilisation'])} · peak {v['peak_concurrency']}/{cap} · {v['episodes']} ep",
+            )
+            for h, v in s["hosts"].items()
+        ]
         host_label = f"mean share of {cap} slots held"
     else:
-        host_bars = [(h, v["mean_concurrency"] or 0.0,
-                      f"mean {v['mean_concurrency'] or 0:.2f} · peak {v['peak_concurrency']} · {v['episodes']} ep")
-                     for h, v in s["hosts"].items()]
+        host_bars = [
+            (
+                h,
+                v["mean_concurrency"] or 0.0,
+                f"mean {v['mean_concurrency'] or 0:.2f} · peak {v['peak_concurrency']} · {v['episodes']} ep",
+            )
+            for h, v in s["hosts"].items()
+        ]
         host_label = "mean episodes held at once (admitted → finished)"
-    hosts = svgplot.bar_chart(host_bars, title="Per-host utilisation", x_label=host_label,
-                              fmt=(lambda v: f"{100 * v:.0f}%") if cap else svgplot.fmt_num, xmax=1.0 if cap else None)
-    fails = svgplot.bar_chart([(c, float(n), str(n)) for c, n in s["failure_causes"].items()],
-                              title="Failure causes", x_label="episodes")
-    host_rows = [[h, v["episodes"], fmt_s(v["busy_s"]),
-                  "–" if v["mean_concurrency"] is None else f"{v['mean_concurrency']:.2f}",
-                  v["peak_concurrency"], _pct(v["utilisation"])] for h, v in s["hosts"].items()]
+    hosts = svgplot.bar_chart(
+        host_bars,
+        title="Per-host utilisation",
+        x_label=host_label,
+        fmt=(lambda v: f"{100 * v:.0f}%") if cap else svgplot.fmt_num,
+        xmax=1.0 if cap else None,
+    )
+    fails = svgplot.bar_chart(
+        [(c, float(n), str(n)) for c, n in s["failure_causes"].items()], title="Failure causes", x_label="episodes"
+    )
+    host_rows = [
+        [
+            h,
+            v["episodes"],
+            fmt_s(v["busy_s"]),
+            "–" if v["mean_concurrency"] is None else f"{v['mean_concurrency']:.2f}",
+            v["peak_concurrency"],
+            _pct(v["utilisation"]),
+        ]
+        for h, v in s["hosts"].items()
+    ]
 
     sections = [
         ("Summary", _table(["", ""], facts) + _table(["state", "episodes", "share"], states)),
         ("Concurrency over time", conc),
         ("Latency per phase", lat + _table(["phase", "n", "p50", "p95", "max"], phase_rows)),
-        ("Env start-up by mode", env + _table(["mode", "n", "p50", "p95"], [
-            [m, v["n"], fmt_s(v["p50"]), fmt_s(v["p95"])] for m, v in s["env_startup_by_mode"].items()])),
-        ("Per-host utilisation", hosts + _table(["host", "episodes", "busy", "mean held", "peak", "utilisation"],
-                                                host_rows)),
+        (
+            "Env start-up by mode",
+            env
+            + _table(
+                ["mode", "n", "p50", "p95"],
+                [[m, v["n"], fmt_s(v["p50"]), fmt_s(v["p95"])] for m, v in s["env_startup_by_mode"].items()],
+            ),
+        ),
+        (
+            "Per-host utilisation",
+            hosts + _table(["host", "episodes", "busy", "mean held", "peak", "utilisation"], host_rows),
+        ),
         ("Failure causes", fails),
     ]
     if fleet is not None:
@@ -282,27 +342,70 @@ def fleet_section(fleet: dict[str, Any], t0: float) -> str:
     """The elastic fleet over the batch (``megaflow.elastic.usage.fleet_summary``): hosts, decisions, cost."""
     series = fleet.get("fleet_series") or []
     chart = svgplot.step_chart(
-        [("env hosts", [(t - t0, h) for t, h, _, _ in series]),
-         ("live episodes", [(t - t0, live) for t, _, live, _ in series]),
-         ("slots held", [(t - t0, slots) for t, _, _, slots in series])],
-        title="Fleet over time", x_label="seconds since the first submit", y_label="count")
-    facts = [["host-hours", f"{fleet['host_hours']:.3f}"], ["estimated cost", f"{fleet['cost']:.4f}"],
-             ["used / held capacity", _pct(fleet.get("used_share"))]]
-    hosts = [[h, v["instance_type"], f"{v['host_hours']:.3f}", f"{v['cost']:.4f}",
-              "–" if v.get("mean_used") is None else f"{v['mean_used']:.2f}", v.get("peak_used", "–"),
-              _pct(v.get("used_share")), "–" if v.get("cpu_mean") is None else f"{v['cpu_mean']:.2f}",
-              f"{v.get('peak_rss_mb', 0):.0f}", v.get("disk_free_gb", "–")] for h, v in fleet["hosts"].items()]
-    events = [[fmt_s(ev["ts"] - t0), ev["kind"], ev.get("host", ""),
-               ev.get("target", ""), ev.get("reason", "")] for ev in fleet["events"]]
-    return (chart + _table(["", ""], facts)
-            + _table(["host", "type", "host-hours", "cost", "mean live", "peak", "used share", "cpu cores",
-                      "peak rss MB", "disk free GB"], hosts)
-            + _table(["at", "decision", "host", "target", "reason"], events))
+        [
+            ("env hosts", [(t - t0, h) for t, h, _, _ in series]),
+            ("live episodes", [(t - t0, live) for t, _, live, _ in series]),
+            ("slots held", [(t - t0, slots) for t, _, _, slots in series]),
+        ],
+        title="Fleet over time",
+        x_label="seconds since the first submit",
+        y_label="count",
+    )
+    facts = [
+        ["host-hours", f"{fleet['host_hours']:.3f}"],
+        ["estimated cost", f"{fleet['cost']:.4f}"],
+        ["used / held capacity", _pct(fleet.get("used_share"))],
+    ]
+    hosts = [
+        [
+            h,
+            v["instance_type"],
+            f"{v['host_hours']:.3f}",
+            f"{v['cost']:.4f}",
+            "–" if v.get("mean_used") is None else f"{v['mean_used']:.2f}",
+            v.get("peak_used", "–"),
+            _pct(v.get("used_share")),
+            "–" if v.get("cpu_mean") is None else f"{v['cpu_mean']:.2f}",
+            f"{v.get('peak_rss_mb', 0):.0f}",
+            v.get("disk_free_gb", "–"),
+        ]
+        for h, v in fleet["hosts"].items()
+    ]
+    events = [
+        [fmt_s(ev["ts"] - t0), ev["kind"], ev.get("host", ""), ev.get("target", ""), ev.get("reason", "")]
+        for ev in fleet["events"]
+    ]
+    return (
+        chart
+        + _table(["", ""], facts)
+        + _table(
+            [
+                "host",
+                "type",
+                "host-hours",
+                "cost",
+                "mean live",
+                "peak",
+                "used share",
+                "cpu cores",
+                "peak rss MB",
+                "disk free GB",
+            ],
+            hosts,
+        )
+        + _table(["at", "decision", "host", "target", "reason"], events)
+    )
 
 
-def build_report(store: MetadataStore, batch_id: str, out_dir: str | Path, *,
-                 host_capacity: int | None = None, now: float | None = None,
-                 fleet: dict[str, Any] | None = None) -> Path:
+def build_report(
+    store: MetadataStore,
+    batch_id: str,
+    out_dir: str | Path,
+    *,
+    host_capacity: int | None = None,
+    now: float | None = None,
+    fleet: dict[str, Any] | None = None,
+) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/summary.json`` for one batch; return the page's path."""
     docs = store.find_tasks(batch_id=batch_id)
     if not docs:

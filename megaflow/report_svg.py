@@ -7,8 +7,8 @@ no plotting library needed. Axis scales are linear, or log10 when durations span
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from html import escape
-from typing import Callable, Sequence
 
 COLORS = ("#3366cc", "#dc7a1c", "#2a9d5c", "#c0392b", "#8e44ad", "#16a5a5")
 FONT = 'font-family="system-ui, sans-serif" font-size="12"'
@@ -41,14 +41,18 @@ class Scale:
 
     def __call__(self, v: float) -> float:
         if self.log:
-            v = math.log10(max(v, 10 ** self.lo))
+            v = math.log10(max(v, 10**self.lo))
         return self.a + (v - self.lo) / (self.hi - self.lo) * (self.b - self.a)
 
     def ticks(self, n: int = 6) -> list[float]:
         if self.log:
             steps = (1,) if self.hi - self.lo > 2.5 else (1, 2, 5)
-            return [m * 10.0 ** e for e in range(math.floor(self.lo), math.ceil(self.hi) + 1) for m in steps
-                    if self.lo - 1e-9 <= math.log10(m * 10.0 ** e) <= self.hi + 1e-9]
+            return [
+                m * 10.0**e
+                for e in range(math.floor(self.lo), math.ceil(self.hi) + 1)
+                for m in steps
+                if self.lo - 1e-9 <= math.log10(m * 10.0**e) <= self.hi + 1e-9
+            ]
         raw = (self.hi - self.lo) / max(n, 1)
         mag = 10 ** math.floor(math.log10(raw))
         step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
@@ -57,9 +61,11 @@ class Scale:
 
 
 def _frame(width: int, height: int, title: str, body: list[str]) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-            f'height="{height}" role="img" aria-label="{escape(title)}" {FONT}>'
-            f"<title>{escape(title)}</title>" + "".join(body) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" aria-label="{escape(title)}" {FONT}>'
+        f"<title>{escape(title)}</title>" + "".join(body) + "</svg>"
+    )
 
 
 def no_data(title: str, width: int = 900) -> str:
@@ -91,8 +97,15 @@ def _downsample(points: list[tuple[float, float]], bins: int = 1500) -> list[tup
     return reduced + [points[-1]]
 
 
-def step_chart(series: Sequence[tuple[str, list[tuple[float, float]]]], *, title: str, x_label: str,
-               y_label: str, width: int = 900, height: int = 300) -> str:
+def step_chart(
+    series: Sequence[tuple[str, list[tuple[float, float]]]],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    width: int = 900,
+    height: int = 300,
+) -> str:
     """Step lines (e.g. episodes running over time), one per named series of (x, y) change points."""
     series = [(name, _downsample(pts)) for name, pts in series if pts]
     if not series:
@@ -107,23 +120,35 @@ def step_chart(series: Sequence[tuple[str, list[tuple[float, float]]]], *, title
         y = ys(t)
         body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eee"/>')
         body.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{fmt_num(t)}</text>')
-    body.append(f'<text x="14" y="{(top + height - bottom) / 2:.1f}" text-anchor="middle" fill="#333" '
-                f'transform="rotate(-90 14 {(top + height - bottom) / 2:.1f})">{escape(y_label)}</text>')
+    body.append(
+        f'<text x="14" y="{(top + height - bottom) / 2:.1f}" text-anchor="middle" fill="#333" '
+        f'transform="rotate(-90 14 {(top + height - bottom) / 2:.1f})">{escape(y_label)}</text>'
+    )
     for i, (name, pts) in enumerate(series):
         color = COLORS[i % len(COLORS)]
         d = [f"M{xs(pts[0][0]):.1f},{ys(0):.1f}", f"V{ys(pts[0][1]):.1f}"]
         for t, v in pts[1:]:
             d.append(f"H{xs(t):.1f}V{ys(v):.1f}")
-        body.append(f'<path d="{"".join(d)}" fill="none" stroke="{color}" stroke-width="1.6">'
-                    f"<title>{escape(name)}</title></path>")
+        body.append(
+            f'<path d="{"".join(d)}" fill="none" stroke="{color}" stroke-width="1.6">'
+            f"<title>{escape(name)}</title></path>"
+        )
         lx = left + 10 + i * 260
-        body.append(f'<rect x="{lx}" y="8" width="14" height="4" fill="{color}"/>'
-                    f'<text x="{lx + 20}" y="15" fill="#333">{escape(name)}</text>')
+        body.append(
+            f'<rect x="{lx}" y="8" width="14" height="4" fill="{color}"/>'
+            f'<text x="{lx + 20}" y="15" fill="#333">{escape(name)}</text>'
+        )
     return _frame(width, height, title, body)
 
 
-def box_chart(groups: Sequence[tuple[str, list[float]]], *, title: str, x_label: str,
-              fmt: Callable[[float], str] = fmt_num, width: int = 900) -> str:
+def box_chart(
+    groups: Sequence[tuple[str, list[float]]],
+    *,
+    title: str,
+    x_label: str,
+    fmt: Callable[[float], str] = fmt_num,
+    width: int = 900,
+) -> str:
     """One horizontal box per group: box p25–p75, whiskers p5–p95, a bar at the median."""
     groups = [(name, sorted(v)) for name, v in groups]
     values = [x for _, v in groups for x in v]
@@ -138,8 +163,7 @@ def box_chart(groups: Sequence[tuple[str, list[float]]], *, title: str, x_label:
         xs = Scale(lo / 1.25, hi * 1.25, left, width - right, log=True)
     else:
         xs = Scale(0.0, hi * 1.05 if hi > 0 else 1.0, left, width - right)
-    body = _x_axis(xs, height - bottom, top, x_label + (" (log scale)" if log else ""), fmt,
-                   (left + width - right) / 2)
+    body = _x_axis(xs, height - bottom, top, x_label + (" (log scale)" if log else ""), fmt, (left + width - right) / 2)
     for i, (name, v) in enumerate(groups):
         cy = top + row * i + row / 2
         color = COLORS[i % len(COLORS)]
@@ -149,17 +173,30 @@ def box_chart(groups: Sequence[tuple[str, list[float]]], *, title: str, x_label:
             continue
         p5, p25, p50, p75, p95 = (percentile(v, q) or 0.0 for q in (5, 25, 50, 75, 95))  # v is non-empty
         body.append(f'<line x1="{xs(p5):.1f}" y1="{cy:.1f}" x2="{xs(p95):.1f}" y2="{cy:.1f}" stroke="{color}"/>')
-        body.append(f'<rect x="{xs(p25):.1f}" y="{cy - 8:.1f}" width="{max(xs(p75) - xs(p25), 1):.1f}" '
-                    f'height="16" fill="{color}" fill-opacity="0.35" stroke="{color}"/>')
-        body.append(f'<line x1="{xs(p50):.1f}" y1="{cy - 9:.1f}" x2="{xs(p50):.1f}" y2="{cy + 9:.1f}" '
-                    f'stroke="{color}" stroke-width="2.5"/>')
-        body.append(f'<text x="{width - right + 8}" y="{cy + 4:.1f}" fill="#333">p50 {escape(fmt(p50))} · '
-                    f'p95 {escape(fmt(p95))} · n={len(v)}</text>')
+        body.append(
+            f'<rect x="{xs(p25):.1f}" y="{cy - 8:.1f}" width="{max(xs(p75) - xs(p25), 1):.1f}" '
+            f'height="16" fill="{color}" fill-opacity="0.35" stroke="{color}"/>'
+        )
+        body.append(
+            f'<line x1="{xs(p50):.1f}" y1="{cy - 9:.1f}" x2="{xs(p50):.1f}" y2="{cy + 9:.1f}" '
+            f'stroke="{color}" stroke-width="2.5"/>'
+        )
+        body.append(
+            f'<text x="{width - right + 8}" y="{cy + 4:.1f}" fill="#333">p50 {escape(fmt(p50))} · '
+            f"p95 {escape(fmt(p95))} · n={len(v)}</text>"
+        )
     return _frame(width, height, title, body)
 
 
-def bar_chart(items: Sequence[tuple[str, float, str]], *, title: str, x_label: str, width: int = 900,
-              fmt: Callable[[float], str] = fmt_num, xmax: float | None = None) -> str:
+def bar_chart(
+    items: Sequence[tuple[str, float, str]],
+    *,
+    title: str,
+    x_label: str,
+    width: int = 900,
+    fmt: Callable[[float], str] = fmt_num,
+    xmax: float | None = None,
+) -> str:
     """Horizontal bars: (label, value, annotation) per row, in the order given."""
     if not items:
         return no_data(title, width)
@@ -171,7 +208,9 @@ def bar_chart(items: Sequence[tuple[str, float, str]], *, title: str, x_label: s
         y = top + row * i + 4
         color = COLORS[i % len(COLORS)]
         body.append(f'<text x="{left - 8}" y="{y + 13}" text-anchor="end" fill="#333">{escape(name)}</text>')
-        body.append(f'<rect x="{left}" y="{y}" width="{max(xs(v) - left, 1):.1f}" height="{row - 8}" '
-                    f'fill="{color}"><title>{escape(name)}: {escape(note)}</title></rect>')
+        body.append(
+            f'<rect x="{left}" y="{y}" width="{max(xs(v) - left, 1):.1f}" height="{row - 8}" '
+            f'fill="{color}"><title>{escape(name)}: {escape(note)}</title></rect>'
+        )
         body.append(f'<text x="{xs(v) + 6:.1f}" y="{y + 13}" fill="#333">{escape(note)}</text>')
     return _frame(width, height, title, body)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from megaflow.core import states
 from megaflow.core.spec import TaskSpec, validate_specs
@@ -116,7 +117,7 @@ class RolloutRun:
         self.batch_id = batch_id
         self._groups = groups
 
-    def __iter__(self) -> "RolloutRun":
+    def __iter__(self) -> RolloutRun:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -141,8 +142,9 @@ def _t(view: dict[str, Any], phase: str) -> float | None:
 
 def choose_kept(members: list[_Slot], keep: int, grace: float, now: float) -> list[_Slot] | None:
     """The kept subset of an over-sampled group, or None while the group must wait (see GROUP RULE)."""
-    usable = sorted((s for s in members if s.result is not None and not is_infra_failure(s.result)),
-                    key=lambda s: s.replica)
+    usable = sorted(
+        (s for s in members if s.result is not None and not is_infra_failure(s.result)), key=lambda s: s.replica
+    )
     lost = sum(1 for s in members if s.result is not None and is_infra_failure(s.result))
     if all(s.result is not None for s in members):
         return usable[:keep]  # nothing left to wait for
@@ -180,10 +182,21 @@ class Rollout:
     rollout submits group by group, so older groups are admitted first already.
     """
 
-    def __init__(self, client, *, replicas: int = 1, user: str = "rollout", policy_version: str | None = None,
-                 max_infra_retries: int = 2, timeout: float | None = None, poll_s: float = 0.2,
-                 trajectories: bool = True, oversample: int | None = None, grace: float = 0.5,
-                 priority: bool = False):
+    def __init__(
+        self,
+        client,
+        *,
+        replicas: int = 1,
+        user: str = "rollout",
+        policy_version: str | None = None,
+        max_infra_retries: int = 2,
+        timeout: float | None = None,
+        poll_s: float = 0.2,
+        trajectories: bool = True,
+        oversample: int | None = None,
+        grace: float = 0.5,
+        priority: bool = False,
+    ):
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
         if oversample is not None and oversample < replicas:
@@ -216,7 +229,7 @@ class Rollout:
         extra = {"priority": TRAJECTORY_PRIORITY} if self.priority else {}
         return spec.model_copy(update={"metadata": {**spec.metadata, **extra, "group": group, "replica": replica}})
 
-    def run(self, tasks: Iterable[Any]) -> "RolloutRun":
+    def run(self, tasks: Iterable[Any]) -> RolloutRun:
         """Submit now (a bad task raises here); return an iterator of groups in completion order."""
         specs = self._specs(tasks)
         n = self.oversample
@@ -229,8 +242,9 @@ class Rollout:
             groups.setdefault(slot.group, []).append(slot)
         return RolloutRun(root, self._watch(root, slots, groups, {root: set(sub.episode_ids)}))
 
-    def _watch(self, root: str, slots: dict[str, _Slot], groups: dict[int, list[_Slot]],
-               watch: dict[str, set[str]]) -> Iterator[dict[str, Any]]:
+    def _watch(
+        self, root: str, slots: dict[str, _Slot], groups: dict[int, list[_Slot]], watch: dict[str, set[str]]
+    ) -> Iterator[dict[str, Any]]:
         seen = {bid: 0 for bid in watch}
         r, keys, engine = self.client.rt.redis, self.client.rt.keys, self.client.rt.engine
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -254,19 +268,33 @@ class Rollout:
                 if not open_ids:
                     del watch[bid]
             if retry:
-                new = _rerun(self.client, root, "retry", [s.spec for s in retry],
-                             [s.earlier[0] if s.earlier else s.episode_id for s in retry], self.user)
+                new = _rerun(
+                    self.client,
+                    root,
+                    "retry",
+                    [s.spec for s in retry],
+                    [s.earlier[0] if s.earlier else s.episode_id for s in retry],
+                    self.user,
+                )
                 for slot, eid in zip(retry, new.episode_ids):
-                    log.info("rollout %s: group %s replica %s failed for infra; retrying as %s", root, slot.group,
-                             slot.replica, eid)
+                    log.info(
+                        "rollout %s: group %s replica %s failed for infra; retrying as %s",
+                        root,
+                        slot.group,
+                        slot.replica,
+                        eid,
+                    )
                     slot.earlier.append(slot.episode_id)
                     slot.episode_id, slot.attempts = eid, slot.attempts + 1
                     slots[eid] = slot
                 watch[new.batch_id] = set(new.episode_ids)
                 seen[new.batch_id] = 0
             now = time.time()
-            done = {g: kept for g, members in groups.items()
-                    if (kept := choose_kept(members, self.replicas, self.grace, now)) is not None}
+            done = {
+                g: kept
+                for g, members in groups.items()
+                if (kept := choose_kept(members, self.replicas, self.grace, now)) is not None
+            }
             for g in sorted(done):
                 yield self._close(root, g, groups.pop(g), done[g])
             if not done and not retry:
@@ -283,13 +311,26 @@ class Rollout:
             lifecycle.admit()
         kept_ids = {s.episode_id for s in kept}
         dropped = [s.episode_id for s in members if s.result is not None and s.episode_id not in kept_ids]
-        group = self._group(root, g, kept if len(kept) >= self.replicas else kept + [
-            s for s in members if s.result is not None and is_infra_failure(s.result)][: self.replicas - len(kept)])
-        group.update(oversample=self.oversample, kept=[s.replica for s in kept], cancelled=cancelled,
-                     dropped=dropped, censored=len(open_slots))
+        group = self._group(
+            root,
+            g,
+            kept
+            if len(kept) >= self.replicas
+            else kept
+            + [s for s in members if s.result is not None and is_infra_failure(s.result)][: self.replicas - len(kept)],
+        )
+        group.update(
+            oversample=self.oversample,
+            kept=[s.replica for s in kept],
+            cancelled=cancelled,
+            dropped=dropped,
+            censored=len(open_slots),
+        )
         if len(kept) < self.replicas:
-            group.update(masked=True, mask_reason=group["mask_reason"] or f"only {len(kept)} of {self.replicas} "
-                         "replicas finished")
+            group.update(
+                masked=True,
+                mask_reason=group["mask_reason"] or f"only {len(kept)} of {self.replicas} replicas finished",
+            )
         return group
 
     def _group(self, root: str, g: int, members: list[_Slot]) -> dict[str, Any]:
@@ -297,29 +338,46 @@ class Rollout:
         episodes = [self._episode(s) for s in members]
         masked = any(e["cause"] == states.CAUSE_INFRA for e in episodes)
         return {
-            "group_id": f"{root}/g{g:05d}", "batch_id": root, "index": g, "task_id": members[0].spec.task_id,
+            "group_id": f"{root}/g{g:05d}",
+            "batch_id": root,
+            "index": g,
+            "task_id": members[0].spec.task_id,
             "policy_version": members[0].spec.policy_version or self.client.settings.policy_version,
-            "replicas": self.replicas, "masked": masked,
+            "replicas": self.replicas,
+            "masked": masked,
             "mask_reason": (f"infrastructure failure after {self.max_infra_retries} retries" if masked else None),
-            "rewards": [e["reward"] for e in episodes], "episodes": episodes,
+            "rewards": [e["reward"] for e in episodes],
+            "episodes": episodes,
         }
 
     def _episode(self, slot: _Slot) -> dict[str, Any]:
         v = slot.result or {}
         infra = is_infra_failure(v)
         reward = v.get("reward")
-        out = {"episode_id": slot.episode_id, "replica": slot.replica, "attempts": slot.attempts,
-               "retried_from": list(slot.earlier), "state": v.get("state"),
-               "reward": None if infra else (reward if reward is not None else 0.0),
-               "cause": v.get("cause"), "error": v.get("error"), "steps": v.get("steps"),
-               "prompt_tokens": v.get("prompt_tokens"), "completion_tokens": v.get("completion_tokens"),
-               "artifact_uri": v.get("artifact_uri")}
+        out = {
+            "episode_id": slot.episode_id,
+            "replica": slot.replica,
+            "attempts": slot.attempts,
+            "retried_from": list(slot.earlier),
+            "state": v.get("state"),
+            "reward": None if infra else (reward if reward is not None else 0.0),
+            "cause": v.get("cause"),
+            "error": v.get("error"),
+            "steps": v.get("steps"),
+            "prompt_tokens": v.get("prompt_tokens"),
+            "completion_tokens": v.get("completion_tokens"),
+            "artifact_uri": v.get("artifact_uri"),
+        }
         if self.trajectories and v.get("artifact_uri"):
             try:
                 traj = json.loads(self.client.rt.artifacts.get_bytes(v["artifact_uri"]))
             except Exception as exc:  # a missing artifact should not lose the whole group
                 out["trajectory_error"] = str(exc)
             else:
-                out.update(messages=traj.get("messages"), tokens=traj.get("tokens"), report=traj.get("report"),
-                           trajectory_steps=traj.get("steps"))
+                out.update(
+                    messages=traj.get("messages"),
+                    tokens=traj.get("tokens"),
+                    report=traj.get("report"),
+                    trajectory_steps=traj.get("steps"),
+                )
         return out

@@ -40,9 +40,23 @@ class RedisServer:
         if not exe:
             pytest.fail("redis-server is not installed; run `make test`, which installs it")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
@@ -148,10 +162,18 @@ def fleet(fleet_redis, sandbox_image, tmp_path_factory):
     """
     from megaflow import fleet as fleet_mod
 
-    settings = Settings.load(redis_url=fleet_redis.url, state_dir=str(tmp_path_factory.mktemp("fleet-state")),
-                             host_name="test-host", host_capacity=4, boot_concurrency=2,
-                             sweep_interval_s=2.0, lease_s=10.0, host_ttl_s=10.0, default_image=sandbox_image,
-                             metrics_port=0)
+    settings = Settings.load(
+        redis_url=fleet_redis.url,
+        state_dir=str(tmp_path_factory.mktemp("fleet-state")),
+        host_name="test-host",
+        host_capacity=4,
+        boot_concurrency=2,
+        sweep_interval_s=2.0,
+        lease_s=10.0,
+        host_ttl_s=10.0,
+        default_image=sandbox_image,
+        metrics_port=0,
+    )
     try:
         fleet_mod.up(settings, env_hosts=2, wait_s=120, echo=lambda m: None)
     except Exception:

@@ -90,7 +90,9 @@ class MotoServer:
         cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
         self.proc = subprocess.Popen(
             cmd + ["-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **S3_ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **S3_ENV},
         )
         import urllib.request
 
@@ -172,7 +174,8 @@ def artifact_store(request, tmp_path):
         from megaflow.stores.s3 import S3ArtifactStore
 
         server = request.getfixturevalue("s3_server")
-        store = S3ArtifactStore(f"s3://{make_bucket(server)}/runs", endpoint_url=server.endpoint,
-                                region="us-east-1", max_attempts=2)
+        store = S3ArtifactStore(
+            f"s3://{make_bucket(server)}/runs", endpoint_url=server.endpoint, region="us-east-1", max_attempts=2
+        )
     yield store
     store.close()

@@ -91,26 +91,35 @@ def ansible_env(tmp_path_factory) -> dict[str, str]:
     (tmp / "callbacks").mkdir()
     (tmp / "callbacks" / "megaflow_collect.py").write_text(COLLECTOR)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-        "ANSIBLE_HOME": str(tmp / "home"),
-        "ANSIBLE_LOCAL_TEMP": str(tmp / "local"),
-        "ANSIBLE_REMOTE_TMP": str(tmp / "remote"),
-        "ANSIBLE_GATHERING": "explicit",
-        "ANSIBLE_PIPELINING": "True",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_CALLBACK_PLUGINS": str(tmp / "callbacks"),
-        "ANSIBLE_CALLBACKS_ENABLED": "megaflow_collect",
-        "MEGAFLOW_COLLECT": str(tmp / "rendered.jsonl"),
-        "TMPDIR": str(tmp),
-    })
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+            "ANSIBLE_HOME": str(tmp / "home"),
+            "ANSIBLE_LOCAL_TEMP": str(tmp / "local"),
+            "ANSIBLE_REMOTE_TMP": str(tmp / "remote"),
+            "ANSIBLE_GATHERING": "explicit",
+            "ANSIBLE_PIPELINING": "True",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_CALLBACK_PLUGINS": str(tmp / "callbacks"),
+            "ANSIBLE_CALLBACKS_ENABLED": "megaflow_collect",
+            "MEGAFLOW_COLLECT": str(tmp / "rendered.jsonl"),
+            "TMPDIR": str(tmp),
+        }
+    )
     return env
 
 
 def _run(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([_tool(args[0]) or args[0], *args[1:]], cwd=ANSIBLE_DIR, env=env, text=True, check=False,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [_tool(args[0]) or args[0], *args[1:]],
+        cwd=ANSIBLE_DIR,
+        env=env,
+        text=True,
+        check=False,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def test_syntax_check(ansible_env):
@@ -136,7 +145,8 @@ def test_group_vars_name_every_setting_and_no_secret():
     assert len(names) == len(set(names)) and set(names) == set(fields), (
         "a Settings field was added or removed: update common_setting_names in deploy/ansible/roles/common/"
         f"vars/main.yml and megaflow_<field> in group_vars/all.yml (missing: {sorted(set(fields) - set(names))}, "
-        f"extra: {sorted(set(names) - set(fields))})")
+        f"extra: {sorted(set(names) - set(fields))})"
+    )
     all_vars = yaml.safe_load((ANSIBLE_DIR / "group_vars/all.yml").read_text())
     missing = [f for f in fields if f"megaflow_{f}" not in all_vars]
     assert not missing, f"add megaflow_<field> to deploy/ansible/group_vars/all.yml for: {missing}"
@@ -165,15 +175,32 @@ def rendered(ansible_env, tmp_path_factory) -> dict[str, dict[str, dict]]:
         "ansible_python_interpreter": sys.executable,
     }
     (tmp / "extra.json").write_text(json.dumps(extra))
-    proc = _run(ansible_env, "ansible-playbook", "-i", str(INVENTORY), "site.yml", "--check", "--diff",
-                "--tags", "config", "--limit", ",".join(h + DOMAIN for h in RENDER_HOSTS),
-                "-e", f"@{tmp / 'extra.json'}", timeout=300)
+    proc = _run(
+        ansible_env,
+        "ansible-playbook",
+        "-i",
+        str(INVENTORY),
+        "site.yml",
+        "--check",
+        "--diff",
+        "--tags",
+        "config",
+        "--limit",
+        ",".join(h + DOMAIN for h in RENDER_HOSTS),
+        "-e",
+        f"@{tmp / 'extra.json'}",
+        timeout=300,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     out: dict[str, dict[str, dict]] = {}
     for line in Path(ansible_env["MEGAFLOW_COLLECT"]).read_text().splitlines():
         rec = json.loads(line)
         out.setdefault(rec["host"].removesuffix(DOMAIN), {})[rec["dest"]] = {
-            "content": rec["after"], "mode": rec["mode"], "source": rec["source"], "task": rec["task"]}
+            "content": rec["after"],
+            "mode": rec["mode"],
+            "source": rec["source"],
+            "task": rec["task"],
+        }
     return out
 
 
@@ -204,7 +231,7 @@ def test_env_file_holds_only_real_settings_and_loads(rendered, monkeypatch):
         f = rendered[host]["/etc/megaflow/megaflow.env"]
         assert f["mode"] == "0600", f"{host}: megaflow.env mode {f['mode']}"
         env = parse_env_file(f["content"])
-        unknown = [k for k in env if k.startswith("MEGAFLOW_") and k[len("MEGAFLOW_"):].lower() not in fields]
+        unknown = [k for k in env if k.startswith("MEGAFLOW_") and k[len("MEGAFLOW_") :].lower() not in fields]
         assert not unknown, f"{host}: not Settings fields: {unknown}"
         for key in [k for k in os.environ if k.startswith("MEGAFLOW_")]:
             monkeypatch.delenv(key)
@@ -223,7 +250,9 @@ def test_env_file_holds_only_real_settings_and_loads(rendered, monkeypatch):
         limits.add(settings.global_limit)
     assert len(limits) == 1, f"fleet-wide global_limit differs between hosts: {limits}"
     assert limits == {8 + 16 + 8}, "global_limit is the sum of the env hosts' capacities"
-    assert parse_env_file(rendered["env-2"]["/etc/megaflow/megaflow.env"]["content"])["MEGAFLOW_ENV_CONCURRENCY"] == "16"
+    assert (
+        parse_env_file(rendered["env-2"]["/etc/megaflow/megaflow.env"]["content"])["MEGAFLOW_ENV_CONCURRENCY"] == "16"
+    )
 
 
 def test_env_file_reads_the_same_in_a_shell(rendered, tmp_path):
@@ -231,8 +260,9 @@ def test_env_file_reads_the_same_in_a_shell(rendered, tmp_path):
     text = rendered["env-2"]["/etc/megaflow/megaflow.env"]["content"]
     path = tmp_path / "megaflow.env"
     path.write_text(text)
-    proc = subprocess.run(["env", "-i", "bash", "-c", f"set -a; . {path}; env -0"], capture_output=True, timeout=10,
-                          check=False)
+    proc = subprocess.run(
+        ["env", "-i", "bash", "-c", f"set -a; . {path}; env -0"], capture_output=True, timeout=10, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     shell = dict(kv.split("=", 1) for kv in proc.stdout.decode().split("\0") if "=" in kv)
     for key, value in parse_env_file(text).items():
@@ -250,8 +280,11 @@ def _unit(text: str) -> dict[str, list[str]]:
 
 def test_worker_units_stop_warmly_and_read_the_env_file(rendered):
     longest_step = Settings(redis_url="redis://x:1/0").step_time_limit_s
-    where = {"megaflow-worker-model.service": "gpu-1", "megaflow-worker-agent.service": "agent-1",
-             "megaflow-worker-env.service": "env-2"}
+    where = {
+        "megaflow-worker-model.service": "gpu-1",
+        "megaflow-worker-agent.service": "agent-1",
+        "megaflow-worker-env.service": "env-2",
+    }
     for name in WORKER_UNITS:
         unit = _unit(rendered[where[name]][f"/etc/systemd/system/{name}"]["content"])
         assert unit["EnvironmentFile"] == ["/etc/megaflow/megaflow.env"], name
@@ -292,8 +325,11 @@ def test_vllm_instance(rendered):
 
 def test_redis_conf(rendered):
     conf = rendered["redis-1"]["/etc/redis/redis.conf"]["content"]
-    lines = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in conf.splitlines()
-             if line.strip() and not line.startswith("#")}
+    lines = {
+        line.split(None, 1)[0]: line.split(None, 1)[1]
+        for line in conf.splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert lines["maxmemory-policy"] == "noeviction"
     assert lines["appendonly"] == "yes"
     assert lines["bind"].startswith("127.0.0.1")
@@ -335,8 +371,14 @@ def test_rendered_redis_conf_runs_and_the_env_url_logs_in(rendered, tmp_path):
     if not exe:
         pytest.fail("redis-server is not installed; run `make test`, which installs it")
     port = free_port()
-    local = {"bind": "127.0.0.1", "port": str(port), "dir": str(tmp_path), "pidfile": str(tmp_path / "redis.pid"),
-             "logfile": '""', "maxmemory": "64mb"}
+    local = {
+        "bind": "127.0.0.1",
+        "port": str(port),
+        "dir": str(tmp_path),
+        "pidfile": str(tmp_path / "redis.pid"),
+        "logfile": '""',
+        "maxmemory": "64mb",
+    }
     lines = []
     for line in rendered["redis-1"]["/etc/redis/redis.conf"]["content"].splitlines():
         key = line.split(None, 1)[0] if line.strip() and not line.startswith("#") else ""
@@ -371,8 +413,12 @@ def test_units_pass_systemd_analyze_verify(rendered, tmp_path):
     tool = shutil.which("systemd-analyze")
     if not tool:
         pytest.skip("systemd-analyze is not installed")
-    units = {Path(dest).name: f["content"] for files in rendered.values() for dest, f in files.items()
-             if dest.startswith("/etc/systemd/system/")}
+    units = {
+        Path(dest).name: f["content"]
+        for files in rendered.values()
+        for dest, f in files.items()
+        if dest.startswith("/etc/systemd/system/")
+    }
     assert len(units) == 6, sorted(units)
     paths = []
     for name, text in units.items():
@@ -382,14 +428,25 @@ def test_units_pass_systemd_analyze_verify(rendered, tmp_path):
         path.write_text(text)
         paths.append(str(path))
     proc = subprocess.run([tool, "verify", *paths], capture_output=True, text=True, timeout=60, check=False)
-    bad = [line for line in (proc.stdout + proc.stderr).splitlines()
-           if re.search(r"Unknown (key|section)|[Ii]nvalid|[Ff]ailed to parse|bad-setting|Missing", line)]
+    bad = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if re.search(r"Unknown (key|section)|[Ii]nvalid|[Ff]ailed to parse|bad-setting|Missing", line)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_drain_play_syntax_check_and_refuses_no_host(ansible_env):
-    proc = _run(ansible_env, "ansible-playbook", "--syntax-check", "-i", str(INVENTORY), "drain.yml",
-                "-e", "host=env-1.example.internal")
+    proc = _run(
+        ansible_env,
+        "ansible-playbook",
+        "--syntax-check",
+        "-i",
+        str(INVENTORY),
+        "drain.yml",
+        "-e",
+        "host=env-1.example.internal",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = _run(ansible_env, "ansible-playbook", "-i", str(INVENTORY), "drain.yml")
     assert proc.returncode != 0 and "-e host=NAME" in proc.stdout + proc.stderr

@@ -25,8 +25,13 @@ from megaflow.core.settings import Settings
 from megaflow.datasets import read_records, to_specs
 from megaflow.demo_tasks import demo_specs
 
-FUZZ = hsettings(max_examples=int(os.environ.get("MEGAFLOW_TEST_FUZZ_EXAMPLES", "40")), derandomize=True, deadline=None, database=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+FUZZ = hsettings(
+    max_examples=int(os.environ.get("MEGAFLOW_TEST_FUZZ_EXAMPLES", "40")),
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 TALLY: Counter[str] = Counter()
 
 
@@ -78,7 +83,10 @@ BAD_SETTINGS = st.one_of(
     st.tuples(st.sampled_from(_fields(float)), st.one_of(JUNK, HUGE_FLOAT, NEGATIVE, st.just("0"))),
     st.tuples(st.sampled_from(_fields(bool)), st.sampled_from(["maybe", "2", "yess", "nope", "-1"])),
     st.tuples(st.sampled_from(["host_name", "key_prefix"]), UNSAFE),
-    st.tuples(st.just("default_image"), st.one_of(UNSAFE.filter(lambda v: v != "a/b"), st.sampled_from(["UPPER", "a:b:c", "x@sha256:12", "a" * 500]))),
+    st.tuples(
+        st.just("default_image"),
+        st.one_of(UNSAFE.filter(lambda v: v != "a/b"), st.sampled_from(["UPPER", "a:b:c", "x@sha256:12", "a" * 500])),
+    ),
     st.tuples(st.just("container_memory"), st.sampled_from(["lots", "1q", "-1g", "1", "5m", "9999999g", "1.g", "g"])),
     st.tuples(
         st.just("redis_url"),

@@ -186,11 +186,10 @@ def test_example_task_file_is_valid():
 
 
 def test_example_rollout_file_and_mini_config_make_valid_specs():
+    from megaflow.agents import validate_agent_section
     from megaflow.agents.mini import load_mini_config
     from megaflow.core.spec import validate_specs
     from megaflow.datasets import load_instances, to_specs
-
-    from megaflow.agents import validate_agent_section
 
     mini = load_mini_config(EXAMPLES / "mini-swe-agent.yaml")
     validate_agent_section(mini.agent)  # every key honoured or rejected naming it: the example has none rejected

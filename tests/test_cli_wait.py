@@ -180,7 +180,8 @@ def test_cancel_stops_an_episode_busy_in_a_long_step(fleet, tmp_path, docker_cli
         final = client.results(batch)[0]
     assert final["state"] == states.CANCELLED, f"a cancel during {where} did not end the episode: {final}"
     deadline = time.monotonic() + 20  # the close runs on the episode's env host right after the cancel
-    while (left := docker_client.containers.list(all=True, filters={"label": f"{labels.EPISODE}={eid}"})) and \
-            time.monotonic() < deadline:
+    while (
+        left := docker_client.containers.list(all=True, filters={"label": f"{labels.EPISODE}={eid}"})
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"containers of the cancelled episode remain: {[c.name for c in left]}"

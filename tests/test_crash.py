@@ -8,17 +8,33 @@ import time
 
 from megaflow import Client, fleet
 from megaflow.core import states
-from megaflow.demo_tasks import demo_specs
 from megaflow.core.settings import Settings
+from megaflow.demo_tasks import demo_specs
 
 
 def test_kill_9_agent_and_env_workers_loses_no_episode(redis_server, redis_client, sandbox_image, tmp_path):
     # short limits so the visibility timeout (the redelivery delay after a crash) is under a minute
-    s = Settings.load(redis_url=redis_server.url, state_dir=str(tmp_path / "state"), host_name="crash-host",
-                      default_image=sandbox_image, command_timeout_s=5, eval_timeout_s=8, model_timeout_s=3,
-                      model_max_retries=0, boot_timeout_s=6, pull_timeout_s=6, visibility_timeout_s=45,
-                      episode_budget_s=120, container_lifetime_s=200, episode_guard_s=300, lease_s=10,
-                      host_ttl_s=10, sweep_interval_s=2, host_capacity=3, metrics_port=0)
+    s = Settings.load(
+        redis_url=redis_server.url,
+        state_dir=str(tmp_path / "state"),
+        host_name="crash-host",
+        default_image=sandbox_image,
+        command_timeout_s=5,
+        eval_timeout_s=8,
+        model_timeout_s=3,
+        model_max_retries=0,
+        boot_timeout_s=6,
+        pull_timeout_s=6,
+        visibility_timeout_s=45,
+        episode_budget_s=120,
+        container_lifetime_s=200,
+        episode_guard_s=300,
+        lease_s=10,
+        host_ttl_s=10,
+        sweep_interval_s=2,
+        host_capacity=3,
+        metrics_port=0,
+    )
     fleet.up(s, env_hosts=1, wait_s=120, echo=lambda m: None)
     try:
         with Client(s) as client:
@@ -44,8 +60,11 @@ def test_kill_9_agent_and_env_workers_loses_no_episode(redis_server, redis_clien
             d = docker.from_env()
             deadline = time.monotonic() + 60
             while True:
-                left = [c for c in d.containers.list(all=True, filters={"label": f"megaflow.fleet={s.fleet_id}"})
-                        if c.labels.get("megaflow.episode")]
+                left = [
+                    c
+                    for c in d.containers.list(all=True, filters={"label": f"megaflow.fleet={s.fleet_id}"})
+                    if c.labels.get("megaflow.episode")
+                ]
                 if not left or time.monotonic() > deadline:
                     break
                 time.sleep(2)

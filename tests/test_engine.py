@@ -6,20 +6,20 @@ import json
 
 import pytest
 
-from megaflow.core import states
-from megaflow.demo_tasks import demo_specs
-from megaflow.core import wire
-from megaflow.engine.dispatch import RedisDispatcher
-from megaflow.engine.episodes import EpisodeEngine, NextTask
+from megaflow.core import states, wire
 from megaflow.core.errors import NotFoundError
 from megaflow.core.keys import Keys
 from megaflow.core.spec import validate_specs
+from megaflow.demo_tasks import demo_specs
+from megaflow.engine.dispatch import RedisDispatcher
+from megaflow.engine.episodes import EpisodeEngine, NextTask
 
 
 @pytest.fixture
 def engine(settings, redis_client):
-    return EpisodeEngine(redis_client, settings, Keys(settings.key_prefix),
-                         RedisDispatcher(redis_client, settings.key_prefix))
+    return EpisodeEngine(
+        redis_client, settings, Keys(settings.key_prefix), RedisDispatcher(redis_client, settings.key_prefix)
+    )
 
 
 def queued(engine, queue: str) -> list[tuple[str, list]]:
@@ -47,8 +47,14 @@ def test_advance_applies_once_and_sends_next(engine, redis_client):
     ep = engine.load(ids[0])
     stale = engine.load(ids[0])
     nxt = NextTask("megaflow.agent.step", "agent")
-    assert engine.advance(ep, history=[{"role": "user", "content": "hi"}], incr={"model_calls": 1},
-                          state=states.RUNNING, phase="env_ready", next_task=nxt)
+    assert engine.advance(
+        ep,
+        history=[{"role": "user", "content": "hi"}],
+        incr={"model_calls": 1},
+        state=states.RUNNING,
+        phase="env_ready",
+        next_task=nxt,
+    )
     assert queued(engine, "agent") == [("megaflow.agent.step", [ids[0], 1])]
     # a redelivered copy of the same step is dropped: no second history record, no second send
     assert not engine.advance(stale, history=[{"role": "user", "content": "hi"}], next_task=nxt)
@@ -100,11 +106,17 @@ def test_wire_message_is_what_celery_sends(settings):
     app = create_app(settings)
     args = ["ep-1", 3]
     ours = json.loads(wire.encode_message(settings.key_prefix, "megaflow.agent.step", args, "agent")[1])
-    theirs = app.amqp.as_task_v2("x", "megaflow.agent.step", args=args, kwargs={},
-                                 argsrepr=wire.task_argsrepr("megaflow.agent.step", args, "agent"))
+    theirs = app.amqp.as_task_v2(
+        "x",
+        "megaflow.agent.step",
+        args=args,
+        kwargs={},
+        argsrepr=wire.task_argsrepr("megaflow.agent.step", args, "agent"),
+    )
     volatile = {"id", "root_id", "origin"}
-    assert {k: v for k, v in ours["headers"].items() if k not in volatile} == \
-        {k: v for k, v in theirs.headers.items() if k not in volatile}
+    assert {k: v for k, v in ours["headers"].items() if k not in volatile} == {
+        k: v for k, v in theirs.headers.items() if k not in volatile
+    }
     assert json.loads(base64.b64decode(ours["body"])) == json.loads(json.dumps(theirs.body))
     assert ours["content-type"] == "application/json"
     assert wire.decode_message(json.dumps(ours)) == ("megaflow.agent.step", args)

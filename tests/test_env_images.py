@@ -157,7 +157,9 @@ def test_images_cli_prefetch_queues_a_task_for_other_hosts(settings, redis_clien
     from megaflow.core.keys import Keys
     from megaflow.engine.resources.manager import ResourceManager
 
-    ResourceManager(redis_client, settings, Keys(settings.key_prefix)).register_host("far-host", capacity=2, images=[], warm={}, disk_free_gb=10.0)
+    ResourceManager(redis_client, settings, Keys(settings.key_prefix)).register_host(
+        "far-host", capacity=2, images=[], warm={}, disk_free_gb=10.0
+    )
     out = CliRunner().invoke(app, ["prefetch", "img:1", "--hosts", "far-host"])
     assert out.exit_code == 0, out.output
     assert out.output.split()[:2] == ["far-host", "queued"]

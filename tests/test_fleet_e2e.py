@@ -6,13 +6,11 @@ import json
 import subprocess
 import time
 
-import pytest
-
 from megaflow import Client
 from megaflow.core import states
-from megaflow.workers.celery_app import create_app
 from megaflow.demo_tasks import demo_specs
 from megaflow.stores import open_metadata_store
+from megaflow.workers.celery_app import create_app
 from tests.helpers import run_cli
 
 
@@ -47,8 +45,14 @@ def test_reference_fix_succeeds_and_noop_fails(fleet):
         assert {r["host"] for r in res_fix + res_noop} == {"env-1", "env-2"}  # both env hosts took work
         for r in res_fix:
             ph = r["phases"]
-            assert ph["submitted"] <= ph["admitted"] <= ph["env_ready"] <= ph["step_1"] <= ph["evaluating"] \
+            assert (
+                ph["submitted"]
+                <= ph["admitted"]
+                <= ph["env_ready"]
+                <= ph["step_1"]
+                <= ph["evaluating"]
                 <= ph["finished"]
+            )
         traj = client.trajectory(res_fix[0]["episode_id"])
         roles = [m["role"] for m in traj["messages"]]
         assert roles[:3] == ["system", "user", "assistant"] and roles[-1] == "evaluation"
@@ -56,8 +60,9 @@ def test_reference_fix_succeeds_and_noop_fails(fleet):
         assert traj["state"] == states.SUCCEEDED and traj["prompt_tokens"] > 0
     docs = wait_records(fleet, fix.batch_id, len(res_fix))
     assert sorted(d["state"] for d in docs) == [states.SUCCEEDED] * len(res_fix)
-    assert all({"queued", "admitted", "env_ready", "step_1", "evaluating", "finished"} <= set(d["phases"])
-               for d in docs)
+    assert all(
+        {"queued", "admitted", "env_ready", "step_1", "evaluating", "finished"} <= set(d["phases"]) for d in docs
+    )
     out = json.loads(cli(fleet, "status", fix.batch_id, "--json").stdout)
     assert out["counts"] == {states.SUCCEEDED: len(res_fix)} and out["mean_reward"] == 1.0
     overview = cli(fleet, "status").stdout

@@ -15,15 +15,15 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from conftest import IN_CI, free_port
 from pydantic import SecretStr
 
-from conftest import IN_CI, free_port
 from megaflow import Client
-from megaflow.demo_tasks import demo_specs
 from megaflow.core.errors import ConfigError
-from megaflow.core.wire import task_argsrepr
-from megaflow.monitoring.flower import flower_options
 from megaflow.core.settings import Settings
+from megaflow.core.wire import task_argsrepr
+from megaflow.demo_tasks import demo_specs
+from megaflow.monitoring.flower import flower_options
 
 USER, PASSWORD = "flower-admin", "pa:ss,word with spaces"
 
@@ -42,8 +42,7 @@ def test_flower_options_need_credentials(tmp_path):
         flower_options(base)
     with pytest.raises(ConfigError, match="':'"):
         flower_options(base.model_copy(update={"flower_user": "a:b", "flower_password": SecretStr("x")}))
-    opts = flower_options(base.model_copy(update={"flower_user": "u", "flower_password": SecretStr("p,w")}),
-                          port=1234)
+    opts = flower_options(base.model_copy(update={"flower_user": "u", "flower_password": SecretStr("p,w")}), port=1234)
     assert opts["basic_auth"] == ["u:p,w"] and opts["persistent"] is True
     assert opts["db"] == str(tmp_path / "flower.db") and opts["address"] == "127.0.0.1" and opts["port"] == 1234
     assert "args" in opts["tasks_columns"].split(",")
@@ -74,8 +73,12 @@ class FlowerProc:
     def start(self) -> None:
         env = dict(os.environ, **self.settings.to_env())
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "megaflow", "flower", "--port", str(self.port)],
-                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "megaflow", "flower", "--port", str(self.port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -122,17 +125,38 @@ def chromium_dom(url: str, profile: Path) -> str:
             pytest.fail("chromium is not installed; `make test` installs Debian's chromium package")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     proc = subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120)
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=8000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_flower_shows_fleet_workers_and_tasks(fleet, tmp_path):
-    settings = fleet.model_copy(update={"flower_user": USER, "flower_password": SecretStr(PASSWORD),
-                                        "state_dir": str(tmp_path / "flower-state")})
+    settings = fleet.model_copy(
+        update={
+            "flower_user": USER,
+            "flower_password": SecretStr(PASSWORD),
+            "state_dir": str(tmp_path / "flower-state"),
+        }
+    )
     flower = FlowerProc(settings, tmp_path / "flower.log")
     flower.start()
     try:
@@ -147,8 +171,10 @@ def test_flower_shows_fleet_workers_and_tasks(fleet, tmp_path):
         eids = set(sub.episode_ids)
 
         nodes = {"model@test-host", "agent@test-host", "env@env-1", "env@env-2"}
-        workers = poll("the fleet's workers in /api/workers",
-                       lambda: (w := flower.get("/api/workers?refresh=1").json()) and nodes <= set(w) and w)
+        workers = poll(
+            "the fleet's workers in /api/workers",
+            lambda: (w := flower.get("/api/workers?refresh=1").json()) and nodes <= set(w) and w,
+        )
         assert "megaflow.agent.step" in workers["agent@test-host"]["registered"]
         queues = flower.get("/api/queues/length").json()["active_queues"]  # read with the broker's key prefix
         assert {"model", "agent", "env", "env.env-1", "env.env-2"} <= {q["name"] for q in queues}, queues
@@ -157,8 +183,13 @@ def test_flower_shows_fleet_workers_and_tasks(fleet, tmp_path):
             tasks = flower.get("/api/tasks").json()
             mine = [t for t in tasks.values() if any(f"ep={e} " in f"{t['args']} " for e in eids)]
             names = {t["name"] for t in mine}
-            want = {"megaflow.env.provision", "megaflow.agent.step", "megaflow.model.complete",
-                    "megaflow.env.exec", "megaflow.env.evaluate"}
+            want = {
+                "megaflow.env.provision",
+                "megaflow.agent.step",
+                "megaflow.model.complete",
+                "megaflow.env.exec",
+                "megaflow.env.evaluate",
+            }
             return mine if want <= names and all(t["state"] == "SUCCESS" for t in mine) else None
 
         mine = poll("the batch's megaflow.* tasks in /api/tasks", my_tasks)
@@ -172,15 +203,23 @@ def test_flower_shows_fleet_workers_and_tasks(fleet, tmp_path):
         # Flower's own Prometheus metrics (Celery's view), beside `megaflow metrics` (MegaFlow's state)
         from prometheus_client.parser import text_string_to_metric_families
 
-        succeeded = sum(s.value for f in text_string_to_metric_families(flower.get("/metrics", auth=None).text)
-                        for s in f.samples if s.name == "flower_events_total"
-                        and s.labels.get("task") == "megaflow.agent.step" and s.labels.get("type") == "task-succeeded")
+        succeeded = sum(
+            s.value
+            for f in text_string_to_metric_families(flower.get("/metrics", auth=None).text)
+            for s in f.samples
+            if s.name == "flower_events_total"
+            and s.labels.get("task") == "megaflow.agent.step"
+            and s.labels.get("type") == "task-succeeded"
+        )
         assert succeeded >= len([t for t in mine if t["name"] == "megaflow.agent.step"])
 
         # the tasks page, filled by its scripts from the API, as a browser shows it
         first = sorted(eids)[0]
-        dom = chromium_dom(f"http://{quote(USER, safe='')}:{quote(PASSWORD, safe='')}@127.0.0.1:{flower.port}"
-                           "/tasks?name=megaflow.agent.step", tmp_path / "chrome")
+        dom = chromium_dom(
+            f"http://{quote(USER, safe='')}:{quote(PASSWORD, safe='')}@127.0.0.1:{flower.port}"
+            "/tasks?name=megaflow.agent.step",
+            tmp_path / "chrome",
+        )
         assert "<tbody" in dom, dom[:2000]
         body = dom.split("<tbody", 1)[1]
         assert "megaflow.agent.step" in body and f"ep={first} step=" in body, body[:3000]

@@ -53,8 +53,13 @@ def assert_nothing_held(runner: LocalRunner, ids: list[str]) -> None:
             import docker
 
             client = docker.from_env()
-            left = [c.name for eid in ids for c in client.containers.list(
-                all=True, filters={"label": [f"megaflow.episode={eid}", f"megaflow.host={r.host}"]})]
+            left = [
+                c.name
+                for eid in ids
+                for c in client.containers.list(
+                    all=True, filters={"label": [f"megaflow.episode={eid}", f"megaflow.host={r.host}"]}
+                )
+            ]
             client.close()
             assert not left, f"containers left on {r.host}: {left}"
 
@@ -148,8 +153,9 @@ def _cancel_in(runner: LocalRunner, state: str, monkeypatch) -> str:
     return eid
 
 
-@pytest.mark.parametrize("state", [states.QUEUED, states.ADMITTED, states.ENV_STARTING, states.RUNNING,
-                                   states.EVALUATING])
+@pytest.mark.parametrize(
+    "state", [states.QUEUED, states.ADMITTED, states.ENV_STARTING, states.RUNNING, states.EVALUATING]
+)
 def test_cancel_ends_an_episode_in_every_state(fleet_local, state, monkeypatch):
     eid = _cancel_in(fleet_local, state, monkeypatch)
     root = fleet_local.root

@@ -12,17 +12,17 @@ import time
 
 import httpx
 import pytest
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
 from megaflow import Client
 from megaflow.core import states
-from megaflow.workers.celery_app import create_app
-from megaflow.demo_tasks import demo_specs
 from megaflow.core.keys import Keys
-from megaflow.monitoring.metrics import CONTENT_TYPE, Exposition, collect, serve_metrics
-from megaflow.engine.resources import ResourceManager
 from megaflow.core.settings import Settings
+from megaflow.demo_tasks import demo_specs
+from megaflow.engine.resources import ResourceManager
+from megaflow.monitoring.metrics import CONTENT_TYPE, Exposition, collect, serve_metrics
+from megaflow.workers.celery_app import create_app
 
 
 def parse(text: str) -> dict[str, dict[tuple, float]]:
@@ -137,8 +137,13 @@ def test_http_endpoint_serves_metrics_404_and_503(settings):
 def test_metrics_command_serves_and_stops_on_sigterm(settings, redis_client):
     port = free_port()
     env = dict(os.environ, **settings.to_env())
-    proc = subprocess.Popen([sys.executable, "-m", "megaflow", "metrics", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megaflow", "metrics", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -206,15 +211,16 @@ def test_scrape_of_a_running_fleet(fleet):
         assert {"env-1", "env-2"} <= hosts
         assert value(m, "megaflow_slots_limit", tier="host", name="env-1") == fleet.host_capacity
         assert value(m, "megaflow_env_host_up", host="env-2") == 1
-        assert {"env.env-1", "env.env-2", "agent", "model", "env"} <= {dict(k)["queue"]
-                                                                       for k in m["megaflow_queue_length"]}
+        assert {"env.env-1", "env.env-2", "agent", "model", "env"} <= {
+            dict(k)["queue"] for k in m["megaflow_queue_length"]
+        }
         with Client(fleet) as client:
             sub = client.submit(demo_specs("fix")[:1], user="metrics-test")
             deadline = time.monotonic() + 180
             while client.status(sub.batch_id)["done"] < 1:
                 assert time.monotonic() < deadline, "batch did not finish"
                 m = scrape(server.port)
-                for (labels, v) in m["megaflow_episodes"].items():
+                for labels, v in m["megaflow_episodes"].items():
                     if v > 0:
                         seen_live.add(dict(labels)["state"])
                 key = (("name", "metrics-test"), ("tier", "user"))

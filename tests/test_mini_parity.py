@@ -31,10 +31,10 @@ pytestmark = pytest.mark.mini
 os.environ.setdefault("MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT", "1")  # a broken case fails at once, not after retries
 import_mini()
 
-from minisweagent.agents import get_agent
-from minisweagent.environments import get_environment
-from minisweagent.models import get_model
-from minisweagent.utils.serialize import recursive_merge
+from minisweagent.agents import get_agent  # noqa: E402  (after import_mini(): quiet and offline)
+from minisweagent.environments import get_environment  # noqa: E402  (after import_mini(): quiet and offline)
+from minisweagent.models import get_model  # noqa: E402  (after import_mini(): quiet and offline)
+from minisweagent.utils.serialize import recursive_merge  # noqa: E402  (after import_mini(): quiet and offline)
 
 CHAT_KEYS = ("role", "content", "tool_call_id")
 SUBMIT = "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"

@@ -16,9 +16,9 @@ from pathlib import Path
 from conftest import free_port
 from typer.testing import CliRunner
 
+from megaflow.cli.model import app
 from megaflow.core.keys import Keys
 from megaflow.model_gateway import ModelRequest, load_backend
-from megaflow.cli.model import app
 from megaflow.model_gateway.registry import registered_endpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,17 +35,43 @@ def test_serve_registers_heartbeats_and_deregisters(tmp_path, settings, redis_se
     args_file = tmp_path / "vllm-args"
     fake = tmp_path / "bin" / "vllm"
     fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" > {args_file}\nshift\nexec {sys.executable} '
-                    f'{ROOT / "tests" / "openai_server.py"} --name gpu "$@"\n')
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" > {args_file}\nshift\nexec {sys.executable} '
+        f'{ROOT / "tests" / "openai_server.py"} --name gpu "$@"\n'
+    )
     fake.chmod(0o755)
     port = free_port()
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-           "MEGAFLOW_REDIS_URL": redis_server.url, "MEGAFLOW_STATE_DIR": str(tmp_path / "state"),
-           "MEGAFLOW_MODEL_ENDPOINT_TTL_S": "3", "MEGAFLOW_ENDPOINT_CONCURRENCY": "16"}
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "MEGAFLOW_REDIS_URL": redis_server.url,
+        "MEGAFLOW_STATE_DIR": str(tmp_path / "state"),
+        "MEGAFLOW_MODEL_ENDPOINT_TTL_S": "3",
+        "MEGAFLOW_ENDPOINT_CONCURRENCY": "16",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "megaflow.cli.model", "serve", "org/some-model", "--host", "127.0.0.1",
-         "--port", str(port), "--served-model-name", "fleet-model", "--", "--max-model-len", "2048"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "megaflow.cli.model",
+            "serve",
+            "org/some-model",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "fleet-model",
+            "--",
+            "--max-model-len",
+            "2048",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -56,14 +82,21 @@ def test_serve_registers_heartbeats_and_deregisters(tmp_path, settings, redis_se
             time.sleep(0.1)
         argv = args_file.read_text().split()
         assert argv[:2] == ["serve", "org/some-model"]
-        for flag in ("--served-model-name fleet-model", "--max-num-seqs 16", "--port " + str(port),
-                     "--max-model-len 2048"):
+        for flag in (
+            "--served-model-name fleet-model",
+            "--max-num-seqs 16",
+            "--port " + str(port),
+            "--max-model-len 2048",
+        ):
             assert flag in " ".join(argv)
         assert "--return-tokens-as-token-ids" in argv and "--enable-prefix-caching" in argv
         # the host joined the fleet: a gateway with no static endpoints reaches it
         backend = load_backend("openai", settings.model_copy(update={"model_endpoints": []}), redis_client)
-        reply = backend.complete(ModelRequest(messages=[{"role": "user", "content": "hi"}],
-                                              model={"model_name": "fleet-model"}, session_id="ep"))
+        reply = backend.complete(
+            ModelRequest(
+                messages=[{"role": "user", "content": "hi"}], model={"model_name": "fleet-model"}, session_id="ep"
+            )
+        )
         assert reply.endpoint == url and reply.content == "gpu says: hi"
         time.sleep(1.5)  # past one heartbeat (TTL/3): still registered
         assert registered_endpoints(redis_client, Keys(), "fleet-model") == [url]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from megaflow.core import states
+from megaflow.core.keys import Keys
+from megaflow.core.spec import validate_specs
 from megaflow.demo_tasks import demo_specs
 from megaflow.engine.episodes import EpisodeEngine
-from megaflow.core.keys import Keys
 from megaflow.records import GROUP, Recorder
-from megaflow.core.spec import validate_specs
 from megaflow.stores import open_metadata_store
 
 
@@ -18,8 +18,9 @@ def test_recorder_builds_task_documents(settings, redis_client):
     ep = engine.load(ids[0])
     engine.advance(ep, keep_step=True, state=states.ADMITTED, phase="admitted", event_fields={"host": "h1"})
     engine.advance(ep, state=states.RUNNING, phase="env_ready")
-    engine.advance(ep, state=states.SUCCEEDED, phase="finished", terminal=True,
-                   event_fields={"reward": 1.0, "cause": None})
+    engine.advance(
+        ep, state=states.SUCCEEDED, phase="finished", terminal=True, event_fields={"reward": 1.0, "cause": None}
+    )
     store = open_metadata_store(settings.metadata_url, settings)
     rec = Recorder(redis_client, keys, store)
     assert rec.drain() == 7

@@ -22,14 +22,21 @@ def synthetic_batch(batch_id: str = "b-report", n: int = 40, running: int = 3) -
     for i in range(n):
         mode = "persistent" if i % 2 else "ephemeral"
         submitted = T0 + i
-        admitted = submitted + (i % 5) * 2.0          # queue wait 0, 2, 4, 6, 8 s
+        admitted = submitted + (i % 5) * 2.0  # queue wait 0, 2, 4, 6, 8 s
         env_ready = admitted + (0.5 if mode == "persistent" else 10.0)
         steps = {f"step_{k}": env_ready + 5.0 * k for k in range(1, 4)}
         evaluating = env_ready + 15.0
         finished = evaluating + 3.0
-        phases = {"submitted": submitted, "queued": submitted, "admitted": admitted,
-                  "env_starting": admitted + 0.1, "env_ready": env_ready,
-                  **steps, "evaluating": evaluating, "finished": finished}
+        phases = {
+            "submitted": submitted,
+            "queued": submitted,
+            "admitted": admitted,
+            "env_starting": admitted + 0.1,
+            "env_ready": env_ready,
+            **steps,
+            "evaluating": evaluating,
+            "finished": finished,
+        }
         state, cause, reward = "SUCCEEDED", None, 1.0
         if i in (3, 7, 11, 15):
             state, cause, reward = "FAILED", "tests_failed", 0.0
@@ -42,12 +49,24 @@ def synthetic_batch(batch_id: str = "b-report", n: int = 40, running: int = 3) -
         elif i >= n - running:  # still running: no evaluating / finished yet
             state, reward = "RUNNING", None
             phases = {k: v for k, v in phases.items() if k not in ("evaluating", "finished")}
-        docs.append({
-            "episode_id": f"ep{i:03d}", "batch_id": batch_id, "user": "ann", "task_id": f"t{i}",
-            "state": state, "cause": cause, "reward": reward, "host": f"host-{i % 2}", "mode": mode,
-            "steps": 3, "prompt_tokens": 1000, "completion_tokens": 100, "created_at": submitted,
-            "phases": phases,
-        })
+        docs.append(
+            {
+                "episode_id": f"ep{i:03d}",
+                "batch_id": batch_id,
+                "user": "ann",
+                "task_id": f"t{i}",
+                "state": state,
+                "cause": cause,
+                "reward": reward,
+                "host": f"host-{i % 2}",
+                "mode": mode,
+                "steps": 3,
+                "prompt_tokens": 1000,
+                "completion_tokens": 100,
+                "created_at": submitted,
+                "phases": phases,
+            }
+        )
     return docs
 
 
@@ -67,12 +86,31 @@ def test_report_page_has_every_plot(store, tmp_path):
     text = page.read_text()
     assert text.startswith("<!doctype html>")
     assert len(re.findall(r"<svg\b", text)) == 5
-    for title in ("Concurrency over time", "Latency per phase", "Env start-up by mode", "Per-host utilisation",
-                  "Failure causes"):
+    for title in (
+        "Concurrency over time",
+        "Latency per phase",
+        "Env start-up by mode",
+        "Per-host utilisation",
+        "Failure causes",
+    ):
         assert f'aria-label="{title}"' in text
-    for label in ("queue wait", "env start-up", "container boot", "agent step", "evaluation", "ephemeral", "persistent",
-                  "host-0", "host-1", "tests_failed", "infra", "timeout", "cancelled",
-                  "running (admitted → finished)", "waiting (submitted → admitted)"):
+    for label in (
+        "queue wait",
+        "env start-up",
+        "container boot",
+        "agent step",
+        "evaluation",
+        "ephemeral",
+        "persistent",
+        "host-0",
+        "host-1",
+        "tests_failed",
+        "infra",
+        "timeout",
+        "cancelled",
+        "running (admitted → finished)",
+        "waiting (submitted → admitted)",
+    ):
         assert label in text, label
     assert "b-report" in text and "other-batch" not in text
     assert "still running" in text  # three episodes are live
@@ -120,9 +158,18 @@ def test_unknown_batch(store, tmp_path):
 
 def test_page_escapes_what_it_shows(tmp_path):
     store = SQLiteMetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
-    store.upsert_task({"episode_id": "x", "batch_id": "<b>", "state": "FAILED", "cause": "<script>alert(1)</script>",
-                       "host": "h&<", "mode": "ephemeral", "created_at": T0,
-                       "phases": {"submitted": T0, "admitted": T0 + 1, "env_ready": T0 + 2, "finished": T0 + 3}})
+    store.upsert_task(
+        {
+            "episode_id": "x",
+            "batch_id": "<b>",
+            "state": "FAILED",
+            "cause": "<script>alert(1)</script>",
+            "host": "h&<",
+            "mode": "ephemeral",
+            "created_at": T0,
+            "phases": {"submitted": T0, "admitted": T0 + 1, "env_ready": T0 + 2, "finished": T0 + 3},
+        }
+    )
     text = build_report(store, "<b>", tmp_path / "out").read_text()
     assert "<script>" not in text and "&lt;script&gt;" in text and "h&amp;&lt;" in text
     store.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -76,19 +75,25 @@ def test_host_choice_prefers_warm_then_image_then_least_loaded(make):
     m.register_host("cached", capacity=4, images=["img-a", "img-w"], warm={}, disk_free_gb=1)
     m.register_host("warm", capacity=4, images=["img-w"], warm={"img-w": 1}, disk_free_gb=1)
     m.register_host("empty", capacity=4, images=[], warm={}, disk_free_gb=1)
-    m.enqueue([{"episode_id": "w1", "user": "u", "image": "img-w"},
-               {"episode_id": "w2", "user": "u", "image": "img-w"},
-               {"episode_id": "a1", "user": "u", "image": "img-a"},
-               {"episode_id": "x1", "user": "u", "image": "img-x"},
-               {"episode_id": "x2", "user": "u", "image": "img-x"}])
+    m.enqueue(
+        [
+            {"episode_id": "w1", "user": "u", "image": "img-w"},
+            {"episode_id": "w2", "user": "u", "image": "img-w"},
+            {"episode_id": "a1", "user": "u", "image": "img-a"},
+            {"episode_id": "x1", "user": "u", "image": "img-x"},
+            {"episode_id": "x2", "user": "u", "image": "img-x"},
+        ]
+    )
     placed = {a.episode_id: a.host for a in m.admit()}
     assert placed["w1"] == "warm"  # the warm container
     assert placed["w2"] == "cached"  # warm one taken; image present on both, cached less loaded
     assert placed["a1"] == "cached"
     assert placed["x1"] == "empty"  # nobody has it: least loaded
     assert placed["x2"] in {"empty", "warm"}
-    assert m.redis.hget(m.keys.res("hwarm", "warm"), "img-w") is None or \
-        int(m.redis.hget(m.keys.res("hwarm", "warm"), "img-w")) == 0
+    assert (
+        m.redis.hget(m.keys.res("hwarm", "warm"), "img-w") is None
+        or int(m.redis.hget(m.keys.res("hwarm", "warm"), "img-w")) == 0
+    )
 
 
 def test_image_index_follows_heartbeats(make, redis_client):

@@ -109,7 +109,9 @@ def spawn(url: str, overrides: dict, mode: str, seed: int, seconds: float, log: 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, url, json.dumps(overrides), mode, str(seed), str(seconds), str(log)],
-        cwd=ROOT, env=env, **kw,
+        cwd=ROOT,
+        env=env,
+        **kw,
     )
 
 
@@ -189,7 +191,7 @@ def test_concurrent_admission_never_double_admits(redis_server, redis_client, se
     m = setup_fleet(redis_client, settings, LIMITS)
     all_eps = [{"episode_id": f"e{i:04d}", "user": f"u{i % 5}", "image": "img"} for i in range(300)]
     for i in range(0, len(all_eps), 50):
-        m.enqueue(all_eps[i:i + 50])
+        m.enqueue(all_eps[i : i + 50])
     logs = [tmp_path / f"log{i}.json" for i in range(4)]
     procs = [spawn(redis_server.url, LIMITS, "admit", i, 60.0, logs[i]) for i in range(4)]
     start_together(redis_client, procs)
@@ -207,7 +209,9 @@ def test_kill_9_holder_slots_return_within_one_lease(redis_server, redis_client,
     overrides = {"global_limit": 1, "user_limit": 1, "lease_s": 1.0}
     m = setup_fleet(redis_client, settings, overrides)
     m.register_host("h", capacity=1, images=[], warm={}, disk_free_gb=1)
-    proc = spawn(redis_server.url, overrides, f"hold-{heartbeat}", 0, 0, tmp_path / "unused", stdout=subprocess.PIPE, text=True)
+    proc = spawn(
+        redis_server.url, overrides, f"hold-{heartbeat}", 0, 0, tmp_path / "unused", stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         time.sleep(1.5)  # longer than a lease: the heartbeat keeps it

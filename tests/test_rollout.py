@@ -14,10 +14,10 @@ import time
 import pytest
 
 from megaflow import Client
-from megaflow.core import states
 from megaflow.agents.bash import FORMAT_ERROR
-from megaflow.demo_tasks import demo_specs, fix_replies, instances, noop_replies, task_spec
+from megaflow.core import states
 from megaflow.core.spec import SUBMIT_WORD
+from megaflow.demo_tasks import demo_specs, fix_replies, instances, noop_replies, task_spec
 from megaflow.stores import open_metadata_store
 from tests.helpers import run_cli
 
@@ -69,7 +69,9 @@ def test_reference_fix_resolves_every_task_and_noop_none(fleet):
             traj = client.trajectory(r["episode_id"])
             rep = traj["report"]
             assert rep["resolved"] is False and rep["patch_exists"] is False
-            assert rep["empty_patch"] is True and rep["tests_status"] is None  # as the harness: an empty patch is not run
+            assert (
+                rep["empty_patch"] is True and rep["tests_status"] is None
+            )  # as the harness: an empty patch is not run
             assert traj["messages"][-1]["role"] == "evaluation" and traj["steps"][-1]["action"]["type"] == "submit"
 
 
@@ -78,18 +80,26 @@ def test_format_errors_limits_mini_mode_and_fresh_evaluation(fleet, tmp_path):
     fix = inst[0]["patch"]
     cmd = "```bash\nls\n```"
     mini_yaml = tmp_path / "mini.yaml"
-    mini_yaml.write_text("agent:\n  system_template: sys\n  instance_template: 'Task: {{task}}'\n  step_limit: 10\n"
-                         "model:\n  model_class: litellm_textbased\n  observation_template: 'rc={{output.returncode}}'\n")
+    mini_yaml.write_text(
+        "agent:\n  system_template: sys\n  instance_template: 'Task: {{task}}'\n  step_limit: 10\n"
+        "model:\n  model_class: litellm_textbased\n  observation_template: 'rc={{output.returncode}}'\n"
+    )
     specs = {
         "format-recovers": task_spec(inst[0], replies=["I think calc.py is wrong."] + fix_replies(fix)),
         "format-limit": task_spec(inst[1], replies=["no", "still no", "nope"], agent_config={"max_format_errors": 2}),
         "step-limit": task_spec(inst[2], replies=[cmd] * 4, agent_config={"max_steps": 2}),
         "token-limit": task_spec(inst[3], replies=[cmd] * 4, agent_config={"max_tokens": 30}),
-        "wall-limit": task_spec(inst[4], replies=["```bash\nsleep 3\n```", SUBMIT_WORD],
-                                agent_config={"wall_time_s": 1.5}),
-        "mini": task_spec(inst[0], agent_config=str(mini_yaml), replies=[
-            f"THOUGHT: fix it\n```mswea_bash_command\ngit apply <<'EOF'\n{fix}EOF\n```",
-            "```mswea_bash_command\necho COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT\n```"]),
+        "wall-limit": task_spec(
+            inst[4], replies=["```bash\nsleep 3\n```", SUBMIT_WORD], agent_config={"wall_time_s": 1.5}
+        ),
+        "mini": task_spec(
+            inst[0],
+            agent_config=str(mini_yaml),
+            replies=[
+                f"THOUGHT: fix it\n```mswea_bash_command\ngit apply <<'EOF'\n{fix}EOF\n```",
+                "```mswea_bash_command\necho COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT\n```",
+            ],
+        ),
         "fresh": task_spec(inst[0], replies=fix_replies(fix), fresh_container=True),
     }
     for name, spec in specs.items():
@@ -106,10 +116,12 @@ def test_format_errors_limits_mini_mode_and_fresh_evaluation(fleet, tmp_path):
     assert [m["content"] for m in fmt_msgs] == [FORMAT_ERROR.format(submit_word=SUBMIT_WORD)]
     assert traj["format-recovers"]["steps"][0]["action"]["type"] == "format_error"
 
-    expect = {"format-limit": (states.FAILED, states.CAUSE_FORMAT, "format error limit"),
-              "step-limit": (states.FAILED, states.CAUSE_AGENT_LIMIT, "step limit reached (2 model calls)"),
-              "token-limit": (states.FAILED, states.CAUSE_AGENT_LIMIT, "token limit reached"),
-              "wall-limit": (states.TIMED_OUT, states.CAUSE_TIMEOUT, "wall-time limit reached")}
+    expect = {
+        "format-limit": (states.FAILED, states.CAUSE_FORMAT, "format error limit"),
+        "step-limit": (states.FAILED, states.CAUSE_AGENT_LIMIT, "step limit reached (2 model calls)"),
+        "token-limit": (states.FAILED, states.CAUSE_AGENT_LIMIT, "token limit reached"),
+        "wall-limit": (states.TIMED_OUT, states.CAUSE_TIMEOUT, "wall-time limit reached"),
+    }
     for name, (state, cause, reason) in expect.items():
         r = res[name]
         assert (r["state"], r["cause"]) == (state, cause), (name, r["error"])
@@ -138,12 +150,17 @@ def test_format_errors_limits_mini_mode_and_fresh_evaluation(fleet, tmp_path):
 
 def test_rollout_yields_complete_groups_and_masks_infra_failures(fleet):
     inst = instances()
-    tasks = [task_spec(inst[0], replies=fix_replies(inst[0]["patch"])),
-             task_spec(inst[1], replies=noop_replies()),
-             task_spec(inst[2], replies=[KILL_CONTAINER, SUBMIT_WORD])]
+    tasks = [
+        task_spec(inst[0], replies=fix_replies(inst[0]["patch"])),
+        task_spec(inst[1], replies=noop_replies()),
+        task_spec(inst[2], replies=[KILL_CONTAINER, SUBMIT_WORD]),
+    ]
     with Client(fleet) as client:
-        groups = list(client.rollout(tasks, replicas=2, policy_version="pv-7", user="ag-rollout",
-                                     max_infra_retries=1, timeout=180))
+        groups = list(
+            client.rollout(
+                tasks, replicas=2, policy_version="pv-7", user="ag-rollout", max_infra_retries=1, timeout=180
+            )
+        )
         assert sorted(g["index"] for g in groups) == [0, 1, 2]
         g = {x["index"]: x for x in groups}
         assert g[0]["rewards"] == [1.0, 1.0] and not g[0]["masked"]
@@ -165,9 +182,11 @@ def test_rollout_yields_complete_groups_and_masks_infra_failures(fleet):
 
 def test_resume_reruns_only_infra_failures(fleet):
     inst = instances()
-    specs = [task_spec(inst[0], replies=fix_replies(inst[0]["patch"])),
-             task_spec(inst[1], replies=noop_replies()),
-             task_spec(inst[2], replies=[KILL_CONTAINER, SUBMIT_WORD])]
+    specs = [
+        task_spec(inst[0], replies=fix_replies(inst[0]["patch"])),
+        task_spec(inst[1], replies=noop_replies()),
+        task_spec(inst[2], replies=[KILL_CONTAINER, SUBMIT_WORD]),
+    ]
     with Client(fleet) as client:
         sub = client.submit(specs, user="ag-resume")
         client.wait(sub.batch_id, timeout=120)
@@ -200,8 +219,21 @@ def test_cli_rollout_from_swebench_instances(fleet, tmp_path):
     data.write_text(json.dumps(line) + "\n")
     out = tmp_path / "out.jsonl"
     model = json.dumps({"backend": "scripted", "replies": fix_replies(inst["patch"])})
-    proc = megaflow(fleet, "rollout", str(data), "--replicas", "2", "--out", str(out), "--user", "ag-cli",
-                    "--model", model, "--timeout", "120")
+    proc = megaflow(
+        fleet,
+        "rollout",
+        str(data),
+        "--replicas",
+        "2",
+        "--out",
+        str(out),
+        "--user",
+        "ag-cli",
+        "--model",
+        model,
+        "--timeout",
+        "120",
+    )
     groups = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(groups) == 1 and groups[0]["rewards"] == [1.0, 1.0] and groups[0]["task_id"] == inst["instance_id"]
     assert "1 groups written" in proc.stdout

@@ -16,8 +16,13 @@ from megaflow.demo_tasks import demo_specs
 
 def end(client: Client, episode_id: str, state: str, *, cause: str | None = None, reward: float | None = None):
     ep = client.rt.engine.load(episode_id)
-    assert client.rt.engine.advance(ep, state=state, terminal=True, phase="finished",
-                                    fields={"cause": cause or "", "reward": "" if reward is None else str(reward)})
+    assert client.rt.engine.advance(
+        ep,
+        state=state,
+        terminal=True,
+        phase="finished",
+        fields={"cause": cause or "", "reward": "" if reward is None else str(reward)},
+    )
 
 
 def batch_eps(client: Client, batch_id: str) -> list[str]:
@@ -31,8 +36,15 @@ def batch_eps(client: Client, batch_id: str) -> list[str]:
 def test_a_retry_that_succeeds_unmasks_the_group_and_groups_come_as_they_finish(settings):
     with Client(settings) as client:
         groups: list[dict] = []
-        it = client.rollout(demo_specs("fix")[:2], replicas=2, user="rl", policy_version="p1",
-                            max_infra_retries=2, timeout=30, trajectories=False)
+        it = client.rollout(
+            demo_specs("fix")[:2],
+            replicas=2,
+            user="rl",
+            policy_version="p1",
+            max_infra_retries=2,
+            timeout=30,
+            trajectories=False,
+        )
         root = it.batch_id
         consumer = threading.Thread(target=lambda: groups.extend(it))
         consumer.start()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from megaflow import Client
-from megaflow.demo_tasks import demo_specs
 from megaflow.core.errors import SpecError
 from megaflow.core.spec import validate_specs
+from megaflow.demo_tasks import demo_specs
 
 
 def good() -> dict:
@@ -19,23 +19,32 @@ def test_demo_specs_validate():
     assert len(validate_specs(demo_specs("noop"))) >= 10
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda s: s.pop("eval"), "eval"),
-    (lambda s: s.update(task_id=""), "task_id"),
-    (lambda s: s.update(colour="red"), "colour"),
-    (lambda s: s["eval"].update(command=""), "eval.command"),
-    (lambda s: s.update(files={"relative.txt": "x"}), "files"),
-    (lambda s: s["agent"].update(max_steps=0) if "agent" in s else s.update(agent={"max_steps": 0}), "agent.max_steps"),
-    (lambda s: s.update(mode="sometimes"), "mode"),
-    (lambda s: s.update(task_id="$(reboot)"), "task_id"),
-    (lambda s: s.update(image="../../x"), "image"),
-    (lambda s: s.update(workdir="/proc/self"), "workdir"),
-    (lambda s: s.update(files={"/repo/../etc/passwd": "x"}), "files"),
-    (lambda s: s.setdefault("agent", {}).update(env={"LD_PRELOAD": "/x.so"}), "agent.env"),
-    (lambda s: s.setdefault("agent", {}).update(wall_time_s=float("inf")), "agent.wall_time_s"),
-    (lambda s: s.setdefault("model", {}).update(temperature=float("nan")), "model.temperature"),
-    (lambda s: s.update(metadata={"a": {"b": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}), "metadata"),
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda s: s.pop("eval"), "eval"),
+        (lambda s: s.update(task_id=""), "task_id"),
+        (lambda s: s.update(colour="red"), "colour"),
+        (lambda s: s["eval"].update(command=""), "eval.command"),
+        (lambda s: s.update(files={"relative.txt": "x"}), "files"),
+        (
+            lambda s: s["agent"].update(max_steps=0) if "agent" in s else s.update(agent={"max_steps": 0}),
+            "agent.max_steps",
+        ),
+        (lambda s: s.update(mode="sometimes"), "mode"),
+        (lambda s: s.update(task_id="$(reboot)"), "task_id"),
+        (lambda s: s.update(image="../../x"), "image"),
+        (lambda s: s.update(workdir="/proc/self"), "workdir"),
+        (lambda s: s.update(files={"/repo/../etc/passwd": "x"}), "files"),
+        (lambda s: s.setdefault("agent", {}).update(env={"LD_PRELOAD": "/x.so"}), "agent.env"),
+        (lambda s: s.setdefault("agent", {}).update(wall_time_s=float("inf")), "agent.wall_time_s"),
+        (lambda s: s.setdefault("model", {}).update(temperature=float("nan")), "model.temperature"),
+        (
+            lambda s: s.update(metadata={"a": {"b": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}),
+            "metadata",
+        ),
+    ],
+)
 def test_bad_field_is_named(mutate, field):
     spec = good()
     mutate(spec)
@@ -70,7 +79,6 @@ def test_rejected_batch_enqueues_nothing(settings, redis_client):
 def test_unreachable_redis_is_a_clear_error(tmp_path):
     from megaflow.core.errors import ServiceUnavailableError
     from megaflow.core.settings import Settings
-
     from tests.conftest import free_port
 
     s = Settings.load(redis_url=f"redis://127.0.0.1:{free_port()}/0", state_dir=str(tmp_path))

@@ -22,22 +22,47 @@ def _env(settings) -> dict[str, str]:
 
 
 def test_inspect_ping_answers_from_every_fleet_worker(fleet):
-    out = subprocess.run([*CELERY, "inspect", "ping", "--timeout", "5"], env=_env(fleet), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [*CELERY, "inspect", "ping", "--timeout", "5"], env=_env(fleet), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     for node in ("model@test-host", "agent@test-host", "env@env-1", "env@env-2"):
         assert node in out.stdout, out.stdout
-    stats = subprocess.run([*CELERY, "inspect", "stats", "--timeout", "5", "-d", "agent@test-host"],
-                           env=_env(fleet), capture_output=True, text=True, timeout=60)
+    stats = subprocess.run(
+        [*CELERY, "inspect", "stats", "--timeout", "5", "-d", "agent@test-host"],
+        env=_env(fleet),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert stats.returncode == 0 and "agent@test-host" in stats.stdout, stats.stdout
 
 
 def test_stock_worker_joins_as_an_env_host_and_runs_episodes(fleet, tmp_path):
     root = Root(fleet)
     log = open(tmp_path / "stock-env.log", "w")
-    proc = subprocess.Popen([*CELERY, "worker", "-Q", "env,env.stock-1", "-P", "threads", "-c", "2",
-                             "-n", "env@stock-1", "--without-gossip", "--without-mingle", "-l", "INFO"],
-                            env=_env(fleet), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            *CELERY,
+            "worker",
+            "-Q",
+            "env,env.stock-1",
+            "-P",
+            "threads",
+            "-c",
+            "2",
+            "-n",
+            "env@stock-1",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "INFO",
+        ],
+        env=_env(fleet),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while "stock-1" not in {h["name"] for h in root.resources.hosts()}:

@@ -13,6 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+from megaflow.core.errors import ConfigError, NotFoundError, ServiceUnavailableError
+from megaflow.core.settings import Settings
+from megaflow.stores import open_artifact_store, open_metadata_store
+from megaflow.stores.common import redact_url
 from tests.stores_fixtures import (  # noqa: F401  (fixtures)
     METADATA_BACKENDS,
     MONGO_URL,
@@ -23,16 +28,12 @@ from tests.stores_fixtures import (  # noqa: F401  (fixtures)
     s3_server,
 )
 
-from megaflow.core.errors import ConfigError, NotFoundError, ServiceUnavailableError
-from megaflow.core.settings import Settings
-from megaflow.stores import open_artifact_store, open_metadata_store
-from megaflow.stores.common import redact_url
-
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- choice by URL -------------------------------------------------------------------------------
+
 
 def test_open_by_scheme(tmp_path):
     from megaflow.stores.local import LocalArtifactStore
@@ -91,6 +92,7 @@ def test_backends_are_imported_lazily(tmp_path):
 
 # --- SQLite --------------------------------------------------------------------------------------
 
+
 def test_sqlite_wal_and_indexes(tmp_path):
     store = open_metadata_store(f"sqlite:///{tmp_path / 'm.db'}")
     conn = sqlite3.connect(tmp_path / "m.db")
@@ -102,8 +104,9 @@ def test_sqlite_wal_and_indexes(tmp_path):
     assert "tasks_user_state" in plan("SELECT doc FROM tasks WHERE user = ? AND state = ?", ("u", "s"))
     assert "tasks_batch" in plan("SELECT doc FROM tasks WHERE batch_id = ? ORDER BY created_at", ("b",))
     assert "tasks_finished" in plan("SELECT doc FROM tasks WHERE finished_at >= ?", (1.0,))
-    assert "events_episode" in plan("SELECT doc FROM events WHERE episode_id = ? ORDER BY stream_ms, stream_seq",
-                                    ("e",))
+    assert "events_episode" in plan(
+        "SELECT doc FROM events WHERE episode_id = ? ORDER BY stream_ms, stream_seq", ("e",)
+    )
     conn.close()
     store.close()
 
@@ -214,8 +217,12 @@ def test_mongo_unreachable_is_service_unavailable_without_password():
     port = free_port()  # nothing listens there
     url = f"mongodb://bob:hunter2@127.0.0.1:{port}/megaflow?serverSelectionTimeoutMS=300"
     store = open_metadata_store(url, Settings.load(mongo_ttl_days=1))  # no I/O yet: fine before the server is up
-    for call in (lambda: store.get_task("e"), lambda: store.upsert_task({"episode_id": "e"}),
-                 lambda: store.add_event({"event_id": "1-0"}), store.list_batches):
+    for call in (
+        lambda: store.get_task("e"),
+        lambda: store.upsert_task({"episode_id": "e"}),
+        lambda: store.add_event({"event_id": "1-0"}),
+        store.list_batches,
+    ):
         with pytest.raises(ServiceUnavailableError) as info:
             call()
         assert f"127.0.0.1:{port}" in str(info.value) and "hunter2" not in str(info.value)
@@ -240,13 +247,18 @@ def test_open_real_mongo_by_url():
 
 # --- S3 (moto server on loopback) -------------------------------------------------------------------
 
+
 @pytest.fixture
 def s3_store(s3_server):
     from megaflow.stores.s3 import S3ArtifactStore
 
     store = S3ArtifactStore(
-        f"s3://{make_bucket(s3_server)}/runs/2026", endpoint_url=s3_server.endpoint, region="us-east-1",
-        multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_attempts=2,
+        f"s3://{make_bucket(s3_server)}/runs/2026",
+        endpoint_url=s3_server.endpoint,
+        region="us-east-1",
+        multipart_threshold=5 * MiB,
+        multipart_chunksize=5 * MiB,
+        max_attempts=2,
     )
     yield store
     store.close()
@@ -274,8 +286,7 @@ def test_s3_keys_live_under_the_prefix(s3_store):
 
 def test_s3_store_opened_from_settings(s3_server):
     bucket = make_bucket(s3_server)
-    settings = Settings.load(artifacts_url=f"s3://{bucket}", s3_endpoint_url=s3_server.endpoint,
-                             s3_region="us-east-1")
+    settings = Settings.load(artifacts_url=f"s3://{bucket}", s3_endpoint_url=s3_server.endpoint, s3_region="us-east-1")
     store = open_artifact_store(settings.artifacts_url, settings)
     assert store.put_bytes("k", b"v") == f"s3://{bucket}/k"
     assert store.get_bytes(f"s3://{bucket}/k") == b"v" and store.list() == ["k"]
@@ -297,8 +308,9 @@ def test_s3_unreachable_endpoint_is_service_unavailable(s3_server):
     from megaflow.stores.s3 import S3ArtifactStore
 
     endpoint = f"http://127.0.0.1:{free_port()}"
-    store = S3ArtifactStore("s3://bucket/p", endpoint_url=endpoint, region="us-east-1", max_attempts=1,
-                            connect_timeout_s=1)
+    store = S3ArtifactStore(
+        "s3://bucket/p", endpoint_url=endpoint, region="us-east-1", max_attempts=1, connect_timeout_s=1
+    )
     for call in (lambda: store.put_bytes("k", b"v"), lambda: store.get_bytes("k"), lambda: store.list()):
         with pytest.raises(ServiceUnavailableError, match=endpoint):
             call()
@@ -313,6 +325,7 @@ def test_s3_url_needs_a_bucket():
 
 
 # --- local files -------------------------------------------------------------------------------------
+
 
 def test_local_writes_are_atomic(tmp_path):
     store = open_artifact_store(f"file://{tmp_path / 'art'}")
@@ -371,8 +384,9 @@ class FlakyProxy:
                     self.wfile.write(err)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                req = urllib.request.Request(upstream + self.path, data=body or None, method=self.command,
-                                             headers=headers)
+                req = urllib.request.Request(
+                    upstream + self.path, data=body or None, method=self.command, headers=headers
+                )
                 try:
                     resp = urllib.request.urlopen(req, timeout=30)
                 except urllib.error.HTTPError as exc:
@@ -408,8 +422,7 @@ def test_s3_retries_transient_errors(s3_server, attempts, ok):
 
     bucket = make_bucket(s3_server)
     proxy = FlakyProxy(s3_server.endpoint, failures=2)
-    store = S3ArtifactStore(f"s3://{bucket}/p", endpoint_url=proxy.endpoint, region="us-east-1",
-                            max_attempts=attempts)
+    store = S3ArtifactStore(f"s3://{bucket}/p", endpoint_url=proxy.endpoint, region="us-east-1", max_attempts=attempts)
     try:
         assert store.client.meta.config.retries["mode"] == "standard"
         if ok:

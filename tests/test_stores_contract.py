@@ -7,10 +7,10 @@ Artifacts: file (real directory), s3 (moto server on loopback).
 from __future__ import annotations
 
 import pytest
-from tests.stores_fixtures import artifact_store, metadata_store, s3_server  # noqa: F401  (fixtures)
 
 from megaflow.core.errors import NotFoundError, SpecError
 from megaflow.stores import ArtifactStore, MetadataStore
+from tests.stores_fixtures import artifact_store, metadata_store, s3_server  # noqa: F401  (fixtures)
 
 
 def task(episode_id: str, **fields):
@@ -19,18 +19,36 @@ def task(episode_id: str, **fields):
 
 # --- metadata store ------------------------------------------------------------------------------
 
+
 def test_is_a_metadata_store(metadata_store):
     assert isinstance(metadata_store, MetadataStore)
 
 
 def test_upsert_and_get(metadata_store):
     assert metadata_store.get_task("nope") is None
-    metadata_store.upsert_task(task("e1", batch_id="b1", user="ann", state="SUBMITTED", created_at=100.0,
-                                    attempt=0, data={"nested": [1, 2]}, phases={"submitted": 100.0}))
+    metadata_store.upsert_task(
+        task(
+            "e1",
+            batch_id="b1",
+            user="ann",
+            state="SUBMITTED",
+            created_at=100.0,
+            attempt=0,
+            data={"nested": [1, 2]},
+            phases={"submitted": 100.0},
+        )
+    )
     doc = metadata_store.get_task("e1")
-    assert doc == {"episode_id": "e1", "batch_id": "b1", "user": "ann", "state": "SUBMITTED",
-                   "created_at": 100.0, "attempt": 0, "data": {"nested": [1, 2]},
-                   "phases": {"submitted": 100.0}}
+    assert doc == {
+        "episode_id": "e1",
+        "batch_id": "b1",
+        "user": "ann",
+        "state": "SUBMITTED",
+        "created_at": 100.0,
+        "attempt": 0,
+        "data": {"nested": [1, 2]},
+        "phases": {"submitted": 100.0},
+    }
 
 
 def test_phases_merge_and_fields_overwrite(metadata_store):
@@ -79,8 +97,9 @@ def test_created_at_defaults_to_the_earliest_time_seen(metadata_store):
     assert metadata_store.get_task("e1")["created_at"] == 99.0
 
 
-@pytest.mark.parametrize("bad", [{}, {"episode_id": ""}, {"episode_id": "e", "phases": {"a.b": 1}},
-                                 {"episode_id": "e", "phases": [1]}])
+@pytest.mark.parametrize(
+    "bad", [{}, {"episode_id": ""}, {"episode_id": "e", "phases": {"a.b": 1}}, {"episode_id": "e", "phases": [1]}]
+)
 def test_bad_task_doc_is_rejected(metadata_store, bad):
     with pytest.raises(SpecError):
         metadata_store.upsert_task(bad)
@@ -88,8 +107,15 @@ def test_bad_task_doc_is_rejected(metadata_store, bad):
 
 def test_add_event_is_idempotent_and_ordered(metadata_store):
     def ev(eid, state, ts):
-        return {"event_id": eid, "episode_id": "e1", "batch_id": "b1", "user": "ann", "state": state,
-                "ts": ts, "data": {"k": state}}
+        return {
+            "event_id": eid,
+            "episode_id": "e1",
+            "batch_id": "b1",
+            "user": "ann",
+            "state": state,
+            "ts": ts,
+            "data": {"k": state},
+        }
 
     assert metadata_store.add_event(ev("1790000000000-10", "RUNNING", 1790000000.0)) is True
     assert metadata_store.add_event(ev("1790000000000-9", "ENV_STARTING", 1790000000.0)) is True
@@ -118,8 +144,7 @@ def populated(metadata_store):
     ]
     for eid, batch, user, state, created, finished in reversed(rows):
         phases = {"submitted": created} | ({"finished": finished} if finished else {})
-        metadata_store.upsert_task(task(eid, batch_id=batch, user=user, state=state, created_at=created,
-                                        phases=phases))
+        metadata_store.upsert_task(task(eid, batch_id=batch, user=user, state=state, created_at=created, phases=phases))
     return metadata_store
 
 
@@ -161,6 +186,7 @@ def test_list_batches(populated):
 
 # --- artifact store ------------------------------------------------------------------------------
 
+
 def test_is_an_artifact_store(artifact_store):
     assert isinstance(artifact_store, ArtifactStore)
 
@@ -200,10 +226,12 @@ def test_list_by_prefix(artifact_store):
     for key in ["b1/e1/traj.json", "b1/e1/patch.diff", "b1/e2/traj.json", "b10/e1/traj.json", "top.txt"]:
         artifact_store.put_bytes(key, b"x")
     assert artifact_store.list() == sorted(
-        ["b1/e1/patch.diff", "b1/e1/traj.json", "b1/e2/traj.json", "b10/e1/traj.json", "top.txt"])
+        ["b1/e1/patch.diff", "b1/e1/traj.json", "b1/e2/traj.json", "b10/e1/traj.json", "top.txt"]
+    )
     assert artifact_store.list("b1/") == ["b1/e1/patch.diff", "b1/e1/traj.json", "b1/e2/traj.json"]
     assert artifact_store.list("b1") == sorted(
-        ["b1/e1/patch.diff", "b1/e1/traj.json", "b1/e2/traj.json", "b10/e1/traj.json"])
+        ["b1/e1/patch.diff", "b1/e1/traj.json", "b1/e2/traj.json", "b10/e1/traj.json"]
+    )
     assert artifact_store.list("b1/e1/t") == ["b1/e1/traj.json"]
     assert artifact_store.list("zzz") == []
 

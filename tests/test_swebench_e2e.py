@@ -118,8 +118,9 @@ def agent_run(rt, instance, *commands: str, files: dict[str, str] | None = None,
     from megaflow.services.sandbox import labels
 
     ep = episode(rt, instance["row"], **kwargs)
-    handle = rt.env_host.create(ep.id, instance["image"], labels=labels(rt, ep), mode="ephemeral",
-                                user=ep.spec.user, workdir=ep.spec.workdir)
+    handle = rt.env_host.create(
+        ep.id, instance["image"], labels=labels(rt, ep), mode="ephemeral", user=ep.spec.user, workdir=ep.spec.workdir
+    )
     try:
         if files:
             rt.env_host.put_files(handle, files)

@@ -10,9 +10,24 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-MODEL_FIELDS = ("prompt_tokens", "completion_tokens", "latency_s", "finish_reason", "endpoint", "model_name",
-                "policy_version", "attempts", "token_ids", "logprobs", "prompt_token_ids", "tool_calls",
-                "reasoning_content", "usage", "logprobs_content", "streamed")
+MODEL_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_s",
+    "finish_reason",
+    "endpoint",
+    "model_name",
+    "policy_version",
+    "attempts",
+    "token_ids",
+    "logprobs",
+    "prompt_token_ids",
+    "tool_calls",
+    "reasoning_content",
+    "usage",
+    "logprobs_content",
+    "streamed",
+)
 
 
 def trajectory_steps(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

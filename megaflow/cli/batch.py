@@ -209,13 +209,18 @@ def rollout(
     ] = 1,
     oversample: Annotated[
         int | None,
-        typer.Option("--oversample", metavar="N", min=1,
-                     help="Run N >= K episodes per task; keep K (lowest indices finished by the "
-                     "deadline), cancel the rest."),
+        typer.Option(
+            "--oversample",
+            metavar="N",
+            min=1,
+            help="Run N >= K episodes per task; keep K (lowest indices finished by the deadline), cancel the rest.",
+        ),
     ] = None,
     grace: Annotated[
-        float, typer.Option("--grace", metavar="F", min=0,
-                            help="With --oversample: deadline = T_k + F x (T_k - group start).")
+        float,
+        typer.Option(
+            "--grace", metavar="F", min=0, help="With --oversample: deadline = T_k + F x (T_k - group start)."
+        ),
     ] = 0.5,
     priority: Annotated[
         bool, typer.Option("--priority", help="Model calls of trajectories further along go first (Heddle).")

@@ -91,10 +91,9 @@ def worker(
     loglevel: LogLevelOption = LogLevel.INFO,
 ) -> None:
     """Run one role's Celery worker in the foreground."""
-    from megaflow.workers.process import run_worker
-
     from megaflow.core import guards
     from megaflow.env_hosts.config import uses_docker
+    from megaflow.workers.process import run_worker
 
     settings = load_settings()
     if host is not None:
@@ -128,8 +127,13 @@ def control(loglevel: LogLevelOption = LogLevel.INFO) -> None:
 @app.command()
 def up(
     env_hosts: Annotated[
-        int, typer.Option("--env-hosts", metavar="N", min=0,
-                          help="Env workers (distinct env hosts) to start (0: the autoscaler adds them).")
+        int,
+        typer.Option(
+            "--env-hosts",
+            metavar="N",
+            min=0,
+            help="Env workers (distinct env hosts) to start (0: the autoscaler adds them).",
+        ),
     ] = 2,
 ) -> None:
     """Start a local fleet: control service, model, agent and env workers."""
@@ -257,11 +261,11 @@ def metrics(
 
 
 def _mount() -> None:
+    from megaflow.cli.acl import app as acl_app
     from megaflow.cli.batch import app as batch_app
     from megaflow.cli.env import app as images_app
     from megaflow.cli.model import app as model_app
     from megaflow.cli.resources import app as resources_app
-    from megaflow.cli.acl import app as acl_app
     from megaflow.cli.sandbox import app as sandbox_app
     from megaflow.cli.swebench import app as swebench_app
 

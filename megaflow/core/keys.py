@@ -83,11 +83,33 @@ class Keys:
 # The resource manager's keys under ``<prefix>:res`` (what each holds: ResourceManager's docstring).
 # The Lua scripts get their key names from ``resource_lua_prelude()``, built from these tables, so
 # every name is spelled once.
-RESOURCE_KEYS = ("global", "held", "admitted", "seq", "queued", "heads", "ready", "parked", "quotas", "hosts",
-                 "drained", "hostcap", "wake")
+RESOURCE_KEYS = (
+    "global",
+    "held",
+    "admitted",
+    "seq",
+    "queued",
+    "heads",
+    "ready",
+    "parked",
+    "quotas",
+    "hosts",
+    "drained",
+    "hostcap",
+    "wake",
+)
 # per-member keys: name -> the Lua helper function that builds ``<res>:<name>:<member>``
-RESOURCE_KEYS_PER = {"user": "ukey", "host": "hkey", "q": "qkey", "hostinfo": "infokey", "himages": "imgkey",
-                     "hwarm": "warmkey", "imghosts": "imgidx", "boot": "bootkey", "bootrate": "bootratekey"}
+RESOURCE_KEYS_PER = {
+    "user": "ukey",
+    "host": "hkey",
+    "q": "qkey",
+    "hostinfo": "infokey",
+    "himages": "imgkey",
+    "hwarm": "warmkey",
+    "imghosts": "imgidx",
+    "boot": "bootkey",
+    "bootrate": "bootratekey",
+}
 
 
 def resource_lua_prelude() -> str:

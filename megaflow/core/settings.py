@@ -24,8 +24,10 @@ def _check_env_backend(v: dict[str, Any]) -> dict[str, Any]:
     """A plain check of ``type``; the backend's own config is validated by megaflow.env_hosts.config."""
     kind = v.get("type")
     if not isinstance(kind, str) or not (kind in ("docker", "sim") or "." in kind or ":" in kind):
-        raise ValueError("env_backend needs a 'type': 'docker', 'sim' or a dotted path like 'mypkg.mymod:MyHost' "
-                         "(MEGAFLOW_ENV_BACKEND='{\"type\": \"sim\"}')")
+        raise ValueError(
+            "env_backend needs a 'type': 'docker', 'sim' or a dotted path like 'mypkg.mymod:MyHost' "
+            '(MEGAFLOW_ENV_BACKEND=\'{"type": "sim"}\')'
+        )
     return v
 
 
@@ -41,8 +43,9 @@ class Settings(BaseSettings):
     """Fleet-wide settings. Every field maps to ``MEGAFLOW_<FIELD>`` (upper case)."""
 
     # env_ignore_empty: an empty MEGAFLOW_X means unset (the default); allow_inf_nan: no inf/NaN numbers
-    model_config = SettingsConfigDict(env_prefix="MEGAFLOW_", extra="forbid", validate_default=True,
-                                      env_ignore_empty=True, allow_inf_nan=False)
+    model_config = SettingsConfigDict(
+        env_prefix="MEGAFLOW_", extra="forbid", validate_default=True, env_ignore_empty=True, allow_inf_nan=False
+    )
 
     # --- connections -------------------------------------------------------------------------
     redis_url: str = Field(
@@ -80,14 +83,19 @@ class Settings(BaseSettings):
         description="Name of this env host; its env worker consumes queue env.<host_name>.",
     )
     model_concurrency: int = Field(32, ge=1, description="Threads per model-gateway worker.")
-    agent_concurrency: int = Field(8, ge=1, description="Threads (or processes, with agent_pool=prefork) per agent worker.")
+    agent_concurrency: int = Field(
+        8, ge=1, description="Threads (or processes, with agent_pool=prefork) per agent worker."
+    )
     agent_pool: Literal["threads", "prefork"] = Field(
-        "threads", description="Agent worker pool: threads (no IPC per task; decisions are short) or prefork "
-        "(a process per slot, for CPU-heavy custom agents).")
+        "threads",
+        description="Agent worker pool: threads (no IPC per task; decisions are short) or prefork "
+        "(a process per slot, for CPU-heavy custom agents).",
+    )
     env_concurrency: int = Field(8, ge=1, description="Threads per env worker.")
     task_events: bool = Field(
-        True, description="Workers send Celery task events (Flower shows tasks from them); off saves a few "
-        "Redis publishes per step."
+        True,
+        description="Workers send Celery task events (Flower shows tasks from them); off saves a few "
+        "Redis publishes per step.",
     )
     visibility_timeout_s: int = Field(
         0,
@@ -102,18 +110,14 @@ class Settings(BaseSettings):
         16, ge=1, description="Default episodes running at once per user (override: megaflow quota set)."
     )
     host_capacity: int = Field(8, ge=1, description="Live episode containers per env host.")
-    boot_concurrency: int = Field(
-        4, ge=1, description="Containers being created at the same time on one env host."
-    )
+    boot_concurrency: int = Field(4, ge=1, description="Containers being created at the same time on one env host.")
     boot_rate_per_s: float | None = Field(
         None, description="Optional cap on container creations started per second per host."
     )
     lease_s: float = Field(
         60.0, gt=0, description="Semaphore lease length; a holder that stops renewing loses its slots after this."
     )
-    host_ttl_s: float = Field(
-        30.0, gt=0, description="An env host whose heartbeat is older than this is removed."
-    )
+    host_ttl_s: float = Field(30.0, gt=0, description="An env host whose heartbeat is older than this is removed.")
     sweep_interval_s: float = Field(15.0, gt=0, description="Period of the safety sweep.")
     admit_start_timeout_s: float = Field(
         600.0, gt=0, description="The sweep re-queues an episode admitted but not started within this."
@@ -121,8 +125,10 @@ class Settings(BaseSettings):
 
     # --- faults: stalled episodes, lost hosts ----------------------------------------------------
     stall_timeout_s: float = Field(
-        60.0, gt=0, description="The sweep re-sends the next task of a live episode that made no progress for "
-        "this long and has no task queued or running (a message lost with Redis's last writes)."
+        60.0,
+        gt=0,
+        description="The sweep re-sends the next task of a live episode that made no progress for "
+        "this long and has no task queued or running (a message lost with Redis's last writes).",
     )
     infra_max_attempts: int = Field(
         3, ge=1, description="Attempts of an episode whose env host was lost; past them it ends FAILED (infra)."
@@ -139,9 +145,7 @@ class Settings(BaseSettings):
     container_memory: str = Field("1g", description="Memory limit of each episode container (docker syntax).")
     container_pids: int = Field(256, ge=16, description="Process limit of each episode container.")
     output_cap_bytes: int = Field(16384, ge=256, description="Command output kept per exec (head+tail).")
-    image_disk_budget_gb: float = Field(
-        40.0, gt=0, description="Disk used by images per env host before LRU eviction."
-    )
+    image_disk_budget_gb: float = Field(40.0, gt=0, description="Disk used by images per env host before LRU eviction.")
     registry_url: str | None = Field(None, description="Registry to log in to before pulls.")
     registry_username: str | None = Field(None, description="Registry user.")
     registry_password: SecretStr | None = Field(None, description="Registry password or token.")
@@ -191,9 +195,7 @@ class Settings(BaseSettings):
     container_lifetime_s: float = Field(
         2400.0, gt=0, description="A container's main process ends by itself after this (dead-man's switch)."
     )
-    episode_guard_s: float = Field(
-        3000.0, gt=0, description="The sweep times out an episode still live after this."
-    )
+    episode_guard_s: float = Field(3000.0, gt=0, description="The sweep times out an episode still live after this.")
     pull_timeout_s: float = Field(900.0, gt=0, description="Deadline of one image pull.")
     boot_timeout_s: float = Field(120.0, gt=0, description="Deadline of creating and starting a container.")
     max_steps: int = Field(50, ge=1, description="Default agent step limit per episode.")
@@ -224,21 +226,28 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="How long an episode keeps its model endpoint after its last call."
     )
     model_endpoint_ttl_s: float = Field(
-        30.0, gt=0, description="A registered model endpoint (`megaflow model serve`) whose heartbeat is older "
-        "than this leaves the pool."
+        30.0,
+        gt=0,
+        description="A registered model endpoint (`megaflow model serve`) whose heartbeat is older "
+        "than this leaves the pool.",
     )
     # model errors and retries (megaflow.model_gateway.openai): one budget per model call, counted once
     model_retry_budget_s: float = Field(
-        600.0, gt=0, description="Total seconds one model call may take: every attempt, backoff and wait for an "
-        "endpoint slot; with model_max_retries + 1 attempts, the one retry budget (no other layer retries)."
+        600.0,
+        gt=0,
+        description="Total seconds one model call may take: every attempt, backoff and wait for an "
+        "endpoint slot; with model_max_retries + 1 attempts, the one retry budget (no other layer retries).",
     )
     model_stream: bool = Field(
-        True, description="Stream replies (SSE) and reassemble them, so long generations are not cut by the read "
-        "time-out (model_timeout_s then limits the silence between chunks); a spec's model.stream overrides."
+        True,
+        description="Stream replies (SSE) and reassemble them, so long generations are not cut by the read "
+        "time-out (model_timeout_s then limits the silence between chunks); a spec's model.stream overrides.",
     )
     model_auth_block_s: float = Field(
-        3600.0, gt=0, description="How long an endpoint that refused the credentials (401/403) stays unused by "
-        "the batch that got the refusal."
+        3600.0,
+        gt=0,
+        description="How long an endpoint that refused the credentials (401/403) stays unused by "
+        "the batch that got the refusal.",
     )
 
     # --- monitoring --------------------------------------------------------------------------
@@ -249,8 +258,10 @@ class Settings(BaseSettings):
     flower_user: str | None = Field(None, description="Flower basic-auth user.")
     flower_password: SecretStr | None = Field(None, description="Flower basic-auth password.")
     metrics_port: int = Field(
-        9808, ge=0, description="Port of the Prometheus metrics endpoint (`megaflow metrics`, and the one "
-        "the control service starts; 0: the control service starts none)."
+        9808,
+        ge=0,
+        description="Port of the Prometheus metrics endpoint (`megaflow metrics`, and the one "
+        "the control service starts; 0: the control service starts none).",
     )
     metrics_address: str = Field(
         "127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus)."
@@ -268,12 +279,12 @@ class Settings(BaseSettings):
                 try:
                     return json.loads(v)
                 except ValueError as exc:
-                    raise ValueError(f"not a valid JSON list ({exc}); use a, b or [\"a\", \"b\"]") from None
+                    raise ValueError(f'not a valid JSON list ({exc}); use a, b or ["a", "b"]') from None
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
     @model_validator(mode="after")
-    def _derive(self) -> "Settings":
+    def _derive(self) -> Settings:
         if not self.metadata_url:
             self.metadata_url = f"sqlite:///{Path(self.state_dir) / 'megaflow.db'}"
         if not self.artifacts_url:
@@ -306,9 +317,15 @@ class Settings(BaseSettings):
     @property
     def step_time_limit_s(self) -> float:
         """Hard time limit of the longest single step task (plus slack for bookkeeping)."""
-        return max(self.command_timeout_s, self.eval_timeout_s,
-                   min(self.model_retry_budget_s, self.model_timeout_s * (self.model_max_retries + 1)),
-                   self.boot_timeout_s + self.pull_timeout_s) + 30
+        return (
+            max(
+                self.command_timeout_s,
+                self.eval_timeout_s,
+                min(self.model_retry_budget_s, self.model_timeout_s * (self.model_max_retries + 1)),
+                self.boot_timeout_s + self.pull_timeout_s,
+            )
+            + 30
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -328,7 +345,7 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     @classmethod
-    def load(cls, **overrides: Any) -> "Settings":
+    def load(cls, **overrides: Any) -> Settings:
         """Build settings from the environment (and MEGAFLOW_CONFIG YAML), with explicit overrides.
 
         A bad value, an unknown MEGAFLOW_* variable or a bad MEGAFLOW_CONFIG file raises one

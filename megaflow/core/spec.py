@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -19,10 +20,16 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    backend: str | None = Field(None, description="Backend name (scripted, openai) or a dotted path to a user's "
-                                "backend class; default: settings.model_backend.")
-    replies: list[Any] | None = Field(None, description="Replies replayed in order by the scripted backend "
-                                      "(strings, or assistant messages with tool_calls).")
+    backend: str | None = Field(
+        None,
+        description="Backend name (scripted, openai) or a dotted path to a user's "
+        "backend class; default: settings.model_backend.",
+    )
+    replies: list[Any] | None = Field(
+        None,
+        description="Replies replayed in order by the scripted backend "
+        "(strings, or assistant messages with tool_calls).",
+    )
 
     # --- bad input (issue 17): model options finite and in range (megaflow.core.guards) ----------
     @model_validator(mode="after")
@@ -124,9 +131,13 @@ class EvalSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    command: str = Field(..., min_length=1, description="Shell command run in the container after submit "
-                                                        "(SWE-bench style: the test runner; tests are appended "
-                                                        "or fill a {tests} placeholder).")
+    command: str = Field(
+        ...,
+        min_length=1,
+        description="Shell command run in the container after submit "
+        "(SWE-bench style: the test runner; tests are appended "
+        "or fill a {tests} placeholder).",
+    )
     timeout_s: float | None = Field(None, gt=0, description="Default settings.eval_timeout_s.")
     files: dict[str, str] = Field(default_factory=dict, description="Files written just before evaluation (tests).")
     test_patch: str | None = Field(None, description="Diff applied (git apply) before the tests run.")
@@ -177,9 +188,11 @@ class TaskSpec(BaseModel):
     network: bool = Field(False, description="Give the container a network (off by default).")
     workdir: str = Field("/repo", description="Working directory of every command.")
     user: str | None = Field(
-        None, pattern=r"^(root|[0-9]{1,9}(:[0-9]{1,9})?)$",
+        None,
+        pattern=r"^(root|[0-9]{1,9}(:[0-9]{1,9})?)$",
         description="Who commands run as: 'root' (images whose repository is root-owned, e.g. SWE-bench's "
-        "/testbed) or 'UID[:GID]'; default settings.container_user (unprivileged).")
+        "/testbed) or 'UID[:GID]'; default settings.container_user (unprivileged).",
+    )
     files: dict[str, str] = Field(default_factory=dict, description="Absolute path -> text written before set-up.")
     setup: list[str] = Field(default_factory=list, description="Shell commands run after the files are written.")
     problem_statement: str = Field("", description="What the agent must do.")
@@ -266,8 +279,9 @@ def validate_specs(specs: Iterable[dict[str, Any] | TaskSpec]) -> list[TaskSpec]
             field, msg = _describe(exc)
             raise SpecError(f"field '{field}': {msg}", index=i, field=field) from None
         if spec.model.backend in (None, "scripted") and spec.model.replies is not None and not spec.model.replies:
-            raise SpecError("field 'model.replies': the scripted backend needs at least one reply", index=i,
-                            field="model.replies")
+            raise SpecError(
+                "field 'model.replies': the scripted backend needs at least one reply", index=i, field="model.replies"
+            )
         out.append(spec)
     if not out:
         raise SpecError("no specs given: submit at least one task")

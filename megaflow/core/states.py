@@ -47,5 +47,7 @@ def failure_causes(docs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """
     counts: Counter[str] = Counter(
         str(d.get("cause") or str(d.get("state") or "").lower() or "unknown")
-        for d in docs if d.get("state") in TERMINAL and d.get("state") != SUCCEEDED)
+        for d in docs
+        if d.get("state") in TERMINAL and d.get("state") != SUCCEEDED
+    )
     return dict(counts.most_common())

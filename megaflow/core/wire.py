@@ -42,8 +42,17 @@ ENV_CLOSE = "megaflow.env.close"
 ENV_PREFETCH = "megaflow.env.prefetch"
 ENV_SANDBOX_OP = "megaflow.env.sandbox_op"  # one sandbox-API operation, sent to env.<host>: (sandbox id, op id)
 ENV_WATCH = "megaflow.env.watch"  # poll an installed agent's end (re-sent with a countdown while it runs)
-TASK_NAMES = (AGENT_STEP, MODEL_COMPLETE, ENV_PROVISION, ENV_EXEC, ENV_EVALUATE, ENV_CLOSE, ENV_PREFETCH,
-              ENV_SANDBOX_OP, ENV_WATCH)
+TASK_NAMES = (
+    AGENT_STEP,
+    MODEL_COMPLETE,
+    ENV_PROVISION,
+    ENV_EXEC,
+    ENV_EVALUATE,
+    ENV_CLOSE,
+    ENV_PREFETCH,
+    ENV_SANDBOX_OP,
+    ENV_WATCH,
+)
 
 # Celery routes by task name; per-host operations pass queue=env.<host> explicitly.
 ROUTES = {
@@ -121,19 +130,42 @@ def encode_message(key_prefix: str, name: str, args: list[Any], queue: str, prio
     task_id = str(uuid.uuid4())
     body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     headers: dict[str, Any] = {
-        "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": None, "expires": None,
-        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
-        "parent_id": None, "argsrepr": task_argsrepr(name, args, queue), "kwargsrepr": "{}",
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": task_argsrepr(name, args, queue),
+        "kwargsrepr": "{}",
         "origin": f"{os.getpid()}@{_HOSTNAME}",
-        "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        "ignore_result": False,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
     }
     properties = {
-        "correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": priority_step(priority),
+        "correlation_id": task_id,
+        "reply_to": "",
+        "delivery_mode": 2,
+        "priority": priority_step(priority),
         "body_encoding": "base64",
-        "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": str(uuid.uuid4()),
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "delivery_tag": str(uuid.uuid4()),
     }
-    envelope = {"body": base64.b64encode(json.dumps(body).encode()).decode(), "content-encoding": "utf-8",
-                "content-type": "application/json", "headers": headers, "properties": properties}
+    envelope = {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": properties,
+    }
     return broker_queue_key(key_prefix, queue, priority), json.dumps(envelope)
 
 

@@ -19,8 +19,12 @@ def admit(engine: EpisodeEngine, resources: ResourceManager, max_n: int = 100) -
                 resources.release(a.episode_id)
                 continue
             ok = engine.advance(
-                ep, keep_step=True, state=states.ADMITTED, phase="admitted",
-                fields={"host": a.host}, event_fields={"host": a.host},
+                ep,
+                keep_step=True,
+                state=states.ADMITTED,
+                phase="admitted",
+                fields={"host": a.host},
+                event_fields={"host": a.host},
                 next_task=to_host(wire.ENV_PROVISION, a.host),
             )
             if ok:

@@ -213,19 +213,42 @@ class EpisodeEngine:
             mode = spec.mode or self.settings.env_mode
             if spec.metadata.get("priority") == TRAJECTORY_PRIORITY:  # model calls ordered by progress
                 pipe.hset(self.keys.episode(eid), "priority", TRAJECTORY_PRIORITY)
-            pipe.hset(self.keys.episode(eid), mapping={
-                "id": eid, "batch_id": batch_id, "user": user, "task_id": spec.task_id, "index": i,
-                "spec": spec.model_dump_json(), "state": states.QUEUED, "step": 0, "attempt": 1,
-                "image": image, "mode": mode, "created_at": now, "t:submitted": now, "t:queued": now,
-                "policy_version": spec.policy_version or self.settings.policy_version or "",
-            })
+            pipe.hset(
+                self.keys.episode(eid),
+                mapping={
+                    "id": eid,
+                    "batch_id": batch_id,
+                    "user": user,
+                    "task_id": spec.task_id,
+                    "index": i,
+                    "spec": spec.model_dump_json(),
+                    "state": states.QUEUED,
+                    "step": 0,
+                    "attempt": 1,
+                    "image": image,
+                    "mode": mode,
+                    "created_at": now,
+                    "t:submitted": now,
+                    "t:queued": now,
+                    "policy_version": spec.policy_version or self.settings.policy_version or "",
+                },
+            )
             base = {"episode_id": eid, "batch_id": batch_id, "user": user, "task_id": spec.task_id}
-            fields = {"image": image, "mode": mode, "attempt": 1, "created_at": float(now),
-                      "policy_version": spec.policy_version or self.settings.policy_version}
+            fields = {
+                "image": image,
+                "mode": mode,
+                "attempt": 1,
+                "created_at": float(now),
+                "policy_version": spec.policy_version or self.settings.policy_version,
+            }
             for st in (states.SUBMITTED, states.QUEUED):
                 ev = dict(base, state=st, phase=st.lower(), fields=fields)
-                pipe.xadd(self.keys.events, {"e": json.dumps(ev), "ts": now, "step": 0},
-                          maxlen=self.settings.events_maxlen, approximate=True)
+                pipe.xadd(
+                    self.keys.events,
+                    {"e": json.dumps(ev), "ts": now, "step": 0},
+                    maxlen=self.settings.events_maxlen,
+                    approximate=True,
+                )
         pipe.execute()
         return batch_id, ids
 
@@ -292,23 +315,47 @@ class EpisodeEngine:
             fields["next"] = next_task.to_json()
         event = ""
         if state or phase or event_fields:
-            event = json.dumps({
-                "episode_id": ep.id, "batch_id": ep.batch_id, "user": ep.user,
-                "task_id": ep.fields.get("task_id"), "state": state or ep.state,
-                "phase": phase, "fields": event_fields or {},
-            })
+            event = json.dumps(
+                {
+                    "episode_id": ep.id,
+                    "batch_id": ep.batch_id,
+                    "user": ep.user,
+                    "task_id": ep.fields.get("task_id"),
+                    "state": state or ep.state,
+                    "phase": phase,
+                    "fields": event_fields or {},
+                }
+            )
         now = time.time()
         records = [json.dumps(dict(rec, t=rec.get("t", now))) for rec in (history or [])]
         queue_key, message = self.keys.episode(ep.id), ""
         if next_task:
-            queue_key, message = self.dispatcher.encode(next_task.name, [ep.id, new_step], next_task.queue,
-                                                        **_priority(ep, next_task))
+            queue_key, message = self.dispatcher.encode(
+                next_task.name, [ep.id, new_step], next_task.queue, **_priority(ep, next_task)
+            )
         applied = self._advance(
-            keys=[self.keys.episode(ep.id), self.keys.history(ep.id), self.keys.events, self.keys.live,
-                  self.keys.batch_done(ep.batch_id), queue_key],
-            args=[ep.step, new_step, json.dumps(fields), json.dumps(records), event, json.dumps(incr or {}),
-                  "1" if terminal else "0", self.settings.events_maxlen, EPISODE_TTL_S, ep.id, phase or "",
-                  message],
+            keys=[
+                self.keys.episode(ep.id),
+                self.keys.history(ep.id),
+                self.keys.events,
+                self.keys.live,
+                self.keys.batch_done(ep.batch_id),
+                queue_key,
+            ],
+            args=[
+                ep.step,
+                new_step,
+                json.dumps(fields),
+                json.dumps(records),
+                event,
+                json.dumps(incr or {}),
+                "1" if terminal else "0",
+                self.settings.events_maxlen,
+                EPISODE_TTL_S,
+                ep.id,
+                phase or "",
+                message,
+            ],
         )
         if not applied:
             log.info("episode %s moved past step %s; dropping this result", ep.id, ep.step)

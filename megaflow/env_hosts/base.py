@@ -8,9 +8,8 @@ that dict or the ``EnvHandle`` back to the backend; backends accept both (``EnvH
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 OMITTED = "\n[... {n} bytes of output omitted ...]\n"  # marker between the head and tail of capped output

@@ -216,7 +216,7 @@ class DockerHost:
         env: dict | None = None,
         user: str | None = None,
     ) -> ExecResult:
-        """Run ``bash -lc command`` in the container as the handle's user (or ``user``); the time limit is enforced inside.
+        """Run ``bash -lc command`` in the container as the handle's user (or ``user``), time-limited inside.
 
         A command that fails or times out is a normal result (the agent sees it); a container that
         is gone or a Docker failure raises an InfraError.

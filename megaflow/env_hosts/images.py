@@ -60,9 +60,15 @@ def _split_tag(tag: str) -> tuple[str, str]:
     return repo, version
 
 
-def build_sandbox_image(docker_client, tag: str, *, progress: Callable[[str], None] = print,
-                        suite: str = DEFAULT_SUITE, mirror: str | None = None,
-                        packages: tuple[str, ...] = SANDBOX_PACKAGES) -> str:
+def build_sandbox_image(
+    docker_client,
+    tag: str,
+    *,
+    progress: Callable[[str], None] = print,
+    suite: str = DEFAULT_SUITE,
+    mirror: str | None = None,
+    packages: tuple[str, ...] = SANDBOX_PACKAGES,
+) -> str:
     """Bootstrap a minimal Debian with ``packages`` and import it as ``tag``; returns ``tag``.
 
     ``mirror`` is an apt sources file or URL for mmdebstrap; by default the host's
@@ -70,15 +76,16 @@ def build_sandbox_image(docker_client, tag: str, *, progress: Callable[[str], No
     """
     exe = shutil.which("mmdebstrap")
     if not exe:
-        raise ConfigError("building the sandbox image needs mmdebstrap (apt-get install mmdebstrap), "
-                          "or pull a prebuilt image and set MEGAFLOW_DEFAULT_IMAGE")
+        raise ConfigError(
+            "building the sandbox image needs mmdebstrap (apt-get install mmdebstrap), "
+            "or pull a prebuilt image and set MEGAFLOW_DEFAULT_IMAGE"
+        )
     if mirror is None and os.path.exists(DEFAULT_SOURCES):
         mirror = DEFAULT_SOURCES
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="megaflow-image-") as tmp:
         tar = os.path.join(tmp, "rootfs.tar")
-        cmd = [exe, "--variant=minbase", "--include=" + ",".join(packages),
-               "--skip=cleanup/reproducible", suite, tar]
+        cmd = [exe, "--variant=minbase", "--include=" + ",".join(packages), "--skip=cleanup/reproducible", suite, tar]
         if mirror:
             cmd.append(mirror)
         progress(f"building {tag}: {' '.join(cmd)}")
@@ -88,8 +95,7 @@ def build_sandbox_image(docker_client, tag: str, *, progress: Callable[[str], No
         repo, version = _split_tag(tag)
         progress(f"importing {tar} as {tag}")
         try:
-            docker_client.api.import_image_from_file(
-                tar, repository=repo, tag=version, changes=['CMD ["/bin/bash"]'])
+            docker_client.api.import_image_from_file(tar, repository=repo, tag=version, changes=['CMD ["/bin/bash"]'])
         except Exception as exc:  # docker.errors.APIError, requests errors
             raise InfraError(f"docker import of {tag} failed: {exc}") from exc
     if not image_present(docker_client, tag):
@@ -163,8 +169,11 @@ def pull_image(docker_client, image: str, settings, *, timeout: float | None = N
         for line in api.pull(repo, tag=version, auth_config=auth, stream=True, decode=True):
             if isinstance(line, dict) and line.get("error"):
                 msg = str(line["error"])
-                cls = InfraError if ("denied" in msg or "not found" in msg or "unauthorized" in msg) \
+                cls = (
+                    InfraError
+                    if ("denied" in msg or "not found" in msg or "unauthorized" in msg)
                     else RetryableInfraError
+                )
                 raise cls(f"pull of {image} failed: {msg}")
             if time.monotonic() - started > deadline:
                 raise RetryableInfraError(f"pull of {image} passed its deadline of {deadline:.0f}s")
@@ -179,8 +188,9 @@ def pull_image(docker_client, image: str, settings, *, timeout: float | None = N
         raise RetryableInfraError(f"pull of {image} failed: {msg}") from exc
     except Exception as exc:  # requests.ReadTimeout, ConnectionError
         took = time.monotonic() - started
-        raise RetryableInfraError(f"pull of {image} failed after {took:.0f}s "
-                                  f"(deadline {deadline:.0f}s): {exc}") from exc
+        raise RetryableInfraError(
+            f"pull of {image} failed after {took:.0f}s (deadline {deadline:.0f}s): {exc}"
+        ) from exc
     finally:
         if api is not docker_client.api:
             api.close()

@@ -1,18 +1,20 @@
 """Model errors by class, each with the episode cause it ends in.
 
-| error | when | cause | endpoint health |
-| --- | --- | --- | --- |
-| :class:`ModelRequestError` | 400 / 404 / 422 (any non-retryable 4xx), a bad model section | ``model_request`` | untouched |
-| :class:`ContextLengthError` (core) | the prompt does not fit the context window | ``context_length`` | untouched |
-| :class:`ModelAuthError` | 401 / 403 on every endpoint left to the batch | ``model_auth`` | not used again by the batch |
-| :class:`ModelUnavailableError` (core) | 429 / 5xx / connection errors / time-outs past the retry budget | ``infra`` | counted |
-| :class:`ModelError` (core) | any other failure of a backend (e.g. scripted replies exhausted) | ``model_error`` | - |
+- :class:`ModelRequestError`: 400 / 404 / 422 (any non-retryable 4xx), a bad model section ->
+  ``model_request``; the endpoint's health is untouched.
+- :class:`ContextLengthError` (core): the prompt does not fit the context window -> ``context_length``;
+  untouched.
+- :class:`ModelAuthError`: 401 / 403 on every endpoint left to the batch -> ``model_auth``; the
+  endpoint is not used again by the batch.
+- :class:`ModelUnavailableError` (core): 429 / 5xx / connection errors / time-outs past the retry
+  budget -> ``infra``; counted against the endpoint's health.
+- :class:`ModelError` (core): any other failure of a backend (e.g. scripted replies exhausted) ->
+  ``model_error``.
 """
 
 from __future__ import annotations
 
 from megaflow.core.errors import ContextLengthError, ModelError, ModelUnavailableError
-
 from megaflow.core.states import CAUSE_CONTEXT, CAUSE_INFRA, CAUSE_MODEL, CAUSE_MODEL_AUTH, CAUSE_MODEL_REQUEST
 
 

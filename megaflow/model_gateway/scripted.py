@@ -1,7 +1,8 @@
 """The deterministic ``scripted`` backend: replays the replies listed in the task spec.
 
-The reply for a request is ``replies[n]`` where ``n`` is the episode's model-call count (else the number
-of assistant messages alreadyin the conversation, so the backend keeps no state and a redelivered request gets the same reply.
+The reply for a request is ``replies[n]`` where ``n`` is the episode's model-call count (else the
+number of assistant messages already in the conversation), so the backend keeps no state and a
+redelivered request gets the same reply.
 A reply is either a string (the message content) or a whole assistant message
 (``{"content": ..., "tool_calls": [...]}``), so tool-call agents can be scripted too. A dict reply may
 carry ``latency_s`` (that reply's simulated generation time, instead of the section's ``latency_s``), so a
@@ -42,8 +43,9 @@ def _reply_latency(value: Any, default: float, n: int) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
-        raise ModelRequestError(f"bad model section: model.replies.{n}.latency_s: {value!r} must be seconds "
-                                "from 0 to 3600")
+        raise ModelRequestError(
+            f"bad model section: model.replies.{n}.latency_s: {value!r} must be seconds from 0 to 3600"
+        )
     return float(value)
 
 
@@ -70,8 +72,11 @@ class ScriptedBackend:
             raise ModelRequestError(f"bad model section: {where}: {err['msg']}{hint}") from None
         replies = config.replies
         # the episode's call count (a dropped malformed reply is no longer in the messages); else count replies
-        n = request.call_index if request.call_index is not None else sum(
-            1 for m in request.messages if m.get("role") == "assistant")
+        n = (
+            request.call_index
+            if request.call_index is not None
+            else sum(1 for m in request.messages if m.get("role") == "assistant")
+        )
         if n >= len(replies):
             raise ModelError(f"scripted replies exhausted: {len(replies)} given, reply #{n + 1} asked")
         raw = replies[n]

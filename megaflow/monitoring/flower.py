@@ -31,7 +31,8 @@ def flower_options(settings: Settings, *, port: int | None = None, address: str 
     if not user or not password:
         raise ConfigError(
             "Flower needs basic-auth credentials: set MEGAFLOW_FLOWER_USER and MEGAFLOW_FLOWER_PASSWORD "
-            "(or flower_user / flower_password in the MEGAFLOW_CONFIG file)")
+            "(or flower_user / flower_password in the MEGAFLOW_CONFIG file)"
+        )
     if ":" in user:
         raise ConfigError("MEGAFLOW_FLOWER_USER must not contain ':' (HTTP basic auth splits user and password there)")
     state = Path(settings.state_dir)
@@ -74,10 +75,17 @@ def run_flower(settings: Settings, *, port: int | None = None, address: str | No
     try:
         bound = flower_app.start_http_server()
     except OSError as exc:
-        raise ConfigError(f"Flower cannot listen on {values['address']}:{values['port']}: {exc.strerror or exc}; "
-                          "pick another port with --port / MEGAFLOW_FLOWER_PORT") from None
-    log.info("Flower on http://%s:%s/ (basic auth user %r, state in %s)", values["address"], bound,
-             settings.flower_user, values["db"])
+        raise ConfigError(
+            f"Flower cannot listen on {values['address']}:{values['port']}: {exc.strerror or exc}; "
+            "pick another port with --port / MEGAFLOW_FLOWER_PORT"
+        ) from None
+    log.info(
+        "Flower on http://%s:%s/ (basic auth user %r, state in %s)",
+        values["address"],
+        bound,
+        settings.flower_user,
+        values["db"],
+    )
     try:
         flower_app.start()
     except (KeyboardInterrupt, SystemExit):

@@ -17,15 +17,16 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 
 import redis
 
 from megaflow.core import states
-from megaflow.core.wire import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
 from megaflow.core.keys import Keys
 from megaflow.core.settings import Settings
+from megaflow.core.wire import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +88,27 @@ def collect(redis_client: redis.Redis, settings: Settings, keys: Keys) -> str:
     pipe.hlen(celery_prefix(settings) + "unacked")
     res = pipe.execute()
     n = len(PRIORITY_STEPS)
-    out.family("megaflow_queue_length", "Messages waiting in a Celery queue (all priorities).",
-               [({"queue": q}, sum(res[i * n:(i + 1) * n])) for i, q in enumerate(queues)])
-    out.family("megaflow_celery_unacked", "Messages taken by workers and not yet acknowledged (all queues).",
-               [({}, res[-1])])
+    out.family(
+        "megaflow_queue_length",
+        "Messages waiting in a Celery queue (all priorities).",
+        [({"queue": q}, sum(res[i * n : (i + 1) * n])) for i, q in enumerate(queues)],
+    )
+    out.family(
+        "megaflow_celery_unacked", "Messages taken by workers and not yet acknowledged (all queues).", [({}, res[-1])]
+    )
 
     queue = cap["queue"]
     out.family("megaflow_admission_backlog", "Episodes waiting in the admission FIFO.", [({}, queue["length"])])
-    out.family("megaflow_admission_oldest_wait_seconds", "How long the oldest waiting episode has waited.",
-               [({}, queue["oldest_wait_s"])])
-    out.family("megaflow_admission_admitted_not_started",
-               "Episodes admitted (slots reserved) whose first task has not run yet.",
-               [({}, queue["admitted_not_started"])])
+    out.family(
+        "megaflow_admission_oldest_wait_seconds",
+        "How long the oldest waiting episode has waited.",
+        [({}, queue["oldest_wait_s"])],
+    )
+    out.family(
+        "megaflow_admission_admitted_not_started",
+        "Episodes admitted (slots reserved) whose first task has not run yet.",
+        [({}, queue["admitted_not_started"])],
+    )
 
     used: list[Sample] = [({"tier": "global", "name": "global"}, cap["global"]["used"])]
     limit: list[Sample] = [({"tier": "global", "name": "global"}, cap["global"]["limit"])]
@@ -110,28 +120,52 @@ def collect(redis_client: redis.Redis, settings: Settings, keys: Keys) -> str:
         limit.append(({"tier": "host", "name": h["name"]}, h["capacity"]))
     out.family("megaflow_slots_used", "Slots held (live leases) per tier: global, user, host.", used)
     out.family("megaflow_slots_limit", "Slot limit per tier: global limit, user quota, host capacity.", limit)
-    out.family("megaflow_user_queued", "Episodes waiting in the FIFO per user.",
-               [({"user": u["user"]}, u["queued"]) for u in cap["users"]])
+    out.family(
+        "megaflow_user_queued",
+        "Episodes waiting in the FIFO per user.",
+        [({"user": u["user"]}, u["queued"]) for u in cap["users"]],
+    )
 
-    out.family("megaflow_env_host_up", "1 if the env host's heartbeat is recent, else 0.",
-               [({"host": h["name"]}, 1 if h["alive"] else 0) for h in hosts])
-    out.family("megaflow_env_host_drained", "1 if the env host takes no new episodes.",
-               [({"host": h["name"]}, 1 if h["drained"] else 0) for h in hosts])
-    out.family("megaflow_env_host_booting", "Containers being created on the env host.",
-               [({"host": h["name"]}, h["booting"]) for h in hosts])
-    out.family("megaflow_env_host_disk_free_gigabytes", "Disk free for images on the env host.",
-               [({"host": h["name"]}, h["disk_free_gb"]) for h in hosts])
-    out.family("megaflow_warm_pool_size", "Warm (started, unclaimed) containers per env host and image.",
-               [({"host": h["name"], "image": image}, n) for h in hosts for image, n in sorted(h["warm"].items())])
+    out.family(
+        "megaflow_env_host_up",
+        "1 if the env host's heartbeat is recent, else 0.",
+        [({"host": h["name"]}, 1 if h["alive"] else 0) for h in hosts],
+    )
+    out.family(
+        "megaflow_env_host_drained",
+        "1 if the env host takes no new episodes.",
+        [({"host": h["name"]}, 1 if h["drained"] else 0) for h in hosts],
+    )
+    out.family(
+        "megaflow_env_host_booting",
+        "Containers being created on the env host.",
+        [({"host": h["name"]}, h["booting"]) for h in hosts],
+    )
+    out.family(
+        "megaflow_env_host_disk_free_gigabytes",
+        "Disk free for images on the env host.",
+        [({"host": h["name"]}, h["disk_free_gb"]) for h in hosts],
+    )
+    out.family(
+        "megaflow_warm_pool_size",
+        "Warm (started, unclaimed) containers per env host and image.",
+        [({"host": h["name"], "image": image}, n) for h in hosts for image, n in sorted(h["warm"].items())],
+    )
 
     counts = episode_states(redis_client, keys)
     counts[states.QUEUED] = counts.get(states.QUEUED, 0) + queue["length"]
     names = NOT_TERMINAL + sorted(set(counts) - set(NOT_TERMINAL))
-    out.family("megaflow_episodes", "Unfinished episodes by state (queued ones from the FIFO, the rest live).",
-               [({"state": s}, counts.get(s, 0)) for s in names])
+    out.family(
+        "megaflow_episodes",
+        "Unfinished episodes by state (queued ones from the FIFO, the rest live).",
+        [({"state": s}, counts.get(s, 0)) for s in names],
+    )
 
-    out.family("megaflow_scrape_duration_seconds", "Time this scrape spent reading Redis.",
-               [({}, round(time.perf_counter() - started, 6))])
+    out.family(
+        "megaflow_scrape_duration_seconds",
+        "Time this scrape spent reading Redis.",
+        [({}, round(time.perf_counter() - started, 6))],
+    )
     return out.text()
 
 
@@ -141,7 +175,7 @@ def episode_states(redis_client: redis.Redis, keys: Keys) -> dict[str, int]:
     ids = redis_client.zrange(keys.live, 0, -1)
     for i in range(0, len(ids), _CHUNK):
         pipe = redis_client.pipeline(transaction=False)
-        for eid in ids[i:i + _CHUNK]:
+        for eid in ids[i : i + _CHUNK]:
             pipe.hget(keys.episode(str(eid)), "state")
         for state in pipe.execute():
             if state is None or state in states.TERMINAL:  # expired or finishing between two reads
@@ -158,8 +192,9 @@ class MetricsServer(ThreadingHTTPServer):
     def __init__(self, settings: Settings, address: str, port: int):
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
-                                          health_check_interval=30)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=10, health_check_interval=30
+        )
         super().__init__((address, port), _Handler)
         self._thread: threading.Thread | None = None
 
@@ -167,7 +202,7 @@ class MetricsServer(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread = threading.Thread(target=self.serve_forever, name="megaflow-metrics", daemon=True)
         self._thread.start()
         return self
@@ -186,8 +221,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         if path == "/":
-            self._reply(200, "text/html; charset=utf-8",
-                        '<html><body><a href="/metrics">MegaFlow metrics</a></body></html>\n')
+            self._reply(
+                200, "text/html; charset=utf-8", '<html><body><a href="/metrics">MegaFlow metrics</a></body></html>\n'
+            )
             return
         if path != "/metrics":
             self._reply(404, "text/plain; charset=utf-8", "not found; try /metrics\n")
@@ -215,8 +251,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 def serve_metrics(settings: Settings, port: int | None = None, address: str | None = None) -> MetricsServer:
     """Start the metrics endpoint in a background thread and return it (``.port``, ``.close()``)."""
-    server = MetricsServer(settings, settings.metrics_address if address is None else address,
-                           settings.metrics_port if port is None else port)
+    server = MetricsServer(
+        settings,
+        settings.metrics_address if address is None else address,
+        settings.metrics_port if port is None else port,
+    )
     return server.start()
 
 
@@ -245,8 +284,12 @@ def start_for_service(settings: Settings) -> MetricsServer | None:
     try:
         server = serve_metrics(settings)
     except OSError as exc:
-        log.warning("metrics endpoint not started on %s:%s: %s (set MEGAFLOW_METRICS_PORT, or 0 for none)",
-                    settings.metrics_address, settings.metrics_port, exc)
+        log.warning(
+            "metrics endpoint not started on %s:%s: %s (set MEGAFLOW_METRICS_PORT, or 0 for none)",
+            settings.metrics_address,
+            settings.metrics_port,
+            exc,
+        )
         return None
     log.info("metrics on http://%s:%s/metrics", settings.metrics_address, server.port)
     return server

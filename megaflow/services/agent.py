@@ -9,11 +9,9 @@ raw command results the env step records.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megaflow.agents import Decision, StepContext, make_agent
 from megaflow.agents.base import END, EXEC, MODEL, SUBMIT, WAIT

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from megaflow.core import states
 from megaflow.core.errors import InfraError, RetryableError, TaskError
@@ -34,9 +32,15 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
         return BOOT_BUSY
     spec = ep.spec
     try:
-        handle = rt.env_host.create(ep.id, ep.fields.get("image") or rt.settings.default_image,
-                                    labels=_labels(rt, ep), mode=ep.fields.get("mode") or rt.settings.env_mode,
-                                    network=spec.network, user=spec.user, workdir=spec.workdir)
+        handle = rt.env_host.create(
+            ep.id,
+            ep.fields.get("image") or rt.settings.default_image,
+            labels=_labels(rt, ep),
+            mode=ep.fields.get("mode") or rt.settings.env_mode,
+            network=spec.network,
+            user=spec.user,
+            workdir=spec.workdir,
+        )
         try:
             _setup(rt, handle, spec)
         except BaseException:
@@ -52,7 +56,10 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
     finally:
         rt.resources.release_boot(rt.host, ep.id)
     applied = rt.engine.advance(
-        ep, state=states.RUNNING, phase="env_ready", fields={"container": handle.to_json()},
+        ep,
+        state=states.RUNNING,
+        phase="env_ready",
+        fields={"container": handle.to_json()},
         event_fields={"host": rt.host, "container_id": handle.id, "mode": handle.mode},
         next_task=to_agent(),
     )
@@ -80,13 +87,26 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     command = pending.get("command", "")
     timeout = pending.get("timeout") or spec.agent.command_timeout_s or rt.settings.command_timeout_s
     try:
-        res = rt.env_host.execute(_sandbox(ep), command, timeout=timeout, workdir=pending.get("workdir") or spec.workdir,
-                                  env=pending.get("env") or spec.agent.env or None)
+        res = rt.env_host.execute(
+            _sandbox(ep),
+            command,
+            timeout=timeout,
+            workdir=pending.get("workdir") or spec.workdir,
+            env=pending.get("env") or spec.agent.env or None,
+        )
     except (RetryableError, InfraError) as exc:
         return _infra_failure(rt, ep, exc, "exec", final_attempt)
     # the raw result; the agent renders its observation from it when it next steps
-    record = {"role": "env", "kind": "exec", "command": command, "exit_code": res.exit_code, "output": res.output,
-              "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4), "truncated": res.truncated}
+    record = {
+        "role": "env",
+        "kind": "exec",
+        "command": command,
+        "exit_code": res.exit_code,
+        "output": res.output,
+        "timed_out": res.timed_out,
+        "duration_s": round(res.duration_s, 4),
+        "truncated": res.truncated,
+    }
     rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=to_agent())
     return "ok"
 
@@ -107,20 +127,34 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
         elif spec.eval.files:
             rt.env_host.put_files(handle, spec.eval.files)
         if report is None:
-            res = rt.env_host.execute(handle, spec.eval.command,
-                                      timeout=spec.eval.timeout_s or rt.settings.eval_timeout_s, workdir=spec.workdir)
+            res = rt.env_host.execute(
+                handle,
+                spec.eval.command,
+                timeout=spec.eval.timeout_s or rt.settings.eval_timeout_s,
+                workdir=spec.workdir,
+            )
     except (RetryableError, InfraError) as exc:
         return _infra_failure(rt, ep, exc, "evaluate", final_attempt)
     if report is not None:
         reward = 1.0 if report["resolved"] else 0.0
-        record = {"role": "evaluation", "content": report.get("log_tail", ""),
-                  "exit_code": report.get("test_exit_code"), "timed_out": bool(report.get("test_timed_out")),
-                  "duration_s": report["duration_s"], "report": {k: v for k, v in report.items() if k != "log_tail"}}
+        record = {
+            "role": "evaluation",
+            "content": report.get("log_tail", ""),
+            "exit_code": report.get("test_exit_code"),
+            "timed_out": bool(report.get("test_timed_out")),
+            "duration_s": report["duration_s"],
+            "report": {k: v for k, v in report.items() if k != "log_tail"},
+        }
         fields = {"eval_exit_code": str(report.get("test_exit_code")), "resolved": "1" if report["resolved"] else "0"}
     else:
         reward = 1.0 if (res.exit_code == 0 and not res.timed_out) else 0.0
-        record = {"role": "evaluation", "content": res.output, "exit_code": res.exit_code,
-                  "timed_out": res.timed_out, "duration_s": round(res.duration_s, 4)}
+        record = {
+            "role": "evaluation",
+            "content": res.output,
+            "exit_code": res.exit_code,
+            "timed_out": res.timed_out,
+            "duration_s": round(res.duration_s, 4),
+        }
         fields = {"eval_exit_code": str(res.exit_code)}
     if not rt.engine.advance(ep, history=[record], fields=fields):
         return "dropped"

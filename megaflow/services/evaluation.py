@@ -158,8 +158,15 @@ def _fresh(rt, ep, spec):
     from megaflow.services.sandbox import setup as _setup
 
     image = spec.image or ep.fields.get("image") or rt.settings.default_image
-    handle = rt.env_host.create(ep.id, image, labels=_labels(rt, ep), mode="ephemeral", network=spec.network,
-                                user=spec.user, workdir=spec.workdir)
+    handle = rt.env_host.create(
+        ep.id,
+        image,
+        labels=_labels(rt, ep),
+        mode="ephemeral",
+        network=spec.network,
+        user=spec.user,
+        workdir=spec.workdir,
+    )
     try:
         _setup(rt, handle, spec)
     except BaseException:

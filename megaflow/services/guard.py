@@ -26,8 +26,16 @@ log = logging.getLogger(__name__)
 RETRYABLE: tuple[type[BaseException], ...] = (RetryableError, redis.ConnectionError, redis.TimeoutError)
 
 
-def run_step(root: Root, kind: str, episode_id: str, step: int, fn: Callable[[], str], *,
-             final_attempt: bool = True, on_env_host: bool = False) -> str:
+def run_step(
+    root: Root,
+    kind: str,
+    episode_id: str,
+    step: int,
+    fn: Callable[[], str],
+    *,
+    final_attempt: bool = True,
+    on_env_host: bool = False,
+) -> str:
     """Run ``fn`` (one step of ``kind``); end the episode with a cause if it raises."""
     try:
         return fn()

@@ -21,8 +21,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Lifecycle", "admit", "finish", "release", "close_container", "to_agent", "to_host", "to_model",
-           "NextTask", "trajectory"]
+__all__ = [
+    "Lifecycle",
+    "admit",
+    "finish",
+    "release",
+    "close_container",
+    "to_agent",
+    "to_host",
+    "to_model",
+    "NextTask",
+    "trajectory",
+]
 
 CANCEL_ATTEMPTS = 20  # compare-and-set retries while the episode keeps moving under a cancel
 
@@ -58,8 +68,16 @@ class Lifecycle:
         """Admit what capacity allows and send each admitted episode's first task; return the count."""
         return admit_queued(self.engine, self.resources, max_n)
 
-    def finish(self, ep: Episode, state: str, *, reward: float | None = None, cause: str | None = None,
-               error: str | None = None, close_here: bool = False) -> bool:
+    def finish(
+        self,
+        ep: Episode,
+        state: str,
+        *,
+        reward: float | None = None,
+        cause: str | None = None,
+        error: str | None = None,
+        close_here: bool = False,
+    ) -> bool:
         """End the episode: save its trajectory, mark it terminal, then close its container and release.
 
         ``close_here`` is for callers on the episode's env host (they remove the container in-process);
@@ -69,8 +87,11 @@ class Lifecycle:
         if current.step != ep.step or current.terminal:  # another task moved the episode on: not ours to end
             return False
         ep = current
-        fields: dict[str, Any] = {"reward": "" if reward is None else str(reward), "cause": cause or "",
-                                  "error": (error or "")[:2000]}
+        fields: dict[str, Any] = {
+            "reward": "" if reward is None else str(reward),
+            "cause": cause or "",
+            "error": (error or "")[:2000],
+        }
         view = trajectory(ep)
         view.update(state=state, reward=reward, cause=cause, error=error)
         uri = None
@@ -81,11 +102,21 @@ class Lifecycle:
         except Exception as exc:  # an artifact outage must not keep the episode (and its slots) alive
             log.exception("episode %s: trajectory not saved: %s", ep.id, exc)
         applied = self.engine.advance(
-            ep, state=state, phase="finished", fields=fields, terminal=True,
-            event_fields={"reward": reward, "cause": cause, "error": fields["error"] or None, "artifact_uri": uri,
-                          "steps": int(ep.num("model_calls")), "prompt_tokens": int(ep.num("prompt_tokens")),
-                          "completion_tokens": int(ep.num("completion_tokens")),
-                          "resolved": (view.get("report") or {}).get("resolved")},
+            ep,
+            state=state,
+            phase="finished",
+            fields=fields,
+            terminal=True,
+            event_fields={
+                "reward": reward,
+                "cause": cause,
+                "error": fields["error"] or None,
+                "artifact_uri": uri,
+                "steps": int(ep.num("model_calls")),
+                "prompt_tokens": int(ep.num("prompt_tokens")),
+                "completion_tokens": int(ep.num("completion_tokens")),
+                "resolved": (view.get("report") or {}).get("resolved"),
+            },
         )
         if not applied:
             return False

@@ -36,7 +36,9 @@ class LocalRunner:
         self._attempts: dict[str, int] = {}
         queues = [wire.AGENT_QUEUE, wire.MODEL_QUEUE] + [wire.env_host_queue(h) for h in env_roots]
         # every priority list of every queue, most urgent first (kombu's order: step 0 first)
-        pairs = [(q, wire.broker_queue_key(root.settings.key_prefix, q, p)) for p in wire.PRIORITY_STEPS for q in queues]
+        pairs = [
+            (q, wire.broker_queue_key(root.settings.key_prefix, q, p)) for p in wire.PRIORITY_STEPS for q in queues
+        ]
         self._queues = [q for q, _ in pairs]
         self._keys = [k for _, k in pairs]
 
@@ -44,9 +46,13 @@ class LocalRunner:
         """Register every env host with the resource manager (what an env worker's heartbeat does)."""
         for name, r in self.env_roots.items():
             report = r.env_host.report()
-            r.resources.register_host(name, capacity=report.get("capacity", r.settings.host_capacity),
-                                      images=report.get("images", []), warm=report.get("warm", {}),
-                                      disk_free_gb=report.get("disk_free_gb", 0.0))
+            r.resources.register_host(
+                name,
+                capacity=report.get("capacity", r.settings.host_capacity),
+                images=report.get("images", []),
+                warm=report.get("warm", {}),
+                disk_free_gb=report.get("disk_free_gb", 0.0),
+            )
         self.root.lifecycle.admit()
 
     def run_one(self, timeout_s: float = 0.2) -> bool:
@@ -83,11 +89,13 @@ class LocalRunner:
             wire.MODEL_COMPLETE: ("model", lambda: self.root.model_service.step(episode_id, step)),
         }
         if env is not None:
-            steps.update({
-                wire.ENV_PROVISION: ("provision", lambda: env.provision(episode_id, step)),
-                wire.ENV_EXEC: ("exec", lambda: env.execute(episode_id, step)),
-                wire.ENV_EVALUATE: ("evaluate", lambda: env.evaluate(episode_id, step)),
-            })
+            steps.update(
+                {
+                    wire.ENV_PROVISION: ("provision", lambda: env.provision(episode_id, step)),
+                    wire.ENV_EXEC: ("exec", lambda: env.execute(episode_id, step)),
+                    wire.ENV_EVALUATE: ("evaluate", lambda: env.evaluate(episode_id, step)),
+                }
+            )
         if name not in steps:
             raise ValueError(f"no local handler for task {name} on queue {queue}")
         kind, fn = steps[name]

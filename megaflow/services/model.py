@@ -30,6 +30,7 @@ def _call_params(raw: str | None) -> dict:
         return {}
     return params if isinstance(params, dict) else {}
 
+
 if TYPE_CHECKING:
     from megaflow.services.root import Root as Runtime
 

@@ -35,8 +35,15 @@ ROLE_CONCURRENCY = {"model": "model_concurrency", "env": "env_concurrency", "age
 class Root:
     """Clients and services of one process, each built on first use."""
 
-    def __init__(self, settings: Settings, *, role: str = "client", host: str | None = None,
-                 dispatcher: Dispatcher | None = None, env_host: Any = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        role: str = "client",
+        host: str | None = None,
+        dispatcher: Dispatcher | None = None,
+        env_host: Any = None,
+    ):
         self.settings = settings
         self.role = role
         self.host = host or settings.host_name
@@ -53,8 +60,12 @@ class Root:
         (BlockingConnectionPool) instead of failing with MaxConnectionsError under load."""
         threads = int(getattr(self.settings, ROLE_CONCURRENCY.get(self.role, ""), 0) or 0)
         pool = redis.BlockingConnectionPool.from_url(
-            self.settings.redis_url, decode_responses=True, health_check_interval=30,
-            max_connections=max(16, threads + 16), timeout=30)
+            self.settings.redis_url,
+            decode_responses=True,
+            health_check_interval=30,
+            max_connections=max(16, threads + 16),
+            timeout=30,
+        )
         return redis.Redis(connection_pool=pool)
 
     @cached_property

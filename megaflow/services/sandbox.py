@@ -16,8 +16,13 @@ if TYPE_CHECKING:
 
 
 def labels(rt: Root, ep) -> dict[str, str]:
-    return {"megaflow.run": ep.batch_id, "megaflow.episode": ep.id, "megaflow.user": ep.user,
-            "megaflow.host": rt.host, "megaflow.prefix": rt.settings.key_prefix}
+    return {
+        "megaflow.run": ep.batch_id,
+        "megaflow.episode": ep.id,
+        "megaflow.user": ep.user,
+        "megaflow.host": rt.host,
+        "megaflow.prefix": rt.settings.key_prefix,
+    }
 
 
 def setup(rt: Root, handle: EnvHandle | dict[str, Any], spec) -> None:

@@ -26,7 +26,7 @@ def _scheme(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
-def open_metadata_store(url: str, settings: "Settings | None" = None) -> MetadataStore:
+def open_metadata_store(url: str, settings: Settings | None = None) -> MetadataStore:
     """The metadata store named by ``url``: ``sqlite:///PATH`` or ``mongodb://...``."""
     scheme = _scheme(url or "")
     if scheme == "sqlite":
@@ -43,7 +43,7 @@ def open_metadata_store(url: str, settings: "Settings | None" = None) -> Metadat
     )
 
 
-def open_artifact_store(url: str, settings: "Settings | None" = None) -> ArtifactStore:
+def open_artifact_store(url: str, settings: Settings | None = None) -> ArtifactStore:
     """The artifact store named by ``url``: ``file:///DIR`` or ``s3://bucket/prefix``."""
     scheme = _scheme(url or "")
     if scheme == "file":
@@ -59,6 +59,5 @@ def open_artifact_store(url: str, settings: "Settings | None" = None) -> Artifac
             region=settings.s3_region if settings else None,
         )
     raise ConfigError(
-        f"MEGAFLOW_ARTIFACTS_URL: unknown artifact store {redact_url(url)!r}; "
-        "use file:///abs/dir or s3://bucket/prefix"
+        f"MEGAFLOW_ARTIFACTS_URL: unknown artifact store {redact_url(url)!r}; use file:///abs/dir or s3://bucket/prefix"
     )

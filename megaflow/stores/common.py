@@ -38,8 +38,9 @@ def check_task_doc(doc: dict[str, Any]) -> str:
         raise SpecError("'phases' must be a mapping of phase name -> unix time", field="phases")
     for name in phases or {}:
         if not isinstance(name, str) or not name or "." in name or name.startswith("$"):
-            raise SpecError(f"phase name {name!r} must be a non-empty string without '.' or a leading '$'",
-                            field="phases")
+            raise SpecError(
+                f"phase name {name!r} must be a non-empty string without '.' or a leading '$'", field="phases"
+            )
     return episode_id
 
 

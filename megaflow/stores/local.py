@@ -19,7 +19,7 @@ _TMP_PREFIX = ".mf-tmp-"
 def file_root(url: str) -> Path:
     """The directory of a ``file:///DIR`` URL (or a plain path)."""
     if url.startswith("file://"):
-        path = unquote(url[len("file://"):])
+        path = unquote(url[len("file://") :])
         if not path.startswith("/"):
             raise ConfigError(f"MEGAFLOW_ARTIFACTS_URL: file URL needs an absolute path (file:///DIR), got {url!r}")
         return Path(path)
@@ -32,8 +32,7 @@ def check_key(key: str) -> str:
     """``key`` if it is a safe relative blob key ("a/b/c.json"), else SpecError."""
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in key:
-        raise SpecError(f"artifact key {key!r} must be a relative path without '.', '..' or empty parts",
-                        field="key")
+        raise SpecError(f"artifact key {key!r} must be a relative path without '.', '..' or empty parts", field="key")
     if parts[-1].startswith(_TMP_PREFIX):
         raise SpecError(f"artifact key {key!r} uses the reserved prefix {_TMP_PREFIX!r}", field="key")
     return key
@@ -49,11 +48,11 @@ class LocalArtifactStore:
     # --- addressing ------------------------------------------------------------------------------
     def _key(self, uri_or_key: str) -> str:
         if uri_or_key.startswith("file://"):
-            path = uri_or_key[len("file://"):]  # URIs are made by uri(): the key is not %-encoded
+            path = uri_or_key[len("file://") :]  # URIs are made by uri(): the key is not %-encoded
             root = str(self.root).rstrip("/") + "/"
             if not path.startswith(root):
                 raise NotFoundError(f"artifact {uri_or_key} is not in the store {self.url}")
-            return check_key(path[len(root):])
+            return check_key(path[len(root) :])
         if "://" in uri_or_key:
             raise NotFoundError(f"artifact {uri_or_key} is not in the store {self.url}")
         return check_key(uri_or_key)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from megaflow.core.errors import ConfigError, ServiceUnavailableError
 from megaflow.stores.common import (
@@ -108,8 +109,9 @@ class MongoMetadataStore:
             from pymongo.errors import OperationFailure
 
             if isinstance(exc, OperationFailure) and code in (13, 18):  # Unauthorized, AuthenticationFailed
-                raise ConfigError(f"MEGAFLOW_METADATA_URL: MongoDB refused the credentials of {self.safe_url}: "
-                                  f"{exc}") from exc
+                raise ConfigError(
+                    f"MEGAFLOW_METADATA_URL: MongoDB refused the credentials of {self.safe_url}: {exc}"
+                ) from exc
             raise
 
     def _ensure_indexes(self) -> None:
@@ -129,8 +131,9 @@ class MongoMetadataStore:
             self.event_docs.create_index([("_created", 1)], name=TTL_INDEX, expireAfterSeconds=seconds)
         elif current != seconds:
             try:
-                self.db.command({"collMod": self.event_docs.name,
-                                 "index": {"name": TTL_INDEX, "expireAfterSeconds": seconds}})
+                self.db.command(
+                    {"collMod": self.event_docs.name, "index": {"name": TTL_INDEX, "expireAfterSeconds": seconds}}
+                )
             except NotImplementedError:  # mongomock has no collMod
                 self.event_docs.drop_index(TTL_INDEX)
                 self.event_docs.create_index([("_created", 1)], name=TTL_INDEX, expireAfterSeconds=seconds)
@@ -188,8 +191,9 @@ class MongoMetadataStore:
         event_id = check_event(event)
         ms, seq = stream_order(event)
         ts = event.get("ts")
-        created = (dt.datetime.fromtimestamp(float(ts), dt.timezone.utc) if isinstance(ts, (int, float))
-                   else dt.datetime.now(dt.timezone.utc))
+        created = (
+            dt.datetime.fromtimestamp(float(ts), dt.UTC) if isinstance(ts, (int, float)) else dt.datetime.now(dt.UTC)
+        )
         doc = {**event, "_id": event_id, "_sms": ms, "_sseq": seq, "_created": created}
         try:
             self._call(self.event_docs.insert_one, doc)
@@ -231,8 +235,10 @@ class MongoMetadataStore:
         return self._call(run)
 
     def count_by_state(self, *, batch_id: str | None = None, user: str | None = None) -> dict[str, int]:
-        pipeline = [{"$match": self._match(batch_id=batch_id, user=user)},
-                    {"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+        pipeline = [
+            {"$match": self._match(batch_id=batch_id, user=user)},
+            {"$group": {"_id": "$state", "n": {"$sum": 1}}},
+        ]
         return {r["_id"]: r["n"] for r in self._call(lambda: list(self.tasks.aggregate(pipeline)))}
 
     def list_batches(self, *, user: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -241,14 +247,21 @@ class MongoMetadataStore:
         match: dict[str, Any] = {"batch_id": {"$ne": None}, **self._match(user=user)}
         pipeline = [
             {"$match": match},
-            {"$group": {"_id": "$batch_id", "user": {"$min": "$user"}, "total": {"$sum": 1},
-                        "created_at": {"$min": "$created_at"}}},
+            {
+                "$group": {
+                    "_id": "$batch_id",
+                    "user": {"$min": "$user"},
+                    "total": {"$sum": 1},
+                    "created_at": {"$min": "$created_at"},
+                }
+            },
             {"$sort": {"created_at": -1, "_id": 1}},
             {"$limit": int(limit)},
         ]
         rows = self._call(lambda: list(self.tasks.aggregate(pipeline)))
-        return [{"batch_id": r["_id"], "user": r["user"], "total": r["total"], "created_at": r["created_at"]}
-                for r in rows]
+        return [
+            {"batch_id": r["_id"], "user": r["user"], "total": r["total"], "created_at": r["created_at"]} for r in rows
+        ]
 
     def close(self) -> None:
         if self._owns_client:

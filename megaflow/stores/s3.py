@@ -8,7 +8,8 @@ Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from megaflow.core.errors import ConfigError, NotFoundError, ServiceUnavailableError
 from megaflow.stores.local import check_key
@@ -23,7 +24,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     """(bucket, prefix) of ``s3://bucket/prefix`` (the prefix has no leading or trailing slash)."""
     if not url.startswith("s3://"):
         raise ConfigError(f"MEGAFLOW_ARTIFACTS_URL: expected s3://bucket/prefix, got {url!r}")
-    bucket, _, prefix = url[len("s3://"):].partition("/")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
     if not bucket:
         raise ConfigError(f"MEGAFLOW_ARTIFACTS_URL: no bucket in {url!r} (s3://bucket/prefix)")
     return bucket, prefix.strip("/")
@@ -94,7 +95,7 @@ class S3ArtifactStore:
             root = self.url.rstrip("/") + "/"
             if not uri_or_key.startswith(root):
                 raise NotFoundError(f"artifact {uri_or_key} is not in the store {self.url}")
-            return check_key(uri_or_key[len(root):])
+            return check_key(uri_or_key[len(root) :])
         if "://" in uri_or_key:
             raise NotFoundError(f"artifact {uri_or_key} is not in the store {self.url}")
         return check_key(uri_or_key)
@@ -108,8 +109,12 @@ class S3ArtifactStore:
 
         try:
             return fn(*args, **kwargs)
-        except (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
-                bex.ConnectionClosedError) as exc:
+        except (
+            bex.EndpointConnectionError,
+            bex.ConnectTimeoutError,
+            bex.ReadTimeoutError,
+            bex.ConnectionClosedError,
+        ) as exc:
             raise ServiceUnavailableError(f"{self._where} is unreachable: {exc}") from exc
         except bex.NoCredentialsError as exc:
             raise ConfigError(
@@ -122,8 +127,9 @@ class S3ArtifactStore:
                 where = f" at {self.endpoint_url}" if self.endpoint_url else ""
                 raise ConfigError(f"MEGAFLOW_ARTIFACTS_URL: bucket {self.bucket!r} does not exist{where}") from exc
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-                raise ConfigError(f"MEGAFLOW_ARTIFACTS_URL: access to {self.url} denied ({code}); "
-                                  "check the AWS credentials") from exc
+                raise ConfigError(
+                    f"MEGAFLOW_ARTIFACTS_URL: access to {self.url} denied ({code}); check the AWS credentials"
+                ) from exc
             if code in ("SlowDown", "ServiceUnavailable", "InternalError", "500", "503"):
                 raise ServiceUnavailableError(f"{self._where} failed after retries: {exc}") from exc
             raise
@@ -132,8 +138,12 @@ class S3ArtifactStore:
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         key = check_key(key)
         self._call(
-            self.client.upload_fileobj, io.BytesIO(data), self.bucket, self._full(key),
-            ExtraArgs={"ContentType": content_type}, Config=self.transfer,
+            self.client.upload_fileobj,
+            io.BytesIO(data),
+            self.bucket,
+            self._full(key),
+            ExtraArgs={"ContentType": content_type},
+            Config=self.transfer,
         )
         return self.uri(key)
 

@@ -12,9 +12,10 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from megaflow.core.errors import ConfigError, ServiceUnavailableError
 from megaflow.stores.common import check_event, check_task_doc, merge_task, stream_order
@@ -51,7 +52,7 @@ def sqlite_path(url: str) -> str:
     """The file path of a ``sqlite:///PATH`` URL (``sqlite:////abs/path`` is absolute)."""
     if not url.startswith("sqlite:///"):
         raise ConfigError(f"MEGAFLOW_METADATA_URL: expected sqlite:///PATH, got {url!r}")
-    path = url[len("sqlite:///"):].split("?", 1)[0]
+    path = url[len("sqlite:///") :].split("?", 1)[0]
     if not path or path == ":memory:":
         raise ConfigError(
             "MEGAFLOW_METADATA_URL: sqlite needs a file path (sqlite:////abs/path/megaflow.db); "
@@ -91,8 +92,7 @@ class SQLiteMetadataStore:
             raise ServiceUnavailableError(f"metadata store {self.path} is closed")
         self._forget_parent(pid)
         try:
-            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -138,8 +138,15 @@ class SQLiteMetadataStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (episode_id) DO UPDATE SET "
                 "batch_id = excluded.batch_id, user = excluded.user, state = excluded.state, "
                 "created_at = excluded.created_at, finished_at = excluded.finished_at, doc = excluded.doc",
-                (episode_id, new.get("batch_id"), new.get("user"), new.get("state"), new.get("created_at"),
-                 finished, json.dumps(new)),
+                (
+                    episode_id,
+                    new.get("batch_id"),
+                    new.get("user"),
+                    new.get("state"),
+                    new.get("created_at"),
+                    finished,
+                    json.dumps(new),
+                ),
             )
 
     def add_event(self, event: dict[str, Any]) -> bool:

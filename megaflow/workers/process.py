@@ -43,13 +43,24 @@ def plan(role: str, settings: Settings, *, host: str | None = None, concurrency:
         raise ValueError(f"unknown worker role {role!r}: choose one of {', '.join(ROLES)}")
     host = host or settings.host_name
     if role == "model":
-        return RolePlan(role, "threads", concurrency or settings.model_concurrency, [wire.MODEL_QUEUE],
-                        node_name(role, host))
+        return RolePlan(
+            role, "threads", concurrency or settings.model_concurrency, [wire.MODEL_QUEUE], node_name(role, host)
+        )
     if role == "agent":
-        return RolePlan(role, settings.agent_pool, concurrency or settings.agent_concurrency, [wire.AGENT_QUEUE],
-                        node_name(role, host))
-    return RolePlan(role, "threads", concurrency or settings.env_concurrency,
-                    [wire.ENV_QUEUE, wire.env_host_queue(host)], node_name(role, host))
+        return RolePlan(
+            role,
+            settings.agent_pool,
+            concurrency or settings.agent_concurrency,
+            [wire.AGENT_QUEUE],
+            node_name(role, host),
+        )
+    return RolePlan(
+        role,
+        "threads",
+        concurrency or settings.env_concurrency,
+        [wire.ENV_QUEUE, wire.env_host_queue(host)],
+        node_name(role, host),
+    )
 
 
 def node_name(role: str, host: str) -> str:
@@ -81,16 +92,30 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         root = self.root
-        root.redis.set(root.keys.worker_health(root.role, self.node), json.dumps({
-            "role": root.role, "name": self.node, "pid": os.getpid(), "host": socket.gethostname(),
-            "queues": self.queues, "concurrency": self.concurrency, "ts": time.time(),
-        }), ex=int(self.interval * 4) + 1)
+        root.redis.set(
+            root.keys.worker_health(root.role, self.node),
+            json.dumps(
+                {
+                    "role": root.role,
+                    "name": self.node,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "queues": self.queues,
+                    "concurrency": self.concurrency,
+                    "ts": time.time(),
+                }
+            ),
+            ex=int(self.interval * 4) + 1,
+        )
         if root.role == "env":
             report = root.env_host.report()
             joined = root.resources.register_host(
-                root.host, capacity=report.get("capacity", root.settings.host_capacity),
-                images=report.get("images", []), warm=report.get("warm", {}),
-                disk_free_gb=report.get("disk_free_gb", 0.0))
+                root.host,
+                capacity=report.get("capacity", root.settings.host_capacity),
+                images=report.get("images", []),
+                warm=report.get("warm", {}),
+                disk_free_gb=report.get("disk_free_gb", 0.0),
+            )
             held = root.resources.renew_host(root.host)
             if joined:  # a host joining (or back after its heartbeat lapsed) is an admission event
                 root.lifecycle.admit()
@@ -119,9 +144,14 @@ class Heartbeat(threading.Thread):
             except Exception as exc:
                 failures += 1
                 if failures & (failures - 1) == 0:  # one line at attempts 1, 2, 4, 8, ...
-                    log.warning("heartbeat of %s failed (%s: %s); attempt %d, retrying every %.1fs", self.node,
-                                type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", failures,
-                                self.interval)
+                    log.warning(
+                        "heartbeat of %s failed (%s: %s); attempt %d, retrying every %.1fs",
+                        self.node,
+                        type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "",
+                        failures,
+                        self.interval,
+                    )
                 log.debug("heartbeat failure", exc_info=True)
             # retry at the beat's own period: a host must beat again within its TTL once Redis is back
             self.stop.wait(self.interval)
@@ -149,8 +179,9 @@ def start_heartbeat(root: Root, node: str) -> Heartbeat:
     return hb
 
 
-def run_worker(role: str, settings: Settings, *, host: str | None = None, concurrency: int | None = None,
-               loglevel: str = "INFO") -> None:
+def run_worker(
+    role: str, settings: Settings, *, host: str | None = None, concurrency: int | None = None, loglevel: str = "INFO"
+) -> None:
     """Start one role's Celery worker in this process (blocks until it stops)."""
     from megaflow.workers import celery_app as app_module
     from megaflow.workers import tasks
@@ -158,8 +189,21 @@ def run_worker(role: str, settings: Settings, *, host: str | None = None, concur
     p = plan(role, settings, host=host, concurrency=concurrency)
     app_module.configure(settings)
     tasks.set_identity(role, host or settings.host_name if role == "env" else settings.host_name)
-    app_module.app.worker_main([
-        "worker", "--queues", ",".join(p.queues), "--pool", p.pool, "--concurrency", str(p.concurrency),
-        "--hostname", p.name, *(["--task-events"] if settings.task_events else []), "--loglevel", loglevel,
-        "--without-gossip", "--without-mingle",
-    ])
+    app_module.app.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(p.queues),
+            "--pool",
+            p.pool,
+            "--concurrency",
+            str(p.concurrency),
+            "--hostname",
+            p.name,
+            *(["--task-events"] if settings.task_events else []),
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

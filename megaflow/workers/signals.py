@@ -50,15 +50,19 @@ def survive_broker_loss() -> None:
         try:
             return original(self, client)
         except Exception as exc:  # the connection is gone: nothing can be put back over it
-            log.warning("broker connection lost with %d unacknowledged message(s); they are redelivered after "
-                        "the visibility timeout (%s: %s)", len(self._delivered), type(exc).__name__,
-                        str(exc).splitlines()[0][:160] if str(exc) else "")
+            log.warning(
+                "broker connection lost with %d unacknowledged message(s); they are redelivered after "
+                "the visibility timeout (%s: %s)",
+                len(self._delivered),
+                type(exc).__name__,
+                str(exc).splitlines()[0][:160] if str(exc) else "",
+            )
             self._delivered.clear()
             return None
 
     restore_unacked._megaflow = True  # type: ignore[attr-defined]
-    qos.restore_unacked = restore_unacked
-    channel._connparams = _connparams
+    qos.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    channel._connparams = _connparams  # type: ignore[method-assign]
 
 
 @signals.worker_init.connect

@@ -54,7 +54,7 @@ def _guarded(task: Task, kind: str, episode_id: str, step: int, fn, *, on_env_ho
     except RETRYABLE as exc:
         if final:
             raise
-        raise task.retry(exc=exc, countdown=min(60, 2 ** (task.request.retries + 1)), max_retries=MAX_RETRIES)
+        raise task.retry(exc=exc, countdown=min(60, 2 ** (task.request.retries + 1)), max_retries=MAX_RETRIES) from exc
 
 
 @app.task(name=wire.AGENT_STEP, bind=True)
@@ -73,8 +73,14 @@ def model_complete(self: Task, episode_id: str, step: int) -> str:
 def env_provision(self: Task, episode_id: str, step: int) -> str:
     """Create an episode's container and set it up."""
     final = self.request.retries >= MAX_RETRIES
-    result = _guarded(self, "provision", episode_id, step,
-                      lambda: root().env_service.provision(episode_id, step, final_attempt=final), on_env_host=True)
+    result = _guarded(
+        self,
+        "provision",
+        episode_id,
+        step,
+        lambda: root().env_service.provision(episode_id, step, final_attempt=final),
+        on_env_host=True,
+    )
     if result == "boot_busy":  # the host's boot limiter is full: come back shortly, hold nothing
         self.apply_async(args=[episode_id, step], countdown=0.5, queue=wire.env_host_queue(root().host))
     return result
@@ -84,16 +90,28 @@ def env_provision(self: Task, episode_id: str, step: int) -> str:
 def env_exec(self: Task, episode_id: str, step: int) -> str:
     """Run the agent's command in the episode's container."""
     final = self.request.retries >= MAX_RETRIES
-    return _guarded(self, "exec", episode_id, step,
-                    lambda: root().env_service.execute(episode_id, step, final_attempt=final), on_env_host=True)
+    return _guarded(
+        self,
+        "exec",
+        episode_id,
+        step,
+        lambda: root().env_service.execute(episode_id, step, final_attempt=final),
+        on_env_host=True,
+    )
 
 
 @app.task(name=wire.ENV_EVALUATE, bind=True)
 def env_evaluate(self: Task, episode_id: str, step: int) -> str:
     """Score the episode in a container."""
     final = self.request.retries >= MAX_RETRIES
-    return _guarded(self, "evaluate", episode_id, step,
-                    lambda: root().env_service.evaluate(episode_id, step, final_attempt=final), on_env_host=True)
+    return _guarded(
+        self,
+        "evaluate",
+        episode_id,
+        step,
+        lambda: root().env_service.evaluate(episode_id, step, final_attempt=final),
+        on_env_host=True,
+    )
 
 
 @app.task(name=wire.ENV_CLOSE)
@@ -129,10 +147,12 @@ def env_watch(self: Task, episode_id: str, step: int) -> str:
     """Check once whether an installed agent ended; while it runs, come back after a countdown (no slot held)."""
     from megaflow.services.installed import AGAIN, InstalledWatch
 
-    result = _guarded(self, "watch", episode_id, step, lambda: InstalledWatch(root()).poll(episode_id, step),
-                      on_env_host=True)
+    result = _guarded(
+        self, "watch", episode_id, step, lambda: InstalledWatch(root()).poll(episode_id, step), on_env_host=True
+    )
     if result.startswith(AGAIN):
-        self.apply_async(args=[episode_id, step], countdown=float(result[len(AGAIN):]),
-                         queue=wire.env_host_queue(root().host))
+        self.apply_async(
+            args=[episode_id, step], countdown=float(result[len(AGAIN) :]), queue=wire.env_host_queue(root().host)
+        )
         return "waiting"
     return result

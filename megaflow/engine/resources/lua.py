@@ -15,7 +15,10 @@ from __future__ import annotations
 from megaflow.core.keys import resource_lua_prelude
 from megaflow.engine.resources.semaphore import LUA_NOW
 
-PRELUDE = LUA_NOW + resource_lua_prelude() + """
+PRELUDE = (
+    LUA_NOW
+    + resource_lua_prelude()
+    + """
 -- live members of a tier after dropping lapsed ones
 local function live(key)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -100,12 +103,15 @@ local function requeue_or_drop(ep)
   return 'requeued'
 end
 """
+)
 
 # Append episodes to the FIFO in order, all or nothing; episodes already queued or held are skipped.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace   ARGV[2]: JSON list of {"episode_id", "user", "image"}
 # Returns the number of episodes appended.
-ENQUEUE_LUA = PRELUDE + """
+ENQUEUE_LUA = (
+    PRELUDE
+    + """
 local items = cjson.decode(ARGV[2])
 local fresh = {}
 for _, it in ipairs(items) do
@@ -127,6 +133,7 @@ end
 for u, _ in pairs(users) do set_head(u) end
 return #fresh
 """
+)
 
 # Admit up to N of the oldest eligible episodes: for each, take the ready user with the oldest
 # head, park it if at its limit, else pick a host and reserve global, user and host slots.
@@ -138,7 +145,9 @@ return #fresh
 # ARGV[1]: namespace  ARGV[2]: max episodes  ARGV[3]: global limit  ARGV[4]: default user limit
 # ARGV[5]: lease (ms)  ARGV[6]: host heartbeat TTL (ms)
 # Returns a flat list: episode_id, user, host, image, episode_id, ...
-ADMIT_LUA = PRELUDE + """
+ADMIT_LUA = (
+    PRELUDE
+    + """
 local max_n, glimit, udefault = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease, host_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 for _, u in ipairs(redis.call('ZRANGEBYSCORE', K.parked, '-inf', now, 'LIMIT', 0, 1000)) do unpark(u) end
@@ -215,6 +224,7 @@ while n < max_n and gused < glimit and nfree > 0 do
 end
 return out
 """
+)
 
 # Reserve the three tiers for one episode on a named host, all or nothing (no FIFO involved).
 # KEYS: none (see module docstring)
@@ -222,7 +232,9 @@ return out
 # ARGV[6]: global limit  ARGV[7]: default user limit  ARGV[8]: lease (ms)
 # Returns 'ok' (also when already held there: renewed), 'global', 'user', 'host' (that tier is
 # full), 'unknown_host' or 'elsewhere' (the episode holds slots on another host).
-ACQUIRE3_LUA = PRELUDE + """
+ACQUIRE3_LUA = (
+    PRELUDE
+    + """
 local ep, u, h, image = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local glimit, udefault, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local raw = redis.call('HGET', K.held, ep)
@@ -247,12 +259,15 @@ redis.call('HSET', K.held, ep, cjson.encode({user = u, host = h, image = image, 
   requeues = 0, admitted = now}))
 return 'ok'
 """
+)
 
 # Free every tier an episode holds and take it out of the FIFO if still queued (idempotent).
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: episode id
 # Returns 1 if it held slots, 2 if it was queued, 0 if neither.
-RELEASE_LUA = PRELUDE + """
+RELEASE_LUA = (
+    PRELUDE
+    + """
 local ep = ARGV[2]
 if drop(ep) then return 1 end
 local raw = redis.call('HGET', K.queued, ep)
@@ -263,12 +278,15 @@ redis.call('ZREM', qkey(item.user), ep)
 set_head(item.user)
 return 2
 """
+)
 
 # Extend one episode's leases on all three tiers; if any tier's lease lapsed, free the rest.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: episode id  ARGV[3]: lease (ms)
 # Returns 1 if renewed, 0 if the lease was lost.
-RENEW_LUA = PRELUDE + """
+RENEW_LUA = (
+    PRELUDE
+    + """
 local ep, lease = ARGV[2], tonumber(ARGV[3])
 local raw = redis.call('HGET', K.held, ep)
 if not raw then redis.call('ZREM', K.global, ep); return 0 end
@@ -277,6 +295,7 @@ if held_live(ep, info) then hold(ep, info.user, info.host, lease); return 1 end
 drop(ep)
 return 0
 """
+)
 
 # Extend the leases of every episode holding a slot on one host (the env worker's heartbeat).
 # An episode whose lease lapsed while it ran there (the heartbeat could not reach Redis for a while)
@@ -286,7 +305,9 @@ return 0
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: host  ARGV[3]: lease (ms)  ARGV[4]: episode hash key prefix ("" to skip)
 # Returns the number of episodes renewed.
-RENEW_HOST_LUA = PRELUDE + """
+RENEW_HOST_LUA = (
+    PRELUDE
+    + """
 local h, lease = ARGV[2], tonumber(ARGV[3])
 local n = 0
 for _, ep in ipairs(redis.call('ZRANGE', hkey(h), 0, -1)) do
@@ -305,6 +326,7 @@ for _, ep in ipairs(redis.call('ZRANGE', hkey(h), 0, -1)) do
 end
 return n
 """
+)
 
 # An env host's heartbeat: record capacity, free disk, images present and warm containers. The
 # per-image host index (imghosts:<image>, host -> warm containers) is written only where it changed.
@@ -313,7 +335,9 @@ return n
 # ARGV[5]: JSON list of images  ARGV[6]: JSON object image -> warm containers
 # ARGV[7]: host heartbeat TTL (ms)
 # Returns 1 if the host joined (new, or back after its heartbeat had gone stale), else 0.
-REGISTER_HOST_LUA = PRELUDE + """
+REGISTER_HOST_LUA = (
+    PRELUDE
+    + """
 local h, ttl = ARGV[2], tonumber(ARGV[7])
 local last = redis.call('ZSCORE', K.hosts, h)
 local joined = (not last or tonumber(last) <= now - ttl) and 1 or 0
@@ -344,32 +368,41 @@ for image, count in pairs(new) do
 end
 return joined
 """
+)
 
 # Mark an admitted episode as started (its provision task ran), so the sweep leaves it alone.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: episode id
 # Returns 1 if the episode holds its slots, 0 if not (it was released or re-queued meanwhile).
-MARK_STARTED_LUA = PRELUDE + """
+MARK_STARTED_LUA = (
+    PRELUDE
+    + """
 if redis.call('HEXISTS', K.held, ARGV[2]) == 0 then return 0 end
 redis.call('ZREM', K.admitted, ARGV[2])
 return 1
 """
+)
 
 # Let parked users be checked again (after a quota change).
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2..]: users
 # Returns 0.
-UNPARK_LUA = PRELUDE + """
+UNPARK_LUA = (
+    PRELUDE
+    + """
 for i = 2, #ARGV do unpark(ARGV[i]) end
 return 0
 """
+)
 
 # Sweep step: free held episodes whose lease lapsed on any tier; one admitted from the FIFO that
 # never started goes back to its place in the FIFO.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2..]: episode ids to check
 # Returns {freed, re-queued}.
-REAP_LUA = PRELUDE + """
+REAP_LUA = (
+    PRELUDE
+    + """
 local freed, requeued = 0, 0
 for i = 2, #ARGV do
   local raw = redis.call('HGET', K.held, ARGV[i])
@@ -380,12 +413,15 @@ end
 redis.call('ZREMRANGEBYSCORE', K.global, '-inf', now)
 return {freed, requeued}
 """
+)
 
 # Sweep step: put episodes admitted before a cutoff and never started back at their place in the FIFO.
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: cutoff (ms of Redis time)  ARGV[3..]: episode ids
 # Returns the number re-queued.
-REQUEUE_LUA = PRELUDE + """
+REQUEUE_LUA = (
+    PRELUDE
+    + """
 local cutoff, n = tonumber(ARGV[2]), 0
 for i = 3, #ARGV do
   local ep = ARGV[i]
@@ -394,13 +430,16 @@ for i = 3, #ARGV do
 end
 return n
 """
+)
 
 # Sweep step: remove env hosts whose heartbeat is older than the TTL (their episodes' leases
 # then lapse by themselves, since nobody renews them).
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: host heartbeat TTL (ms)
 # Returns the names removed.
-REMOVE_STALE_HOSTS_LUA = PRELUDE + """
+REMOVE_STALE_HOSTS_LUA = (
+    PRELUDE
+    + """
 local gone = redis.call('ZRANGEBYSCORE', K.hosts, '-inf', now - tonumber(ARGV[2]))
 for _, h in ipairs(gone) do
   for _, image in ipairs(redis.call('SMEMBERS', imgkey(h))) do redis.call('HDEL', imgidx(image), h) end
@@ -410,13 +449,16 @@ for _, h in ipairs(gone) do
 end
 return gone
 """
+)
 
 # Boot limiter: take one of a host's container-creation slots, subject to an optional rate.
 # KEYS[1]: boot sorted set of the host (holder -> lease expiry)  KEYS[2]: rate bucket hash (tokens, ts)
 # ARGV[1]: holder  ARGV[2]: concurrency  ARGV[3]: lease (ms)  ARGV[4]: rate per s (0: none)
 # ARGV[5]: burst (tokens)
 # Returns 1 if taken (or already held: renewed), 0 if at the cap or over the rate.
-ACQUIRE_BOOT_LUA = LUA_NOW + """
+ACQUIRE_BOOT_LUA = (
+    LUA_NOW
+    + """
 local key, bucket, holder = KEYS[1], KEYS[2], ARGV[1]
 local limit, lease, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -437,3 +479,4 @@ redis.call('ZADD', key, now + lease, holder)
 redis.call('PEXPIRE', key, lease)
 return 1
 """
+)

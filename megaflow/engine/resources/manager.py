@@ -118,7 +118,7 @@ class ResourceManager:
             return []
         s = self.settings
         flat = self._admit(args=[self.base, max_n, s.global_limit, s.user_limit, self.lease_ms, self.host_ttl_ms])
-        return [Admission(*flat[i:i + 4]) for i in range(0, len(flat), 4)]
+        return [Admission(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
 
     def request_admission(self) -> None:
         """Ask the sweeper to run admission soon (for events seen by a process that cannot send tasks)."""
@@ -176,17 +176,25 @@ class ResourceManager:
 
     # --- hosts ------------------------------------------------------------------------------------
 
-    def register_host(self, name: str, *, capacity: int, images: list[str], warm: dict[str, int],
-                      disk_free_gb: float) -> bool:
+    def register_host(
+        self, name: str, *, capacity: int, images: list[str], warm: dict[str, int], disk_free_gb: float
+    ) -> bool:
         """Heartbeat of an env host; True if it just joined (then run ``admit()``)."""
         if not name:
             raise SpecError("host name must be a non-empty string", field="name")
         if capacity < 0:
             raise SpecError(f"capacity must be >= 0, got {capacity}", field="capacity")
-        joined = self._register_host(args=[
-            self.base, name, int(capacity), float(disk_free_gb), json.dumps(list(images)),
-            json.dumps({k: int(v) for k, v in warm.items()}), self.host_ttl_ms,
-        ])
+        joined = self._register_host(
+            args=[
+                self.base,
+                name,
+                int(capacity),
+                float(disk_free_gb),
+                json.dumps(list(images)),
+                json.dumps({k: int(v) for k, v in warm.items()}),
+                self.host_ttl_ms,
+            ]
+        )
         if joined:
             self.host_loss.back(name)
         return bool(joined)
@@ -242,21 +250,23 @@ class ResourceManager:
         res = pipe.execute()
         out = []
         for i, (name, beat) in enumerate(entries):
-            info, used, booting, n_images, warm = res[5 * i:5 * i + 5]
+            info, used, booting, n_images, warm = res[5 * i : 5 * i + 5]
             age = (now - beat) / 1000
-            out.append({
-                "name": name,
-                "used": int(used),
-                "capacity": int(info.get("capacity", 0)),
-                "booting": int(booting),
-                "boot_limit": self.settings.boot_concurrency,
-                "drained": name in drained,
-                "alive": age < self.settings.host_ttl_s,
-                "heartbeat_age_s": round(age, 3),
-                "images": int(n_images),
-                "warm": {k: int(v) for k, v in warm.items()},
-                "disk_free_gb": float(info.get("disk_free_gb", 0.0)),
-            })
+            out.append(
+                {
+                    "name": name,
+                    "used": int(used),
+                    "capacity": int(info.get("capacity", 0)),
+                    "booting": int(booting),
+                    "boot_limit": self.settings.boot_concurrency,
+                    "drained": name in drained,
+                    "alive": age < self.settings.host_ttl_s,
+                    "heartbeat_age_s": round(age, 3),
+                    "images": int(n_images),
+                    "warm": {k: int(v) for k, v in warm.items()},
+                    "disk_free_gb": float(info.get("disk_free_gb", 0.0)),
+                }
+            )
         return out
 
     # --- boot limiter -------------------------------------------------------------------------------
@@ -271,10 +281,12 @@ class ResourceManager:
         rate = s.boot_rate_per_s or 0.0
         burst = max(1.0, rate)
         lease = lease_ms(s.boot_timeout_s + s.lease_s)
-        return bool(self._acquire_boot(
-            keys=[self._k("boot", host), self._k("bootrate", host)],
-            args=[holder, s.boot_concurrency, lease, rate, burst],
-        ))
+        return bool(
+            self._acquire_boot(
+                keys=[self._k("boot", host), self._k("bootrate", host)],
+                args=[holder, s.boot_concurrency, lease, rate, burst],
+            )
+        )
 
     def release_boot(self, host: str, holder: str) -> None:
         """Give a boot slot back; idempotent."""
@@ -330,16 +342,28 @@ class ResourceManager:
                 oldest = {"episode_id": head[0], "user": item["user"], "wait_s": round((now - item["t"]) / 1000, 3)}
         per_user = []
         for i, u in enumerate(users_sorted):
-            used, queued = res[4 + 2 * i:6 + 2 * i]
+            used, queued = res[4 + 2 * i : 6 + 2 * i]
             limit = int(quotas[u]) if u in quotas else self.settings.user_limit
-            per_user.append({"user": u, "used": int(used), "limit": limit, "queued": int(queued),
-                             "at_limit": u in parked or int(used) >= limit, "override": u in quotas})
+            per_user.append(
+                {
+                    "user": u,
+                    "used": int(used),
+                    "limit": limit,
+                    "queued": int(queued),
+                    "at_limit": u in parked or int(used) >= limit,
+                    "override": u in quotas,
+                }
+            )
         return {
             "global": {"used": int(used_global), "limit": self.settings.global_limit},
             "users": per_user,
             "hosts": self.hosts(),
-            "queue": {"length": int(qlen), "oldest_wait_s": oldest["wait_s"] if oldest else 0.0,
-                      "oldest": oldest, "admitted_not_started": int(admitted)},
+            "queue": {
+                "length": int(qlen),
+                "oldest_wait_s": oldest["wait_s"] if oldest else 0.0,
+                "oldest": oldest,
+                "admitted_not_started": int(admitted),
+            },
         }
 
     # --- repair -------------------------------------------------------------------------------------
@@ -377,8 +401,14 @@ class ResourceManager:
             self._unpark(args=[self.base, *chunk])
         for name in self.redis.zrange(self._k("hosts"), 0, -1):
             self.redis.zremrangebyscore(self._k("boot", name), "-inf", now)
-        return {"hosts_removed": len(removed), "leases_reclaimed": reclaimed, "requeued": requeued,
-                "users_unparked": len(due), "moved": moved_n, "exhausted": exhausted}
+        return {
+            "hosts_removed": len(removed),
+            "leases_reclaimed": reclaimed,
+            "requeued": requeued,
+            "users_unparked": len(due),
+            "moved": moved_n,
+            "exhausted": exhausted,
+        }
 
     # --- helpers ------------------------------------------------------------------------------------
 

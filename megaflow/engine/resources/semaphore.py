@@ -20,7 +20,9 @@ local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
 # KEYS[1]: semaphore sorted set (holder -> lease expiry, ms of Redis time)
 # ARGV[1]: holder id   ARGV[2]: limit   ARGV[3]: lease length (ms)
 # Returns 1 if the holder holds a slot after the call, 0 if the semaphore is full.
-ACQUIRE_LUA = LUA_NOW + """
+ACQUIRE_LUA = (
+    LUA_NOW
+    + """
 local key, holder, limit, lease = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
 if redis.call('ZSCORE', key, holder) or redis.call('ZCARD', key) < limit then
@@ -30,12 +32,15 @@ if redis.call('ZSCORE', key, holder) or redis.call('ZCARD', key) < limit then
 end
 return 0
 """
+)
 
 # Extend a live lease; a lapsed one is removed and reported lost.
 # KEYS[1]: semaphore sorted set
 # ARGV[1]: holder id   ARGV[2]: lease length (ms)
 # Returns 1 if renewed, 0 if the holder had no live lease.
-RENEW_LUA = LUA_NOW + """
+RENEW_LUA = (
+    LUA_NOW
+    + """
 local key, holder, lease = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local exp = redis.call('ZSCORE', key, holder)
 if exp and tonumber(exp) > now then
@@ -46,13 +51,17 @@ end
 if exp then redis.call('ZREM', key, holder) end
 return 0
 """
+)
 
 # Number of live (unlapsed) holders.
 # KEYS[1]: semaphore sorted set
 # ARGV: none
-COUNT_LUA = LUA_NOW + """
+COUNT_LUA = (
+    LUA_NOW
+    + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
+)
 
 
 def lease_ms(lease_s: float) -> int:
