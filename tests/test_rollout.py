@@ -82,7 +82,8 @@ def test_format_errors_limits_mini_mode_and_fresh_evaluation(fleet, tmp_path):
     mini_yaml = tmp_path / "mini.yaml"
     mini_yaml.write_text(
         "agent:\n  system_template: sys\n  instance_template: 'Task: {{task}}'\n  step_limit: 10\n"
-        "model:\n  model_class: litellm_textbased\n  observation_template: 'rc={{output.returncode}}'\n"
+        "model:\n  model_class: litellm_textbased\n  cost_tracking: ignore_errors\n"
+        "  observation_template: 'rc={{output.returncode}}'\n"
     )
     specs = {
         "format-recovers": task_spec(inst[0], replies=["I think calc.py is wrong."] + fix_replies(fix)),
