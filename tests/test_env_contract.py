@@ -261,3 +261,17 @@ def test_bad_backend_configs_name_the_field():
             validate_env_config(bad)
     with pytest.raises(ValueError, match="env_backend"):
         Settings.load(env_backend={"typ": "sim"})
+
+
+def test_a_stopped_docker_engine_fails_the_heartbeat_report():
+    """With its engine down, an env host's report raises: its heartbeat lapses and the host is marked lost."""
+    import docker
+
+    from megaflow.core.errors import InfraError
+    from megaflow.core.settings import Settings
+    from megaflow.env_hosts.docker_host import DockerHost
+
+    dead = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", timeout=3, version="1.43")
+    host = DockerHost(dead, Settings.load(), name="engine-down")
+    with pytest.raises(InfraError, match="Docker engine"):
+        host.report()

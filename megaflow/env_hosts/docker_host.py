@@ -27,7 +27,7 @@ from megaflow.env_hosts.base import EnvHandle, ExecResult
 from megaflow.env_hosts.claims import Claims
 from megaflow.env_hosts.containers import CLIENT_SLACK_S, HOME, KILL_GRACE_S, Containers, container_name, parse_user
 from megaflow.env_hosts.disk import DiskLimit
-from megaflow.env_hosts.errors import ImageMissingError
+from megaflow.env_hosts.errors import ImageMissingError, docker_errors
 from megaflow.env_hosts.image_cache import ImageCache
 from megaflow.env_hosts.pool import WarmPool
 from megaflow.env_hosts.session import ExecSessions, SessionLost
@@ -348,7 +348,14 @@ class DockerHost:
         return keep
 
     def report(self) -> dict:
-        """What the heartbeat registers: capacity, images present, warm containers per image, disk free."""
+        """What the heartbeat registers: capacity, images present, warm containers per image, disk free.
+
+        The engine is pinged first: with the Docker engine down the heartbeat fails, the host's
+        registration lapses after ``host_ttl_s``, and the control service marks it lost (its slots
+        released, its episodes re-queued on other hosts) until the engine answers again.
+        """
+        with docker_errors("ping the Docker engine"):
+            self.client.ping()
         return {
             "host": self.name,
             "backend": self.backend,
