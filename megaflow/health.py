@@ -96,11 +96,11 @@ def _ping(settings: Settings, name: str, timeout_s: float) -> Check:
     import kombu.exceptions
     import redis
 
-    from megaflow.workers.app import create_app
+    from megaflow.workers.celery_app import create_app
     from megaflow.workers.process import node_name
 
     node = node_name("env", name)
-    app = create_app(settings, register_tasks=False)
+    app = create_app(settings)
     try:
         started = time.monotonic()
         replies = app.control.ping(destination=[node], timeout=timeout_s)
