@@ -121,7 +121,11 @@ class Cluster:
         for line in text.splitlines():
             if line.startswith("MEGAFLOW_"):
                 key, _, value = line.partition("=")
-                values[key[len("MEGAFLOW_") :].lower()] = re.sub(r'\\(["\\$`])', r"\1", value[1:-1])
+                text_value = re.sub(r'\\(["\\$`])', r"\1", value[1:-1])
+                # mappings (env_backend, elastic) are JSON in the env file, as the environment gives them
+                values[key[len("MEGAFLOW_") :].lower()] = (
+                    json.loads(text_value) if text_value[:1] == "{" else text_value
+                )
         values.update(state_dir=str(tmp), metadata_url="", artifacts_url="", host_name="deploy-test-controller")
         return Settings.load(**values)
 
