@@ -19,8 +19,6 @@ import argparse
 import heapq
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +27,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scale import start_redis  # one loopback redis-server helper for every bench
 
 from megaflow.elastic.config import ElasticConfig
 from megaflow.elastic.policy import choose_mode
@@ -44,41 +45,6 @@ def spec(i: int) -> dict:
         "agent": {"max_steps": 4},
         "eval": {"command": "evaluate"},
     }
-
-
-def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    r = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            r.ping()
-            r.close()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def fleet_run(settings, label: str, lo: int, hi: int, burst: int, quiet_s: float) -> dict:

@@ -125,7 +125,7 @@ def encode_message(key_prefix: str, name: str, args: list[Any], queue: str, prio
     """(broker list key, message) that ``send_task(name, args, queue=queue, priority=priority)`` would LPUSH.
 
     The body and headers are Celery's task protocol 2 in JSON; the envelope is kombu's Redis
-    transport format. JSON only: nothing here can carry a pickle.
+    transport format. JSON only: no binary serializer is ever on the wire.
     """
     task_id = str(uuid.uuid4())
     body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
