@@ -105,7 +105,8 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
                 pytest.fail(f"{what} not reached in {timeout_s}s; hosts={res.hosts()} logs={tails}")
             time.sleep(0.5)
 
-    fleet.up(s, env_hosts=0, wait_s=90, echo=lambda m: None)
+    # the control service's own autoscaler stays off: this test's scaler is the one that leads
+    fleet.up(s.model_copy(update={"elastic": {**CFG, "enabled": False}}), env_hosts=0, wait_s=90, echo=lambda m: None)
     try:
         tick_until(lambda: len(_serving(res)) == 1, 60, "one host (min_hosts)")
         with Client(s) as client:
@@ -147,6 +148,46 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
     finally:
         scaler.close(stop_hosts=True)
         fleet.down(s, echo=lambda m: None)
+        assert fleet.running(s) == {}  # autoscaled hosts have pid files beside the fleet's: none is left
+
+
+class RecordingProvider:
+    """Stands in for a cloud: remembers launches and terminations (hosts never register)."""
+
+    def __init__(self):
+        self.launched: list[str] = []
+        self.terminated: list[str] = []
+
+    def launch(self, n):
+        from megaflow.elastic.providers import HostHandle
+
+        out = [HostHandle(f"rec-{len(self.launched) + i}", f"i-{i}", "t", time.time()) for i in range(n)]
+        self.launched += [h.name for h in out]
+        return out
+
+    def terminate(self, host):
+        self.terminated.append(host.name)
+
+    def alive(self, host):
+        return True
+
+    def close(self):
+        pass
+
+
+def test_only_one_autoscaler_acts_on_a_fleet(settings, redis_client):
+    s = settings.model_copy(update={"elastic": {**CFG, "min_hosts": 2, "interval_s": 1}})
+    res = ResourceManager(redis_client, s, Keys(s.key_prefix))
+    first, second = RecordingProvider(), RecordingProvider()
+    a = Autoscaler(redis_client, s, res, provider=first, cfg=ElasticConfig.from_settings(s))
+    b = Autoscaler(redis_client, s, res, provider=second, cfg=ElasticConfig.from_settings(s))
+    assert a.tick().target == 2 and first.launched == ["rec-0", "rec-1"]
+    d = b.tick()
+    assert (d.delta, d.reason, second.launched) == (0, "another autoscaler leads", [])
+    assert redis_client.pttl(a.keys.leader) > 10_000  # a lease of at least 15 s, renewed by every tick
+    a.close()  # resigns: the other one takes over at its next tick
+    b.tick()
+    assert b.leading and not a.leading and second.launched == []  # it adopts the two pending hosts
 
 
 def test_local_provider_stops_hosts_started_by_an_earlier_control(settings):

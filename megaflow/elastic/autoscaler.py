@@ -3,14 +3,21 @@
 Scale out launches hosts (or resumes hosts it was draining); scale in drains idle hosts first and
 terminates a host only once it holds no live episode and no boot slot. Every action is an event in
 the elastic stream and every tick a utilisation sample (``megaflow.elastic.usage``).
+
+Only one autoscaler acts on a fleet at a time: each tick first takes or renews a leader lease in
+Redis (``E:leader``), so two control services (or a control service and an operator's script) never
+launch hosts under the same names or terminate each other's hosts; the other ones wait.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from megaflow.elastic import usage
@@ -21,6 +28,16 @@ from megaflow.elastic.providers import HostHandle, make_provider
 log = logging.getLogger(__name__)
 
 LAUNCHING, ACTIVE, DRAINING, REMOVED = "launching", "active", "draining", "removed"
+
+# Take the lease when it is free, renew it when it is ours; 1 if this autoscaler leads.
+_LEAD = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] or not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
 
 
 class Autoscaler:
@@ -40,6 +57,30 @@ class Autoscaler:
         self.last_up = self.last_down = float("-inf")
         self.idle_since: dict[str, float] = {}
         self.last_target: int | None = None
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.leading = False
+
+    def lead(self) -> bool:
+        """Take or renew the leader lease (three periods, at least 15 s); False while another autoscaler holds it."""
+        ttl_ms = int(max(3 * self.cfg.interval_s, 15.0) * 1000)
+        leading = bool(self.redis.eval(_LEAD, 1, self.keys.leader, self.owner, ttl_ms))
+        if leading != self.leading:
+            if leading:
+                log.info("autoscaler %s leads the fleet", self.owner)
+            else:
+                log.warning("autoscaler %s waits: %s leads the fleet", self.owner, self.redis.get(self.keys.leader))
+        self.leading = leading
+        return leading
+
+    def resign(self) -> None:
+        """Give the lease up now (on close), so another autoscaler takes over at its next tick."""
+        self.redis.eval(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            1,
+            self.keys.leader,
+            self.owner,
+        )
+        self.leading = False
 
     # --- state of the hosts it manages ----------------------------------------------------------------
 
@@ -55,8 +96,10 @@ class Autoscaler:
     # --- one tick -------------------------------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> Decision:
-        """Observe, decide, act once; returns the decision."""
+        """Observe, decide, act once; returns the decision (no change while another autoscaler leads)."""
         now = time.time() if now is None else now
+        if not self.lead():
+            return Decision(target=-1, delta=0, reason="another autoscaler leads", inputs={})
         cap = self.resources.capacity()
         registered = {h["name"]: h for h in cap["hosts"] if h["alive"]}
         managed = self.managed()
@@ -219,6 +262,10 @@ class Autoscaler:
             except Exception:
                 log.exception("autoscaler tick failed; retrying next period")
             stop.wait(self.cfg.interval_s)
+        try:  # the hosts it launched keep running (a restarted control adopts them); the lease goes now
+            self.resign()
+        except Exception:
+            log.warning("autoscaler %s could not give up its lease; it lapses by itself", self.owner)
 
     def close(self, *, stop_hosts: bool = False) -> None:
         """Release the provider; with ``stop_hosts`` also terminate every host it still runs."""
@@ -227,6 +274,10 @@ class Autoscaler:
                 if rec["state"] != REMOVED:
                     self.provider.terminate(self._handle(rec))
         self.provider.close()
+        try:
+            self.resign()
+        except Exception:  # Redis gone: the lease lapses by itself
+            log.warning("autoscaler %s could not give up its lease; it lapses by itself", self.owner)
 
 
 def autoscaler_threads(rt: Any, stop: threading.Event) -> list[threading.Thread]:

@@ -43,15 +43,36 @@ class Provider(Protocol):
 
 
 class LocalProvider:
-    """Env workers (``megaflow worker env --host NAME``) as child processes with their own session."""
+    """Env workers (``megaflow worker env --host NAME``) as child processes with their own session.
+
+    Each writes a pid file beside the local fleet's (``STATE_DIR/fleet/NAME.pid``), so ``megaflow down``
+    stops autoscaled hosts too, and a name whose worker still runs (started by an earlier control
+    process) is never given to a second worker.
+    """
 
     def __init__(self, settings: Settings, cfg: LocalProviderConfig):
         self.settings = settings
         self.cfg = cfg
         self.logs = Path(settings.state_dir) / "logs"
+        self.pids = Path(settings.state_dir) / "fleet"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.pids.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.seq = 0
+
+    def _next_name(self) -> str:
+        """``PREFIX-N`` for the next N whose name no live worker of this machine holds."""
+        while True:
+            self.seq += 1
+            name = f"{self.cfg.name_prefix}-{self.seq}"
+            if name in self.procs:
+                continue
+            try:
+                ref = (self.pids / f"{name}.pid").read_text().strip()
+            except OSError:
+                return name
+            if not self._pid_is_worker(HostHandle(name, ref, self.cfg.instance_type, 0.0)):
+                return name
 
     def launch(self, n: int) -> list[HostHandle]:
         env = dict(os.environ, **self.settings.to_env())
@@ -61,8 +82,7 @@ class LocalProvider:
             env["MEGAFLOW_ENV_BACKEND"] = json.dumps(self.cfg.env_backend)
         out = []
         for _ in range(n):
-            self.seq += 1
-            name = f"{self.cfg.name_prefix}-{self.seq}"
+            name = self._next_name()
             with open(self.logs / f"{name}.log", "ab") as log:
                 p = subprocess.Popen(
                     [sys.executable, "-m", "megaflow", "worker", "env", "--host", name],
@@ -73,22 +93,36 @@ class LocalProvider:
                     start_new_session=True,
                 )
             self.procs[name] = p
+            (self.pids / f"{name}.pid").write_text(str(p.pid))
             out.append(HostHandle(name, str(p.pid), self.cfg.instance_type, time.time()))
         return out
 
     def terminate(self, host: HostHandle, timeout_s: float = 20.0) -> None:
         """SIGTERM (warm shutdown), SIGKILL after ``timeout_s``; reaps the child."""
         p = self.procs.pop(host.name, None)
-        if p is None:  # started by an earlier control process: stop it by its pid (process group)
-            self._stop_pid(host, timeout_s)
-            return
-        if p.poll() is not None:
-            return
+        try:
+            if p is None:  # started by an earlier control process: stop it by its pid (process group)
+                self._stop_pid(host, timeout_s)
+            elif p.poll() is None:
+                self._stop_child(p, timeout_s)
+        finally:
+            pidfile = self.pids / f"{host.name}.pid"
+            try:
+                if p is not None or pidfile.read_text().strip() == host.ref:
+                    pidfile.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _stop_child(p: subprocess.Popen, timeout_s: float) -> None:
         try:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             p.wait(10)
         except ProcessLookupError:
             pass
@@ -112,12 +146,15 @@ class LocalProvider:
         if not self._pid_is_worker(host):
             return
         pid = int(host.ref)
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self._pid_is_worker(host):
-            time.sleep(0.2)
-        if self._pid_is_worker(host):
-            os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self._pid_is_worker(host):
+                time.sleep(0.2)
+            if self._pid_is_worker(host):
+                os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def usage(self, host: HostHandle) -> dict[str, float]:
         """CPU seconds and resident memory of the host's worker process (from /proc)."""

@@ -19,7 +19,8 @@ class ElasticKeys:
 
     ``E:events`` stream of decisions {kind, ts, ...}; ``E:hosts`` hash of managed hosts;
     ``E:done`` list of finished hosts (JSON); ``E:samples:<host>`` capped list of samples;
-    ``E:fleet`` capped list of fleet samples {t, hosts, pending, queued, live, target}.
+    ``E:fleet`` capped list of fleet samples {t, hosts, pending, queued, live, target};
+    ``E:leader`` the id of the one autoscaler allowed to act (a lease, renewed every tick).
     """
 
     def __init__(self, prefix: str):
@@ -28,6 +29,7 @@ class ElasticKeys:
         self.hosts = f"{self.base}:hosts"
         self.done = f"{self.base}:done"
         self.fleet = f"{self.base}:fleet"
+        self.leader = f"{self.base}:leader"
 
     def samples(self, host: str) -> str:
         return f"{self.base}:samples:{host}"
