@@ -104,10 +104,43 @@ def redis_client(redis_server):
     client.close()
 
 
+def processes_of(state_dir: str) -> dict[int, str]:
+    """Live processes started with ``MEGAFLOW_STATE_DIR=state_dir`` (fleet workers, autoscaled hosts): pid -> cmdline."""
+    want = f"MEGAFLOW_STATE_DIR={state_dir}".encode()
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if want in (d / "environ").read_bytes().split(b"\0"):
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+    return out
+
+
 @pytest.fixture
-def settings(redis_server, redis_client, tmp_path) -> Settings:
-    """Settings pointing at the test redis-server and a per-test state directory."""
-    return Settings.load(redis_url=redis_server.url, state_dir=str(tmp_path / "state"), host_name="test-host")
+def settings(redis_server, redis_client, tmp_path):
+    """Settings pointing at the test redis-server and a per-test state directory.
+
+    A process the test started with these settings and left running (a fleet worker, an autoscaled
+    host) would go on acting on the session's Redis during later tests: it is killed at teardown
+    and reported as a warning.
+    """
+    s = Settings.load(redis_url=redis_server.url, state_dir=str(tmp_path / "state"), host_name="test-host")
+    yield s
+    left = processes_of(s.state_dir)
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    if left:
+        import warnings
+
+        warnings.warn(f"test left processes running (killed now): {sorted(left.values())}", stacklevel=1)
 
 
 def docker_available() -> bool:

@@ -165,27 +165,28 @@ def test_enqueue_is_all_or_nothing_on_bad_items(make):
 
 
 def test_renew_keeps_slots_and_lapse_frees_them(make):
-    m = make(lease_s=0.4, global_limit=1)
+    m = make(lease_s=1.5, global_limit=1, host_ttl_s=30)
     m.register_host("h", capacity=5, images=[], warm={}, disk_free_gb=1)
     m.enqueue(eps("A1", "B1"))
     assert ids(m.admit()) == ["A1"]
-    for _ in range(3):
-        time.sleep(0.2)
+    started = time.monotonic()
+    while time.monotonic() - started < 2.0:  # renewed every 0.3 s: held past its first lease
+        time.sleep(0.3)
         assert m.renew_host("h") == 1
     assert m.admit() == []  # still held after more than one lease thanks to renewals
     assert m.renew("A1")
-    time.sleep(0.5)  # nobody renews: the lease lapses
+    time.sleep(1.7)  # nobody renews: the lease lapses
     assert not m.renew("A1")
     assert ids(m.admit()) == ["B1"]
 
 
 def test_sweep_reclaims_lapsed_and_requeues_never_started(make):
-    m = make(lease_s=30, admit_start_timeout_s=0.3)
+    m = make(lease_s=30, admit_start_timeout_s=1.0)
     m.register_host("h", capacity=5, images=[], warm={}, disk_free_gb=1)
     m.enqueue(eps("A1", "A2", "A3"))
     assert ids(m.admit(2)) == ["A1", "A2"]
     assert m.mark_started("A2")
-    time.sleep(0.4)
+    time.sleep(1.2)
     fixed = m.sweep()
     assert fixed["requeued"] == 1 and fixed["leases_reclaimed"] == 0
     assert not m.mark_started("A1")  # it no longer holds slots: its late provision must not run
@@ -200,19 +201,19 @@ def test_sweep_reclaims_lapsed_and_requeues_never_started(make):
 
 
 def test_lapsed_lease_of_a_never_started_episode_puts_it_back_in_the_fifo(make):
-    m = make(lease_s=0.3)
+    m = make(lease_s=1.0)
     m.register_host("dead", capacity=5, images=[], warm={}, disk_free_gb=1)
     m.enqueue(eps("A1", "A2", "B1"))
     assert ids(m.admit()) == ["A1", "A2", "B1"]
     assert m.mark_started("A2")
-    time.sleep(0.4)  # the host died: nobody renews
+    time.sleep(1.2)  # the host died: nobody renews
     fixed = m.sweep()
     assert (fixed["requeued"], fixed["leases_reclaimed"]) == (2, 1)  # A1, B1 back; A2 had started
     assert m.placement("A2") is None and m.queue_length() == 2
     m.drain_host("dead")
     m.register_host("alive", capacity=5, images=[], warm={}, disk_free_gb=1)
     assert [(a.episode_id, a.host) for a in m.admit()] == [("A1", "alive"), ("B1", "alive")]
-    time.sleep(0.4)
+    time.sleep(1.2)
     assert m.renew_host("alive") == 0  # the heartbeat came too late: same repair on that path
     assert m.queue_length() == 2
 
