@@ -252,7 +252,8 @@ def test_unreachable_endpoint_fails_over(settings, redis_client, two_servers):
     from conftest import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    backend = make_backend(settings, redis_client, [dead, a.base_url])
+    # a long cool-down: the dead endpoint stays out while the test looks (a slow machine passes 0.3 s)
+    backend = make_backend(settings, redis_client, [dead, a.base_url], model_cooldown_s=60.0)
     replies = [ask(backend, session=f"s{i}") for i in range(6)]
     assert all(r.endpoint == a.base_url for r in replies)
     pool = backend.pool("test-model", [dead, a.base_url])
