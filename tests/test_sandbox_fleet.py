@@ -144,6 +144,16 @@ def test_swerex_remote_runtime_drives_a_megaflow_sandbox(server, tmp_path):
         sb.execute("true")
 
 
+def test_sandbox_outlives_its_env_hosts_reaper_pass(service):
+    """The env host's reaper (a pass every 10 s at most) keeps the container of a live sandbox."""
+    with Sandbox.open(service, user=user(), workdir="/work") as sb:
+        view = service.root.redis.hgetall(service.root.keys.episode(sb.id))
+        assert view["state"] == "RUNNING" and view["host"] == service.root.resources.placement(sb.id)["host"]
+        time.sleep(12)  # at least one maintenance pass of that host runs meanwhile
+        out = sb.execute(M.Command(command="echo still here", shell=True))
+        assert (out.stdout.strip(), out.exit_code) == ("still here", 0)
+
+
 def test_megaflow_deployment_start_stop(server):
     dep = MegaflowDeployment(HttpTransport(server.url), user=user())
 

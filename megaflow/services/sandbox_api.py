@@ -9,7 +9,7 @@ Keys owned (``S`` = ``<prefix>:sbx``): ``S:<id>`` hash {user, host, image, workd
 state, created}; ``S:<id>:sess`` hash SWE-ReX session name -> shell-session id; ``S:token:<sha256>``
 -> id; ``S:index`` sorted set id -> idle deadline (ms, Redis time); ``S:op:<op>`` an operation's
 request (read once by the host); ``S:reply:<op>`` its reply list. ``<prefix>:ep:<id>`` carries
-``state=RUNNING`` while the sandbox lives, so env hosts' reapers keep its container.
+``state=RUNNING`` and ``host`` while the sandbox lives, so its env host's reaper keeps the container.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class SandboxService:
         )
         pipe.set(self.k.token(token), sid)
         pipe.execute()
-        self._touch(sid)
+        self._touch(sid, host)
         try:
             handle = self._send(
                 host,
@@ -181,7 +181,7 @@ class SandboxService:
         limit = self.root.settings.step_time_limit_s - self.reply_margin_s
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= limit):
             raise E.SandboxRequestError(f"timeout must be a number of seconds in (0, {limit:g}], got {timeout!r}")
-        self._touch(sandbox_id)
+        self._touch(sandbox_id, rec["host"])
         if op == "is_alive":
             return {"is_alive": True, "message": ""}
         wait = (timeout or ops.DEFAULT_TIMEOUT_S) + self.reply_margin_s
@@ -209,12 +209,13 @@ class SandboxService:
             raise E.SandboxAuthError(f"this token does not belong to sandbox {sid}")
         return rec
 
-    def _touch(self, sid: str) -> None:
+    def _touch(self, sid: str, host: str) -> None:
+        """Push the idle deadline back; the episode view (state and host) tells the host's reaper the container is live."""
         now_s, _ = self.redis.time()
         ttl = int(self.idle_timeout_s) + 1
         pipe = self.redis.pipeline()
         pipe.zadd(self.k.index, {sid: (int(now_s) + ttl) * 1000})
-        pipe.hset(self.root.keys.episode(sid), mapping={"state": "RUNNING", "kind": "sandbox"})
+        pipe.hset(self.root.keys.episode(sid), mapping={"state": "RUNNING", "kind": "sandbox", "host": host})
         pipe.expire(self.root.keys.episode(sid), ttl + 60)
         pipe.execute()
 
