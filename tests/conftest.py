@@ -105,7 +105,10 @@ def redis_client(redis_server):
 
 
 def processes_of(state_dir: str) -> dict[int, str]:
-    """Live processes started with ``MEGAFLOW_STATE_DIR=state_dir`` (fleet workers, autoscaled hosts): pid -> cmdline."""
+    """Live processes started with ``MEGAFLOW_STATE_DIR=state_dir`` (fleet workers, autoscaled hosts).
+
+    Returns pid -> command line.
+    """
     want = f"MEGAFLOW_STATE_DIR={state_dir}".encode()
     out = {}
     for d in Path("/proc").iterdir():

@@ -89,3 +89,23 @@ def test_stock_worker_joins_as_an_env_host_and_runs_episodes(fleet, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         root.close()
+
+
+def test_a_second_worker_for_a_served_env_host_name_refuses_to_start(fleet):
+    """Two workers under one host name would share env.<host>: the second one exits before consuming."""
+    for argv in (
+        [sys.executable, "-m", "megaflow", "worker", "env", "--host", "env-1"],
+        [*CELERY, "worker", "-Q", "env,env.env-1", "-P", "threads", "-n", "env@env-1", "--without-mingle"],
+    ):
+        out = subprocess.run(argv, env=_env(fleet), capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert "'env-1' is in use by another worker" in out.stdout + out.stderr, out.stdout + out.stderr
+    root = Root(fleet)
+    try:  # the fleet's own env-1 still beats and serves episodes
+        assert root.redis.exists(root.keys.worker_health("env", "env@env-1"))
+    finally:
+        root.close()
+    with Client(fleet) as client:
+        sub = client.submit(demo_specs("fix")[:2], user="dup-host")
+        client.wait(sub.batch_id, timeout=180)
+        assert client.status(sub.batch_id)["counts"] == {states.SUCCEEDED: 2}

@@ -210,7 +210,7 @@ class SandboxService:
         return rec
 
     def _touch(self, sid: str, host: str) -> None:
-        """Push the idle deadline back; the episode view (state and host) tells the host's reaper the container is live."""
+        """Push the idle deadline back; the episode view (state, host) tells the reaper the container is live."""
         now_s, _ = self.redis.time()
         ttl = int(self.idle_timeout_s) + 1
         pipe = self.redis.pipeline()

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from megaflow.core import states, wire
 from megaflow.core.settings import Settings
@@ -164,6 +165,42 @@ class Heartbeat(threading.Thread):
                 self.root.env_host.shutdown()
             except Exception:
                 log.exception("env host shutdown failed; the reaper will remove what is left")
+
+
+def host_name_taken(redis_client, key_prefix: str, node: str, host: str) -> str | None:
+    """Why env host ``host`` must not start (another live worker serves it), or None.
+
+    Two workers with one host name would share its queue, so an operation on a container could
+    reach the worker that does not hold it. A worker beating under the same node name elsewhere
+    (another machine, beat within its TTL), or a live process on this machine, holds the name; a
+    crashed one's last report (its pid gone) does not.
+    """
+    from megaflow.core.keys import Keys
+
+    raw = redis_client.get(Keys(key_prefix).worker_health("env", node))
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+        pid, machine = int(info.get("pid", 0)), str(info.get("host", ""))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if machine == socket.gethostname():
+        if pid == os.getpid():
+            return None
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return None
+        if state == "Z" or (b"megaflow" not in cmd and b"celery" not in cmd):
+            return None
+    age = max(0.0, time.time() - float(info.get("ts", 0) or 0))
+    return (
+        f"env host name {host!r} is in use by another worker (pid {pid} on {machine or '?'}, last beat "
+        f"{age:.0f}s ago): two workers with one host name would share its queue. Start this one with "
+        "another --host (MEGAFLOW_HOST_NAME), or stop that one first."
+    )
 
 
 def start_heartbeat(root: Root, node: str) -> Heartbeat:

@@ -8,6 +8,8 @@ keeps the warm pool, exactly as the ``megaflow worker`` entry does.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 from celery import signals
@@ -84,14 +86,21 @@ def role_of(queues: list[str]) -> tuple[str, str | None]:
 
 @signals.celeryd_after_setup.connect
 def _after_setup(sender: str, instance: Any, **_: Any) -> None:
-    from megaflow.workers import tasks
+    from megaflow.workers import process, tasks
 
-    if tasks._identity["role"] != "worker":  # megaflow worker named it already
-        return
-    queues = list(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
-    role, host = role_of(queues)
-    tasks.set_identity(role, host)
-    log.info("worker %s: role %s%s", sender, role, f" on env host {host}" if host else "")
+    if tasks._identity["role"] == "worker":  # a stock `celery worker`: its queues tell the role
+        queues = list(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
+        role, host = role_of(queues)
+        tasks.set_identity(role, host)
+        log.info("worker %s: role %s%s", sender, role, f" on env host {host}" if host else "")
+    if tasks._identity["role"] == "env":  # before it consumes anything: one worker per env host name
+        rt = tasks.root()
+        why = process.host_name_taken(rt.redis, rt.settings.key_prefix, sender, rt.host)
+        if why:  # Celery swallows exceptions in signal handlers and a SystemExit ends it with status 0
+            log.critical(why)
+            print(f"megaflow: {why}", file=sys.stderr, flush=True)
+            logging.shutdown()
+            os._exit(2)  # bad input (the CLI's exit status); nothing was consumed yet
 
 
 @signals.worker_ready.connect

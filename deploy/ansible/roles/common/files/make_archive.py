@@ -10,8 +10,19 @@ import os
 import sys
 import tarfile
 
-SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "node_modules",
-             "build", "dist", ".tox"}
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "node_modules",
+    "build",
+    "dist",
+    ".tox",
+}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".egg-info")
 # Operator files next to the playbooks that must never travel to hosts.
 SKIP_FILES = {"inventory.ini", "vault.yml"}
