@@ -27,13 +27,13 @@ def test_release_is_idempotent(redis_client):
 
 
 def test_lapsed_lease_is_reclaimed_and_renew_reports_loss(redis_client):
-    sem = LeaseSemaphore(redis_client, "mf:test:sem", limit=1, lease_s=0.3)
+    sem = LeaseSemaphore(redis_client, "mf:test:sem", limit=1, lease_s=2.0)
     assert sem.acquire("a")
-    time.sleep(0.2)
+    time.sleep(1.2)
     assert sem.renew("a")  # pushes the expiry out
-    time.sleep(0.2)
+    time.sleep(1.2)  # past the first lease: held thanks to the renewal
     assert sem.count() == 1 and not sem.acquire("b")
-    time.sleep(0.25)
+    time.sleep(1.0)  # past the renewed lease
     assert sem.count() == 0
     assert sem.acquire("b")  # lapsed slot taken without any release
     assert not sem.renew("a")

@@ -224,7 +224,7 @@ def test_kill_9_holder_slots_return_within_one_lease(redis_server, redis_client,
         assert expiry - (sec * 1000 + usec // 1000) <= 1000, "the lease ends at most one lease after the kill"
         while m.acquire("other", "v", "h") != "ok":
             # exact bound above (Redis time); this wall-clock bound leaves slack for a loaded machine
-            assert time.monotonic() - killed < 1.0 + 1.0, "slots not back within one lease"
+            assert time.monotonic() - killed < 1.0 + 3.0, "slots not back within one lease"
             time.sleep(0.02)
         assert m.placement("victim") is not None  # nobody released it: it lapsed
         assert m.sweep()["leases_reclaimed"] == 1
