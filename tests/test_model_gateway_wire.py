@@ -145,8 +145,8 @@ def test_tool_calls_come_back_whole(settings, redis_client, srv, stream):
 
 def test_a_stream_slower_than_the_read_timeout_in_total_completes(settings, redis_client, srv):
     a, _ = srv
-    a.chunk_delay_s = 0.15  # 8 events: over a second in all, each gap well under the 0.6 s time-out
-    backend = backend_for(settings, redis_client, [a.base_url], model_timeout_s=0.6)
+    a.chunk_delay_s = 0.35  # 8 events: 2.8 s in all, each gap well under the 1.5 s time-out
+    backend = backend_for(settings, redis_client, [a.base_url], model_timeout_s=1.5)
     reply = ask(backend, [{"role": "user", "content": "one two three four"}])
     assert reply.streamed and reply.attempts == 1 and reply.content == "a says: one two three four"
 
