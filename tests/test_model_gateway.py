@@ -186,7 +186,7 @@ def test_transient_failures_are_retried(settings, redis_client, two_servers, kin
 def test_timeout_is_retried(settings, redis_client, two_servers):
     a, _ = two_servers
     a.slow_s = 5.0
-    backend = make_backend(settings, redis_client, [a.base_url], model_timeout_s=1.5)  # a loaded machine answers in time
+    backend = make_backend(settings, redis_client, [a.base_url], model_timeout_s=1.5)  # answered in time when loaded
     a.inject("slow", 1)
     reply = ask(backend)
     assert reply.attempts == 2 and a.received == 2
