@@ -208,3 +208,21 @@ def test_local_provider_stops_hosts_started_by_an_earlier_control(settings):
         assert not second.alive(h)
     finally:
         first.close()
+
+
+def test_megaflow_down_stops_autoscaled_local_hosts(settings):
+    """A host the control service's autoscaler started has a pid file beside the fleet's: `down` stops it."""
+    from megaflow.elastic.config import LocalProviderConfig
+    from megaflow.elastic.providers import LocalProvider
+
+    s = settings.model_copy(update={"env_backend": {"type": "sim"}, "metrics_port": 0})
+    provider = LocalProvider(s, LocalProviderConfig(name_prefix="auto"))
+    [h] = provider.launch(1)
+    again = LocalProvider(s, LocalProviderConfig(name_prefix="auto"))  # a restarted control: the name is taken
+    try:
+        assert fleet.running(s) == {"auto-1": int(h.ref)}
+        assert again._next_name() == "auto-2"
+        assert fleet.down(s, echo=lambda m: None) == ["auto-1"]
+        assert fleet.running(s) == {} and not provider.alive(h)
+    finally:
+        provider.close()
