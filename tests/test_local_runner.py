@@ -166,3 +166,36 @@ def test_cancel_ends_an_episode_in_every_state(fleet_local, state, monkeypatch):
         pass
     assert root.engine.load(eid).state == states.CANCELLED
     assert_nothing_held(fleet_local, [eid])
+
+
+def test_a_process_redis_pool_follows_its_threads_up_to_the_cap(settings):
+    """Thousands of model threads share at most redis_max_connections; a thread waits rather than fails."""
+    import threading
+
+    s = settings.model_copy(update={"model_concurrency": 5000, "redis_max_connections": 16})
+    root = Root(s, role="model")
+    try:
+        assert root.redis.connection_pool.max_connections == 16
+        assert (
+            Root(
+                s.model_copy(update={"redis_max_connections": 512}), role="agent"
+            ).redis.connection_pool.max_connections
+            == s.agent_concurrency + 16
+        )
+        errors: list[BaseException] = []
+
+        def ping_many() -> None:
+            try:
+                for _ in range(20):
+                    root.redis.ping()
+            except BaseException as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ping_many) for _ in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and len(root.redis.connection_pool._connections) <= 16
+    finally:
+        root.close()

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         "(a process per slot, for CPU-heavy custom agents).",
     )
     env_concurrency: int = Field(8, ge=1, description="Threads per env worker.")
+    redis_max_connections: int = Field(
+        512,
+        ge=16,
+        le=100_000,
+        description="Most Redis connections one process opens: its threads share them and wait for a free "
+        "one (a model worker with thousands of threads in model calls needs far fewer).",
+    )
     task_events: bool = Field(
         True,
         description="Workers send Celery task events (Flower shows tasks from them); off saves a few "

@@ -56,14 +56,15 @@ class Root:
     # --- clients ---------------------------------------------------------------------------
     @cached_property
     def redis(self) -> redis.Redis:
-        """One pool per process, sized to the role's concurrency: a thread waits for a connection
-        (BlockingConnectionPool) instead of failing with MaxConnectionsError under load."""
+        """One pool per process, sized to the role's concurrency up to ``redis_max_connections``: a
+        thread waits for a connection (BlockingConnectionPool) instead of failing with
+        MaxConnectionsError under load, and thousands of threads don't open thousands of connections."""
         threads = int(getattr(self.settings, ROLE_CONCURRENCY.get(self.role, ""), 0) or 0)
         pool = redis.BlockingConnectionPool.from_url(
             self.settings.redis_url,
             decode_responses=True,
             health_check_interval=30,
-            max_connections=max(16, threads + 16),
+            max_connections=min(max(16, threads + 16), self.settings.redis_max_connections),
             timeout=30,
         )
         return redis.Redis(connection_pool=pool)
