@@ -142,3 +142,55 @@ def test_the_env_host_starts_the_program_with_a_key_naming_its_episode(fleet):
         client.wait(sub.batch_id, timeout=120)
         (res,) = client.results(sub.batch_id)
     assert (res["state"], res["reward"]) == (states.SUCCEEDED, 1.0), res
+
+
+# A program in the no-network container: one chat completion through OPENAI_BASE_URL (the loopback relay
+# to the env host's gateway socket), its answer written to a file; and proof that nothing else is reachable.
+CALL_THROUGH_RELAY = r"""
+import json, os, socket, urllib.request
+req = urllib.request.Request(
+    os.environ["OPENAI_BASE_URL"] + "/chat/completions",
+    data=json.dumps({"model": "m", "messages": [{"role": "user", "content": "q"}]}).encode(),
+    headers={"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"], "Content-Type": "application/json"},
+)
+answer = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["message"]["content"]
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=5)
+    net = "open"
+except OSError:
+    net = "none"
+open("answer.txt", "w").write(answer + "\n" + net + "\n")
+"""
+
+
+@pytest.mark.skipif(
+    "wait" not in __import__("megaflow.agents.base").agents.base.NEXT_KINDS,
+    reason="the agent service offers no 'wait' decision yet (see the report)",
+)
+def test_a_program_in_a_no_network_container_reaches_the_gateway_through_the_relay(fleet):
+    from megaflow.agents import validate_agent_section
+    from megaflow.core import states
+
+    section = {
+        "type": "megaflow.agents.installed:InstalledAgent",
+        "config": {"gateway": True, "poll_s": 0.5, "command": "python3 {workdir}/call.py"},
+    }
+    spec = {
+        "task_id": "gw-relay",
+        "workdir": "/work",
+        "files": {"/work/call.py": CALL_THROUGH_RELAY},
+        "agent": validate_agent_section(section),
+        "eval": {
+            "command": "sed -n 1p answer.txt | grep -qx 'through the relay' && sed -n 2p answer.txt | grep -qx none"
+        },
+        "model": {"replies": ["through the relay"]},
+    }
+    with Client(fleet) as client:
+        sub = client.submit([spec], user="gw-relay")
+        client.wait(sub.batch_id, timeout=120)
+        (res,) = client.results(sub.batch_id)
+        traj = client.trajectory(res["episode_id"])
+    assert (res["state"], res["reward"]) == (states.SUCCEEDED, 1.0), (res, traj["messages"][-3:])
+    calls = [m for m in traj["messages"] if m.get("kind") == "model_call"]
+    assert [c["reply"]["content"] for c in calls] == ["through the relay"]
+    assert calls[0]["request"]["messages"] == [{"role": "user", "content": "q"}]
