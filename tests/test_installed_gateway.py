@@ -18,10 +18,24 @@ def _episode(client: Client, replies: list) -> str:
 
 
 def test_openai_client_through_the_gateway_is_recorded_and_scoped(settings):
+    """Each call goes through the model queue: a consumer of it (the LocalRunner: the model service's
+    real code, only Celery left out) answers from the episode's own scripted backend."""
+    import threading
+
+    from megaflow.services.local import LocalRunner
+
     openai = pytest.importorskip("openai")
     root = Root(settings, role="client")
     gw = EpisodeGateway(root)
     server = GatewayHTTPServer(gw).start()
+    stop = threading.Event()
+    runner = LocalRunner(Root(settings, role="model"), {})
+
+    def model_worker() -> None:
+        while not stop.is_set():
+            runner.run_one(0.2)
+
+    threading.Thread(target=model_worker, daemon=True).start()
     try:
         with Client(settings) as client:
             a = _episode(
@@ -60,7 +74,9 @@ def test_openai_client_through_the_gateway_is_recorded_and_scoped(settings):
             oa.chat.completions.create(model="any", messages=[{"role": "user", "content": "again"}])
         with pytest.raises(GatewayAuthError):
             gw.complete("mf-not-a-key", {"messages": []})
+        assert runner.handled.get("megaflow.model.gateway_call") == 3  # every call was a model-queue task
     finally:
+        stop.set()
         server.stop()
         root.close()
 
