@@ -210,3 +210,16 @@ def test_a_program_in_a_no_network_container_reaches_the_gateway_through_the_rel
     calls = [m for m in traj["messages"] if m.get("kind") == "model_call"]
     assert [c["reply"]["content"] for c in calls] == ["through the relay"]
     assert calls[0]["request"]["messages"] == [{"role": "user", "content": "q"}]
+
+
+def test_socket_directory_per_host_can_be_turned_off_and_relay_only_for_loopback(tmp_path):
+    from megaflow.core.settings import Settings
+    from megaflow.env_hosts.gateway_socket import CONTAINER_DIR, binds, host_socket, relay_port
+
+    s = Settings.load(state_dir=str(tmp_path / "st"))
+    assert host_socket(s, "h/1") == str(tmp_path / "st" / "gateway" / "h-1" / "gateway.sock")
+    assert binds(s, "h1") == {str(tmp_path / "st" / "gateway" / "h1"): {"bind": CONTAINER_DIR, "mode": "ro"}}
+    assert (tmp_path / "st" / "gateway" / "h1").is_dir()  # made here, never by Docker as root
+    assert binds(Settings.load(gateway_socket_dir="off"), "h1") is None
+    assert relay_port("http://127.0.0.1:8881/v1") == 8881 and relay_port("http://localhost/v1") == 80
+    assert relay_port("https://api.example.com/v1") is None and relay_port("http://10.0.0.2:8000/v1") is None
