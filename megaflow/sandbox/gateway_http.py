@@ -97,6 +97,7 @@ class GatewayHTTPServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        getattr(self.gateway, "close", lambda: None)()
 
 
 class _UnixHandler(_Handler):
@@ -135,6 +136,7 @@ class UnixGatewayServer(socketserver.ThreadingUnixStreamServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        getattr(self.gateway, "close", lambda: None)()
         try:
             if os.lstat(self.path).st_ino == self._ino:  # not a newer server's socket
                 os.unlink(self.path)

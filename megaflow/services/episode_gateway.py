@@ -54,6 +54,20 @@ class EpisodeGateway:
         self.root = root
         self.base = f"{root.settings.key_prefix}:gw"
         self.in_process = in_process  # call the backend here instead of through the model queue
+        self._waits: Any = None  # a pool of its own for the blocking waits: they never starve the root's pool
+
+    def _wait_client(self) -> Any:
+        if self._waits is None:
+            import redis
+
+            self._waits = redis.Redis.from_url(self.root.settings.redis_url, decode_responses=True)
+        return self._waits
+
+    def close(self) -> None:
+        """Close the waits' own Redis pool (the root's is the caller's)."""
+        if self._waits is not None:
+            self._waits.close()
+            self._waits = None
 
     def issue_key(self, episode_id: str) -> str:
         """A new key for the episode (``OPENAI_API_KEY`` of its installed agent)."""
@@ -131,7 +145,7 @@ class EpisodeGateway:
         r.set(f"{self.base}:call:{call_id}", json.dumps({"body": body, "n": n}), ex=CALL_TTL_S)
         self.root.dispatcher.send(wire.MODEL_GATEWAY_CALL, [eid, call_id], wire.MODEL_QUEUE)
         wait = self.root.settings.model_retry_budget_s + REPLY_SLACK_S
-        item = r.blpop([f"{self.base}:reply:{call_id}"], timeout=wait)
+        item = self._wait_client().blpop([f"{self.base}:reply:{call_id}"], timeout=wait)
         if item is None:
             r.delete(f"{self.base}:call:{call_id}")  # a worker that picks it up later finds nothing to do
             raise GatewayModelError(f"no model worker answered within {wait:.0f}s (is `megaflow worker model` up?)")
