@@ -72,7 +72,11 @@ def test_lifecycle_labels_and_limits(make_host, docker_client, sandbox_image):
     hc = info["HostConfig"]
     assert hc["NanoCpus"] == int(0.5e9) and hc["Memory"] == 256 * 1024**2 and hc["PidsLimit"] == 64
     assert hc["NetworkMode"] == "none" and hc["Privileged"] is False and hc["Init"] is True
-    assert not hc.get("Binds") and not info.get("Mounts")
+    # the only mount: this host's model-gateway socket directory, read-only (no route out, no Docker socket)
+    from megaflow.env_hosts.gateway_socket import CONTAINER_DIR, host_dir
+
+    assert hc.get("Binds") == [f"{host_dir(host.settings, host.name)}:{CONTAINER_DIR}:ro"]
+    assert [(m["Destination"], m["RW"]) for m in info["Mounts"]] == [(CONTAINER_DIR, False)]
     assert info["Config"]["Cmd"] == ["sleep", str(int(host.settings.container_lifetime_s))]
 
     r = host.execute(handle, "echo out; echo err >&2; exit 3", timeout=10)

@@ -84,6 +84,33 @@ def build(
     typer.echo(tag)
 
 
+@app.command("pip")
+def pip_image(
+    requirements: Annotated[
+        list[str], typer.Argument(metavar="REQUIREMENT", help="Packages to install, e.g. mini-swe-agent==2.4.6.")
+    ],
+    tag: Annotated[str, typer.Option("--tag", metavar="TAG", help="Tag of the derived image.")],
+    base: Annotated[
+        str | None, typer.Option("--from", metavar="IMAGE", help="Base image (default: MEGAFLOW_DEFAULT_IMAGE).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the tag exists.")] = False,
+) -> None:
+    """Derive an image with Python packages installed (an installed agent's program; containers have no network)."""
+    from megaflow.cli.progress import Progress
+    from megaflow.env_hosts.images import build_pip_image, ensure_pip_image
+
+    settings = load_settings()
+    base = base or settings.default_image
+    client = docker_client()
+    try:
+        with Progress(f"build {tag}", 1) as bar:
+            (build_pip_image if force else ensure_pip_image)(client, base, tag, requirements, progress=bar.note)
+            bar.update(1, {})
+    finally:
+        client.close()
+    typer.echo(tag)
+
+
 @app.command("prefetch")
 def prefetch_cmd(
     images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Images to make present.")],

@@ -56,14 +56,21 @@ def gateway(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8881,
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="Call the model backend here, not through the model queue.")
+    ] = False,
 ) -> None:
-    """Serve the per-episode OpenAI-compatible gateway (/v1/chat/completions; the key names the episode)."""
+    """Serve the per-episode OpenAI-compatible gateway (/v1/chat/completions; the key names the episode).
+
+    Env workers already serve it to their containers on a Unix socket; this is for programs elsewhere.
+    Each call is a model-queue task (model workers answer) unless ``--in-process``.
+    """
     from megaflow.sandbox.gateway_http import GatewayHTTPServer
     from megaflow.services.episode_gateway import EpisodeGateway
     from megaflow.services.root import Root
 
     root = Root(load_settings(), role="client")
-    server = GatewayHTTPServer(EpisodeGateway(root), host, port).start()
+    server = GatewayHTTPServer(EpisodeGateway(root, in_process=in_process), host, port).start()
     typer.echo(f"episode gateway on {server.url} (OPENAI_BASE_URL={server.url}, OPENAI_API_KEY=<episode key>)")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

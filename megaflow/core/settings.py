@@ -195,6 +195,13 @@ class Settings(BaseSettings):
         "dir) or root (only for tasks that need it; root keeps just the capabilities package installs need).",
     )
 
+    gateway_socket_dir: str = Field(
+        "",
+        description="Host directory for the per-episode model gateway's Unix socket; each env host serves it in "
+        "DIR/<host>/gateway.sock and mounts DIR/<host> read-only at /run/megaflow in its containers, where a "
+        "loopback relay gives installed agents OPENAI_BASE_URL (default: STATE_DIR/gateway; off: no socket).",
+    )
+
     # --- time limits (command < agent budget < container lifetime < episode guard) -------------
     command_timeout_s: float = Field(60.0, gt=0, description="Time limit of one shell command in a container.")
     eval_timeout_s: float = Field(300.0, gt=0, description="Time limit of the evaluation command.")

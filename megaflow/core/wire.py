@@ -35,6 +35,7 @@ def host_of_queue(queue: str) -> str | None:
 # --- task names ----------------------------------------------------------------------------------
 AGENT_STEP = "megaflow.agent.step"
 MODEL_COMPLETE = "megaflow.model.complete"
+MODEL_GATEWAY_CALL = "megaflow.model.gateway_call"  # one call of an installed agent's gateway: (episode id, call id)
 ENV_PROVISION = "megaflow.env.provision"
 ENV_EXEC = "megaflow.env.exec"
 ENV_EVALUATE = "megaflow.env.evaluate"
@@ -45,6 +46,7 @@ ENV_WATCH = "megaflow.env.watch"  # poll an installed agent's end (re-sent with 
 TASK_NAMES = (
     AGENT_STEP,
     MODEL_COMPLETE,
+    MODEL_GATEWAY_CALL,
     ENV_PROVISION,
     ENV_EXEC,
     ENV_EVALUATE,

@@ -1,7 +1,8 @@
 """Containers on one Docker engine: boot with limits and labels, plain ``docker exec``, files, remove.
 
 Every container runs with CPU / memory / pids limits, no network unless asked, no privileges
-and no Docker socket, carries MegaFlow labels, and has a dead-man's switch: its main process is
+and no Docker socket (only the model gateway's socket directory, read-only, see gateway_socket.py),
+carries MegaFlow labels, and has a dead-man's switch: its main process is
 ``sleep LIFETIME`` under docker-init, so it ends by itself even if every MegaFlow process dies.
 A plain exec runs the command under coreutils ``timeout -k`` in its own process group, kills
 whatever is left in that group afterwards, and caps the output (head and tail kept).
@@ -160,9 +161,13 @@ class Containers:
         """``docker create`` with the limits; retried once without storage-opt when auto mode finds it refused."""
         import docker.errors
 
+        from megaflow.env_hosts.gateway_socket import binds
+
         s = self.settings
+        gateway = binds(s, self.host)  # the gateway's socket directory, read-only: no route out
         for attempt in (1, 2):
             host_config = api.create_host_config(
+                binds=gateway,
                 nano_cpus=int(s.container_cpus * 1e9),
                 mem_limit=s.container_memory,
                 memswap_limit=s.container_memory,

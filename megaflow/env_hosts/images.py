@@ -207,3 +207,92 @@ def prefetch(docker_host, images: list[str]) -> dict[str, str]:
         except InfraError as exc:
             out[image] = f"error: {exc}"
     return out
+
+
+def _run_in_image(docker_client, image: str, code: str) -> str:
+    """Output of ``python3 -c code`` in a throw-away, no-network container of ``image``."""
+    out = docker_client.containers.run(image, ["python3", "-c", code], network_mode="none", remove=True)
+    return out.decode().strip()
+
+
+def build_pip_image(
+    docker_client,
+    base: str,
+    tag: str,
+    requirements: list[str] | tuple[str, ...],
+    *,
+    progress: Callable[[str], None] = print,
+    pip: tuple[str, ...] | None = None,
+) -> str:
+    """Derive ``tag`` from ``base`` with Python packages installed (an installed agent's program).
+
+    Containers have no network, so nothing is installed at run time: the host's pip resolves
+    ``requirements`` as binary wheels for the base image's Python and machine (``pip install
+    --target``), and ``docker build`` (no network, no RUN step) copies them into the image's
+    ``/usr/local/lib/pythonX.Y/dist-packages`` with their console scripts in ``/usr/local/bin``.
+    """
+    import sys
+
+    started = time.monotonic()
+    info = _run_in_image(
+        docker_client, base, "import sys, platform; print('%d.%d' % sys.version_info[:2], platform.machine())"
+    )
+    pyver, machine = info.split()
+    abi = "cp" + pyver.replace(".", "")
+    platforms = [f"manylinux{v}_{machine}" for v in ("2014", "_2_17", "_2_28", "_2_31", "_2_34")]
+    with tempfile.TemporaryDirectory(prefix="megaflow-pip-image-") as ctx:
+        target = os.path.join(ctx, "site")
+        cmd = [*(pip or (sys.executable, "-m", "pip")), "install", "--quiet", "--target", target]
+        cmd += ["--only-binary=:all:", "--python-version", pyver, "--implementation", "cp", "--abi", abi]
+        for p in platforms:
+            cmd += ["--platform", p]
+        cmd += list(requirements)
+        progress(f"building {tag}: {' '.join(cmd)}")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise InfraError(f"pip install --target for {tag} failed (exit {proc.returncode}): {proc.stdout[-2000:]}")
+        bindir = os.path.join(ctx, "bin")
+        shutil.move(os.path.join(target, "bin"), bindir) if os.path.isdir(os.path.join(target, "bin")) else None
+        os.makedirs(bindir, exist_ok=True)
+        for name in os.listdir(bindir):  # the scripts name the host's interpreter: point them at the image's
+            path = os.path.join(bindir, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            if data.startswith(b"#!") and b"python" in data.split(b"\n", 1)[0]:
+                with open(path, "wb") as f:
+                    f.write(b"#!/usr/bin/python3\n" + data.split(b"\n", 1)[1])
+                os.chmod(path, 0o755)
+        with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+            f.write(
+                f"FROM {base}\nCOPY site/ /usr/local/lib/python{pyver}/dist-packages/\nCOPY bin/ /usr/local/bin/\n"
+                f'LABEL io.megaflow.pip="{" ".join(requirements)}"\n'
+            )
+        progress(f"docker build of {tag} from {base}")
+        try:
+            for line in docker_client.api.build(path=ctx, tag=tag, rm=True, network_mode="none", decode=True):
+                if isinstance(line, dict) and line.get("error"):
+                    raise InfraError(f"docker build of {tag} failed: {line['error']}")
+        except InfraError:
+            raise
+        except Exception as exc:  # docker.errors.APIError, requests errors
+            raise InfraError(f"docker build of {tag} failed: {exc}") from exc
+    if not image_present(docker_client, tag):
+        raise InfraError(f"docker build reported success but {tag} is not in the image store")
+    progress(f"built {tag} in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+def ensure_pip_image(
+    docker_client,
+    base: str,
+    tag: str,
+    requirements: list[str] | tuple[str, ...],
+    *,
+    progress: Callable[[str], None] = print,
+) -> str:
+    """Return ``tag``, building it with :func:`build_pip_image` only if it is missing (cached like the others)."""
+    if image_present(docker_client, tag):
+        return tag
+    return build_pip_image(docker_client, base, tag, requirements, progress=progress)

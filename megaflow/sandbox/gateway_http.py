@@ -1,4 +1,8 @@
-"""An OpenAI-compatible HTTP front for the per-episode gateway (``/v1/chat/completions``, loopback).
+"""An OpenAI-compatible HTTP front for the per-episode gateway (``/v1/chat/completions``).
+
+On loopback TCP (``GatewayHTTPServer``, ``megaflow sandbox gateway``) or on a Unix socket
+(``UnixGatewayServer``: what an env host serves to its no-network containers through the relay of
+megaflow.env_hosts.gateway_socket).
 
 The bearer key names the episode (megaflow.services.episode_gateway issues it); a wrong key or a
 finished episode's key is 401. The gateway object is duck-typed (``complete(key, body)``), so this
@@ -9,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socketserver
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -90,3 +97,48 @@ class GatewayHTTPServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        getattr(self.gateway, "close", lambda: None)()
+
+
+class _UnixHandler(_Handler):
+    disable_nagle_algorithm = False  # no TCP on a Unix socket
+
+    def address_string(self) -> str:
+        return "unix"
+
+
+class UnixGatewayServer(socketserver.ThreadingUnixStreamServer):
+    """Serves one gateway object over HTTP on a Unix socket (mode 0666: container users connect; the key
+    in each request names its episode). A stale socket file at ``path`` is replaced."""
+
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, gateway: Any, path: str):
+        if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        super().__init__(path, _UnixHandler)
+        os.chmod(path, 0o666)
+        self.gateway = gateway
+        self.path = path
+        self._ino = os.lstat(path).st_ino
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            log.exception("request on %s failed", self.path)
+
+    def start(self) -> UnixGatewayServer:
+        threading.Thread(target=self.serve_forever, daemon=True, name="megaflow-gateway-socket").start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        getattr(self.gateway, "close", lambda: None)()
+        try:
+            if os.lstat(self.path).st_ino == self._ino:  # not a newer server's socket
+                os.unlink(self.path)
+        except OSError:
+            pass

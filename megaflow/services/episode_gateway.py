@@ -1,13 +1,17 @@
 """A per-episode OpenAI-compatible model gateway for installed agents: the key names the episode.
 
-Each chat-completion request is sent to the episode's own model backend with its task's model
-section on top (the same backends, endpoint limits and retry budget as the model step), and the
-request with the whole reply (token ids and logprobs where the server gives them) is appended to
-the episode's gateway log, which the env host's watch moves into the trajectory when the program
-ends. A key works only for its episode and only while the episode is live.
+Each chat-completion request becomes a model-service call: a ``megaflow.model.gateway_call`` task
+on the model queue, answered by a model worker with the episode's own backend and its task's model
+section on top (the same routing, endpoint limits, retry budget and backends as the model step);
+the gateway's HTTP thread waits for the answer on a Redis list (``in_process=True`` calls the
+backend in the gateway's own process instead, for tools without model workers). The request with
+the whole reply (token ids and logprobs where the server gives them) is appended to the episode's
+gateway log, which the env host's watch moves into the trajectory when the program ends. A key
+works only for its episode and only while the episode is live.
 
 Keys owned (``G`` = ``<prefix>:gw``): ``G:key:<sha256>`` -> episode id; ``G:log:<episode>`` list of
-JSON records; ``G:n:<episode>`` the episode's gateway call counter.
+JSON records; ``G:n:<episode>`` the episode's gateway call counter; ``G:call:<id>`` a call waiting for a
+model worker (JSON body and number); ``G:reply:<id>`` list holding the worker's answer.
 """
 
 from __future__ import annotations
@@ -19,18 +23,24 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from megaflow.core import states
+from megaflow.core import states, wire
 from megaflow.core.errors import MegaflowError
-from megaflow.model_gateway.base import ModelRequest
+from megaflow.model_gateway.base import ModelReply, ModelRequest
 
 if TYPE_CHECKING:
     from megaflow.services.root import Root
 
 KEY_TTL_S = 7 * 24 * 3600
+CALL_TTL_S = 3600  # a call waiting for a model worker, and its answer, are dropped after this
+REPLY_SLACK_S = 30.0  # the gateway waits the model's retry budget plus this for a worker's answer
 
 
 class GatewayAuthError(MegaflowError, PermissionError):
     """The key names no live episode (wrong, revoked, or its episode finished)."""
+
+
+class GatewayModelError(MegaflowError):
+    """The model call failed or no model worker answered in time (HTTP 502 to the agent)."""
 
 
 def _sha(key: str) -> str:
@@ -40,9 +50,24 @@ def _sha(key: str) -> str:
 class EpisodeGateway:
     """Issues per-episode keys and answers chat completions for them."""
 
-    def __init__(self, root: Root):
+    def __init__(self, root: Root, *, in_process: bool = False):
         self.root = root
         self.base = f"{root.settings.key_prefix}:gw"
+        self.in_process = in_process  # call the backend here instead of through the model queue
+        self._waits: Any = None  # a pool of its own for the blocking waits: they never starve the root's pool
+
+    def _wait_client(self) -> Any:
+        if self._waits is None:
+            import redis
+
+            self._waits = redis.Redis.from_url(self.root.settings.redis_url, decode_responses=True)
+        return self._waits
+
+    def close(self) -> None:
+        """Close the waits' own Redis pool (the root's is the caller's)."""
+        if self._waits is not None:
+            self._waits.close()
+            self._waits = None
 
     def issue_key(self, episode_id: str) -> str:
         """A new key for the episode (``OPENAI_API_KEY`` of its installed agent)."""
@@ -65,28 +90,22 @@ class EpisodeGateway:
         return eid
 
     def complete(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One OpenAI chat completion for the key's episode; returns the OpenAI response body."""
+        """One OpenAI chat completion for the key's episode; returns the OpenAI response body.
+
+        The call goes to the model queue (a model worker answers, see :meth:`serve_call`) unless the
+        gateway was made ``in_process``; either way the request and whole reply join the episode's log.
+        """
         eid = self.episode_for(key)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise ValueError("the body must be a chat-completion request with a 'messages' list")
         if body.get("stream"):
             raise ValueError("stream=true is not supported by the episode gateway yet; send stream=false")
-        ep = self.root.engine.load(eid, history=False)
-        model = ep.spec.model.model_dump(exclude_none=True)
-        backend = model.pop("backend", None) or self.root.settings.model_backend
-        params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream") and k not in model}
         n = int(self.root.redis.incr(f"{self.base}:n:{eid}"))
-        request = ModelRequest(
-            messages=body["messages"],
-            model=model,
-            session_id=eid,
-            step=n,
-            policy_version=ep.fields.get("policy_version") or None,
-            batch_id=ep.batch_id,
-            params=params,
-            call_index=n - 1,
-        )
-        reply = self.root.backend(backend).complete(request)
+        if self.in_process:
+            backend, request = self._request(eid, body, n)
+            reply = self.root.backend(backend).complete(request)
+        else:
+            reply = self._via_queue(eid, body, n)
         record = {
             "role": "gateway",
             "kind": "model_call",
@@ -100,6 +119,77 @@ class EpisodeGateway:
         pipe.expire(f"{self.base}:log:{eid}", KEY_TTL_S)
         pipe.execute()
         return openai_body(reply, body.get("model") or reply.model_name or "megaflow")
+
+    def _request(self, eid: str, body: dict[str, Any], n: int) -> tuple[str, ModelRequest]:
+        """(backend name, request): the body with the episode's model section on top, as the model step sends it."""
+        ep = self.root.engine.load(eid, history=False)
+        model = ep.spec.model.model_dump(exclude_none=True)
+        backend = model.pop("backend", None) or self.root.settings.model_backend
+        params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream") and k not in model}
+        request = ModelRequest(
+            messages=body["messages"],
+            model=model,
+            session_id=eid,
+            step=n,
+            policy_version=ep.fields.get("policy_version") or None,
+            batch_id=ep.batch_id,
+            params=params,
+            call_index=n - 1,
+        )
+        return backend, request
+
+    def _via_queue(self, eid: str, body: dict[str, Any], n: int) -> ModelReply:
+        """Send the call to the model queue and wait (this HTTP thread only) for the worker's answer."""
+        r = self.root.redis
+        call_id = uuid.uuid4().hex
+        r.set(f"{self.base}:call:{call_id}", json.dumps({"body": body, "n": n}), ex=CALL_TTL_S)
+        self.root.dispatcher.send(wire.MODEL_GATEWAY_CALL, [eid, call_id], wire.MODEL_QUEUE)
+        wait = self.root.settings.model_retry_budget_s + REPLY_SLACK_S
+        item = self._wait_client().blpop([f"{self.base}:reply:{call_id}"], timeout=wait)
+        if item is None:
+            r.delete(f"{self.base}:call:{call_id}")  # a worker that picks it up later finds nothing to do
+            raise GatewayModelError(f"no model worker answered within {wait:.0f}s (is `megaflow worker model` up?)")
+        out = json.loads(item[1])
+        if "error" in out:
+            err = out["error"]
+            if err.get("bad_request"):
+                raise ValueError(err["message"])
+            if err.get("auth"):
+                raise GatewayAuthError(err["message"])
+            raise GatewayModelError(f"{err['type']}: {err['message']}")
+        return ModelReply(**out["reply"])
+
+    def serve_call(self, episode_id: str, call_id: str) -> str:
+        """The model worker's side of one gateway call: run it on the episode's backend, push the answer.
+
+        The call record is taken with GETDEL, so a redelivered task (or one the gateway gave up on) does nothing.
+        """
+        r = self.root.redis
+        raw = r.getdel(f"{self.base}:call:{call_id}")
+        if raw is None:
+            return "dropped"
+        call = json.loads(str(raw))
+        out: dict[str, Any]
+        try:
+            state = r.hget(self.root.keys.episode(episode_id), "state")
+            if state is None or state in states.TERMINAL:
+                raise GatewayAuthError(f"episode {episode_id} is finished ({state or 'gone'}): its key no longer works")
+            backend, request = self._request(episode_id, call["body"], int(call["n"]))
+            out = {"reply": self.root.backend(backend).complete(request).to_json()}
+        except Exception as exc:  # every failure goes back to the waiting gateway as an HTTP error
+            out = {
+                "error": {
+                    "type": type(exc).__name__,
+                    "message": str(exc)[:2000],
+                    "bad_request": isinstance(exc, (ValueError, TypeError)),
+                    "auth": isinstance(exc, GatewayAuthError),
+                }
+            }
+        pipe = r.pipeline()
+        pipe.rpush(f"{self.base}:reply:{call_id}", json.dumps(out))
+        pipe.expire(f"{self.base}:reply:{call_id}", CALL_TTL_S)
+        pipe.execute()
+        return "error" if "error" in out else "ok"
 
     def records(self, episode_id: str) -> list[dict[str, Any]]:
         """The episode's gateway records not yet moved into its trajectory, oldest first."""

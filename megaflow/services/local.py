@@ -83,6 +83,11 @@ class LocalRunner:
         if name == wire.ENV_PREFETCH and env:
             env.prefetch(args[0])
             return
+        if name == wire.MODEL_GATEWAY_CALL:
+            from megaflow.services.episode_gateway import EpisodeGateway
+
+            EpisodeGateway(self.root).serve_call(args[0], args[1])
+            return
         episode_id, step = args
         steps: dict[str, tuple[str, Callable[[], str]]] = {
             wire.AGENT_STEP: ("agent", lambda: self.root.agent_service.step(episode_id, step)),

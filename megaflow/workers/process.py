@@ -18,9 +18,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megaflow.core import states, wire
 from megaflow.core.settings import Settings
+from megaflow.services.installed import serve_gateway_socket
 from megaflow.services.root import Root
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class Heartbeat(threading.Thread):
         self.queues = queues
         self.concurrency = concurrency
         self.stop = threading.Event()
+        self.gateway_socket: Any = None  # env hosts: the episode gateway on the containers' Unix socket
         self.interval = max(0.5, min(root.settings.lease_s, root.settings.host_ttl_s) / 4)
         self.maintain_every = max(self.interval, 10.0)
 
@@ -160,6 +163,8 @@ class Heartbeat(threading.Thread):
     def stop_and_shutdown(self) -> None:
         """Stop beating; an env worker's warm containers go with it."""
         self.stop.set()
+        if self.gateway_socket is not None:
+            self.gateway_socket.stop()
         if self.root.role == "env":
             try:
                 self.root.env_host.shutdown()
@@ -212,6 +217,10 @@ def start_heartbeat(root: Root, node: str) -> Heartbeat:
             root.env_host.maintain(is_live=hb.is_live)
         except Exception as exc:
             log.warning("first maintenance of env host %s failed: %s", root.host, exc)
+        try:
+            hb.gateway_socket = serve_gateway_socket(root)
+        except OSError as exc:
+            log.warning("env host %s: no episode gateway socket (%s); installed agents get no model", root.host, exc)
     hb.start()
     return hb
 

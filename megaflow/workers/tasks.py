@@ -69,6 +69,17 @@ def model_complete(self: Task, episode_id: str, step: int) -> str:
     return _guarded(self, "model", episode_id, step, lambda: root().model_service.step(episode_id, step))
 
 
+@app.task(name=wire.MODEL_GATEWAY_CALL)
+def model_gateway_call(episode_id: str, call_id: str) -> str:
+    """One chat completion of an installed agent's gateway; the reply goes to the gateway's Redis list."""
+    for name, value in (("episode_id", episode_id), ("call_id", call_id)):
+        if not isinstance(value, str) or not value or len(value) > 200:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    from megaflow.services.episode_gateway import EpisodeGateway
+
+    return EpisodeGateway(root()).serve_call(episode_id, call_id)
+
+
 @app.task(name=wire.ENV_PROVISION, bind=True)
 def env_provision(self: Task, episode_id: str, step: int) -> str:
     """Create an episode's container and set it up."""
