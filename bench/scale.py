@@ -374,6 +374,11 @@ def main() -> None:
     ap.add_argument("--env-hosts", type=int, default=2)
     ap.add_argument("--events", action="store_true", help="workers send Celery task events (Flower)")
     ap.add_argument("--in-flight", type=int, help="instead: admit this many episodes waiting on long model calls")
+    ap.add_argument(
+        "--model-workers",
+        type=int,
+        help="model worker processes (default: one per 8,000 calls in flight; a process holds ~30k threads at most)",
+    )
     ap.add_argument("--out", default="bench-out/scale")
     ap.add_argument("--raw-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -402,11 +407,14 @@ def main() -> None:
         limit = dispatch_limit(url, tmp, a.events)
         print(f"dispatch limit: raw Celery no-op throughput {limit:.0f} tasks/s (threads worker, same Redis)")
         fleet.start("control", ["control"])
-        fleet.start("model", ["worker", "model"])
+        model_workers = a.model_workers or max(1, math.ceil(n_max / 8000))
+        for m in range(1, model_workers + 1):  # each thread waits in one model call; threads share Redis connections
+            threads = str(math.ceil(n_max / model_workers))
+            fleet.start(f"model-{m}", ["worker", "model", "--host", f"scale-m{m}", "--concurrency", threads])
         fleet.start("agent", ["worker", "agent"])
         for h in range(1, a.env_hosts + 1):
             fleet.start(f"env-{h}", ["worker", "env", "--host", f"env-{h}"])
-        wait_workers(settings, fleet, 2 + a.env_hosts)
+        wait_workers(settings, fleet, 1 + model_workers + a.env_hosts)
         if a.in_flight:
             in_flight(settings, fleet, redis_proc.pid, a.in_flight, a.profile)
             return
