@@ -108,15 +108,17 @@ def worker(
 
 @app.command()
 def control(loglevel: LogLevelOption = LogLevel.INFO) -> None:
-    """Run the control service (recorder + safety sweep) in the foreground."""
+    """Run the control service (recorder, safety sweep, per-person requests) in the foreground."""
     import signal
 
+    from megaflow.client import Client
     from megaflow.control import Control
     from megaflow.services.root import Root
 
     settings = load_settings()
     _logging(loglevel.value)
-    ctl = Control(Root(settings, role="control"))
+    rt = Root(settings, role="control")
+    ctl = Control(rt, person_handler=Client.on_root(rt).serve_person)  # per-person users' requests
     signal.signal(signal.SIGTERM, lambda *_: ctl.stop.set())
     try:
         ctl.run()
