@@ -291,6 +291,7 @@ class Control:
     def run(self) -> None:
         from megaflow.monitoring.metrics import start_for_service
 
+        metrics = start_for_service(self.rt.settings)  # first: missing metrics credentials stop us here
         threads = [
             threading.Thread(target=self.record_loop, name="recorder", daemon=True),
             threading.Thread(target=self.sweep_loop, name="sweep", daemon=True),
@@ -306,7 +307,6 @@ class Control:
         threads += autoscaler_threads(self.rt, self.stop)  # settings.elastic: size the env fleet from the backlog
         for t in threads:
             t.start()
-        metrics = start_for_service(self.rt.settings)
         try:
             while not self.stop.is_set():
                 try:

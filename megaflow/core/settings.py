@@ -264,8 +264,14 @@ class Settings(BaseSettings):
         "the control service starts; 0: the control service starts none).",
     )
     metrics_address: str = Field(
-        "127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus)."
+        "127.0.0.1",
+        description="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus; any address "
+        "but loopback needs metrics_user and metrics_password).",
     )
+    metrics_user: str | None = Field(
+        None, description="Metrics endpoint basic-auth user (required when it listens beyond loopback)."
+    )
+    metrics_password: SecretStr | None = Field(None, description="Metrics endpoint basic-auth password.")
     events_maxlen: int = Field(1_000_000, ge=1000, description="Approximate cap of the event stream.")
 
     @field_validator("model_endpoints", mode="before")
@@ -368,7 +374,7 @@ class Settings(BaseSettings):
             if isinstance(value, (list, dict)):
                 value = json.dumps(value)
             out[f"MEGAFLOW_{name.upper()}"] = str(value)
-        for name in ("model_api_key", "registry_password", "flower_password"):
+        for name in ("model_api_key", "registry_password", "flower_password", "metrics_password"):
             secret = getattr(self, name)
             if secret is not None:
                 out[f"MEGAFLOW_{name.upper()}"] = secret.get_secret_value()
