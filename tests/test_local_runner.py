@@ -166,3 +166,24 @@ def test_cancel_ends_an_episode_in_every_state(fleet_local, state, monkeypatch):
         pass
     assert root.engine.load(eid).state == states.CANCELLED
     assert_nothing_held(fleet_local, [eid])
+
+
+def test_demo_batch_on_a_read_only_root(settings, sandbox_image):
+    """The demo (files uploaded, commands, swebench-style grading) on read-only roots (MEGAFLOW_CONTAINER_READ_ONLY)."""
+    s = settings.model_copy(
+        update={"host_capacity": 2, "global_limit": 4, "default_image": sandbox_image, "container_read_only": True}
+    )
+    runner = LocalRunner(Root(s, role="client"), {h: Root(s, role="env", host=h) for h in HOSTS})
+    runner.register_hosts()
+    try:
+        specs = demo_specs("fix", grading="exit_code")[:2] + demo_specs("noop", grading="exit_code")[:1]
+        batch, ids = submit(runner, specs)
+        results = runner.run_until_done(batch)
+        assert [r["state"] for r in results] == [states.SUCCEEDED, states.SUCCEEDED, states.FAILED], [
+            (r["cause"], r.get("error")) for r in results
+        ]
+        assert results[2]["cause"] == states.CAUSE_TESTS
+        assert_nothing_held(runner, ids)
+    finally:
+        for r in runner.env_roots.values():
+            r.env_host.shutdown()

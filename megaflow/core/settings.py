@@ -181,6 +181,18 @@ class Settings(BaseSettings):
     container_disk_dir: str = Field(
         "", description="Where loop-mode disk files live (default: DOCKER_ROOT/megaflow-disks; sparse files)."
     )
+    container_read_only: bool = Field(
+        False,
+        description="Episode containers get a read-only root file system: only container_writable_dirs (and the "
+        "user's HOME) are writable, as tmpfs of container_disk each, counted in container_memory. Off by default: "
+        "SWE-bench images and package installs write into the image (/testbed, site-packages).",
+    )
+    container_writable_dirs: str = Field(
+        "/tmp,/repo",
+        pattern=r"^\s*/[A-Za-z0-9_./-]*(\s*,\s*/[A-Za-z0-9_./-]*)*\s*$",
+        description="With container_read_only: the writable directories (comma-separated absolute paths); a task's "
+        "workdir must be one of them or below one.",
+    )
     container_user: str = Field(
         "1000:1000",
         pattern=r"^(root|\d{1,9}(:\d{1,9})?)$",
