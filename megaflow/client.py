@@ -86,6 +86,24 @@ class Client:
     def _ask(self, person: str, op: str, **args: Any) -> Any:
         return person_requests.call(self.rt.redis, self.rt.keys, person, op, args, timeout=self.person_timeout_s)
 
+    def ask(self, op: str, **args: Any) -> Any:
+        """Send request ``op`` as this client's person (see megaflow.security.requests); for the CLI's
+        ``status``, whose records only the control service may read for a person."""
+        person = self.person()
+        if person is None:
+            raise MegaflowError(f"{op}: only a per-person Redis user sends requests")
+        return self._ask(person, op, **args)
+
+    def owns(self, person: str, batch_id: Any) -> bool:
+        """Whether ``batch_id`` is a batch ``person`` submitted (its owner, recorded at submit)."""
+        if not isinstance(batch_id, str) or not guards.BATCH_ID.fullmatch(batch_id):
+            return False
+        owner = self.rt.redis.hget(self.rt.keys.batch(batch_id), "user")
+        if owner is None:  # Redis forgot it (flushed, expired): the records still name the user
+            docs = self.rt.metadata.find_tasks(batch_id=batch_id, limit=1)
+            owner = docs[0].get("user") if docs else None
+        return owner == person
+
     def _refuse_person(self, what: str) -> None:
         if self.person():
             raise MegaflowError(
@@ -367,8 +385,9 @@ class Client:
                 raise NotFoundError(f"episode {guards.show(eid)}: none of {person}'s episodes has that id")
             return self.trajectory(eid)
         bid = args.get("batch_id")
-        if not isinstance(bid, str) or self.rt.redis.hget(self.rt.keys.batch(bid), "user") != person:
+        if not self.owns(person, bid):
             raise NotFoundError(f"batch {guards.show(bid)}: none of {person}'s batches has that id")
+        assert isinstance(bid, str)
         if op == "status":
             return self.status(bid)
         if op == "results":

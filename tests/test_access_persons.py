@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 import redis
@@ -32,7 +33,10 @@ KEYS = Keys("mf")
 
 @pytest.fixture
 def people(redis_server, redis_client, settings):
-    """Role users, persons alice and bob, and a control-side request server in a thread."""
+    """Role users, persons alice and bob, and the control service's request server and recorder in threads."""
+    from megaflow.cli.main import person_handler
+    from megaflow.records import Recorder
+
     acl.apply(redis_client, "mf", PASSWORDS)
     urls = {
         p: acl.role_url(redis_server.url, p, add_person(redis_client, "mf", p, f"{p}-secret")) for p in ("alice", "bob")
@@ -40,13 +44,18 @@ def people(redis_server, redis_client, settings):
     ctl_url = acl.role_url(redis_server.url, acl.user_name("mf", "control"), PASSWORDS["control"])
     rt = Root(settings.model_copy(update={"redis_url": ctl_url}), role="control")
     stop = threading.Event()
-    server = RequestServer(rt.redis, rt.keys, Client.on_root(rt).serve_person)
-    thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-    thread.start()
+    server = RequestServer(rt.redis, rt.keys, person_handler(Client.on_root(rt)))
+    threads = [
+        threading.Thread(target=server.run, args=(stop,), daemon=True),
+        threading.Thread(target=Recorder(rt.redis, rt.keys, rt.metadata).run, args=(stop,), daemon=True),
+    ]
+    for t in threads:
+        t.start()
     clients = {p: Client(settings.model_copy(update={"redis_url": u})) for p, u in urls.items()}
     yield urls, clients
     stop.set()
-    thread.join(10)
+    for t in threads:
+        t.join(10)
     for c in clients.values():
         c.close()
     rt.redis.close()
@@ -159,6 +168,21 @@ def test_the_cli_as_a_person(people, redis_client, settings, capsys):
         assert run(app, ["quota", "set", "alice", "1000"]) != 0
         assert run(app, ["host", "drain", "test-host"]) != 0
         own = clients["alice"].submit(specs(1), user="alice")
+        assert run(app, ["status", bob_batch.batch_id]) != 0  # the records, too, only of her own batches
+        assert "none of alice's batches" in capsys.readouterr().err
+        assert run(app, ["status", own.batch_id, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["batch_id"] == own.batch_id
+        deadline = time.monotonic() + 60  # the recorder writes the records a moment after the submit
+        while True:
+            assert run(app, ["status", "--json"]) == 0
+            listed = json.loads(capsys.readouterr().out)["batches"]
+            if listed or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert [b["batch_id"] for b in listed] == [own.batch_id]  # bob's batch (recorded too) is not listed
+        from megaflow.status import overview
+
+        assert bob_batch.batch_id in {b["batch_id"] for b in overview(settings)["batches"]}  # the operator's view
         assert run(app, ["cancel", own.batch_id, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["cancelling"] == 1
     finally:

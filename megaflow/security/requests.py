@@ -31,7 +31,7 @@ from megaflow.core.keys import Keys
 
 log = logging.getLogger(__name__)
 
-OPS = ("submit", "status", "results", "cancel", "trajectory")
+OPS = ("submit", "status", "results", "cancel", "trajectory", "batch_status", "overview")
 REPLY_TTL_S = 120
 MAX_QUEUED = 1000  # requests kept per person's stream (XADD MAXLEN ~)
 # errors that cross back to the person as themselves; anything else is reported as an internal error
