@@ -149,7 +149,7 @@ class Client:
                 person,
                 "submit",
                 specs=[s.model_dump(mode="json", exclude_unset=True) for s in valid],
-                batch_id=batch_id,
+                batch_id=batch_id or _new_batch_id(),  # named here: a request served twice cannot make two batches
             )
             return Submission(done["batch_id"], done["episode_ids"])
         valid = self._auto_modes(valid)
@@ -173,7 +173,7 @@ class Client:
         keys = self.rt.keys
         script = self.rt.redis.register_script(RESERVE_BATCH)
         for _ in range(5):
-            bid = batch_id or f"b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            bid = batch_id or _new_batch_id()
             if batch_id and self._recorded(bid):
                 break
             if script(keys=[keys.batch(bid), keys.batch_episodes(bid), keys.batches], args=[bid, user, time.time()]):
@@ -500,6 +500,10 @@ def check_limits(specs: list[TaskSpec], settings: Settings) -> None:
                     index=i,
                     field=name,
                 )
+
+
+def _new_batch_id() -> str:
+    return f"b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def _safe_url(url: str) -> str:

@@ -111,6 +111,15 @@ def test_a_forged_request_is_judged_by_the_stream_it_came_on(people, redis_serve
     got = raw.blpop([KEYS.user("alice", "rep", "forged1")], timeout=30)
     assert got is not None
     assert json.loads(got[1])["error"]["type"] == "NotFoundError"
+    submit = json.dumps({"specs": specs(1), "batch_id": "alice-b1"})
+    answers = []
+    for rid in ("sub1", "sub2"):  # the same submit served twice (a replay) makes one batch
+        raw.xadd(KEYS.user("alice", "req"), {"op": "submit", "rid": rid, "args": submit})
+        got = raw.blpop([KEYS.user("alice", "rep", rid)], timeout=30)
+        assert got is not None
+        answers.append(json.loads(got[1]))
+    assert answers[0]["result"]["batch_id"] == "alice-b1"
+    assert answers[1]["error"]["type"] == "SpecError" and "already exists" in answers[1]["error"]["message"]
     raw.close()
     assert clients["bob"].status(bob_batch.batch_id)["counts"].get(states.CANCELLED, 0) == 0
 
