@@ -1,6 +1,7 @@
 """Fault injection: a real fleet with a batch in flight, one fault at a time, and what it cost.
 
     python bench/faults.py [--episodes 24] [--only redis-kill,env-host-gone] [--recorder-down-s 60]
+    python bench/faults.py --only docker-restart     # needs root and dockerd: a PRIVATE engine is started
 
 One private redis-server (AOF, fsync every second) and one local fleet (control, model, agent and
 two env workers, real containers) serve every scenario; each scenario submits the demo batch,
@@ -16,7 +17,9 @@ waits until episodes are in flight, injects ONE fault, and measures:
   recovery_s  from the fault until every episode in flight at that moment moved on
 
 Every figure but the time must be 0; tests/test_faults.py runs each scenario as a test.
-The Docker-engine restart is not a scenario: the engine is shared with other users of this machine.
+The Docker-engine restart runs against a PRIVATE dockerd (its own socket, data root, exec root and
+pid file under a temporary directory, no bridge, no iptables; the sandbox image copied in with docker
+save/load), never the machine's shared engine; its fleet talks to it through DOCKER_HOST.
 """
 
 from __future__ import annotations
@@ -94,6 +97,71 @@ class RedisAOF:
         self.proc = None
 
 
+class PrivateDockerd:
+    """A dockerd of our own under ``workdir`` (socket, data root, exec root, pid file), restartable at will.
+
+    ``--bridge=none --iptables=false --ip-masq=false``: it touches no network set-up of the machine.
+    Only this process's dockerd (by its pid) is ever signalled.
+    """
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.sock = workdir / "docker.sock"
+        self.host = f"unix://{self.sock}"
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        d = self.dir
+        return [
+            shutil.which("dockerd") or "dockerd",
+            "--host", self.host,
+            "--data-root", str(d / "data"),
+            "--exec-root", str(d / "exec"),
+            "--pidfile", str(d / "docker.pid"),
+            "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
+            "--storage-driver", "overlay2",
+        ]  # fmt: skip
+
+    def start(self, wait_s: float = 60.0) -> None:
+        import docker
+
+        log = open(self.dir / "dockerd.log", "ab")  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                client = docker.DockerClient(base_url=self.host, timeout=5)
+                client.ping()
+                client.close()
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.dir / "dockerd.log").read_text(errors="replace")[-1500:]
+                    raise RuntimeError(f"private dockerd did not start:\n{tail}") from None
+                time.sleep(0.2)
+
+    def stop(self, sig: int = signal.SIGTERM, wait_s: float = 60.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def load(self, image: str) -> None:
+        """Copy ``image`` from the machine's engine into this one (docker save | docker load)."""
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+        load = subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=save.stdout, capture_output=True)
+        save.wait()
+        if save.returncode or load.returncode:
+            raise RuntimeError(f"docker save | load of {image} failed: {load.stderr.decode()[-500:]}")
+
+
 @dataclass
 class Result:
     """The figures of one scenario."""
@@ -109,6 +177,7 @@ class Result:
     exited: int = 0
     recovery_s: float | None = None
     total_s: float = 0.0
+    hit: int | None = None  # containers the fault stopped (docker-restart), to show it hit something
     notes: list[str] = field(default_factory=list)
 
     def ok(self) -> bool:
@@ -133,6 +202,7 @@ class Scenario:
     # an end any episode may have under this fault (counted in the notes)
     any_may: tuple[tuple[str, str | None], ...] = ()
     model: str = "scripted"  # or "openai": the in-process OpenAI-compatible server (slow/hung model)
+    private_docker: bool = False  # runs on a Tier whose env workers use a private dockerd
 
 
 def tier_settings(redis_url: str, state_dir: str, image: str, **over: Any) -> Settings:
@@ -180,6 +250,7 @@ class Tier:
         redis_down_s: float = 5.0,
         batch_timeout_s: float = 240.0,
         echo: Callable[[str], None] = print,
+        private_docker: bool = False,
     ):
         import docker
 
@@ -189,8 +260,19 @@ class Tier:
         self.redis_down_s, self.batch_timeout_s, self.echo = redis_down_s, batch_timeout_s, echo
         self.tmp = Path(tempfile.mkdtemp(prefix="mf-faults-"))
         self.redis = RedisAOF(self.tmp, free_port())
-        self.docker = docker.from_env(timeout=120)
-        image = ensure_sandbox_image(self.docker, Settings.load().default_image)
+        self.dockerd: PrivateDockerd | None = None
+        self._docker_host_before = os.environ.get("DOCKER_HOST")
+        shared = docker.from_env(timeout=120)
+        image = ensure_sandbox_image(shared, Settings.load().default_image)
+        if private_docker:  # the fleet (its processes inherit DOCKER_HOST) and this client use the private engine
+            shared.close()
+            self.dockerd = PrivateDockerd(Path(tempfile.mkdtemp(prefix="mf-dockerd-", dir="/tmp")))
+            self.dockerd.start()
+            self.dockerd.load(image)
+            os.environ["DOCKER_HOST"] = self.dockerd.host
+            self.docker = docker.DockerClient(base_url=self.dockerd.host, timeout=120)
+        else:
+            self.docker = shared
         self.settings = tier_settings(self.redis.url, str(self.tmp / "state"), image)
         self.model_server: Any = None
         self.client: Client | None = None
@@ -219,6 +301,13 @@ class Tier:
         for c in self._containers({}):
             self._remove(c)
         self.docker.close()
+        if self.dockerd is not None:
+            self.dockerd.stop()
+            if self._docker_host_before is None:
+                os.environ.pop("DOCKER_HOST", None)
+            else:
+                os.environ["DOCKER_HOST"] = self._docker_host_before
+            shutil.rmtree(self.dockerd.dir, ignore_errors=True)
         keep = os.environ.get("MEGAFLOW_FAULTS_KEEP")  # a directory: keep the logs of the run there
         if keep:
             shutil.copytree(
@@ -281,6 +370,9 @@ class Tier:
         sc.inject(self, ctx)
         if "victims" in ctx and not ctx["victims"]:
             res.notes.append("the fault found no running episode's container to hit")
+        if "hit" in ctx:
+            res.hit = ctx["hit"]
+            res.notes.append(f"{ctx['hit']} containers were running when the engine stopped")
         res.recovery_s, finished = self._follow(ids, in_flight, t_fault)
         res.lost = len(ids) - finished
         now_alive = fleet.running(self.settings)
@@ -506,6 +598,21 @@ def _slow_model(t: Tier, ctx: Any) -> None:
     server.delay_s = 0.0
 
 
+def _docker_restart(t: Tier, ctx: Any) -> None:
+    """Restart the (private) Docker engine: running containers stop with it and stay stopped."""
+    assert t.dockerd is not None, "docker-restart runs only on a Tier with private_docker=True"
+    deadline = time.monotonic() + 60
+    while not any(c["State"] == "running" for c in t._containers({"megaflow.run": ctx["batch"]})):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # episodes in flight may still be booting: restart once containers run
+    ctx["victims"] = [v["episode_id"] for v in t.client.results(ctx["batch"]) if v["state"] in states.LIVE]
+    ctx["hit"] = sum(1 for c in t._containers({"megaflow.run": ctx["batch"]}) if c["State"] == "running")
+    t.dockerd.stop(signal.SIGTERM)
+    time.sleep(t.worker_down_s)  # the engine's time away (a scenario parameter, not a wait for something)
+    t.dockerd.start()
+
+
 SCENARIOS = [
     Scenario("none", lambda t, ctx: None),
     Scenario("kill-agent", _kill("agent"), killed=("agent",)),
@@ -534,6 +641,8 @@ SCENARIOS = [
     Scenario("env-host-leave", _leave, killed=("env-2",)),
     Scenario("env-host-lost-back", _host_gone(True), killed=("env-2",)),
     Scenario("env-host-gone", _host_gone(False), killed=("env-2",)),
+    # episodes whose container went with the engine may end as infrastructure failures (re-run by resume)
+    Scenario("docker-restart", _docker_restart, private_docker=True),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -555,12 +664,16 @@ def main() -> None:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(BY_NAME)}")
     started = time.monotonic()
     results = []
-    with Tier(episodes=args.episodes, recorder_down_s=args.recorder_down_s) as tier:
-        print(HEADER, flush=True)
-        for name in names:
-            res = tier.run(BY_NAME[name])
-            results.append(res)
-            print(res.row(), flush=True)
+    print(HEADER, flush=True)
+    for private in (False, True):
+        todo = [n for n in names if BY_NAME[n].private_docker == private]
+        if not todo:
+            continue
+        with Tier(episodes=args.episodes, recorder_down_s=args.recorder_down_s, private_docker=private) as tier:
+            for name in todo:
+                res = tier.run(BY_NAME[name])
+                results.append(res)
+                print(res.row(), flush=True)
     for res in results:
         for note in res.notes:
             print(f"  {res.name}: {note}")

@@ -1,4 +1,9 @@
-"""The submission API: ``megaflow.Client(settings).submit(specs, user=...)`` and friends."""
+"""The submission API: ``megaflow.Client(settings).submit(specs, user=...)`` and friends.
+
+With a per-person Redis user (``megaflow acl add-user NAME``) the client touches no fleet key itself:
+each operation is a request the control service serves as that person, on that person's batches only
+(:mod:`megaflow.security.requests`; ``Client.serve_person`` is the control side).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +20,19 @@ from typing import Any
 import redis
 
 from megaflow.core import guards, states
-from megaflow.core.errors import MegaflowError, ServiceUnavailableError, SpecError
+from megaflow.core.errors import MegaflowError, NotFoundError, ServiceUnavailableError, SpecError
 from megaflow.core.settings import Settings
 from megaflow.core.spec import TaskSpec, validate_specs
+from megaflow.security import requests as person_requests
+from megaflow.security.identity import authenticated_user, check_submitter, is_person
 from megaflow.services import lifecycle
 from megaflow.services.root import Root
 
 log = logging.getLogger(__name__)
 
 _USER = guards.USER_NAME  # fullmatch: no trailing newline
+_EPISODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,160}")  # <batch id>-<index>
+PERSON_TIMEOUT_S = 300.0  # a per-person request waits this long for the control service's answer
 
 # Reserve a batch id, refused when that batch exists in any form, so no submit overwrites another's
 # episodes. KEYS[1] batch hash, KEYS[2] batch episode list, KEYS[3] batch index (sorted set);
@@ -54,6 +63,53 @@ class Client:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.load()
         self.rt = Root(self.settings, role="client")
+        self._who: str | None = None
+        self.person_timeout_s = PERSON_TIMEOUT_S
+
+    @classmethod
+    def on_root(cls, rt: Root) -> Client:
+        """A client on an existing Root (the control service's, to serve per-person requests)."""
+        client = cls.__new__(cls)
+        client.settings, client.rt, client._who = rt.settings, rt, None
+        client.person_timeout_s = PERSON_TIMEOUT_S
+        return client
+
+    def person(self) -> str | None:
+        """The per-person Redis user this client authenticated as, or None (the operator, a fleet role)."""
+        if self._who is None:
+            try:
+                self._who = authenticated_user(self.rt.redis)
+            except redis.exceptions.NoPermissionError:  # not one of our users: it acts directly (and ACLs judge)
+                self._who = ""
+        return self._who if self._who and is_person(self.settings.key_prefix, self._who) else None
+
+    def _ask(self, person: str, op: str, **args: Any) -> Any:
+        return person_requests.call(self.rt.redis, self.rt.keys, person, op, args, timeout=self.person_timeout_s)
+
+    def ask(self, op: str, **args: Any) -> Any:
+        """Send request ``op`` as this client's person (see megaflow.security.requests); for the CLI's
+        ``status``, whose records only the control service may read for a person."""
+        person = self.person()
+        if person is None:
+            raise MegaflowError(f"{op}: only a per-person Redis user sends requests")
+        return self._ask(person, op, **args)
+
+    def owns(self, person: str, batch_id: Any) -> bool:
+        """Whether ``batch_id`` is a batch ``person`` submitted (its owner, recorded at submit)."""
+        if not isinstance(batch_id, str) or not guards.BATCH_ID.fullmatch(batch_id):
+            return False
+        owner = self.rt.redis.hget(self.rt.keys.batch(batch_id), "user")
+        if owner is None:  # Redis forgot it (flushed, expired): the records still name the user
+            docs = self.rt.metadata.find_tasks(batch_id=batch_id, limit=1)
+            owner = docs[0].get("user") if docs else None
+        return owner == person
+
+    def _refuse_person(self, what: str) -> None:
+        if self.person():
+            raise MegaflowError(
+                f"{what} is not available to a per-person Redis user yet ({self._who}); submit, status, "
+                "results, cancel and trajectory are; ask the operator to run it"
+            )
 
     def _check_redis(self) -> None:
         try:
@@ -87,9 +143,15 @@ class Client:
         valid = check_agents(valid)
         check_limits(valid, self.settings)
         self._check_redis()
-        from megaflow.security.identity import check_submitter
-
         check_submitter(self.rt.redis, self.settings.key_prefix, user)  # with per-person ACL users: no other name
+        if person := self.person():  # control submits it as this person (and checks it all again)
+            done = self._ask(
+                person,
+                "submit",
+                specs=[s.model_dump(mode="json", exclude_unset=True) for s in valid],
+                batch_id=batch_id or _new_batch_id(),  # named here: a request served twice cannot make two batches
+            )
+            return Submission(done["batch_id"], done["episode_ids"])
         valid = self._auto_modes(valid)
         bid = self._reserve(batch_id, user)
         try:
@@ -111,7 +173,7 @@ class Client:
         keys = self.rt.keys
         script = self.rt.redis.register_script(RESERVE_BATCH)
         for _ in range(5):
-            bid = batch_id or f"b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            bid = batch_id or _new_batch_id()
             if batch_id and self._recorded(bid):
                 break
             if script(keys=[keys.batch(bid), keys.batch_episodes(bid), keys.batches], args=[bid, user, time.time()]):
@@ -155,6 +217,8 @@ class Client:
 
     def status(self, batch_id: str) -> dict[str, Any]:
         """Counts by state of a batch, from the live episode state."""
+        if person := self.person():
+            return dict(self._ask(person, "status", batch_id=batch_id))
         ids = self.rt.engine.batch_ids(batch_id)
         counts: dict[str, int] = {}
         for view in self.rt.engine.summaries(ids):
@@ -171,6 +235,8 @@ class Client:
         on_progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """Block until every episode of the batch is terminal (or ``timeout``); return status()."""
+        if self.person():
+            return self._wait_by_status(batch_id, timeout, poll_s, on_progress)
         total = len(self.rt.engine.batch_ids(batch_id))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -183,12 +249,32 @@ class Client:
                 raise TimeoutError(f"batch {batch_id}: {done}/{total} episodes finished after {timeout}s")
             time.sleep(poll_s)
 
+    def _wait_by_status(
+        self, batch_id: str, timeout: float | None, poll_s: float, on_progress: Callable[[int, int], None] | None
+    ) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(batch_id)
+            if on_progress:
+                on_progress(status["done"], status["total"])
+            if status["done"] >= status["total"]:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"batch {batch_id}: {status['done']}/{status['total']} episodes finished after {timeout}s"
+                )
+            time.sleep(max(poll_s, 1.0))
+
     def results(self, batch_id: str) -> list[dict[str, Any]]:
         """One result per episode: state, reward, cause, artifact URI, token counts, phase times."""
+        if person := self.person():
+            return list(self._ask(person, "results", batch_id=batch_id))
         return self.rt.engine.summaries(self.rt.engine.batch_ids(batch_id))
 
     def trajectory(self, episode_id: str) -> dict[str, Any]:
         """The saved trajectory of a finished episode."""
+        if person := self.person():
+            return dict(self._ask(person, "trajectory", episode_id=episode_id))
         view = self.rt.engine.summaries([episode_id])
         uri = view[0]["artifact_uri"] if view else None
         if not uri:
@@ -202,6 +288,8 @@ class Client:
 
     def cancel(self, batch_id: str) -> int:
         """End every unfinished episode of the batch now (any state); return how many it ended."""
+        if person := self.person():
+            return int(self._ask(person, "cancel", batch_id=batch_id))
         n = sum(1 for eid in self.rt.engine.batch_ids(batch_id) if self.rt.lifecycle.cancel(eid))
         self.rt.lifecycle.admit()
         return n
@@ -231,6 +319,7 @@ class Client:
         """
         from megaflow.rollout import Rollout
 
+        self._refuse_person("rollout")
         cap = self.settings.max_batch_episodes
         checks = [("replicas", replicas, 1, cap), ("max_infra_retries", max_infra_retries, 0, 100)]
         if oversample is not None:
@@ -271,13 +360,47 @@ class Client:
         from megaflow.rollout import resume
 
         self._check_redis()
+        self._refuse_person("resume")
         return resume(self, batch_id)
 
     def final_results(self, batch_id: str) -> list[dict[str, Any]]:
         """results() with re-runs (resume, rollout retries) in place of the episodes they replaced."""
         from megaflow.rollout import final_results
 
+        self._refuse_person("final_results")
         return final_results(self, batch_id)
+
+    # --- the control side of per-person requests --------------------------------------------------
+    def serve_person(self, person: str, op: str, args: dict[str, Any]) -> Any:
+        """Run one request of ``person`` (from their own stream) on this client's (the control's) connection."""
+        if op == "submit":
+            specs = args.get("specs")
+            if not isinstance(specs, list):
+                raise SpecError("field 'specs': must be a list of task specs", field="specs")
+            sub = self.submit(specs, user=person, batch_id=args.get("batch_id"))
+            return {"batch_id": sub.batch_id, "episode_ids": sub.episode_ids}
+        if op == "trajectory":
+            eid = args.get("episode_id")
+            if not isinstance(eid, str) or not _EPISODE_ID.fullmatch(eid) or self._episode_owner(eid) != person:
+                raise NotFoundError(f"episode {guards.show(eid)}: none of {person}'s episodes has that id")
+            return self.trajectory(eid)
+        bid = args.get("batch_id")
+        if not self.owns(person, bid):
+            raise NotFoundError(f"batch {guards.show(bid)}: none of {person}'s batches has that id")
+        assert isinstance(bid, str)
+        if op == "status":
+            return self.status(bid)
+        if op == "results":
+            return self.results(bid)
+        if op == "cancel":
+            return self.cancel(bid)
+        raise SpecError(f"op: {op!r} is not one of {', '.join(person_requests.OPS)}", field="op")
+
+    def _episode_owner(self, episode_id: str) -> str | None:
+        user = self.rt.redis.hget(self.rt.keys.episode(episode_id), "user")
+        if user is None:
+            user = (self.rt.metadata.get_task(episode_id) or {}).get("user")
+        return user if isinstance(user, str) else None
 
     def close(self) -> None:
         self.rt.redis.close()
@@ -377,6 +500,10 @@ def check_limits(specs: list[TaskSpec], settings: Settings) -> None:
                     index=i,
                     field=name,
                 )
+
+
+def _new_batch_id() -> str:
+    return f"b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def _safe_url(url: str) -> str:

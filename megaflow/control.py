@@ -19,6 +19,7 @@ import redis
 from megaflow.core import states, wire
 from megaflow.elastic.autoscaler import autoscaler_threads
 from megaflow.records import Recorder
+from megaflow.security.requests import Handler, RequestServer
 from megaflow.services import lifecycle
 from megaflow.services.root import Root
 
@@ -210,10 +211,15 @@ def end_out_of_attempts(rt: Root, ep, why: str) -> bool:
 
 
 class Control:
-    """Runs the recorder and the sweep until stopped; both wait out a Redis outage and carry on."""
+    """Runs the recorder and the sweep until stopped; both wait out a Redis outage and carry on.
 
-    def __init__(self, rt: Root):
+    With ``person_handler`` (``Client.serve_person``, given by ``megaflow control``) it also answers
+    the requests of per-person Redis users (:mod:`megaflow.security.requests`).
+    """
+
+    def __init__(self, rt: Root, person_handler: Handler | None = None):
         self.rt = rt
+        self.person_handler = person_handler
         self.stop = threading.Event()
         self.back_at = time.monotonic()  # when Redis was last seen coming back (or the service started)
         self.down_since: float | None = None
@@ -285,14 +291,22 @@ class Control:
     def run(self) -> None:
         from megaflow.monitoring.metrics import start_for_service
 
+        metrics = start_for_service(self.rt.settings)  # first: missing metrics credentials stop us here
         threads = [
             threading.Thread(target=self.record_loop, name="recorder", daemon=True),
             threading.Thread(target=self.sweep_loop, name="sweep", daemon=True),
         ]
+        if self.person_handler is not None:
+            server = RequestServer(self.rt.redis, self.rt.keys, self.person_handler)
+            threads.append(
+                threading.Thread(
+                    target=server.run, args=(self.stop, lambda e: self._outage("person requests", e)),
+                    name="person-requests", daemon=True,
+                )
+            )  # fmt: skip
         threads += autoscaler_threads(self.rt, self.stop)  # settings.elastic: size the env fleet from the backlog
         for t in threads:
             t.start()
-        metrics = start_for_service(self.rt.settings)
         try:
             while not self.stop.is_set():
                 try:

@@ -271,6 +271,7 @@ def write_inventory(path: Path, prefix: str, env_hosts: list[str], *, control: s
         "megaflow_sweep_interval_s": 5,
         "vault_redis_password": secrets.token_hex(16),
         "vault_flower_password": secrets.token_hex(8),
+        "vault_metrics_password": secrets.token_hex(8),
         "vault_mongodb_password": secrets.token_hex(16),
         "vault_mongodb_admin_password": secrets.token_hex(16),
     }

@@ -195,7 +195,7 @@ def test_a_person_submits_only_under_their_own_name(redis_server, redis_client, 
     from megaflow.cli.acl import app as acl_app
     from megaflow.cli.errors import run
     from megaflow.client import Client
-    from megaflow.core.errors import ConfigError, SpecError
+    from megaflow.core.errors import ConfigError, ServiceUnavailableError, SpecError
     from megaflow.demo_tasks import demo_specs
     from megaflow.security.identity import add_person, check_submitter, remove_person
 
@@ -212,8 +212,11 @@ def test_a_person_submits_only_under_their_own_name(redis_server, redis_client, 
         check_submitter(client.rt.redis, "mf", "alice")
         with pytest.raises(SpecError, match="not the Redis user you authenticated as"):
             check_submitter(client.rt.redis, "mf", "bob")
-        sub = client.submit(demo_specs("fix", grading="exit_code")[:1], user="alice")  # the submitter's rules
-        assert client.rt.engine.batch_ids(sub.batch_id)
+        client.person_timeout_s = 2  # nobody serves her requests here (tests/test_access_persons.py does)
+        with pytest.raises(ServiceUnavailableError, match="control service"):
+            client.submit(demo_specs("fix", grading="exit_code")[:1], user="alice")
+        with pytest.raises(redis.exceptions.NoPermissionError):  # her user touches only mf:u:alice:*
+            client.rt.engine.batch_ids("any")
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.rt.redis.hset(Keys("mf").res("quotas"), "alice", 100)
     check_submitter(redis_client, "mf", "anyone")  # the operator's default user

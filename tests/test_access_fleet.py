@@ -174,3 +174,30 @@ def _run_batch_and_check(settings, passwords, admin, flower, flower_url):
     for key in admin.scan_iter(count=1000):
         dump = admin.dump(key) or b""
         assert not [k for k, v in SECRETS.items() if v.encode() in dump], key
+
+
+def test_people_run_their_batches_through_the_fleets_control_service(acl_fleet):
+    """Per-person users on a real fleet: `megaflow control` (started by `megaflow up`) serves their requests."""
+    from megaflow.core.errors import NotFoundError
+    from megaflow.security.identity import add_person
+
+    settings, _passwords, admin = acl_fleet
+    urls = {p: acl.role_url(settings.redis_url, p, add_person(admin, "mf", p)) for p in ("alice", "bob")}
+    alice = Client(settings.model_copy(update={"redis_url": urls["alice"]}))
+    bob = Client(settings.model_copy(update={"redis_url": urls["bob"]}))
+    try:
+        sub = alice.submit(demo_specs("fix", grading="exit_code")[:2], user="alice")
+        assert alice.wait(sub.batch_id, timeout=120)["done"] == 2
+        assert {r["state"] for r in alice.results(sub.batch_id)} == {"SUCCEEDED"}
+        traj = alice.trajectory(sub.episode_ids[0])
+        assert traj and isinstance(traj, dict)
+        for attempt in (bob.status, bob.results, bob.cancel):
+            with pytest.raises(NotFoundError, match="none of bob's batches"):
+                attempt(sub.batch_id)
+        with pytest.raises(NotFoundError, match="none of bob's episodes"):
+            bob.trajectory(sub.episode_ids[0])
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            bob.rt.redis.hgetall(f"mf:batch:{sub.batch_id}")
+    finally:
+        alice.close()
+        bob.close()

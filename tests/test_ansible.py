@@ -164,6 +164,7 @@ def rendered(ansible_env, tmp_path_factory) -> dict[str, dict[str, dict]]:
         "vault_mongodb_password": NASTY_PASSWORD,
         "vault_mongodb_admin_password": "mongo-admin-example",
         "vault_flower_password": "flower-example",
+        "vault_metrics_password": "metrics-example",
         "vault_s3_access_key_id": "AKIDEXAMPLE",
         "vault_s3_secret_access_key": "s3-secret-example",
         "s3_bucket": "megaflow-artifacts",

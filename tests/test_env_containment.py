@@ -153,3 +153,56 @@ def test_auto_mode_falls_back_when_docker_refuses_storage_opt(host):
     assert host.disk.mode == "loop"
     r = sh(host, handle, "fallocate -l 100M /tmp/x; echo rc=$?")
     assert "No space left on device" in r.output and "rc=1" in r.output
+
+
+# --- read-only root (MEGAFLOW_CONTAINER_READ_ONLY) -------------------------------------------------
+@pytest.fixture
+def ro_host(docker_client, sandbox_image, settings, redis_client):
+    name = f"t-ro-{uuid.uuid4().hex[:8]}"
+    s = settings.model_copy(
+        update={"container_read_only": True, "container_disk": "32m", "container_writable_dirs": "/tmp,/repo"}
+    )
+    h = DockerHost(docker_client, s, name=name, redis_client=redis_client)
+    yield h
+    h.shutdown()
+    for c in docker_client.api.containers(all=True, filters={"label": f"{L.HOST}={name}"}):
+        h.remove_container(c["Id"])
+
+
+def test_read_only_root_with_uploads_into_the_writable_dirs(ro_host, docker_client):
+    from megaflow.core.errors import TaskError
+
+    handle = ro_host.create("ep-ro", ro_host.settings.default_image, workdir="/repo/pkg")
+    assert docker_client.api.inspect_container(handle.id)["HostConfig"]["ReadonlyRootfs"] is True
+    for path in ("/etc/x", "/usr/local/bin/x", "/x"):
+        r = sh(ro_host, handle, f"touch {path}; echo rc=$?")
+        assert "Read-only file system" in r.output and "rc=1" in r.output, r.output
+    ro_host.put_files(handle, {"/repo/pkg/sub/a.py": "print('hi')\n", "/tmp/b.sh": "#!/bin/sh\necho b\n"})
+    r = sh(
+        ro_host,
+        handle,
+        "cd /repo/pkg && python3 sub/a.py && /tmp/b.sh && stat -c '%u:%g' sub/a.py sub /tmp/b.sh && id -u",
+    )
+    assert r.output.split() == ["hi", "b", "1000:1000", "1000:1000", "1000:1000", "1000"], r.output
+    assert ro_host.get_file(handle, "/repo/pkg/sub/a.py") == b"print('hi')\n"
+    r = sh(ro_host, handle, "echo x > $HOME/.rc && mkdir -p /repo/new && echo ok")
+    assert r.output == "ok\n", r.output  # HOME and the work dirs are the user's
+    with pytest.raises(TaskError, match="read-only"):
+        ro_host.put_files(handle, {"/etc/evil.conf": "x"})
+    assert "No such file" in sh(ro_host, handle, "cat /etc/evil.conf").output
+    with pytest.raises(TaskError, match="does not exist"):
+        ro_host.get_file(handle, "/repo/none")
+    with pytest.raises(TaskError, match="not a regular file"):
+        ro_host.get_file(handle, "/repo/pkg/sub")
+    r = sh(ro_host, handle, "fallocate -l 64m /repo/big; echo rc=$?")
+    assert "No space left on device" in r.output and "rc=1" in r.output  # each writable dir: container_disk
+    ro_host.close(handle)
+
+
+def test_read_only_root_refuses_a_workdir_outside_the_writable_dirs(ro_host, docker_client):
+    from megaflow.core.errors import TaskError
+
+    with pytest.raises(TaskError, match="MEGAFLOW_CONTAINER_WRITABLE_DIRS"):
+        ro_host.create("ep-ro-bad", ro_host.settings.default_image, workdir="/opt/work")
+    left = docker_client.api.containers(all=True, filters={"label": f"{L.HOST}={ro_host.name}"})
+    assert left == []  # the container it booted is removed

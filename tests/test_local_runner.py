@@ -196,3 +196,24 @@ def test_a_process_redis_pool_follows_its_threads_up_to_the_cap(settings):
         assert errors == [] and len(root.redis.connection_pool._connections) <= 16
     finally:
         root.close()
+
+
+def test_demo_batch_on_a_read_only_root(settings, sandbox_image):
+    """The demo (files uploaded, commands, swebench-style grading) on read-only roots (MEGAFLOW_CONTAINER_READ_ONLY)."""
+    s = settings.model_copy(
+        update={"host_capacity": 2, "global_limit": 4, "default_image": sandbox_image, "container_read_only": True}
+    )
+    runner = LocalRunner(Root(s, role="client"), {h: Root(s, role="env", host=h) for h in HOSTS})
+    runner.register_hosts()
+    try:
+        specs = demo_specs("fix", grading="exit_code")[:2] + demo_specs("noop", grading="exit_code")[:1]
+        batch, ids = submit(runner, specs)
+        results = runner.run_until_done(batch)
+        assert [r["state"] for r in results] == [states.SUCCEEDED, states.SUCCEEDED, states.FAILED], [
+            (r["cause"], r.get("error")) for r in results
+        ]
+        assert results[2]["cause"] == states.CAUSE_TESTS
+        assert_nothing_held(runner, ids)
+    finally:
+        for r in runner.env_roots.values():
+            r.env_host.shutdown()

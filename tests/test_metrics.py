@@ -240,3 +240,79 @@ def test_scrape_of_a_running_fleet(fleet):
         assert used == 0
     finally:
         server.close()
+
+
+# --- access (issue 17): basic auth from settings; beyond loopback only with credentials ------------
+def with_credentials(settings: Settings, user: str = "prom", password: str = "s3cret-metrics") -> Settings:
+    from pydantic import SecretStr
+
+    return settings.model_copy(update={"metrics_user": user, "metrics_password": SecretStr(password)})
+
+
+def test_credentials_are_enforced_when_configured(settings):
+    server = serve_metrics(with_credentials(settings), port=0, address="127.0.0.1")
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        for path in ("/metrics", "/", "/nope"):
+            resp = httpx.get(base + path, timeout=10)
+            assert resp.status_code == 401 and resp.headers["www-authenticate"].startswith("Basic")
+            assert "MEGAFLOW_METRICS_USER" in resp.text and "megaflow_" not in resp.text
+        for auth in (("prom", "wrong"), ("other", "s3cret-metrics"), ("prom", "")):
+            assert httpx.get(base + "/metrics", auth=auth, timeout=10).status_code == 401
+        resp = httpx.get(base + "/metrics", auth=("prom", "s3cret-metrics"), timeout=10)
+        assert resp.status_code == 200 and value(parse(resp.text), "megaflow_admission_backlog") == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "", "::", "10.1.2.3", "metrics.example.internal"])
+def test_beyond_loopback_without_credentials_refuses_to_start(settings, address):
+    from megaflow.core.errors import ConfigError
+
+    port = free_port()
+    with pytest.raises(ConfigError, match="MEGAFLOW_METRICS_USER and MEGAFLOW_METRICS_PASSWORD"):
+        serve_metrics(settings, port=port, address=address)
+    with pytest.raises(httpx.TransportError):  # nothing was bound
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_half_set_credentials_are_refused_even_on_loopback(settings):
+    from megaflow.core.errors import ConfigError
+
+    half = settings.model_copy(update={"metrics_user": "prom"})
+    with pytest.raises(ConfigError, match="both"):
+        serve_metrics(half, port=0, address="127.0.0.1")
+    with pytest.raises(ConfigError, match="':'"):
+        serve_metrics(with_credentials(settings, user="a:b"), port=0, address="127.0.0.1")
+
+
+def test_beyond_loopback_with_credentials_serves_them_only(settings):
+    server = serve_metrics(with_credentials(settings), port=0, address="0.0.0.0")
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        assert httpx.get(url, timeout=10).status_code == 401
+        assert httpx.get(url, auth=("prom", "s3cret-metrics"), timeout=10).status_code == 200
+    finally:
+        server.close()
+
+
+def test_metrics_command_and_control_refuse_an_open_address(settings, monkeypatch):
+    from megaflow.control import Control
+    from megaflow.core.errors import ConfigError
+    from megaflow.services.root import Root as Runtime
+
+    for name, v in settings.to_env().items():
+        monkeypatch.setenv(name, v)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megaflow", "metrics", "--port", str(free_port()), "--address", "0.0.0.0"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "MEGAFLOW_METRICS_USER and MEGAFLOW_METRICS_PASSWORD" in proc.stderr
+    open_ = settings.model_copy(update={"metrics_port": free_port(), "metrics_address": "0.0.0.0"})
+    ctl = Control(Runtime(open_, role="control"))
+    with pytest.raises(ConfigError, match="MEGAFLOW_METRICS_USER"):
+        ctl.run()  # refuses before starting anything

@@ -88,7 +88,8 @@ def check() -> None:
 
 @app.command("add-user")
 def add_user(name: Annotated[str, typer.Argument(help="The person's MegaFlow user name (their Redis user).")]) -> None:
-    """Create or reset a person's Redis user (the submitter's rules) and print their MEGAFLOW_REDIS_URL once."""
+    """Create or reset a person's Redis user (only their own keys; the control service acts for them on their
+    own batches) and print their MEGAFLOW_REDIS_URL once."""
     import redis
 
     from megaflow.security import acl, identity

@@ -158,6 +158,22 @@ def submit(
     raise typer.Exit(outcome_status(rows))
 
 
+def _person(settings: Any) -> str | None:
+    """The per-person Redis user of MEGAFLOW_REDIS_URL, or None (the operator, a role, or Redis unreachable)."""
+    import redis
+
+    from megaflow.security.identity import authenticated_user, is_person
+
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
+    try:
+        who = authenticated_user(client)
+    except redis.RedisError:  # the records do not need Redis; a person's URL always answers WHOAMI
+        return None
+    finally:
+        client.close()
+    return who if is_person(settings.key_prefix, who) else None
+
+
 @app.command()
 def status(
     batch: Annotated[str | None, typer.Argument(metavar="BATCH", help="Batch id; omit for every recent batch.")] = None,
@@ -170,7 +186,14 @@ def status(
 
     fmt = output_format(as_json, as_jsonl)
     settings = load_settings()
-    data = batch_status(settings, batch) if batch is not None else overview(settings, user=user)
+    person = _person(settings)
+    if person is not None:  # a per-person Redis user: the control service reads the records, of their batches only
+        from megaflow.client import Client
+
+        with Client(settings) as client:
+            data = client.ask("batch_status", batch_id=batch) if batch is not None else client.ask("overview")
+    else:
+        data = batch_status(settings, batch) if batch is not None else overview(settings, user=user)
     if fmt == "json":
         echo_json(data)
     elif fmt == "jsonl":

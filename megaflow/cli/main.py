@@ -106,17 +106,38 @@ def worker(
     run_worker(role.value, settings, host=host, concurrency=concurrency, loglevel=loglevel.value)
 
 
+def person_handler(client: Any) -> Any:
+    """The control service's answer to per-person requests: the Client's, plus the records `megaflow status`
+    shows (megaflow.status), limited to the person's own batches."""
+    from megaflow.core.errors import NotFoundError
+    from megaflow.status import batch_status, overview
+
+    def handle(person: str, op: str, args: dict[str, Any]) -> Any:
+        if op == "overview":
+            return overview(client.settings, user=person)
+        if op == "batch_status":
+            bid = args.get("batch_id")
+            if not isinstance(bid, str) or not client.owns(person, bid):
+                raise NotFoundError(f"batch {bid!r}: none of {person}'s batches has that id")
+            return batch_status(client.settings, bid)
+        return client.serve_person(person, op, args)
+
+    return handle
+
+
 @app.command()
 def control(loglevel: LogLevelOption = LogLevel.INFO) -> None:
-    """Run the control service (recorder + safety sweep) in the foreground."""
+    """Run the control service (recorder, safety sweep, per-person requests) in the foreground."""
     import signal
 
+    from megaflow.client import Client
     from megaflow.control import Control
     from megaflow.services.root import Root
 
     settings = load_settings()
     _logging(loglevel.value)
-    ctl = Control(Root(settings, role="control"))
+    rt = Root(settings, role="control")
+    ctl = Control(rt, person_handler=person_handler(Client.on_root(rt)))  # per-person users' requests
     signal.signal(signal.SIGTERM, lambda *_: ctl.stop.set())
     try:
         ctl.run()

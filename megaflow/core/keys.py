@@ -44,6 +44,16 @@ class Keys:
         """Sorted set: live (non-terminal) episode id -> time of its last step (for the sweep)."""
         return f"{self.prefix}:live"
 
+    # --- per-person submitters (megaflow.security.requests) --------------------------------------
+    @property
+    def persons(self) -> str:
+        """Set: names of the per-person Redis users (``megaflow acl add-user``) whose requests control serves."""
+        return f"{self.prefix}:persons"
+
+    def user(self, name: str, *parts: str) -> str:
+        """A key in person ``name``'s own namespace, the only keys that person's Redis user may touch."""
+        return ":".join((self.prefix, "u", name, *parts))
+
     # --- records (megaflow.records) -------------------------------------------------------------
     @property
     def events(self) -> str:

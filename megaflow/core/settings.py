@@ -188,6 +188,18 @@ class Settings(BaseSettings):
     container_disk_dir: str = Field(
         "", description="Where loop-mode disk files live (default: DOCKER_ROOT/megaflow-disks; sparse files)."
     )
+    container_read_only: bool = Field(
+        False,
+        description="Episode containers get a read-only root file system: only container_writable_dirs (and the "
+        "user's HOME) are writable, as tmpfs of container_disk each, counted in container_memory. Off by default: "
+        "SWE-bench images and package installs write into the image (/testbed, site-packages).",
+    )
+    container_writable_dirs: str = Field(
+        "/tmp,/repo",
+        pattern=r"^\s*/[A-Za-z0-9_./-]*(\s*,\s*/[A-Za-z0-9_./-]*)*\s*$",
+        description="With container_read_only: the writable directories (comma-separated absolute paths); a task's "
+        "workdir must be one of them or below one.",
+    )
     container_user: str = Field(
         "1000:1000",
         pattern=r"^(root|\d{1,9}(:\d{1,9})?)$",
@@ -278,8 +290,14 @@ class Settings(BaseSettings):
         "the control service starts; 0: the control service starts none).",
     )
     metrics_address: str = Field(
-        "127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus)."
+        "127.0.0.1",
+        description="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus; any address "
+        "but loopback needs metrics_user and metrics_password).",
     )
+    metrics_user: str | None = Field(
+        None, description="Metrics endpoint basic-auth user (required when it listens beyond loopback)."
+    )
+    metrics_password: SecretStr | None = Field(None, description="Metrics endpoint basic-auth password.")
     events_maxlen: int = Field(1_000_000, ge=1000, description="Approximate cap of the event stream.")
 
     @field_validator("model_endpoints", mode="before")
@@ -382,7 +400,7 @@ class Settings(BaseSettings):
             if isinstance(value, (list, dict)):
                 value = json.dumps(value)
             out[f"MEGAFLOW_{name.upper()}"] = str(value)
-        for name in ("model_api_key", "registry_password", "flower_password"):
+        for name in ("model_api_key", "registry_password", "flower_password", "metrics_password"):
             secret = getattr(self, name)
             if secret is not None:
                 out[f"MEGAFLOW_{name.upper()}"] = secret.get_secret_value()

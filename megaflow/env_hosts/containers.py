@@ -132,7 +132,9 @@ class Containers:
                     user=user,
                 )
                 self.disk.attach(cid)
-                if parse_user(user)[0] != 0:
+                if (
+                    parse_user(user)[0] != 0 and not self.settings.container_read_only
+                ):  # else HOME is a tmpfs of its own
                     self.make_dirs(cid, [HOME], user)
                 api.start(cid)
         except InfraError as exc:
@@ -145,6 +147,25 @@ class Containers:
         finally:
             self._boot_slots.release()
         return cid, name, expiry
+
+    def writable_dirs(self) -> list[str]:
+        """The tmpfs dirs of a read-only root (container_writable_dirs plus HOME); [] when the root is writable."""
+        if not self.settings.container_read_only:
+            return []
+        dirs = [d.strip().rstrip("/") or "/" for d in self.settings.container_writable_dirs.split(",") if d.strip()]
+        return list(dict.fromkeys([*dirs, HOME]))
+
+    def _tmpfs(self, user: str) -> dict[str, str] | None:
+        """tmpfs mounts of a read-only root, owned by ``user``, each ``container_disk`` in size; sticky and
+        open to all (like /tmp), so a warm container can serve another user (an exec never gets capabilities
+        that would let root write into a user's directory)."""
+        dirs = self.writable_dirs()
+        if not dirs:
+            return None
+        uid, gid = parse_user(user)
+        size = self.disk.size
+        opts = f"rw,exec,nosuid,nodev,uid={uid},gid={gid}" + (f",size={size}" if size else "")
+        return {d: opts + ",mode=1777" for d in dirs}
 
     def _create(
         self,
@@ -180,6 +201,8 @@ class Containers:
                 cap_drop=["ALL"],
                 cap_add=list(PACKAGE_INSTALL_CAPS),
                 storage_opt=self.disk.storage_opt(),
+                read_only=self.settings.container_read_only,
+                tmpfs=self._tmpfs(user),
             )
             try:
                 return api.create_container(
@@ -265,8 +288,44 @@ class Containers:
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for d in dirs:
                 tar.addfile(_dir_entry(d, uid, gid))
-        with docker_errors(f"make_dirs in {cid[:12]}"):
-            self.client.api.put_archive(cid, "/", buf.getvalue())
+        self._put_archive(cid, buf.getvalue(), f"make_dirs {', '.join(dirs)}", user)
+
+    def _put_archive(self, cid: str, data: bytes, what: str, user: str) -> None:
+        """Unpack a tar at ``/``: Docker's put_archive, or on a read-only root (which Docker refuses) ``tar -x``
+        run as ``user`` through an exec, so the files land in the writable tmpfs dirs, owned by that user."""
+        if not self.settings.container_read_only:
+            with docker_errors(f"{what} in {cid[:12]}"):
+                ok = self.client.api.put_archive(cid, "/", data)
+            if not ok:
+                raise InfraError(f"{what} into {cid[:12]}: Docker refused the archive")
+            return
+        api = self.client.api
+        cap = OutputCap(64 * 1024)
+        with docker_errors(f"{what} in {cid[:12]}"):
+            exec_id = api.exec_create(
+                cid,
+                ["tar", "-x", "--no-same-owner", "--no-overwrite-dir", "-C", "/", "-f", "-"],
+                stdin=True,
+                stdout=True,
+                stderr=True,
+                user=user,
+            )["Id"]
+            sock = api.exec_start(exec_id, socket=True)
+            raw = getattr(sock, "_sock", sock)
+            try:
+                raw.sendall(data)
+                raw.shutdown(socket.SHUT_WR)
+                finished = _read_frames(raw, cap, time.monotonic() + 60 + len(data) / 1e6)
+            finally:
+                sock.close()
+            code = api.exec_inspect(exec_id).get("ExitCode")
+        if not finished or code != 0:
+            self.check_running(cid)
+            writable = ", ".join(self.writable_dirs())
+            raise TaskError(
+                f"{what}: the container's root is read-only (MEGAFLOW_CONTAINER_READ_ONLY) and only {writable} "
+                f"are writable (MEGAFLOW_CONTAINER_WRITABLE_DIRS); tar said: {cap.text().strip()[-300:] or code}"
+            )
 
     def put_files(
         self, cid: str, files: dict[str, str | bytes], *, user: str = "root", writable: tuple[str, ...] = ()
@@ -298,14 +357,14 @@ class Containers:
                 info.size, info.mtime, info.uid, info.gid = len(data), now, uid, gid
                 info.mode = 0o755 if data.startswith(b"#!") else 0o644
                 tar.addfile(info, io.BytesIO(data))
-        with docker_errors(f"put_files into {cid[:12]}"):
-            ok = self.client.api.put_archive(cid, "/", buf.getvalue())
-        if not ok:
-            raise InfraError(f"put_files into {cid[:12]}: Docker refused the archive")
+        self._put_archive(cid, buf.getvalue(), "put_files", user)
 
     def get_file(self, cid: str, path: str) -> bytes:
         """Read one regular file from the container; a missing path is a TaskError."""
         import docker.errors
+
+        if self.settings.container_read_only:  # Docker cannot read a tmpfs from outside: cat it through an exec
+            return self._cat(cid, path)
 
         with docker_errors(f"get_file from {cid[:12]}"):
             try:
@@ -320,6 +379,22 @@ class Containers:
             if f is None:
                 raise TaskError(f"get_file: {path} is not a regular file")
             return f.read()
+
+    def _cat(self, cid: str, path: str) -> bytes:
+        api = self.client.api
+        script = 'if [ ! -e "$1" ]; then exit 3; elif [ ! -f "$1" ]; then exit 4; fi; exec cat -- "$1"'
+        with docker_errors(f"get_file from {cid[:12]}"):
+            exec_id = api.exec_create(cid, ["sh", "-c", script, "get_file", path], stdout=True, stderr=True)["Id"]
+            out, err = api.exec_start(exec_id, demux=True)
+            code = api.exec_inspect(exec_id).get("ExitCode")
+        if code == 0:
+            return out or b""
+        self.check_running(cid)
+        if code == 3:
+            raise TaskError(f"get_file: {path} does not exist in the container")
+        if code == 4:
+            raise TaskError(f"get_file: {path} is not a regular file")
+        raise TaskError(f"get_file: cannot read {path}: {(err or b'').decode(errors='replace').strip()[-300:]}")
 
     def remove(self, cid: str) -> bool:
         """Force-remove the container and its anonymous volumes; False when it was already gone."""

@@ -6,6 +6,10 @@ slots used per tier, warm pools and live episodes by state. ``collect()`` return
 exposition format (written by hand, no extra dependency); ``serve_metrics()`` serves it from a
 small threaded HTTP server (``megaflow metrics``, or the control service on ``metrics_port``).
 
+Access: with ``metrics_user`` and ``metrics_password`` set every request needs HTTP basic auth (401
+otherwise); bound to any address but loopback the endpoint refuses to start without them (ConfigError),
+as Flower does.
+
 Keys read (never written): the Celery queues ``<prefix>:celery:<queue>`` (plus their priority
 lists) and ``<prefix>:celery:unacked``; the resource manager's keys through
 ``ResourceManager.capacity()``; ``<prefix>:live`` and each live episode's hash field ``state``.
@@ -13,6 +17,9 @@ lists) and ``<prefix>:celery:unacked``; the resource manager's keys through
 
 from __future__ import annotations
 
+import base64
+import hmac
+import ipaddress
 import logging
 import math
 import threading
@@ -24,6 +31,7 @@ from typing import Any
 import redis
 
 from megaflow.core import states
+from megaflow.core.errors import ConfigError
 from megaflow.core.keys import Keys
 from megaflow.core.settings import Settings
 from megaflow.core.wire import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
@@ -184,12 +192,47 @@ def episode_states(redis_client: redis.Redis, keys: Keys) -> dict[str, int]:
     return counts
 
 
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP or ``localhost``) is reachable from this machine only."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or "" (every interface): assume other machines reach it
+
+
+def metrics_auth(settings: Settings, address: str) -> str | None:
+    """The ``Authorization`` header value a request must carry, or None (loopback without credentials).
+
+    Raises ConfigError when credentials are half set, or missing on an address beyond loopback."""
+    user = settings.metrics_user or ""
+    password = settings.metrics_password.get_secret_value() if settings.metrics_password else ""
+    if bool(user) != bool(password):
+        raise ConfigError(
+            "the metrics endpoint needs both MEGAFLOW_METRICS_USER and MEGAFLOW_METRICS_PASSWORD, or neither"
+        )
+    if ":" in user:
+        raise ConfigError("MEGAFLOW_METRICS_USER must not contain ':' (HTTP basic auth splits user and password there)")
+    if not user:
+        if not is_loopback(address):
+            raise ConfigError(
+                f"the metrics endpoint would listen on {address or 'every interface'!r} "
+                "(MEGAFLOW_METRICS_ADDRESS / --address), reachable from other machines, without credentials: "
+                "set MEGAFLOW_METRICS_USER and MEGAFLOW_METRICS_PASSWORD (Prometheus: basic_auth in the scrape "
+                "config), or listen on 127.0.0.1"
+            )
+        return None
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
 class MetricsServer(ThreadingHTTPServer):
     """Serves ``/metrics`` from a thread of its own; ``close()`` stops it and its Redis client."""
 
     daemon_threads = True
 
     def __init__(self, settings: Settings, address: str, port: int):
+        self.auth = metrics_auth(settings, address)  # before anything is opened or bound
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.redis = redis.Redis.from_url(
@@ -219,6 +262,18 @@ class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        expected = self.server.auth
+        if expected is not None:
+            given = self.headers.get("Authorization") or ""
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="megaflow metrics"')
+                denied = b"credentials required (HTTP basic auth: MEGAFLOW_METRICS_USER / MEGAFLOW_METRICS_PASSWORD)\n"
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(denied)))
+                self.end_headers()
+                self.wfile.write(denied)
+                return
         path = self.path.split("?", 1)[0]
         if path == "/":
             self._reply(
@@ -278,9 +333,11 @@ def _number(v: Any) -> str:
 
 def start_for_service(settings: Settings) -> MetricsServer | None:
     """The endpoint a long-running service (control) starts on ``metrics_port``; None when that is 0
-    or the port is taken (metrics are worth a warning, not a service that will not start)."""
+    or the port is taken (metrics are worth a warning, not a service that will not start). Missing
+    credentials beyond loopback are a ConfigError: the service refuses to start."""
     if not settings.metrics_port:
         return None
+    metrics_auth(settings, settings.metrics_address)
     try:
         server = serve_metrics(settings)
     except OSError as exc:

@@ -33,9 +33,9 @@ _COMMANDS = {
     "flower": "+@read +@write +@pubsub +@connection +@transaction +@fast +@scripting",  # inspect replies, kombu Lua
     "metrics": "+@read +@connection +@scripting +time",
 }
-_NEVER = "-@admin -@dangerous"  # FLUSHALL, FLUSHDB, CONFIG, KEYS, DEBUG, SHUTDOWN, ACL, MONITOR, ...
+NEVER = "-@admin -@dangerous"  # FLUSHALL, FLUSHDB, CONFIG, KEYS, DEBUG, SHUTDOWN, ACL, MONITOR, ...
 # redis-py selects the URL's db; WHOAMI names the submitter (CLIENT SETINFO is refused, redis-py ignores that)
-_ALSO = "+select +acl|whoami"
+ALSO = "+select +acl|whoami"
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ def role_user(prefix: str, role: str) -> RoleUser:
         channels,
         "-@all",
         *_COMMANDS[role].split(),
-        *_NEVER.split(),
-        *_ALSO.split(),
+        *NEVER.split(),
+        *ALSO.split(),
     )
     return RoleUser(role, user_name(prefix, role), rules)
 

@@ -8,6 +8,7 @@
 | MEGAFLOW_MODEL_API_KEY | model |
 | MEGAFLOW_REGISTRY_PASSWORD | env |
 | MEGAFLOW_FLOWER_PASSWORD | flower |
+| MEGAFLOW_METRICS_PASSWORD | metrics, control (it serves the metrics endpoint on ``metrics_port``) |
 | AWS_* credentials | roles that write or read artifacts, only when MEGAFLOW_ARTIFACTS_URL is s3:// |
 | credentials in MEGAFLOW_METADATA_URL | roles that use the metadata store (not flower, not metrics) |
 | any other secret setting (a SecretStr field of Settings) | none, until it is listed here |
@@ -28,6 +29,7 @@ ROLE_SECRETS = {
     "MEGAFLOW_MODEL_API_KEY": frozenset({"model"}),
     "MEGAFLOW_REGISTRY_PASSWORD": frozenset({"env"}),
     "MEGAFLOW_FLOWER_PASSWORD": frozenset({"flower"}),
+    "MEGAFLOW_METRICS_PASSWORD": frozenset({"metrics", "control"}),
 }
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
 # roles whose steps may finish an episode (artifacts written) or read results back
