@@ -20,7 +20,9 @@ class ElasticKeys:
     ``E:events`` stream of decisions {kind, ts, ...}; ``E:hosts`` hash of managed hosts;
     ``E:done`` list of finished hosts (JSON); ``E:samples:<host>`` capped list of samples;
     ``E:fleet`` capped list of fleet samples {t, hosts, pending, queued, live, target};
-    ``E:leader`` the id of the one autoscaler allowed to act (a lease, renewed every tick).
+    ``E:leader`` the id of the one autoscaler allowed to act (a lease, renewed every tick);
+    ``E:pools`` hash image -> warm containers per host, published by the automatic mode choice and
+    applied by every env worker's heartbeat.
     """
 
     def __init__(self, prefix: str):
@@ -30,6 +32,7 @@ class ElasticKeys:
         self.done = f"{self.base}:done"
         self.fleet = f"{self.base}:fleet"
         self.leader = f"{self.base}:leader"
+        self.pools = f"{self.base}:pools"
 
     def samples(self, host: str) -> str:
         return f"{self.base}:samples:{host}"
