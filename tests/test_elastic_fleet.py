@@ -127,6 +127,11 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
                     if r["state"] != "SUCCEEDED"
                 ]
                 assert st["counts"] == {"SUCCEEDED": st["total"]}, (st, bad)  # none lost, none failed
+            # episodes placed on a host launched while they waited carry that in their own record
+            launched = {e["host"] for e in usage.events(redis_client, scaler.keys) if e["kind"] == "launch"}
+            notes = [ev for r in client.results(burst.batch_id) for ev in r["fleet"]]
+            assert notes and all(ev["event"] == "host_launched" for ev in notes), notes
+            assert {ev["host"] for ev in notes} <= launched - {"el-1"} and all(ev["reason"] for ev in notes)
         assert redis_client.hlen(keys.res("held")) == 0 and redis_client.hlen(keys.res("queued")) == 0  # none stranded
         assert seen_max == 3, seen_max
         assert check.violations == [] and len(check.removed) >= 2
@@ -145,6 +150,8 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
         finally:
             store.close()
         assert "Fleet: scaling, utilisation and cost" in page and "host-hours" in page and ">remove<" in page
+        assert "Per-host utilisation (live episodes / slots" in page  # the per-host strip plot
+        assert "Episodes touched by fleet decisions" in page and ">host_launched<" in page
     finally:
         scaler.close(stop_hosts=True)
         fleet.down(s, echo=lambda m: None)

@@ -103,6 +103,24 @@ def sample(
     pipe.execute()
 
 
+def launch_note(r, prefix: str, host: str, queued_at: float) -> dict | None:
+    """The fleet event for an episode placed on ``host``, when the autoscaler launched that host after
+    the episode was queued (it waited for a host launched for the backlog); else None. One HGET."""
+    raw = r.hget(ElasticKeys(prefix).hosts, host)
+    if not raw:
+        return None
+    rec = json.loads(raw)
+    if rec["launched_at"] <= queued_at:
+        return None
+    return {
+        "event": "host_launched",
+        "host": host,
+        "launched_at": round(rec["launched_at"], 3),
+        "reason": rec.get("reason", ""),
+        "waited_s": round(time.time() - queued_at, 3),
+    }
+
+
 def archive_host(r, keys: ElasticKeys, rec: dict) -> None:
     """Keep a removed host's record (launch and stop times, instance type) for host-hours."""
     r.rpush(keys.done, json.dumps(rec))
