@@ -137,6 +137,10 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
         assert check.violations == [] and len(check.removed) >= 2
         kinds = [e["kind"] for e in usage.events(redis_client, scaler.keys)]
         assert {"launch", "joined", "drain", "remove", "target"} <= set(kinds), kinds
+        from megaflow.monitoring.metrics import collect
+
+        text = collect(redis_client, s, keys)  # what the control service's /metrics serves
+        assert "megaflow_fleet_hosts{state=\"removed\"}" in text and "megaflow_fleet_host_hours{" in text
         summary = usage.fleet_summary(redis_client, s.key_prefix, scaler.cfg)
         assert summary["host_hours"] > 0 and summary["cost"] == pytest.approx(summary["host_hours"] * 0.05)
         assert 0 < summary["used_share"] <= 1
@@ -215,3 +219,43 @@ def test_local_provider_stops_hosts_started_by_an_earlier_control(settings):
         assert not second.alive(h)
     finally:
         first.close()
+
+
+def test_fleet_gauges_on_a_real_metrics_endpoint(settings, redis_client):
+    """The control service's /metrics (served on loopback) shows the fleet: hosts by state, target,
+    pending launches, queue, per-host used slots, host-hours and cost, published warm pools."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from megaflow.monitoring.metrics import serve_metrics
+
+    s = settings.model_copy(update={"elastic": {**CFG, "min_hosts": 2, "prices": {"t": 3.6}}})
+    res = ResourceManager(redis_client, s, Keys(s.key_prefix))
+    provider = RecordingProvider()
+    scaler = Autoscaler(redis_client, s, res, provider=provider, cfg=ElasticConfig.from_settings(s))
+    scaler.tick()  # launches rec-0 and rec-1 (min_hosts)
+    res.register_host("rec-0", capacity=2, images=[], warm={}, disk_free_gb=5.0)
+    res.register_host("static-1", capacity=2, images=[], warm={}, disk_free_gb=5.0)
+    scaler.tick()  # rec-0 joined, rec-1 still pending
+    redis_client.hset(usage.ElasticKeys(s.key_prefix).pools, "img:1", 3)
+    server = serve_metrics(s, port=0, address="127.0.0.1")
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+    finally:
+        server.close()
+    assert resp.status_code == 200, resp.text
+    m: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for smp in family.samples:
+            m.setdefault(smp.name, {})[tuple(sorted(smp.labels.items()))] = smp.value
+    by_state = {dict(k)["state"]: v for k, v in m["megaflow_fleet_hosts"].items()}
+    assert by_state == {"launching": 1, "active": 1, "draining": 0, "removed": 0}
+    assert m["megaflow_fleet_pending_launches"][()] == 1
+    assert m["megaflow_fleet_serving_hosts"][()] == 2  # rec-0 and the static host
+    assert m["megaflow_fleet_target_hosts"][()] == 2 and m["megaflow_fleet_queue_length"][()] == 0
+    used = {dict(k)["host"]: dict(k)["instance_type"] for k in m["megaflow_fleet_host_used_slots"]}
+    assert used == {"rec-0": "t", "static-1": "static"}
+    hours = m["megaflow_fleet_host_hours"][(("instance_type", "t"),)]
+    assert hours > 0 and m["megaflow_fleet_cost"][(("instance_type", "t"),)] == pytest.approx(hours * 3.6)
+    assert m["megaflow_fleet_warm_pool_target"][(("image", "img:1"),)] == 3
+    scaler.close()

@@ -132,6 +132,39 @@ def host_records(r, keys: ElasticKeys) -> list[dict]:
     return out + [json.loads(v) for v in r.hgetall(keys.hosts).values()]
 
 
+def fleet_gauges(r, prefix: str, cfg: ElasticConfig, *, now: float | None = None) -> dict[str, Any]:
+    """The fleet right now, for Prometheus: managed hosts by state, the last target and fleet sample,
+    published warm pools, and host-hours and cost by instance type since the records began.
+
+    Reads ``E:hosts``, ``E:done``, the last entry of ``E:fleet`` and ``E:pools``; writes nothing.
+    """
+    keys = ElasticKeys(prefix)
+    now = time.time() if now is None else now
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(keys.hosts)
+    pipe.lrange(keys.done, 0, -1)
+    pipe.lindex(keys.fleet, -1)
+    pipe.hgetall(keys.pools)
+    managed_raw, done_raw, last_raw, pools = pipe.execute()
+    managed = [json.loads(v) for v in managed_raw.values()]
+    by_state = dict.fromkeys(("launching", "active", "draining", "removed"), 0)
+    for rec in managed:
+        by_state[rec["state"]] = by_state.get(rec["state"], 0) + 1
+    hours: dict[str, float] = {}
+    for rec in [json.loads(x) for x in done_raw] + managed:
+        stop = rec.get("stopped_at") or now
+        hours[rec["instance_type"]] = hours.get(rec["instance_type"], 0.0) + max(0.0, stop - rec["launched_at"]) / 3600
+    last = json.loads(last_raw) if last_raw else None
+    return {
+        "hosts_by_state": by_state,
+        "instance_types": {rec["name"]: rec["instance_type"] for rec in managed},
+        "last_sample": last,
+        "host_hours": hours,
+        "cost": {t: h * cfg.price(t) for t, h in hours.items()},
+        "pools": {image: int(n) for image, n in pools.items()},
+    }
+
+
 def fleet_summary(r, prefix: str, cfg: ElasticConfig, *, since: float = 0.0, until: float | None = None) -> dict:
     """Events, per-host utilisation, host-hours and cost in ``[since, until]`` (for the report)."""
     keys = ElasticKeys(prefix)
