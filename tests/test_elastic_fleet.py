@@ -38,6 +38,9 @@ CFG = {
 }
 
 
+BURST = 16
+
+
 def spec(i: int) -> dict:
     replies = ["step\n```bash\nwork 1\n```", "step\n```bash\nwork 2\n```", "MEGAFLOW_SUBMIT"]
     return {
@@ -76,7 +79,15 @@ def _serving(res: ResourceManager) -> set[str]:
 def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_client, tmp_path):
     s = settings.model_copy(
         update={
-            "env_backend": {"type": "sim", "rules": [{"match": ".*", "latency_s": 0.3, "exit_code": 0}]},
+            # work takes a second: one host alone needs ~30 s for the burst, so the scale-out to three
+            # hosts (each a new worker process, slow to start on a loaded machine) always has a backlog
+            "env_backend": {
+                "type": "sim",
+                "rules": [
+                    {"match": "^work", "latency_s": 1.0, "exit_code": 0},
+                    {"match": ".*", "latency_s": 0.3, "exit_code": 0},
+                ],
+            },
             "metrics_port": 0,
             "host_capacity": 2,
             "sweep_interval_s": 2.0,
@@ -110,8 +121,8 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
     try:
         tick_until(lambda: len(_serving(res)) == 1, 60, "one host (min_hosts)")
         with Client(s) as client:
-            burst = client.submit([spec(i) for i in range(14)], user="el")
-            tick_until(lambda: client.status(burst.batch_id)["done"] == 14, 150, "burst finished")
+            burst = client.submit([spec(i) for i in range(BURST)], user="el")
+            tick_until(lambda: client.status(burst.batch_id)["done"] == BURST, 240, "burst finished")
             tick_until(
                 lambda: len(_serving(res)) == 1 and all(r["state"] == "active" for r in scaler.managed().values()),
                 150,  # a stopped worker gets SIGKILL 20 s after its warm shutdown; slow on a loaded machine
@@ -140,14 +151,14 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
         from megaflow.monitoring.metrics import collect
 
         text = collect(redis_client, s, keys)  # what the control service's /metrics serves
-        assert "megaflow_fleet_hosts{state=\"removed\"}" in text and "megaflow_fleet_host_hours{" in text
+        assert 'megaflow_fleet_hosts{state="removed"}' in text and "megaflow_fleet_host_hours{" in text
         summary = usage.fleet_summary(redis_client, s.key_prefix, scaler.cfg)
         assert summary["host_hours"] > 0 and summary["cost"] == pytest.approx(summary["host_hours"] * 0.05)
         assert 0 < summary["used_share"] <= 1
         store = open_metadata_store(s.metadata_url, s)
         try:  # the batch report shows the fleet's decisions, utilisation and cost
-            deadline = time.monotonic() + 30
-            while len([d for d in store.find_tasks(batch_id=burst.batch_id) if d.get("state") == "SUCCEEDED"]) < 14:
+            deadline = time.monotonic() + 90
+            while len([d for d in store.find_tasks(batch_id=burst.batch_id) if d.get("state") == "SUCCEEDED"]) < BURST:
                 assert time.monotonic() < deadline, "recorder did not catch up"
                 time.sleep(0.2)
             page = build_report(store, burst.batch_id, tmp_path / "report", fleet=summary).read_text()
