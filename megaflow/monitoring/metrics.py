@@ -176,10 +176,9 @@ def collect(redis_client: redis.Redis, settings: Settings, keys: Keys) -> str:
 
 def fleet_families(out: Exposition, redis_client: redis.Redis, settings: Settings, hosts: list[dict]) -> None:
     """The elastic fleet's gauges (``megaflow.elastic.usage.fleet_gauges``), beside the per-host ones above."""
+    from megaflow.core.errors import ConfigError
     from megaflow.elastic.config import ElasticConfig
     from megaflow.elastic.usage import fleet_gauges
-
-    from megaflow.core.errors import ConfigError
 
     try:
         cfg = ElasticConfig.from_settings(settings)
