@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from megaflow.core import states
 from megaflow.core.errors import NotFoundError
 from megaflow.report_svg import percentile
 from megaflow.stores.base import MetadataStore
+
+log = logging.getLogger(__name__)
 
 TERMINAL = tuple(s for s in states.ORDER if s in states.TERMINAL)
 STATE_ORDER = tuple(states.ORDER)
@@ -446,6 +449,32 @@ def fleet_episodes_section(fe: dict[str, Any], t0: float) -> str:
     return _table(["", ""], facts) + _table(["episode", "task", "event", "host", "at", "waited", "reason"], rows)
 
 
+def fleet_over(settings: Any) -> Callable[[float | None, float | None], dict[str, Any] | None]:
+    """The elastic fleet's summary over a batch's time span, read from Redis (None when the fleet
+    keeps no records, or Redis cannot be reached: the report is still written, without that section)."""
+
+    def read(start: float | None, end: float | None) -> dict[str, Any] | None:
+        import redis
+
+        from megaflow.elastic.config import ElasticConfig
+        from megaflow.elastic.usage import ElasticKeys, fleet_summary
+
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10)
+        try:
+            if not client.exists(ElasticKeys(settings.key_prefix).fleet):
+                return None
+            return fleet_summary(
+                client, settings.key_prefix, ElasticConfig.from_settings(settings), since=start or 0.0, until=end
+            )
+        except redis.RedisError as exc:
+            log.warning("report: no fleet section (Redis: %s)", exc)
+            return None
+        finally:
+            client.close()
+
+    return read
+
+
 def build_report(
     store: MetadataStore,
     batch_id: str,
@@ -453,13 +482,19 @@ def build_report(
     *,
     host_capacity: int | None = None,
     now: float | None = None,
-    fleet: dict[str, Any] | None = None,
+    fleet: dict[str, Any] | Callable[[float | None, float | None], dict[str, Any] | None] | None = None,
 ) -> Path:
-    """Write ``out_dir/index.html`` and ``out_dir/summary.json`` for one batch; return the page's path."""
+    """Write ``out_dir/index.html`` and ``out_dir/summary.json`` for one batch; return the page's path.
+
+    ``fleet`` is the elastic fleet's summary, or a function of the batch's (start, end) that returns
+    it (``fleet_over``), or None for no fleet section.
+    """
     docs = store.find_tasks(batch_id=batch_id)
     if not docs:
         raise NotFoundError(f"batch {batch_id!r} has no task documents in the metadata store")
     summary = summarize(docs, host_capacity=host_capacity, now=now)
+    if callable(fleet):
+        fleet = fleet(summary["start"], summary["end"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     page = out / "index.html"

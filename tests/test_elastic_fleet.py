@@ -19,7 +19,7 @@ from megaflow.elastic import usage
 from megaflow.elastic.autoscaler import Autoscaler
 from megaflow.elastic.config import ElasticConfig
 from megaflow.engine.resources import ResourceManager
-from megaflow.report import build_report
+from megaflow.report import build_report, fleet_over
 from megaflow.stores import open_metadata_store
 
 pytestmark = pytest.mark.fleet
@@ -161,7 +161,7 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
             while len([d for d in store.find_tasks(batch_id=burst.batch_id) if d.get("state") == "SUCCEEDED"]) < BURST:
                 assert time.monotonic() < deadline, "recorder did not catch up"
                 time.sleep(0.2)
-            page = build_report(store, burst.batch_id, tmp_path / "report", fleet=summary).read_text()
+            page = build_report(store, burst.batch_id, tmp_path / "report", fleet=fleet_over(s)).read_text()
         finally:
             store.close()
         assert "Fleet: scaling, utilisation and cost" in page and "host-hours" in page and ">remove<" in page
