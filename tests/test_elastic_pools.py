@@ -108,3 +108,29 @@ def test_env_worker_applies_the_published_pool_size(settings, redis_client, dock
         for c in docker_client.api.containers(all=True, filters={"label": f"{L.HOST}={host}"}):
             docker_client.api.remove_container(c["Id"], force=True)
     assert proc.returncode is not None
+
+
+def test_sim_backend_models_the_warm_pool(settings):
+    from megaflow.env_hosts.sim import SimHost
+
+    s = settings.model_copy(update={"host_capacity": 3, "warm_pool_size": 1})
+    host = SimHost({"warm_pool": True, "boot_latency_s": 0.2, "warm_latency_s": 0.0}, s, name="sim-pool")
+    try:
+        first = host.create("e1", "img:a", mode="persistent")  # nothing warm yet: it boots
+        assert first.data["warm"] is False  # (its pool's refill boots meanwhile, in the background)
+
+        def wait(cond) -> None:
+            deadline = time.monotonic() + 20
+            while not cond():
+                assert time.monotonic() < deadline, host.report()
+                time.sleep(0.05)
+
+        wait(lambda: host.report()["warm"] == {"img:a": 1})  # the static size, refilled in the background
+        assert host.create("e2", "img:a", mode="persistent").data["warm"] is True
+        assert host.set_pool_sizes({"img:a": 5, "img:b": 1}) == {"img:a": 2, "img:b": 1}  # fitted to capacity 3
+        wait(lambda: host.report()["warm"] == {"img:a": 2, "img:b": 1})
+        assert host.create("e3", "img:c", mode="ephemeral").data["warm"] is False
+        # starts: e1's own boot, 3 refills of img:a (after e1, after e2, up to 2), 1 of img:b, e3's boot
+        assert host.report()["sandbox_starts"] == host.starts == 6
+    finally:
+        host.shutdown()

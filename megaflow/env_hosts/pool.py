@@ -21,6 +21,26 @@ from megaflow.env_hosts import labels as L
 from megaflow.env_hosts.containers import LEASE_MARGIN_S, container_name
 
 
+def fit_pool_sizes(sizes: dict[str, int], capacity: int) -> dict[str, int]:
+    """Pool sizes (image -> containers) fitted to ``capacity`` warm containers in all.
+
+    Over capacity, slots go one at a time to the images asking most (ties by name), so every image
+    gets at least one while slots last; images asking for none are left out.
+    """
+    want = {img: int(n) for img, n in sizes.items() if int(n) > 0}
+    if sum(want.values()) <= capacity:
+        return want
+    applied = dict.fromkeys(want, 0)
+    order = sorted(want, key=lambda img: (-want[img], img))
+    left = max(0, capacity)
+    while left > 0 and any(applied[i] < want[i] for i in order):
+        for img in order:
+            if left > 0 and applied[img] < want[img]:
+                applied[img] += 1
+                left -= 1
+    return {img: n for img, n in applied.items() if n > 0}
+
+
 @dataclass
 class WarmEntry:
     container_id: str
@@ -84,23 +104,11 @@ class WarmPool:
     def set_sizes(self, sizes: dict[str, int], capacity: int) -> dict[str, int]:
         """Adopt the fleet's pool sizes (image -> containers), fitted to ``capacity`` warm containers in all.
 
-        Over capacity, slots go one at a time to the images asking most (ties by name), so every
-        published image gets at least one while slots last. Images left out fall back to the static
-        setting (kept warm only if pinned or asked for). Returns the sizes applied; excess containers go
-        at the next ``trim``, missing ones come with the next ``refill``.
+        Over capacity, see ``fit_pool_sizes``. Images left out fall back to the static setting (kept
+        warm only if pinned or asked for). Returns the sizes applied; excess containers go at the
+        next ``trim``, missing ones come with the next ``refill``.
         """
-        want = {img: max(0, int(n)) for img, n in sizes.items() if int(n) > 0}
-        applied = dict(want)
-        if sum(want.values()) > capacity:
-            applied = dict.fromkeys(want, 0)
-            order = sorted(want, key=lambda img: (-want[img], img))
-            left = max(0, capacity)
-            while left > 0 and any(applied[i] < want[i] for i in order):
-                for img in order:
-                    if left > 0 and applied[img] < want[img]:
-                        applied[img] += 1
-                        left -= 1
-            applied = {img: n for img, n in applied.items() if n > 0}
+        applied = fit_pool_sizes(sizes, capacity)
         with self._lock:
             self._sizes = applied
             for img in applied:

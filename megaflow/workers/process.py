@@ -93,6 +93,14 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         root = self.root
+        report: dict = {}
+        failed: Exception | None = None
+        if root.role == "env":
+            try:  # the worker's own health is written even when its container engine fails
+                self.apply_pool_sizes()
+                report = root.env_host.report()
+            except Exception as exc:
+                failed = exc
         root.redis.set(
             root.keys.worker_health(root.role, self.node),
             json.dumps(
@@ -104,13 +112,14 @@ class Heartbeat(threading.Thread):
                     "queues": self.queues,
                     "concurrency": self.concurrency,
                     "ts": time.time(),
+                    **({"sandbox_starts": report["sandbox_starts"]} if "sandbox_starts" in report else {}),
                 }
             ),
             ex=int(self.interval * 4) + 1,
         )
+        if failed is not None:
+            raise failed
         if root.role == "env":
-            self.apply_pool_sizes()
-            report = root.env_host.report()
             joined = root.resources.register_host(
                 root.host,
                 capacity=report.get("capacity", root.settings.host_capacity),
