@@ -4,19 +4,25 @@ Part 1 (a real sim fleet: control, model and agent workers as processes, env hos
 local provider): time to drain a burst backlog with the autoscaler (MIN..MAX hosts) against a fixed
 fleet of MAX hosts and one of MIN hosts, and the host-hours each held while the burst ran.
 
-Part 2 (an event model with the sim backend's latencies, since the sim backend hands out a warm
-sandbox for every persistent create and so has no pool to measure): a mixed workload of many images,
-a few hot, run all-ephemeral, all-persistent and with the automatic mode choice; batch time, container
-starts and idle warm container-seconds.
+Part 2 (a real sim fleet again, one fresh fleet per mode, the sim backend's warm-pool model on):
+a mixed workload of many images, a few hot, arriving in waves, run all-ephemeral, all-persistent
+(static pool of 2) and with the automatic mode choice (pools published per image and applied by the
+env workers' heartbeats); batch time, container starts (sandboxes booted, refills included), the
+env start-up p50 (admitted -> env ready) and the share of episodes whose env was ready in under 1 s.
+
+Part 3 (an event model with the same latencies, for larger fleets than this machine runs): the same
+comparison, plus idle warm container-seconds.
 
     .venv/bin/python bench/elastic.py                       # burst of 24, hosts 1..4, 2 slots each
-    .venv/bin/python bench/elastic.py --burst 40 --max 5 --skip-fleet
+    .venv/bin/python bench/elastic.py --burst 40 --max 5 --skip-fleet   # the event model only
+    .venv/bin/python bench/elastic.py --skip-fleet --modes-fleet         # part 2 only
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import json
 import random
 import shutil
 import sys
@@ -160,7 +166,7 @@ def part_fleet(args) -> None:
         )
 
 
-# --- part 2: the mode choice on a mixed workload ----------------------------------------------------
+# --- part 3: the mode choice on a mixed workload, as an event model ---------------------------------
 
 
 def mixed_workload(seed: int, hot: int, cold: int) -> list[tuple[float, str]]:
@@ -268,6 +274,122 @@ def part_modes(args) -> None:
         print(f"{name:<24}{row['batch_s']:>9.1f}{row['starts']:>8}{row['idle_warm_s']:>13.0f}")
 
 
+# --- part 2: the mode choice on a real sim fleet -----------------------------------------------------
+
+BOOT_S, WARM_S = 2.0, 0.05
+
+
+def mode_spec(i: int, image: str, mode: str | None) -> dict:
+    return {**spec(i), "task_id": f"mix-{i}", "image": image, **({"mode": mode} if mode else {})}
+
+
+def mixed_waves(seed: int, hot: int, cold: int, waves: int) -> list[list[str]]:
+    """Images per wave: ``hot`` images with 12 episodes each, ``cold`` ones with 1-2, shuffled into waves."""
+    rng = random.Random(seed)
+    images = [f"hot-{i}" for i in range(hot) for _ in range(12)]
+    images += [f"cold-{i}" for i in range(cold) for _ in range(rng.randint(1, 2))]
+    rng.shuffle(images)
+    return [images[w::waves] for w in range(waves)]
+
+
+def modes_fleet_run(args, mode: str, waves: list[list[str]]) -> dict:
+    """One mode on a fresh sim fleet of ``args.max`` static env hosts; returns its figures."""
+    import redis
+
+    from megaflow import fleet
+    from megaflow.client import Client
+    from megaflow.core.keys import Keys
+    from megaflow.core.settings import Settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="mf-modes-"))
+    rproc, url = start_redis(tmp)
+    elastic = {"enabled": False, "auto_mode": True, "persistent_min_demand": 4, "max_pool": 3}
+    settings = Settings.load(
+        redis_url=url,
+        state_dir=str(tmp / "state"),
+        host_name="bench",
+        metrics_port=0,
+        host_capacity=args.slots,
+        global_limit=256,
+        user_limit=256,
+        warm_pool_size=2,
+        elastic=elastic if mode == "auto" else {},
+        env_backend={
+            "type": "sim",
+            "warm_pool": True,
+            "boot_latency_s": BOOT_S,
+            "warm_latency_s": WARM_S,
+            "rules": [{"match": ".*", "latency_s": CMD_S, "exit_code": 0}],
+        },
+    )
+    fleet.up(settings, env_hosts=args.max, wait_s=120, echo=lambda m: None)
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        keys = Keys(settings.key_prefix)
+        fixed = None if mode == "auto" else mode
+        with Client(settings) as client:
+            t0 = time.time()
+            batches, n = [], 0
+            for w, images in enumerate(waves):
+                if w:
+                    time.sleep(args.wave_s)
+                batches.append(client.submit([mode_spec(n + i, im, fixed) for i, im in enumerate(images)], user=mode))
+                n += len(images)
+            rows = []
+            for b in batches:
+                client.wait(b.batch_id, timeout=600, poll_s=0.2)
+                rows += client.results(b.batch_id)
+            t1 = time.time()
+        deadline = time.monotonic() + 60  # starts as of a heartbeat after the last episode ended
+        while True:
+            beats = [json.loads(r.get(k) or "{}") for k in r.scan_iter(keys.worker_health("env", "*"))]
+            if len(beats) == args.max and all(b.get("ts", 0) > t1 for b in beats):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{mode}: env workers did not report after the batch")
+            time.sleep(0.2)
+        starts = sum(int(b.get("sandbox_starts", 0)) for b in beats)
+        env_s = sorted(
+            p["env_ready"] - p["admitted"] for p in (x["phases"] for x in rows) if "env_ready" in p and "admitted" in p
+        )
+        modes = Counter(x["mode"] for x in rows)
+        return {
+            "mode": mode,
+            "batch_s": t1 - t0,
+            "starts": starts,
+            "env_p50": env_s[len(env_s) // 2] if env_s else None,
+            "warm_share": sum(1 for v in env_s if v < BOOT_S / 2) / max(1, len(env_s)),
+            "ok": sum(1 for x in rows if x["state"] == "SUCCEEDED"),
+            "n": len(rows),
+            "persistent_share": modes.get("persistent", 0) / max(1, len(rows)),
+        }
+    finally:
+        r.close()
+        fleet.down(settings, echo=lambda m: None)
+        rproc.terminate()
+        rproc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def part_modes_fleet(args) -> None:
+    waves = mixed_waves(args.seed, hot=3, cold=12, waves=4)
+    total = sum(len(w) for w in waves)
+    print(
+        f"\nmixed workload on a sim fleet: {total} episodes (3 hot images x 12, 12 cold x 1-2) in 4 waves "
+        f"{args.wave_s:g} s apart; {args.max} hosts x {args.slots} slots; boot {BOOT_S:g} s, warm take "
+        f"{WARM_S:g} s, commands {CMD_S:g} s"
+    )
+    print(f"{'mode':<24}{'batch s':>9}{'starts':>8}{'env p50 s':>11}{'env<1s':>8}{'persistent':>12}{'ok':>6}")
+    for mode in ("ephemeral", "persistent", "auto"):
+        row = modes_fleet_run(args, mode, waves)
+        name = {"persistent": "persistent (pool 2)", "auto": "auto"}.get(mode, mode)
+        p50 = "-" if row["env_p50"] is None else f"{row['env_p50']:.2f}"
+        print(
+            f"{name:<24}{row['batch_s']:>9.1f}{row['starts']:>8}{p50:>11}{100 * row['warm_share']:>7.0f}%"
+            f"{100 * row['persistent_share']:>11.0f}%{row['ok']:>4}/{row['n']}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--burst", type=int, default=24)
@@ -276,10 +398,14 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=2, help="slots per env host")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quiet", type=float, default=20.0, help="seconds of no load after each burst")
-    ap.add_argument("--skip-fleet", action="store_true", help="only the mode model (no processes)")
+    ap.add_argument("--skip-fleet", action="store_true", help="no burst on a fleet (part 1)")
+    ap.add_argument("--modes-fleet", action="store_true", help="run part 2 even with --skip-fleet")
+    ap.add_argument("--wave-s", type=float, default=3.0, help="seconds between the waves of part 2")
     args = ap.parse_args()
     if not args.skip_fleet:
         part_fleet(args)
+    if not args.skip_fleet or args.modes_fleet:
+        part_modes_fleet(args)
     part_modes(args)
 
 

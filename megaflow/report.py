@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from megaflow.core import states
 from megaflow.core.errors import NotFoundError
 from megaflow.report_svg import percentile
 from megaflow.stores.base import MetadataStore
+
+log = logging.getLogger(__name__)
 
 TERMINAL = tuple(s for s in states.ORDER if s in states.TERMINAL)
 STATE_ORDER = tuple(states.ORDER)
@@ -150,6 +153,12 @@ def summarize(
             "utilisation": (mean / host_capacity) if mean is not None and host_capacity else None,
         }
 
+    touched: list[dict[str, Any]] = []
+    for d in docs:
+        for ev in d.get("fleet") or []:
+            if isinstance(ev, dict):
+                touched.append({"episode_id": d.get("episode_id"), "task_id": d.get("task_id"), **ev})
+    touched.sort(key=lambda ev: ev.get("t") or ev.get("launched_at") or 0.0)
     causes = states.failure_causes(docs)
     rewards = [float(d["reward"]) for d in docs if isinstance(d.get("reward"), (int, float))]
     return {
@@ -173,6 +182,11 @@ def summarize(
         "hosts": hosts,
         "host_capacity": host_capacity,
         "failure_causes": causes,
+        "fleet_episodes": {
+            "host_launched": sum(1 for ev in touched if ev.get("event") == "host_launched"),
+            "moved": sum(1 for ev in touched if ev.get("event") == "moved"),
+            "events": touched[:200],
+        },
         "_durations": durations,  # dropped from summary.json; the plots use them
         "_env_by_mode": dict(env_by_mode),
         "_held": held,
@@ -317,6 +331,8 @@ def render_html(
     ]
     if fleet is not None:
         sections.append(("Fleet: scaling, utilisation and cost", fleet_section(fleet, t0)))
+    if s["fleet_episodes"]["events"]:
+        sections.append(("Episodes touched by fleet decisions", fleet_episodes_section(s["fleet_episodes"], t0)))
     body = "\n".join(f"<section><h2>{e(h)}</h2>\n{content}</section>" for h, content in sections)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated))
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)) if s["start"] else "–"
@@ -375,8 +391,23 @@ def fleet_section(fleet: dict[str, Any], t0: float) -> str:
         [fmt_s(ev["ts"] - t0), ev["kind"], ev.get("host", ""), ev.get("target", ""), ev.get("reason", "")]
         for ev in fleet["events"]
     ]
+    strips = svgplot.heat_strips(
+        [
+            (
+                h,
+                [
+                    (t - t0, used / cap if cap else 0.0, f"{used}/{cap} slots at {fmt_s(t - t0)}")
+                    for t, used, cap in v.get("series") or []
+                ],
+            )
+            for h, v in fleet["hosts"].items()
+        ],
+        title="Per-host utilisation (live episodes / slots, sampled each autoscaler tick)",
+        x_label="seconds since the first submit",
+    )
     return (
         chart
+        + strips
         + _table(["", ""], facts)
         + _table(
             [
@@ -397,6 +428,53 @@ def fleet_section(fleet: dict[str, Any], t0: float) -> str:
     )
 
 
+def fleet_episodes_section(fe: dict[str, Any], t0: float) -> str:
+    """Episodes that waited for a host launched for the backlog, or were moved off a lost host."""
+    facts = [
+        ["episodes placed on a host launched while they waited", fe["host_launched"]],
+        ["moves off a lost (or lost while draining) host", fe["moved"]],
+    ]
+    rows = [
+        [
+            ev.get("episode_id", ""),
+            ev.get("task_id") or "",
+            ev.get("event", ""),
+            ev.get("host") or ev.get("from_host") or "",
+            fmt_s((ev.get("t") or ev.get("launched_at") or t0) - t0),
+            "–" if ev.get("waited_s") is None else fmt_s(ev["waited_s"]),
+            ev.get("reason", ""),
+        ]
+        for ev in fe["events"]
+    ]
+    return _table(["", ""], facts) + _table(["episode", "task", "event", "host", "at", "waited", "reason"], rows)
+
+
+def fleet_over(settings: Any) -> Callable[[float | None, float | None], dict[str, Any] | None]:
+    """The elastic fleet's summary over a batch's time span, read from Redis (None when the fleet
+    keeps no records, or Redis cannot be reached: the report is still written, without that section)."""
+
+    def read(start: float | None, end: float | None) -> dict[str, Any] | None:
+        import redis
+
+        from megaflow.elastic.config import ElasticConfig
+        from megaflow.elastic.usage import ElasticKeys, fleet_summary
+
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10)
+        try:
+            if not client.exists(ElasticKeys(settings.key_prefix).fleet):
+                return None
+            return fleet_summary(
+                client, settings.key_prefix, ElasticConfig.from_settings(settings), since=start or 0.0, until=end
+            )
+        except redis.RedisError as exc:
+            log.warning("report: no fleet section (Redis: %s)", exc)
+            return None
+        finally:
+            client.close()
+
+    return read
+
+
 def build_report(
     store: MetadataStore,
     batch_id: str,
@@ -404,13 +482,19 @@ def build_report(
     *,
     host_capacity: int | None = None,
     now: float | None = None,
-    fleet: dict[str, Any] | None = None,
+    fleet: dict[str, Any] | Callable[[float | None, float | None], dict[str, Any] | None] | None = None,
 ) -> Path:
-    """Write ``out_dir/index.html`` and ``out_dir/summary.json`` for one batch; return the page's path."""
+    """Write ``out_dir/index.html`` and ``out_dir/summary.json`` for one batch; return the page's path.
+
+    ``fleet`` is the elastic fleet's summary, or a function of the batch's (start, end) that returns
+    it (``fleet_over``), or None for no fleet section.
+    """
     docs = store.find_tasks(batch_id=batch_id)
     if not docs:
         raise NotFoundError(f"batch {batch_id!r} has no task documents in the metadata store")
     summary = summarize(docs, host_capacity=host_capacity, now=now)
+    if callable(fleet):
+        fleet = fleet(summary["start"], summary["end"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     page = out / "index.html"

@@ -1,4 +1,4 @@
-"""Tiny inline-SVG charts for the batch report: step lines, horizontal box plots, horizontal bars.
+"""Tiny inline-SVG charts for the batch report: step lines, box plots, bars, a per-row heat strip.
 
 Each function returns one ``<svg>`` element as a string (with a ``<title>`` for accessibility);
 no plotting library needed. Axis scales are linear, or log10 when durations span decades.
@@ -213,4 +213,60 @@ def bar_chart(
             f'fill="{color}"><title>{escape(name)}: {escape(note)}</title></rect>'
         )
         body.append(f'<text x="{xs(v) + 6:.1f}" y="{y + 13}" fill="#333">{escape(note)}</text>')
+    return _frame(width, height, title, body)
+
+
+def _shade(share: float) -> str:
+    """White (idle) to dark blue (every slot used); a share above 1 stays dark."""
+    share = min(max(share, 0.0), 1.0)
+    r, g, b = (round(255 + (c - 255) * share) for c in (0x1F, 0x3A, 0x93))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heat_strips(
+    rows: Sequence[tuple[str, list[tuple[float, float, str]]]],
+    *,
+    title: str,
+    x_label: str,
+    width: int = 900,
+    bins: int = 400,
+) -> str:
+    """One horizontal strip per named row over a shared time axis, shaded by a share in [0, 1].
+
+    Each row is (name, [(x, share, note)]) of change points; a point holds until the row's next one
+    (the last for one bin width). Used for per-host utilisation: used slots / slots over time.
+    """
+    rows = [(name, sorted(pts)) for name, pts in rows if pts]
+    if not rows:
+        return no_data(title, width)
+    row, left, right, top, bottom = 20, 160, 20, 30, 50
+    height = top + row * len(rows) + bottom
+    x0 = min(pts[0][0] for _, pts in rows)
+    x1 = max(pts[-1][0] for _, pts in rows)
+    step = (x1 - x0) / bins if x1 > x0 else 1.0
+    xs = Scale(x0, x1 + step, left, width - right)
+    body = _x_axis(xs, height - bottom, top, x_label, fmt_num, (left + width - right) / 2)
+    for i, (name, pts) in enumerate(rows):
+        y = top + row * i + 2
+        body.append(f'<text x="{left - 8}" y="{y + 12}" text-anchor="end" fill="#333">{escape(name)}</text>')
+        peak: dict[int, tuple[float, float, str]] = {}  # bin -> (x, share, note) of its busiest point
+        for x, share, note in pts:
+            b = min(int((x - x0) / step), bins)
+            if b not in peak or share > peak[b][1]:
+                peak[b] = (x, share, note)
+        kept = [peak[b] for b in sorted(peak)]
+        for j, (x, share, note) in enumerate(kept):
+            end = kept[j + 1][0] if j + 1 < len(kept) else x + step
+            body.append(
+                f'<rect x="{xs(x):.1f}" y="{y}" width="{max(xs(end) - xs(x), 0.5):.1f}" height="{row - 4}" '
+                f'fill="{_shade(share)}" stroke="none"><title>{escape(name)}: {escape(note)}</title></rect>'
+            )
+        body.append(
+            f'<rect x="{left}" y="{y}" width="{width - right - left}" height="{row - 4}" fill="none" stroke="#ddd"/>'
+        )
+    lx = width - right - 220
+    for k in range(5):
+        body.append(f'<rect x="{lx + 60 + k * 30}" y="8" width="30" height="10" fill="{_shade(k / 4)}" stroke="#ccc"/>')
+    body.append(f'<text x="{lx + 54}" y="17" text-anchor="end" fill="#333">used share 0</text>')
+    body.append(f'<text x="{lx + 216}" y="17" fill="#333">1</text>')
     return _frame(width, height, title, body)

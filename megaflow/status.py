@@ -61,7 +61,8 @@ def batch_status(settings: Settings, batch_id: str) -> dict[str, Any]:
         live = _live_total(settings, batch_id)
         return {"batch_id": batch_id, **_summarise(docs), "episodes": [], "unrecorded": live}
     episodes = [
-        {k: d.get(k) for k in ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")} for d in docs
+        {k: d.get(k) for k in ("episode_id", "task_id", "state", "reward", "cause", "host", "steps", "fleet")}
+        for d in docs
     ]
     return {"batch_id": batch_id, **_summarise(docs), "episodes": episodes}
 

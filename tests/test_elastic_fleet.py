@@ -19,7 +19,7 @@ from megaflow.elastic import usage
 from megaflow.elastic.autoscaler import Autoscaler
 from megaflow.elastic.config import ElasticConfig
 from megaflow.engine.resources import ResourceManager
-from megaflow.report import build_report
+from megaflow.report import build_report, fleet_over
 from megaflow.stores import open_metadata_store
 
 pytestmark = pytest.mark.fleet
@@ -36,6 +36,9 @@ CFG = {
     "prices": {"local": 0.05},
     "provider": {"type": "local", "name_prefix": "el"},
 }
+
+
+BURST = 16
 
 
 def spec(i: int) -> dict:
@@ -76,7 +79,15 @@ def _serving(res: ResourceManager) -> set[str]:
 def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_client, tmp_path):
     s = settings.model_copy(
         update={
-            "env_backend": {"type": "sim", "rules": [{"match": ".*", "latency_s": 0.3, "exit_code": 0}]},
+            # work takes a second: one host alone needs ~30 s for the burst, so the scale-out to three
+            # hosts (each a new worker process, slow to start on a loaded machine) always has a backlog
+            "env_backend": {
+                "type": "sim",
+                "rules": [
+                    {"match": "^work", "latency_s": 1.0, "exit_code": 0},
+                    {"match": ".*", "latency_s": 0.3, "exit_code": 0},
+                ],
+            },
             "metrics_port": 0,
             "host_capacity": 2,
             "sweep_interval_s": 2.0,
@@ -110,8 +121,8 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
     try:
         tick_until(lambda: len(_serving(res)) == 1, 60, "one host (min_hosts)")
         with Client(s) as client:
-            burst = client.submit([spec(i) for i in range(14)], user="el")
-            tick_until(lambda: client.status(burst.batch_id)["done"] == 14, 150, "burst finished")
+            burst = client.submit([spec(i) for i in range(BURST)], user="el")
+            tick_until(lambda: client.status(burst.batch_id)["done"] == BURST, 240, "burst finished")
             tick_until(
                 lambda: len(_serving(res)) == 1 and all(r["state"] == "active" for r in scaler.managed().values()),
                 150,  # a stopped worker gets SIGKILL 20 s after its warm shutdown; slow on a loaded machine
@@ -127,24 +138,35 @@ def test_local_fleet_scales_out_and_in_without_losing_episodes(settings, redis_c
                     if r["state"] != "SUCCEEDED"
                 ]
                 assert st["counts"] == {"SUCCEEDED": st["total"]}, (st, bad)  # none lost, none failed
+            # episodes placed on a host launched while they waited carry that in their own record
+            launched = {e["host"] for e in usage.events(redis_client, scaler.keys) if e["kind"] == "launch"}
+            notes = [ev for r in client.results(burst.batch_id) for ev in r["fleet"]]
+            assert notes and all(ev["event"] == "host_launched" for ev in notes), notes
+            assert {ev["host"] for ev in notes} <= launched - {"el-1"} and all(ev["reason"] for ev in notes)
         assert redis_client.hlen(keys.res("held")) == 0 and redis_client.hlen(keys.res("queued")) == 0  # none stranded
         assert seen_max == 3, seen_max
         assert check.violations == [] and len(check.removed) >= 2
         kinds = [e["kind"] for e in usage.events(redis_client, scaler.keys)]
         assert {"launch", "joined", "drain", "remove", "target"} <= set(kinds), kinds
+        from megaflow.monitoring.metrics import collect
+
+        text = collect(redis_client, s, keys)  # what the control service's /metrics serves
+        assert 'megaflow_fleet_hosts{state="removed"}' in text and "megaflow_fleet_host_hours{" in text
         summary = usage.fleet_summary(redis_client, s.key_prefix, scaler.cfg)
         assert summary["host_hours"] > 0 and summary["cost"] == pytest.approx(summary["host_hours"] * 0.05)
         assert 0 < summary["used_share"] <= 1
         store = open_metadata_store(s.metadata_url, s)
         try:  # the batch report shows the fleet's decisions, utilisation and cost
-            deadline = time.monotonic() + 30
-            while len([d for d in store.find_tasks(batch_id=burst.batch_id) if d.get("state") == "SUCCEEDED"]) < 14:
+            deadline = time.monotonic() + 90
+            while len([d for d in store.find_tasks(batch_id=burst.batch_id) if d.get("state") == "SUCCEEDED"]) < BURST:
                 assert time.monotonic() < deadline, "recorder did not catch up"
                 time.sleep(0.2)
-            page = build_report(store, burst.batch_id, tmp_path / "report", fleet=summary).read_text()
+            page = build_report(store, burst.batch_id, tmp_path / "report", fleet=fleet_over(s)).read_text()
         finally:
             store.close()
         assert "Fleet: scaling, utilisation and cost" in page and "host-hours" in page and ">remove<" in page
+        assert "Per-host utilisation (live episodes / slots" in page  # the per-host strip plot
+        assert "Episodes touched by fleet decisions" in page and ">host_launched<" in page
     finally:
         scaler.close(stop_hosts=True)
         fleet.down(s, echo=lambda m: None)
@@ -226,3 +248,43 @@ def test_megaflow_down_stops_autoscaled_local_hosts(settings):
         assert fleet.running(s) == {} and not provider.alive(h)
     finally:
         provider.close()
+
+
+def test_fleet_gauges_on_a_real_metrics_endpoint(settings, redis_client):
+    """The control service's /metrics (served on loopback) shows the fleet: hosts by state, target,
+    pending launches, queue, per-host used slots, host-hours and cost, published warm pools."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from megaflow.monitoring.metrics import serve_metrics
+
+    s = settings.model_copy(update={"elastic": {**CFG, "min_hosts": 2, "prices": {"t": 3.6}}})
+    res = ResourceManager(redis_client, s, Keys(s.key_prefix))
+    provider = RecordingProvider()
+    scaler = Autoscaler(redis_client, s, res, provider=provider, cfg=ElasticConfig.from_settings(s))
+    scaler.tick()  # launches rec-0 and rec-1 (min_hosts)
+    res.register_host("rec-0", capacity=2, images=[], warm={}, disk_free_gb=5.0)
+    res.register_host("static-1", capacity=2, images=[], warm={}, disk_free_gb=5.0)
+    scaler.tick()  # rec-0 joined, rec-1 still pending
+    redis_client.hset(usage.ElasticKeys(s.key_prefix).pools, "img:1", 3)
+    server = serve_metrics(s, port=0, address="127.0.0.1")
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+    finally:
+        server.close()
+    assert resp.status_code == 200, resp.text
+    m: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for smp in family.samples:
+            m.setdefault(smp.name, {})[tuple(sorted(smp.labels.items()))] = smp.value
+    by_state = {dict(k)["state"]: v for k, v in m["megaflow_fleet_hosts"].items()}
+    assert by_state == {"launching": 1, "active": 1, "draining": 0, "removed": 0}
+    assert m["megaflow_fleet_pending_launches"][()] == 1
+    assert m["megaflow_fleet_serving_hosts"][()] == 2  # rec-0 and the static host
+    assert m["megaflow_fleet_target_hosts"][()] == 2 and m["megaflow_fleet_queue_length"][()] == 0
+    used = {dict(k)["host"]: dict(k)["instance_type"] for k in m["megaflow_fleet_host_used_slots"]}
+    assert used == {"rec-0": "t", "static-1": "static"}
+    hours = m["megaflow_fleet_host_hours"][(("instance_type", "t"),)]
+    assert hours > 0 and m["megaflow_fleet_cost"][(("instance_type", "t"),)] == pytest.approx(hours * 3.6)
+    assert m["megaflow_fleet_warm_pool_target"][(("image", "img:1"),)] == 3
+    scaler.close()

@@ -104,6 +104,7 @@ def test_lost_host_episodes_move_then_end_as_infra_after_max_attempts(redis_serv
     _beat(rt, "h1")  # after building the specs (slow: the harness loads), within the 2 s host TTL
     assert rt.lifecycle.admit() == 2
     assert {rt.engine.load(e, history=False).host for e in ids} == {"h1"}
+    rt.resources.drain_host("h1", True)  # being drained (scale in) when it is lost: its record says so
     # h1 stops beating; h2 joins: the episodes move to h2 as attempt 2, steps moved on, slots re-taken there
     steps = {e: rt.engine.load(e, history=False).step for e in ids}
     _sweep_until(ctl, lambda: all(rt.engine.load(e, history=False).host == "h2" for e in ids), keep_alive=("h2",))
@@ -111,12 +112,17 @@ def test_lost_host_episodes_move_then_end_as_infra_after_max_attempts(redis_serv
         ep = rt.engine.load(e, history=False)
         assert ep.state == states.ADMITTED and ep.num("attempt") == 2 and ep.step > steps[e]
         assert rt.resources.placement(e)["host"] == "h2"
+        [move] = ep.fleet_events()  # the episode's own record of the move (results, status, report)
+        assert (move["event"], move["from_host"], move["attempt"]) == ("moved", "h1", 2)
+        assert move["reason"].endswith("lost (no heartbeat for 0.5s) while draining"), move
+        assert rt.engine.summaries([e])[0]["fleet"] == [move]
     assert "h1" in rt.resources.host_loss.lost()
     # h2 is lost too: out of attempts, each ends FAILED (infra) with its slots freed
     _sweep_until(ctl, lambda: all(rt.engine.load(e, history=False).terminal for e in ids))
     for e in ids:
         ep = rt.engine.load(e, history=False)
         assert (ep.state, ep.fields["cause"]) == (states.FAILED, states.CAUSE_INFRA), ep.fields
+        assert [m["from_host"] for m in ep.fleet_events()] == ["h1"]  # the last loss ended it: no move
         assert rt.resources.placement(e) is None
     assert audit(rt, ids) == []
     rt.close()

@@ -359,7 +359,7 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output directory.")] = Path("report"),
 ) -> None:
     """Write an HTML report with plots for a batch, built from the metadata store."""
-    from megaflow.report import build_report
+    from megaflow.report import build_report, fleet_over
     from megaflow.stores import open_metadata_store
 
     if out.exists() and not out.is_dir():
@@ -367,7 +367,7 @@ def report(
     settings = load_settings()
     store = open_metadata_store(settings.metadata_url, settings)
     try:
-        path = build_report(store, batch, out, host_capacity=settings.host_capacity)
+        path = build_report(store, batch, out, host_capacity=settings.host_capacity, fleet=fleet_over(settings))
     finally:
         store.close()
     console().print(f"report written to {path}", markup=False)

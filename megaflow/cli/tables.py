@@ -19,6 +19,7 @@ RESULT_COLUMNS = (
     ("cause", "cause"),
     ("host", "host"),
     ("steps", "steps"),
+    ("fleet", "fleet"),
 )
 ID_COLUMNS = {"episode", "task", "batch"}
 
@@ -51,11 +52,28 @@ def print_table(
         out.print("  ".join(first + rest), markup=False, highlight=False, soft_wrap=True)
 
 
+def fleet_note(events: Any) -> str:
+    """Elastic decisions that touched an episode, short: ``launched el-2`` / ``moved off env-1``."""
+    out = []
+    for ev in events or []:
+        if ev.get("event") == "host_launched":
+            out.append(f"launched {ev.get('host', '')}")
+        elif ev.get("event") == "moved":
+            out.append(f"moved off {ev.get('from_host', '')}")
+    return ", ".join(out)
+
+
 def print_results(out: Any, rows: list[dict[str, Any]], title: str | None = None) -> None:
     """Episode results as a table (one ``EPISODE TASK state=...`` line a row when the table cannot fit)."""
     cells = [
         [
-            "" if r.get(k) is None else f"{r[k]:g}" if isinstance(r.get(k), float) else r.get(k)
+            fleet_note(r.get(k))
+            if k == "fleet"
+            else ""
+            if r.get(k) is None
+            else f"{r[k]:g}"
+            if isinstance(r.get(k), float)
+            else r.get(k)
             for _, k in RESULT_COLUMNS
         ]
         for r in rows
@@ -74,8 +92,8 @@ def render_status(console: Console, data: dict[str, Any], hint: Console | None =
         keys = ("episode_id", "task_id", "state", "reward", "cause", "host", "steps")
         print_table(
             console,
-            ("episode", "task", "state", "reward", "cause", "host", "steps"),
-            [[e.get(k) for k in keys] for e in data["episodes"]],
+            ("episode", "task", "state", "reward", "cause", "host", "steps", "fleet"),
+            [[*(e.get(k) for k in keys), fleet_note(e.get("fleet"))] for e in data["episodes"]],
             ids=("episode", "task"),
             title=f"batch {data['batch_id']}: {data['finished']}/{data['total']} finished",
         )

@@ -195,6 +195,7 @@ class Autoscaler:
                         "instance_type": h.instance_type,
                         "launched_at": h.launched_at,
                         "state": LAUNCHING,
+                        "reason": d.reason,
                     }
                 )
                 usage.record_event(

@@ -3,7 +3,8 @@
 Demand per image is read from the resource manager's own keys: episodes waiting in the FIFO, and
 episodes queued or held whose submission falls in ``demand_window_s`` (the recent arrivals).
 ``auto_modes`` is meant for submit (a batch's own episodes count as arrivals); the chosen warm
-pool sizes are published for env hosts in ``E:pools`` (hash image -> containers per host).
+pool sizes are published for env hosts in ``E:pools`` (hash image -> containers per host), which
+every env worker's heartbeat reads (``published_pools``) and applies within its capacity.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def publish_pools(r, prefix: str, choices: dict[str, ModeChoice], *, now: float 
     pipe = r.pipeline(transaction=False)
     for c in choices.values():
         if c.mode == "persistent":
-            pipe.hset(f"{keys.base}:pools", c.image, c.pool_per_host)
+            pipe.hset(keys.pools, c.image, c.pool_per_host)
         else:
-            pipe.hdel(f"{keys.base}:pools", c.image)
+            pipe.hdel(keys.pools, c.image)
     pipe.execute()
     for c in choices.values():
         record_event(
@@ -86,3 +87,8 @@ def publish_pools(r, prefix: str, choices: dict[str, ModeChoice], *, now: float 
 
 def _get(spec: Any, name: str) -> Any:
     return spec.get(name) if isinstance(spec, dict) else getattr(spec, name, None)
+
+
+def published_pools(r, prefix: str) -> dict[str, int]:
+    """The warm pool per host the fleet asks for, by image (empty: hosts keep their static setting)."""
+    return {image: int(n) for image, n in r.hgetall(ElasticKeys(prefix).pools).items()}

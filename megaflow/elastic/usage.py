@@ -20,7 +20,9 @@ class ElasticKeys:
     ``E:events`` stream of decisions {kind, ts, ...}; ``E:hosts`` hash of managed hosts;
     ``E:done`` list of finished hosts (JSON); ``E:samples:<host>`` capped list of samples;
     ``E:fleet`` capped list of fleet samples {t, hosts, pending, queued, live, target};
-    ``E:leader`` the id of the one autoscaler allowed to act (a lease, renewed every tick).
+    ``E:leader`` the id of the one autoscaler allowed to act (a lease, renewed every tick);
+    ``E:pools`` hash image -> warm containers per host, published by the automatic mode choice and
+    applied by every env worker's heartbeat.
     """
 
     def __init__(self, prefix: str):
@@ -30,6 +32,7 @@ class ElasticKeys:
         self.done = f"{self.base}:done"
         self.fleet = f"{self.base}:fleet"
         self.leader = f"{self.base}:leader"
+        self.pools = f"{self.base}:pools"
 
     def samples(self, host: str) -> str:
         return f"{self.base}:samples:{host}"
@@ -100,6 +103,24 @@ def sample(
     pipe.execute()
 
 
+def launch_note(r, prefix: str, host: str, queued_at: float) -> dict | None:
+    """The fleet event for an episode placed on ``host``, when the autoscaler launched that host after
+    the episode was queued (it waited for a host launched for the backlog); else None. One HGET."""
+    raw = r.hget(ElasticKeys(prefix).hosts, host)
+    if not raw:
+        return None
+    rec = json.loads(raw)
+    if rec["launched_at"] <= queued_at:
+        return None
+    return {
+        "event": "host_launched",
+        "host": host,
+        "launched_at": round(rec["launched_at"], 3),
+        "reason": rec.get("reason", ""),
+        "waited_s": round(time.time() - queued_at, 3),
+    }
+
+
 def archive_host(r, keys: ElasticKeys, rec: dict) -> None:
     """Keep a removed host's record (launch and stop times, instance type) for host-hours."""
     r.rpush(keys.done, json.dumps(rec))
@@ -109,6 +130,39 @@ def host_records(r, keys: ElasticKeys) -> list[dict]:
     """Every host the autoscaler started: finished ones and those it still manages."""
     out = [json.loads(x) for x in r.lrange(keys.done, 0, -1)]
     return out + [json.loads(v) for v in r.hgetall(keys.hosts).values()]
+
+
+def fleet_gauges(r, prefix: str, cfg: ElasticConfig, *, now: float | None = None) -> dict[str, Any]:
+    """The fleet right now, for Prometheus: managed hosts by state, the last target and fleet sample,
+    published warm pools, and host-hours and cost by instance type since the records began.
+
+    Reads ``E:hosts``, ``E:done``, the last entry of ``E:fleet`` and ``E:pools``; writes nothing.
+    """
+    keys = ElasticKeys(prefix)
+    now = time.time() if now is None else now
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(keys.hosts)
+    pipe.lrange(keys.done, 0, -1)
+    pipe.lindex(keys.fleet, -1)
+    pipe.hgetall(keys.pools)
+    managed_raw, done_raw, last_raw, pools = pipe.execute()
+    managed = [json.loads(v) for v in managed_raw.values()]
+    by_state = dict.fromkeys(("launching", "active", "draining", "removed"), 0)
+    for rec in managed:
+        by_state[rec["state"]] = by_state.get(rec["state"], 0) + 1
+    hours: dict[str, float] = {}
+    for rec in [json.loads(x) for x in done_raw] + managed:
+        stop = rec.get("stopped_at") or now
+        hours[rec["instance_type"]] = hours.get(rec["instance_type"], 0.0) + max(0.0, stop - rec["launched_at"]) / 3600
+    last = json.loads(last_raw) if last_raw else None
+    return {
+        "hosts_by_state": by_state,
+        "instance_types": {rec["name"]: rec["instance_type"] for rec in managed},
+        "last_sample": last,
+        "host_hours": hours,
+        "cost": {t: h * cfg.price(t) for t, h in hours.items()},
+        "pools": {image: int(n) for image, n in pools.items()},
+    }
 
 
 def fleet_summary(r, prefix: str, cfg: ElasticConfig, *, since: float = 0.0, until: float | None = None) -> dict:

@@ -174,6 +174,14 @@ class Episode:
     def num(self, name: str) -> float:
         return float(self.fields.get(name) or 0)
 
+    def fleet_events(self) -> list[dict[str, Any]]:
+        """Elastic fleet decisions that touched this episode (host launched for it, moved off a lost host)."""
+        raw = self.fields.get("fleet")
+        try:
+            return list(json.loads(raw)) if raw else []
+        except ValueError:
+            return []
+
 
 @dataclass
 class NextTask:
@@ -405,6 +413,7 @@ def episode_view(ep: Episode) -> dict[str, Any]:
         "completion_tokens": int(ep.num("completion_tokens")),
         "artifact_uri": f.get("artifact_uri") or None,
         "phases": ep.phase_times(),
+        "fleet": ep.fleet_events(),
     }
 
 

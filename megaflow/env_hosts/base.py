@@ -226,7 +226,12 @@ class EnvHost(Protocol):
         ...
 
     def report(self) -> dict:
-        """Heartbeat contents: host, capacity, images, warm (image -> count), disk_free_gb."""
+        """Heartbeat contents: host, capacity, images, warm (image -> count), disk_free_gb.
+
+        A backend with a warm pool may also offer ``set_pool_sizes(sizes) -> dict`` (docker does): the
+        env worker's heartbeat passes it the fleet's published pool sizes (image -> sandboxes per host)
+        when they change, and the backend applies them within its capacity.
+        """
         ...
 
     def maintain(self, is_live: Callable[[str], bool] | None = None) -> dict:

@@ -340,6 +340,18 @@ class DockerHost:
             "disks_released": disks,
         }
 
+    def set_pool_sizes(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Apply the fleet's warm-pool sizes (image -> containers per host) within ``host_capacity``.
+
+        Excess warm containers are removed now; missing ones start in the background. Returns the
+        sizes applied (see ``WarmPool.set_sizes``).
+        """
+        applied = self.pool.set_sizes(sizes, self.settings.host_capacity)
+        self.pool.trim()
+        for image in applied:
+            self.pool.refill_async(image)
+        return applied
+
     def in_use_images(self) -> set[str]:
         """Images with a MegaFlow container on this host, or a warm pool, or the default image."""
         keep = {self.settings.default_image, *self.pool.wanted()}
@@ -362,6 +374,7 @@ class DockerHost:
             "capacity": self.settings.host_capacity,
             "images": self.images.present(),
             "warm": self.pool.counts(),
+            "pool_sizes": {img: self.pool.size(img) for img in sorted(self.pool.wanted())},
             "disk_free_gb": round(self.images.disk_free_gb(), 2),
             "disk_limit": self.disk.describe(),
         }

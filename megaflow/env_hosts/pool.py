@@ -1,9 +1,11 @@
 """Warm pool (persistent mode): started containers per image on one host, handed out after a liveness check.
 
-Bounded in size (``settings.warm_pool_size`` per image) and idle time (a container idle past
-``settings.warm_idle_s`` is replaced; an image nobody asked for in that time stops being kept
-warm). A warm container lives ``warm_idle_s + container_lifetime_s``, so one handed out always
-has a full episode lifetime left. Used containers are removed at close, never put back.
+Bounded in size (``settings.warm_pool_size`` per image, or the size the elastic fleet published
+for an image: ``set_sizes``, applied by the env worker's heartbeat within the host's capacity) and
+idle time (a container idle past ``settings.warm_idle_s`` is replaced; an image nobody asked for in
+that time stops being kept warm). A warm container lives ``warm_idle_s + container_lifetime_s``,
+so one handed out always has a full episode lifetime left. Used containers are removed at close,
+never put back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,26 @@ from dataclasses import dataclass
 from megaflow.core.errors import InfraError
 from megaflow.env_hosts import labels as L
 from megaflow.env_hosts.containers import LEASE_MARGIN_S, container_name
+
+
+def fit_pool_sizes(sizes: dict[str, int], capacity: int) -> dict[str, int]:
+    """Pool sizes (image -> containers) fitted to ``capacity`` warm containers in all.
+
+    Over capacity, slots go one at a time to the images asking most (ties by name), so every image
+    gets at least one while slots last; images asking for none are left out.
+    """
+    want = {img: int(n) for img, n in sizes.items() if int(n) > 0}
+    if sum(want.values()) <= capacity:
+        return want
+    applied = dict.fromkeys(want, 0)
+    order = sorted(want, key=lambda img: (-want[img], img))
+    left = max(0, capacity)
+    while left > 0 and any(applied[i] < want[i] for i in order):
+        for img in order:
+            if left > 0 and applied[img] < want[img]:
+                applied[img] += 1
+                left -= 1
+    return {img: n for img, n in applied.items() if n > 0}
 
 
 @dataclass
@@ -58,6 +80,7 @@ class WarmPool:
         self._items: dict[str, deque[WarmEntry]] = {}
         self._wanted: dict[str, float] = {}  # image -> last time an episode asked for it
         self._pinned: set[str] = set(pinned)  # images kept warm regardless of demand
+        self._sizes: dict[str, int] = {}  # image -> pool size published by the fleet (kept warm while published)
         self._refilling: set[str] = set()
         self._taking: set[str] = set()  # popped from the pool, claim not yet recorded
         self._threads: list[threading.Thread] = []
@@ -71,7 +94,26 @@ class WarmPool:
 
     def wanted(self) -> set[str]:
         with self._lock:
-            return set(self._pinned) | set(self._wanted)
+            return set(self._pinned) | set(self._wanted) | set(self._sizes)
+
+    def size(self, image: str) -> int:
+        """Target pool size of ``image``: the fleet's published size, else ``settings.warm_pool_size``."""
+        with self._lock:
+            return self._sizes.get(image, self.settings.warm_pool_size)
+
+    def set_sizes(self, sizes: dict[str, int], capacity: int) -> dict[str, int]:
+        """Adopt the fleet's pool sizes (image -> containers), fitted to ``capacity`` warm containers in all.
+
+        Over capacity, see ``fit_pool_sizes``. Images left out fall back to the static setting (kept
+        warm only if pinned or asked for). Returns the sizes applied; excess containers go at the
+        next ``trim``, missing ones come with the next ``refill``.
+        """
+        applied = fit_pool_sizes(sizes, capacity)
+        with self._lock:
+            self._sizes = applied
+            for img in applied:
+                self._items.setdefault(img, deque())
+        return applied
 
     def owns(self, container_id: str) -> bool:
         with self._lock:
@@ -163,7 +205,7 @@ class WarmPool:
             while not self._closed:
                 with self._lock:
                     have = len(self._items.setdefault(img, deque()))
-                if have >= self.settings.warm_pool_size:
+                if have >= self.size(img):
                     break
                 try:
                     self.images.ensure(img)
@@ -203,21 +245,26 @@ class WarmPool:
         thread.start()
 
     def trim(self) -> int:
-        """Remove warm containers idle past ``warm_idle_s`` or dead, and pools nobody asked for lately."""
+        """Remove warm containers idle past ``warm_idle_s``, dead, beyond their image's size, and pools
+        nobody asked for lately."""
         now = time.time()
         idle = self.settings.warm_idle_s
         drop: list[WarmEntry] = []
         with self._lock:
             for image, last in list(self._wanted.items()):
-                if image not in self._pinned and now - last > idle:
+                if image not in self._pinned and image not in self._sizes and now - last > idle:
                     del self._wanted[image]
             for image, q in self._items.items():
                 keep: deque[WarmEntry] = deque()
+                kept = image in self._pinned or image in self._wanted or image in self._sizes
                 for e in q:
-                    if now - e.started > idle or (image not in self._pinned and image not in self._wanted):
+                    if now - e.started > idle or not kept:
                         drop.append(e)
                     else:
                         keep.append(e)
+                limit = self._sizes.get(image, self.settings.warm_pool_size)
+                while len(keep) > limit:  # the fleet asked for fewer: the oldest go first
+                    drop.append(keep.popleft())
                 self._items[image] = keep
         failed_check: list[WarmEntry] = []
         with self._lock:

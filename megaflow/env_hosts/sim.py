@@ -81,6 +81,12 @@ class SimHost:
         self._images: set[str] | None = set(self.config.images) if self.config.images is not None else None
         self._rng = random.Random(f"{self.config.seed}:host:{name}")  # host-level draws (boots, pulls)
         self._stop = threading.Event()
+        # the warm pool model (config.warm_pool): ready sandboxes and boots in flight per image
+        self._warm: dict[str, int] = {}
+        self._filling: dict[str, int] = {}
+        self._wanted: set[str] = {settings.default_image} if settings.env_mode == "persistent" else set()
+        self._sizes: dict[str, int] = {}  # the fleet's published sizes, fitted to capacity
+        self.starts = 0  # sandboxes booted: episodes' own and warm-pool refills (container starts)
 
     @property
     def queues(self) -> list[str]:
@@ -131,8 +137,17 @@ class SimHost:
         self.ensure_image(image)
         warm = mode == "persistent" and not network
         with self._lock:
+            if warm and self.config.warm_pool:
+                self._wanted.add(image)
+                warm = self._warm.get(image, 0) > 0
+                if warm:
+                    self._warm[image] -= 1
+            if not warm:
+                self.starts += 1
             fail = self._rng.random() < self.config.boot_failure_p
             latency = draw(self.config.warm_latency_s if warm else self.config.boot_latency_s, self._rng)
+        if mode == "persistent" and self.config.warm_pool:
+            self._refill_async(image)
         self._wait(latency)
         if fail:
             raise RetryableInfraError(f"boot of {image} on {self.name}: simulated failure")
@@ -373,7 +388,54 @@ class SimHost:
         with self._lock:
             for sid in reaped:
                 self._boxes.pop(sid, None)
+        if self.config.warm_pool:
+            for image in sorted(self._wanted | set(self._sizes)):
+                self._refill_async(image)
         return {"reaped": reaped, "warm_trimmed": 0, "warm_started": 0, "evicted": []}
+
+    # --- warm pool model ----------------------------------------------------------------------
+    def _size(self, image: str) -> int:
+        if image in self._sizes:
+            return self._sizes[image]
+        return self.settings.warm_pool_size if image in self._wanted else 0
+
+    def _refill_async(self, image: str) -> None:
+        """Boot the sandboxes ``image``'s pool lacks, one after another, in a background thread."""
+        with self._lock:
+            need = self._size(image) - self._warm.get(image, 0) - self._filling.get(image, 0)
+            if need <= 0 or self._stop.is_set():
+                return
+            self._filling[image] = self._filling.get(image, 0) + need
+
+        def boot() -> None:
+            for _ in range(need):
+                with self._lock:
+                    latency = draw(self.config.boot_latency_s, self._rng)
+                self._wait(latency)
+                with self._lock:
+                    self._filling[image] -= 1
+                    if self._stop.is_set():
+                        continue
+                    self.starts += 1
+                    if self._warm.get(image, 0) < self._size(image):
+                        self._warm[image] = self._warm.get(image, 0) + 1
+
+        threading.Thread(target=boot, name=f"sim-warm-{image}", daemon=True).start()
+
+    def set_pool_sizes(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Adopt the fleet's warm-pool sizes within capacity (only with ``warm_pool``; else ``{}``)."""
+        if not self.config.warm_pool:
+            return {}
+        from megaflow.env_hosts.pool import fit_pool_sizes
+
+        applied = fit_pool_sizes(sizes, self.config.capacity or self.settings.host_capacity)
+        with self._lock:
+            self._sizes = applied
+            for image in list(self._warm):
+                self._warm[image] = min(self._warm[image], self._size(image))
+        for image in applied:
+            self._refill_async(image)
+        return applied
 
     def report(self) -> dict:
         return {
@@ -381,7 +443,8 @@ class SimHost:
             "backend": self.backend,
             "capacity": self.config.capacity or self.settings.host_capacity,
             "images": sorted(self._images) if self._images is not None else [],
-            "warm": {},
+            "warm": {img: n for img, n in self._warm.items() if n},
+            "sandbox_starts": self.starts,
             "disk_free_gb": self.config.disk_free_gb,
             "sandboxes": len(self._boxes),
         }

@@ -159,6 +159,12 @@ class SimEnvConfig(_Strict):
     )
     warm_latency_s: Dist = Field(0.0, description="Time to hand out a warm sandbox (persistent mode).")
     pull_latency_s: Dist = Field(0.0, description="Time to make a missing image present.")
+    warm_pool: bool = Field(
+        False,
+        description="Model the warm pool: a persistent create gets a warm sandbox only when one is ready "
+        "(pools refill in the background at boot latency, sized by settings.warm_pool_size or the fleet's "
+        "published sizes); False: every persistent create gets a warm one.",
+    )
     boot_failure_p: float = Field(
         0.0, ge=0, le=1, description="Probability that a create fails with a retryable infrastructure error."
     )

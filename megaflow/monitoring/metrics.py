@@ -2,7 +2,8 @@
 
 Flower's ``/metrics`` covers Celery (task runtimes, worker events); this endpoint covers what
 only MegaFlow knows: Celery queue lengths (with the broker's key prefix), the admission FIFO,
-slots used per tier, warm pools and live episodes by state. ``collect()`` returns the text
+slots used per tier, warm pools, live episodes by state, and the elastic fleet (hosts by state,
+target, pending launches, per-host used slots, host-hours and cost; ``fleet_families``). ``collect()`` returns the text
 exposition format (written by hand, no extra dependency); ``serve_metrics()`` serves it from a
 small threaded HTTP server (``megaflow metrics``, or the control service on ``metrics_port``).
 
@@ -12,7 +13,8 @@ as Flower does.
 
 Keys read (never written): the Celery queues ``<prefix>:celery:<queue>`` (plus their priority
 lists) and ``<prefix>:celery:unacked``; the resource manager's keys through
-``ResourceManager.capacity()``; ``<prefix>:live`` and each live episode's hash field ``state``.
+``ResourceManager.capacity()``; ``<prefix>:live`` and each live episode's hash field ``state``;
+the elastic keys through ``megaflow.elastic.usage.fleet_gauges``.
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def collect(redis_client: redis.Redis, settings: Settings, keys: Keys) -> str:
         [({"host": h["name"], "image": image}, n) for h in hosts for image, n in sorted(h["warm"].items())],
     )
 
+    if settings.elastic or redis_client.exists(f"{settings.key_prefix}:elastic:fleet"):
+        fleet_families(out, redis_client, settings, hosts)
+
     counts = episode_states(redis_client, keys)
     counts[states.QUEUED] = counts.get(states.QUEUED, 0) + queue["length"]
     names = NOT_TERMINAL + sorted(set(counts) - set(NOT_TERMINAL))
@@ -175,6 +180,69 @@ def collect(redis_client: redis.Redis, settings: Settings, keys: Keys) -> str:
         [({}, round(time.perf_counter() - started, 6))],
     )
     return out.text()
+
+
+def fleet_families(out: Exposition, redis_client: redis.Redis, settings: Settings, hosts: list[dict]) -> None:
+    """The elastic fleet's gauges (``megaflow.elastic.usage.fleet_gauges``), beside the per-host ones above."""
+    from megaflow.core.errors import ConfigError
+    from megaflow.elastic.config import ElasticConfig
+    from megaflow.elastic.usage import fleet_gauges
+
+    try:
+        cfg = ElasticConfig.from_settings(settings)
+    except ConfigError as exc:  # the control service refuses to start on it; a scrape still answers
+        log.warning("metrics: %s; fleet cost uses no prices", exc)
+        cfg = ElasticConfig(prices={})
+    g = fleet_gauges(redis_client, settings.key_prefix, cfg)
+    last = g["last_sample"] or {}
+    out.family(
+        "megaflow_fleet_hosts",
+        "Env hosts the autoscaler manages, by state (launching, active, draining, removed).",
+        [({"state": st}, n) for st, n in g["hosts_by_state"].items()],
+    )
+    out.family(
+        "megaflow_fleet_serving_hosts",
+        "Registered env hosts that are alive and not drained (static and autoscaled).",
+        [({}, sum(1 for h in hosts if h["alive"] and not h["drained"]))],
+    )
+    out.family(
+        "megaflow_fleet_target_hosts",
+        "Env hosts the autoscaler wants (its last decision; -1 before the first).",
+        [({}, last.get("target", -1))],
+    )
+    out.family(
+        "megaflow_fleet_pending_launches",
+        "Hosts launched and not yet registered.",
+        [({}, g["hosts_by_state"]["launching"])],
+    )
+    out.family(
+        "megaflow_fleet_queue_length",
+        "Episodes waiting in the admission FIFO at the autoscaler's last tick.",
+        [({}, last.get("queued", 0))],
+    )
+    out.family(
+        "megaflow_fleet_host_used_slots",
+        "Slots held per env host, with its instance type ('static' for hosts the autoscaler did not start).",
+        [
+            ({"host": h["name"], "instance_type": g["instance_types"].get(h["name"], "static")}, h["used"])
+            for h in hosts
+        ],
+    )
+    out.family(
+        "megaflow_fleet_host_hours",
+        "Host-hours of autoscaled hosts since the records began, by instance type.",
+        [({"instance_type": t}, v) for t, v in sorted(g["host_hours"].items())],
+    )
+    out.family(
+        "megaflow_fleet_cost",
+        "Estimated cost of autoscaled hosts (host-hours x elastic.prices), by instance type.",
+        [({"instance_type": t}, v) for t, v in sorted(g["cost"].items())],
+    )
+    out.family(
+        "megaflow_fleet_warm_pool_target",
+        "Warm containers per host the automatic mode choice asks for, by image.",
+        [({"image": image}, n) for image, n in sorted(g["pools"].items())],
+    )
 
 
 def episode_states(redis_client: redis.Redis, keys: Keys) -> dict[str, int]:

@@ -55,18 +55,38 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
         return _infra_failure(rt, ep, exc, "provision", final_attempt)
     finally:
         rt.resources.release_boot(rt.host, ep.id)
+    fields: dict[str, Any] = {"container": handle.to_json()}
+    event_fields: dict[str, Any] = {"host": rt.host, "container_id": handle.id, "mode": handle.mode}
+    note = _launch_note(rt, ep)
+    if note is not None:  # it waited for a host the autoscaler launched: its record says so
+        fleet = [*ep.fleet_events(), note]
+        fields["fleet"] = fleet
+        event_fields["fleet"] = fleet
     applied = rt.engine.advance(
         ep,
         state=states.RUNNING,
         phase="env_ready",
-        fields={"container": handle.to_json()},
-        event_fields={"host": rt.host, "container_id": handle.id, "mode": handle.mode},
+        fields=fields,
+        event_fields=event_fields,
         next_task=to_agent(),
     )
     if not applied:  # a duplicate delivery won the race: this container is ours to remove
         rt.env_host.close(handle)
         return "dropped"
     return "ok"
+
+
+def _launch_note(rt: Runtime, ep) -> dict[str, Any] | None:
+    """The elastic fleet's note when this host was launched after the episode was queued (one HGET)."""
+    from megaflow.elastic.usage import launch_note
+
+    queued = ep.phase_times().get("queued")
+    if queued is None:
+        return None
+    try:
+        return launch_note(rt.redis, rt.settings.key_prefix, rt.host, queued)
+    except Exception:  # a note is never worth failing a provision for
+        return None
 
 
 def _infra_failure(rt: Runtime, ep, exc: Exception, what: str, final_attempt: bool) -> str:

@@ -88,6 +88,7 @@ class Heartbeat(threading.Thread):
         self.gateway_socket: Any = None  # env hosts: the episode gateway on the containers' Unix socket
         self.interval = max(0.5, min(root.settings.lease_s, root.settings.host_ttl_s) / 4)
         self.maintain_every = max(self.interval, 10.0)
+        self.pool_sizes: dict[str, int] | None = None  # the fleet's published warm pools, last applied
 
     def is_live(self, episode_id: str) -> bool:
         """An episode still running here: not final, and placed on this host (a moved one is not ours)."""
@@ -96,6 +97,14 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         root = self.root
+        report: dict = {}
+        failed: Exception | None = None
+        if root.role == "env":
+            try:  # the worker's own health is written even when its container engine fails
+                self.apply_pool_sizes()
+                report = root.env_host.report()
+            except Exception as exc:
+                failed = exc
         root.redis.set(
             root.keys.worker_health(root.role, self.node),
             json.dumps(
@@ -107,12 +116,14 @@ class Heartbeat(threading.Thread):
                     "queues": self.queues,
                     "concurrency": self.concurrency,
                     "ts": time.time(),
+                    **({"sandbox_starts": report["sandbox_starts"]} if "sandbox_starts" in report else {}),
                 }
             ),
             ex=int(self.interval * 4) + 1,
         )
+        if failed is not None:
+            raise failed
         if root.role == "env":
-            report = root.env_host.report()
             joined = root.resources.register_host(
                 root.host,
                 capacity=report.get("capacity", root.settings.host_capacity),
@@ -125,6 +136,19 @@ class Heartbeat(threading.Thread):
                 root.lifecycle.admit()
             if root.resources.leaving(root.host) and held == 0 and not root.resources.host_loss.live_on({root.host}):
                 self.leave()
+
+    def apply_pool_sizes(self) -> None:
+        """Hand the fleet's published warm-pool sizes (``E:pools``) to the env backend when they change."""
+        setter = getattr(self.root.env_host, "set_pool_sizes", None)
+        if setter is None:
+            return
+        from megaflow.elastic.modes import published_pools
+
+        sizes = published_pools(self.root.redis, self.root.settings.key_prefix)
+        if sizes != self.pool_sizes:
+            applied = setter(sizes)
+            log.info("env host %s: warm pools %s (fleet asked for %s)", self.root.host, applied, sizes)
+            self.pool_sizes = sizes
 
     def leave(self) -> None:
         """Told to leave and drained: unregister, then stop this worker (a warm shutdown)."""

@@ -38,13 +38,20 @@ local nowstr = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 redis.call('HSET', KEYS[1], 'step', step, 'state', 'QUEUED', 'attempt', attempt + 1, 'host', '', 'container', '',
   'pending', '', 'next', '', 'model_calls', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'format_errors', 0,
   'format_streak', 0, 'updated_at', nowstr, 't:queued', nowstr, 'retry_reason', reason)
+-- the episode's own record of fleet decisions that touched it (shown with its results)
+local fl = redis.call('HGET', KEYS[1], 'fleet')
+local fleet = (fl and fl ~= '') and cjson.decode(fl) or {}
+table.insert(fleet, {event = 'moved', from_host = ARGV[7], reason = reason, attempt = attempt + 1,
+  t = tonumber(nowstr)})
+redis.call('HSET', KEYS[1], 'fleet', cjson.encode(fleet))
 for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(k, 1, 2) == 't:' and k ~= 't:submitted' and k ~= 't:queued' then redis.call('HDEL', KEYS[1], k) end
 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[4], ep)
 local ev = cjson.encode({episode_id = ep, batch_id = f[6], user = f[4], task_id = f[7], state = 'QUEUED',
-  phase = 'retry', fields = {attempt = attempt + 1, cause = 'infra', error = reason, lost_host = ARGV[7]}})
+  phase = 'retry', fields = {attempt = attempt + 1, cause = 'infra', error = reason, lost_host = ARGV[7],
+  fleet = fleet}})
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'e', ev, 'ts', nowstr, 'step', step)
 -- the resource side: free its slots, back to its old place in the FIFO (front of its user's queue)
 local info = drop(ep)
@@ -131,8 +138,11 @@ class HostLoss:
     def move_episodes(self, hosts: list[str]) -> Moved:
         """Re-queue (or report as spent) every live episode of the lost ``hosts``."""
         moved = Moved([], [])
+        drained = set(self.redis.smembers(self.keys.res("drained")))
         for eid, step, host in self.live_on(set(hosts)):
             reason = f"env host {host} lost (no heartbeat for {self.settings.host_ttl_s:g}s)"
+            if host in drained:
+                reason += " while draining"
             res = self.retry(eid, step, reason=reason, host=host)
             if res == 1:
                 moved.requeued.append(eid)
