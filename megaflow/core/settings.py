@@ -267,6 +267,12 @@ class Settings(BaseSettings):
         "127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus)."
     )
     events_maxlen: int = Field(1_000_000, ge=1000, description="Approximate cap of the event stream.")
+    events_retain_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds a recorded event stays in the Redis stream (0: trimmed once every consumer group "
+        "acknowledged it; the metadata store keeps it).",
+    )
 
     @field_validator("model_endpoints", mode="before")
     @classmethod
