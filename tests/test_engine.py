@@ -42,6 +42,21 @@ def test_create_batch_writes_episodes_and_events(engine, redis_client):
     assert [e["state"] for e in events] == [states.SUBMITTED, states.QUEUED] * 3
 
 
+def test_spec_is_stored_without_defaults_and_loads_whole(engine, redis_client):
+    plain = {"task_id": "t", "agent": {"max_steps": 7}, "workdir": "/repo", "eval": {"command": "true"}}
+    specs = validate_specs(demo_specs("fix")[:2] + [plain])
+    _, ids = engine.create_batch(specs, "alice")
+    for eid, spec in zip(ids, specs):
+        raw = redis_client.hget(engine.keys.episode(eid), "spec")
+        assert len(raw) < len(spec.model_dump_json())
+        assert engine.load(eid).spec == spec  # every default restored, every set value kept
+    assert json.loads(redis_client.hget(engine.keys.episode(ids[2]), "spec")) == {
+        "task_id": "t",
+        "agent": {"max_steps": 7},
+        "eval": {"command": "true"},
+    }  # "/repo" is the default workdir
+
+
 def test_advance_applies_once_and_sends_next(engine, redis_client):
     _, ids = make(engine, 1)
     ep = engine.load(ids[0])

@@ -121,6 +121,11 @@ def task_argsrepr(name: str, args: list[Any], queue: str) -> str:
 _HOSTNAME = socket.gethostname()
 
 
+def dumps(obj: Any) -> str:
+    """Compact JSON (no spaces after separators): what MegaFlow writes to Redis and the broker."""
+    return json.dumps(obj, separators=(",", ":"))
+
+
 def encode_message(key_prefix: str, name: str, args: list[Any], queue: str, priority: int = 0) -> tuple[str, str]:
     """(broker list key, message) that ``send_task(name, args, queue=queue, priority=priority)`` would LPUSH.
 
@@ -160,13 +165,13 @@ def encode_message(key_prefix: str, name: str, args: list[Any], queue: str, prio
         "delivery_tag": str(uuid.uuid4()),
     }
     envelope = {
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "body": base64.b64encode(dumps(body).encode()).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
         "properties": properties,
     }
-    return broker_queue_key(key_prefix, queue, priority), json.dumps(envelope)
+    return broker_queue_key(key_prefix, queue, priority), dumps(envelope)
 
 
 def decode_message(message: str) -> tuple[str, list[Any]]:
