@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="Workers send Celery task events (Flower shows tasks from them); off saves a few "
         "Redis publishes per step.",
     )
+    task_log: bool = Field(
+        False,
+        description="Workers log each task's receipt and success at INFO (Celery's two lines per step, a few "
+        "percent of a worker's CPU at scale); failures and retries are logged either way.",
+    )
     visibility_timeout_s: int = Field(
         0,
         ge=0,
