@@ -86,14 +86,19 @@ class Recorder:
                 raise
 
     def apply(self, entries: list[tuple[str, dict[str, str]]]) -> int:
+        pairs = []
         for entry_id, fields in entries:
             try:
-                event, doc = event_documents(entry_id, fields)
+                pairs.append(event_documents(entry_id, fields))
             except (KeyError, ValueError):
                 log.error("skipping malformed event %s: %r", entry_id, fields)
-                continue
-            self.store.add_event(event)
-            self.store.upsert_task(doc)
+        batch = getattr(self.store, "record", None)  # a store that writes a batch in one transaction
+        if batch is not None:
+            batch(pairs)
+        else:
+            for event, doc in pairs:
+                self.store.add_event(event)
+                self.store.upsert_task(doc)
         if entries:
             self.r.xack(self.keys.events, GROUP, *[e[0] for e in entries])
         return len(entries)
