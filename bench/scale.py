@@ -213,6 +213,10 @@ def wait_workers(settings: Settings, fleet: Fleet, n_nodes: int, timeout_s: floa
         app.close()
 
 
+# INFO memory fields printed mid-run (per episode): what the keys hold, what Redis spends beside them
+MEMORY_FIELDS = ("used_memory", "used_memory_dataset", "used_memory_overhead", "mem_clients_normal")
+
+
 # --- where Redis bytes and commands go ----------------------------------------------------------------
 _ID = re.compile(r"b-\d{8}-\d{6}-[0-9a-f]{6,8}(-\d{5})?|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -267,7 +271,8 @@ def run_batch(
             raise RuntimeError("env hosts did not register")
         time.sleep(0.2)
     root.close()
-    base_mem = int(r.info("memory")["used_memory"])
+    base_info = r.info("memory")
+    base_mem = int(base_info["used_memory"])
     pids = {name: p.pid for name, p in fleet.procs.items()} | {"redis": redis_pid}
     cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
     cmds0 = command_counts(r)
@@ -282,7 +287,9 @@ def run_batch(
             peak["mem"] = max(peak["mem"], mem)
             # the key breakdown once, mid-episode (half the ideal episode time after the submit)
             if breakdown and not snap and time.time() - t_sub[0] > ideal_s(profile) / 2:
-                snap.update(mem=mem, keys=key_breakdown(r, snap_batch[0]))
+                info = r.info("memory")
+                clients = int(r.info("clients")["connected_clients"])
+                snap.update(mem=mem, keys=key_breakdown(r, snap_batch[0]), info=info, clients=clients)
             peak["rss"] = max(peak["rss"], sum(rss_bytes(pid) for pid in pids.values()))
 
     snap_batch, t_sub = [""], [time.time()]
@@ -326,6 +333,12 @@ def run_batch(
         "rss_peak_mb": peak["rss"] / 2**20,
         "tasks_per_episode": statistics.mean(steps) + 1 if steps else None,  # every hop advances the step; + close
         "redis_commands_per_episode": cmds,
+        "redis_memory_mid_run": {
+            k: (int(snap["info"][k]) - int(base_info[k])) / n
+            for k in MEMORY_FIELDS
+            if "info" in snap and k in snap["info"] and k in base_info
+        },
+        "redis_clients_mid_run": snap.get("clients"),
         "redis_keys_mid_run": {
             k: {"keys": c, "bytes_per_episode": b / n} for k, (c, b) in snap.get("keys", {}).items()
         },
@@ -487,6 +500,12 @@ def main() -> None:
                 + ", ".join(f"{k}={v:.1f}" for k, v in list(cmds.items())[:10])
                 + ")"
             )
+            if row["redis_memory_mid_run"]:
+                print(
+                    "        Redis INFO memory mid-run, bytes/episode: "
+                    + ", ".join(f"{k}={v:.0f}" for k, v in row["redis_memory_mid_run"].items())
+                    + f" (connected clients: {row['redis_clients_mid_run']})"
+                )
             if row["redis_keys_mid_run"]:
                 print(
                     "        Redis bytes/episode mid-run by key: "
