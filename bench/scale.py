@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +39,7 @@ from megaflow.core.settings import Settings  # noqa: E402
 # model seconds, command seconds, model calls per episode; the evaluation is one more command.
 PROFILES = {"75": (20.0, 5.0, 3), "12": (2.0, 1.0, 4)}
 TICK = os.sysconf("SC_CLK_TCK")
+HASH_MAX_LISTPACK_VALUE = 1024  # deploy/ansible/roles/redis: redis_hash_max_listpack_value
 
 
 def free_port() -> int:
@@ -153,6 +155,10 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
             "no",
             "--dir",
             str(tmp),
+            # as deploy/ansible's redis.conf: an episode's hash (~30 fields, a spec and a sandbox handle of a
+            # few hundred bytes) stays a compact listpack instead of a hashtable (3.6 -> ~2 KB per episode)
+            "--hash-max-listpack-value",
+            str(HASH_MAX_LISTPACK_VALUE),
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -207,6 +213,39 @@ def wait_workers(settings: Settings, fleet: Fleet, n_nodes: int, timeout_s: floa
         app.close()
 
 
+# INFO memory fields printed mid-run (per episode): what the keys hold, what Redis spends beside them
+MEMORY_FIELDS = ("used_memory", "used_memory_dataset", "used_memory_overhead", "mem_clients_normal")
+
+
+# --- where Redis bytes and commands go ----------------------------------------------------------------
+_ID = re.compile(r"b-\d{8}-\d{6}-[0-9a-f]{6,8}(-\d{5})?|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def key_pattern(key: str) -> str:
+    """A key with its batch / episode / message ids replaced by placeholders."""
+    return _ID.sub(lambda m: "{ep}" if m.group(1) else ("{batch}" if m.group(0).startswith("b-") else "{uuid}"), key)
+
+
+def key_breakdown(r: Any, batch_id: str) -> dict[str, list[float]]:
+    """pattern -> [keys, bytes] (MEMORY USAGE of every key, exact), largest first; the keys of earlier
+    batches (finished episodes kept for their TTL) are left out."""
+    out: dict[str, list[float]] = {}
+    pipe = r.pipeline(transaction=False)
+    keys = [k for k in r.scan_iter(count=2000) if "b-" not in k or batch_id in k]
+    for k in keys:
+        pipe.memory_usage(k, samples=0)
+    for k, size in zip(keys, pipe.execute()):
+        row = out.setdefault(key_pattern(k), [0, 0])
+        row[0] += 1
+        row[1] += size or 0
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
+
+
+def command_counts(r: Any) -> dict[str, int]:
+    """Redis commands served so far, by command (INFO commandstats)."""
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
+
+
 # --- one batch -------------------------------------------------------------------------------------
 def run_batch(
     settings: Settings,
@@ -216,6 +255,7 @@ def run_batch(
     profile: str,
     model_s: float | None = None,
     wait: bool = True,
+    breakdown: bool = False,
 ) -> dict[str, Any]:
     import redis as redis_mod
 
@@ -231,23 +271,35 @@ def run_batch(
             raise RuntimeError("env hosts did not register")
         time.sleep(0.2)
     root.close()
-    base_mem = int(r.info("memory")["used_memory"])
+    base_info = r.info("memory")
+    base_mem = int(base_info["used_memory"])
     pids = {name: p.pid for name, p in fleet.procs.items()} | {"redis": redis_pid}
     cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    cmds0 = command_counts(r)
     peak = {"mem": base_mem, "rss": 0}
     stop = threading.Event()
 
+    snap: dict[str, Any] = {}
+
     def sample() -> None:
         while not stop.wait(0.5):
-            peak["mem"] = max(peak["mem"], int(r.info("memory")["used_memory"]))
+            mem = int(r.info("memory")["used_memory"])
+            peak["mem"] = max(peak["mem"], mem)
+            # the key breakdown once, mid-episode (half the ideal episode time after the submit)
+            if breakdown and not snap and time.time() - t_sub[0] > ideal_s(profile) / 2:
+                info = r.info("memory")
+                clients = int(r.info("clients")["connected_clients"])
+                snap.update(mem=mem, keys=key_breakdown(r, snap_batch[0]), info=info, clients=clients)
             peak["rss"] = max(peak["rss"], sum(rss_bytes(pid) for pid in pids.values()))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    snap_batch, t_sub = [""], [time.time()]
     specs = [episode_spec(i, profile, model_s) for i in range(n)]
     with Client(settings) as client:
         t0 = time.time()
         sub = client.submit(specs, user="scale")
+        snap_batch[0], t_sub[0] = sub.batch_id, time.time()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         if not wait:
             return {"client": client, "batch": sub.batch_id, "t0": t0, "stop": stop, "peak": peak, "r": r}
         client.wait(sub.batch_id, timeout=3600, poll_s=0.2)
@@ -257,6 +309,8 @@ def run_batch(
     sampler.join(2)
     after_mem = int(r.info("memory")["used_memory"])
     cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
+    cmds = {k: v - cmds0.get(k, 0) for k, v in command_counts(r).items()}
+    cmds = {k: v / n for k, v in sorted(cmds.items(), key=lambda kv: -kv[1]) if v}
     ideal = ideal_s(profile) if model_s is None else ideal_s(profile)
     admit = [x["phases"]["admitted"] - x["phases"]["queued"] for x in results if "admitted" in x["phases"]]
     overhead = [
@@ -278,6 +332,16 @@ def run_batch(
         "redis_bytes_per_episode_after": (after_mem - base_mem) / n,
         "rss_peak_mb": peak["rss"] / 2**20,
         "tasks_per_episode": statistics.mean(steps) + 1 if steps else None,  # every hop advances the step; + close
+        "redis_commands_per_episode": cmds,
+        "redis_memory_mid_run": {
+            k: (int(snap["info"][k]) - int(base_info[k])) / n
+            for k in MEMORY_FIELDS
+            if "info" in snap and k in snap["info"] and k in base_info
+        },
+        "redis_clients_mid_run": snap.get("clients"),
+        "redis_keys_mid_run": {
+            k: {"keys": c, "bytes_per_episode": b / n} for k, (c, b) in snap.get("keys", {}).items()
+        },
     }
 
 
@@ -373,6 +437,7 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 10, 100, 1000, 3000, 10000])
     ap.add_argument("--env-hosts", type=int, default=2)
     ap.add_argument("--events", action="store_true", help="workers send Celery task events (Flower)")
+    ap.add_argument("--breakdown", action="store_true", help="also print Redis bytes by key pattern mid-run")
     ap.add_argument("--in-flight", type=int, help="instead: admit this many episodes waiting on long model calls")
     ap.add_argument(
         "--model-workers",
@@ -420,7 +485,7 @@ def main() -> None:
             return
         rows = []
         for n in a.ns:
-            row = run_batch(settings, fleet, redis_proc.pid, n, a.profile)
+            row = run_batch(settings, fleet, redis_proc.pid, n, a.profile, breakdown=a.breakdown)
             rows.append(row)
             t1 = rows[0]["wall_s"]
             lim_s = n * (row["tasks_per_episode"] or 0) / limit
@@ -437,6 +502,26 @@ def main() -> None:
                 "        CPU ms/episode by process: "
                 + ", ".join(f"{k}={v:.1f}" for k, v in row["cpu_ms_per_episode"].items())
             )
+            cmds = row["redis_commands_per_episode"]
+            print(
+                f"        Redis commands/episode: {sum(cmds.values()):.0f} ("
+                + ", ".join(f"{k}={v:.1f}" for k, v in list(cmds.items())[:10])
+                + ")"
+            )
+            if row["redis_memory_mid_run"]:
+                print(
+                    "        Redis INFO memory mid-run, bytes/episode: "
+                    + ", ".join(f"{k}={v:.0f}" for k, v in row["redis_memory_mid_run"].items())
+                    + f" (connected clients: {row['redis_clients_mid_run']})"
+                )
+            if row["redis_keys_mid_run"]:
+                print(
+                    "        Redis bytes/episode mid-run by key: "
+                    + ", ".join(
+                        f"{k} ({int(v['keys'])} keys)={v['bytes_per_episode']:.0f}"
+                        for k, v in list(row["redis_keys_mid_run"].items())[:12]
+                    )
+                )
         write_report(Path(a.out), rows, limit, a.profile)
         print(f"wrote {a.out}/scale.json and scale.html (logs in {tmp})")
     finally:

@@ -328,7 +328,9 @@ class Control:
         """The recorder, built once Redis answers (the control service may start before it)."""
         while not self.stop.is_set():
             try:
-                recorder = Recorder(self.rt.redis, self.rt.keys, self.rt.metadata)
+                recorder = Recorder(
+                    self.rt.redis, self.rt.keys, self.rt.metadata, retain_s=self.rt.settings.events_retain_s
+                )
             except redis.RedisError as exc:
                 self._outage("the recorder", exc)
                 self.stop.wait(1.0)

@@ -2,7 +2,10 @@
 
 It reads the ``events`` stream through a consumer group (at-least-once), writes idempotently
 (event documents keyed by stream id; task documents merged by episode id), then acknowledges.
-Entries left pending by a dead recorder are claimed after ``claim_idle_ms``.
+Entries left pending by a dead recorder are claimed after ``claim_idle_ms``. Once every consumer
+group of the stream has acknowledged an entry (and it is older than ``retain_s``), ``trim`` drops it:
+the metadata store holds it from then on, so the stream costs Redis memory only for what is not yet
+recorded, instead of growing to ``events_maxlen`` (several KB per finished episode).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -20,6 +24,7 @@ from megaflow.stores.base import MetadataStore
 log = logging.getLogger(__name__)
 
 GROUP = "recorder"
+TRIM_EVERY_S = 2.0  # how often ``run`` trims recorded entries off the stream
 
 
 def event_documents(entry_id: str, fields: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -62,12 +67,14 @@ class Recorder:
         *,
         consumer: str = "recorder-1",
         claim_idle_ms: int = 60_000,
+        retain_s: float = 0.0,
     ):
         self.r = redis_client
         self.keys = keys
         self.store = store
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
+        self.retain_s = retain_s
         self.ensure_group()
 
     def ensure_group(self) -> None:
@@ -79,14 +86,19 @@ class Recorder:
                 raise
 
     def apply(self, entries: list[tuple[str, dict[str, str]]]) -> int:
+        pairs = []
         for entry_id, fields in entries:
             try:
-                event, doc = event_documents(entry_id, fields)
+                pairs.append(event_documents(entry_id, fields))
             except (KeyError, ValueError):
                 log.error("skipping malformed event %s: %r", entry_id, fields)
-                continue
-            self.store.add_event(event)
-            self.store.upsert_task(doc)
+        batch = getattr(self.store, "record", None)  # a store that writes a batch in one transaction
+        if batch is not None:
+            batch(pairs)
+        else:
+            for event, doc in pairs:
+                self.store.add_event(event)
+                self.store.upsert_task(doc)
         if entries:
             self.r.xack(self.keys.events, GROUP, *[e[0] for e in entries])
         return len(entries)
@@ -102,6 +114,34 @@ class Recorder:
             n += self.apply(entries)
         return n
 
+    def trim(self) -> int:
+        """Drop the entries every consumer group has acknowledged and older than ``retain_s``; return how many.
+
+        The cut is the oldest entry some group still needs (its oldest pending one, else the one after
+        its last delivered), so nothing unrecorded goes, whichever groups read the stream.
+        """
+        stream = self.keys.events
+        try:
+            groups = self.r.xinfo_groups(stream)
+        except redis.ResponseError:  # no stream yet
+            return 0
+        if not groups:
+            return 0
+        cut: tuple[int, int] | None = None
+        for g in groups:
+            floor = _entry_id(g["last-delivered-id"])
+            floor = (floor[0], floor[1] + 1)  # everything up to the last delivered one, if acknowledged
+            if g["pending"]:
+                floor = min(floor, _entry_id(self.r.xpending(stream, g["name"])["min"]))
+            cut = floor if cut is None else min(cut, floor)
+        sec, usec = self.r.time()
+        keep_from = (int(sec * 1000 + usec // 1000 - self.retain_s * 1000), 0)
+        assert cut is not None
+        cut = min(cut, keep_from)
+        if cut <= (0, 1):
+            return 0
+        return int(self.r.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=True))
+
     def drain(self) -> int:
         """Record everything available now (used by tests and `megaflow status`)."""
         total = 0
@@ -114,9 +154,13 @@ class Recorder:
     def run(self, stop: threading.Event) -> None:
         """Record until ``stop``; a Redis outage is logged once and waited out, never fatal."""
         down = False
+        trimmed_at = 0.0
         while not stop.is_set():
             try:
                 self.run_once()
+                if time.monotonic() - trimmed_at > TRIM_EVERY_S:
+                    trimmed_at = time.monotonic()
+                    self.trim()
                 if down:
                     log.warning("recorder: Redis reachable again; recording")
                     down = False
@@ -134,3 +178,9 @@ class Recorder:
             except Exception:
                 log.exception("recorder: batch failed; retrying")
                 stop.wait(1.0)
+
+
+def _entry_id(raw: str | bytes) -> tuple[int, int]:
+    """A stream entry id as a comparable (milliseconds, sequence) pair."""
+    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else raw).partition("-")
+    return int(ms), int(seq or 0)

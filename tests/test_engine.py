@@ -42,6 +42,21 @@ def test_create_batch_writes_episodes_and_events(engine, redis_client):
     assert [e["state"] for e in events] == [states.SUBMITTED, states.QUEUED] * 3
 
 
+def test_spec_is_stored_without_defaults_and_loads_whole(engine, redis_client):
+    plain = {"task_id": "t", "agent": {"max_steps": 7}, "workdir": "/repo", "eval": {"command": "true"}}
+    specs = validate_specs(demo_specs("fix")[:2] + [plain])
+    _, ids = engine.create_batch(specs, "alice")
+    for eid, spec in zip(ids, specs):
+        raw = redis_client.hget(engine.keys.episode(eid), "spec")
+        assert len(raw) < len(spec.model_dump_json())
+        assert engine.load(eid).spec == spec  # every default restored, every set value kept
+    assert json.loads(redis_client.hget(engine.keys.episode(ids[2]), "spec")) == {
+        "task_id": "t",
+        "agent": {"max_steps": 7},
+        "eval": {"command": "true"},
+    }  # "/repo" is the default workdir
+
+
 def test_advance_applies_once_and_sends_next(engine, redis_client):
     _, ids = make(engine, 1)
     ep = engine.load(ids[0])
@@ -98,9 +113,8 @@ def test_unknown_ids(engine):
 
 
 def test_wire_message_is_what_celery_sends(settings):
-    """encode_message writes Celery's own protocol-2 message, so stock workers consume it."""
-    import base64
-
+    """encode_message writes Celery's own protocol-2 message (headers at their default left out), so
+    stock workers consume it."""
     from megaflow.workers.celery_app import create_app
 
     app = create_app(settings)
@@ -112,12 +126,16 @@ def test_wire_message_is_what_celery_sends(settings):
         args=args,
         kwargs={},
         argsrepr=wire.task_argsrepr("megaflow.agent.step", args, "agent"),
+        ignore_result=True,
     )
     volatile = {"id", "root_id", "origin"}
-    assert {k: v for k, v in ours["headers"].items() if k not in volatile} == {
-        k: v for k, v in theirs.headers.items() if k not in volatile
-    }
-    assert json.loads(base64.b64decode(ours["body"])) == json.loads(json.dumps(theirs.body))
+    kept = {k: v for k, v in ours["headers"].items() if k not in volatile}
+    assert kept == {k: theirs.headers[k] for k in kept}
+    # every header left out is empty in Celery's message, so the worker's request reads the same
+    left_out = {k: theirs.headers[k] for k in set(theirs.headers) - set(ours["headers"])}
+    assert all(v in (None, 0, {}, [None, None]) for v in left_out.values()), left_out
+    assert "body_encoding" not in ours["properties"]
+    assert json.loads(ours["body"]) == json.loads(json.dumps(theirs.body))
     assert ours["content-type"] == "application/json"
     assert wire.decode_message(json.dumps(ours)) == ("megaflow.agent.step", args)
     app.close()

@@ -37,3 +37,37 @@ def test_recorder_builds_task_documents(settings, redis_client):
     assert len(store.events(ids[0])) == 5
     assert store.get_task(ids[0])["state"] == states.SUCCEEDED
     store.close()
+
+
+def test_trim_drops_only_what_every_group_acknowledged(settings, redis_client):
+    keys = Keys(settings.key_prefix)
+    engine = EpisodeEngine(redis_client, settings, keys, lambda *a: None)
+    store = open_metadata_store(settings.metadata_url, settings)
+    rec = Recorder(redis_client, keys, store)
+    redis_client.xgroup_create(keys.events, "other", id="0")  # a second reader, slower than the recorder
+    # 200 episodes x 2 events: more than one stream node, so an approximate trim has whole nodes to drop
+    engine.create_batch(validate_specs(demo_specs("fix")[:1] * 200), "bob")
+    assert redis_client.xlen(keys.events) == 400
+    assert rec.trim() == 0  # nothing delivered to anyone yet
+    assert rec.drain() == 400
+    assert rec.trim() == 0  # "other" has read nothing: everything stays
+    # "other" reads all but acknowledges only the first 150: entries from its oldest pending one stay
+    got = redis_client.xreadgroup("other", "c1", {keys.events: ">"}, count=1000)[0][1]
+    redis_client.xack(keys.events, "other", *[i for i, _ in got[:150]])
+    trimmed = rec.trim()
+    assert 0 < trimmed <= 150
+    left = [i for i, _ in redis_client.xrange(keys.events)]
+    assert got[150][0] in left and left == [i for i, _ in got][-len(left) :]
+    # all acknowledged: the stream is trimmed down to less than one node (approximate trimming)
+    redis_client.xack(keys.events, "other", *[i for i, _ in got[150:]])
+    rec.trim()
+    assert redis_client.xlen(keys.events) < 100
+    # a retention window keeps recorded entries while they are young
+    engine.create_batch(validate_specs(demo_specs("fix")[:1] * 200), "bob")
+    rec.drain()
+    redis_client.xgroup_destroy(keys.events, "other")
+    n = redis_client.xlen(keys.events)
+    assert Recorder(redis_client, keys, store, retain_s=3600).trim() == 0
+    assert redis_client.xlen(keys.events) == n
+    assert rec.trim() > 0
+    store.close()

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         description="Workers send Celery task events (Flower shows tasks from them); off saves a few "
         "Redis publishes per step.",
     )
+    task_log: bool = Field(
+        False,
+        description="Workers log each task's receipt and success at INFO (Celery's two lines per step, a few "
+        "percent of a worker's CPU at scale); failures and retries are logged either way.",
+    )
     visibility_timeout_s: int = Field(
         0,
         ge=0,
@@ -299,6 +304,12 @@ class Settings(BaseSettings):
     )
     metrics_password: SecretStr | None = Field(None, description="Metrics endpoint basic-auth password.")
     events_maxlen: int = Field(1_000_000, ge=1000, description="Approximate cap of the event stream.")
+    events_retain_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds a recorded event stays in the Redis stream (0: trimmed once every consumer group "
+        "acknowledged it; the metadata store keeps it).",
+    )
 
     @field_validator("model_endpoints", mode="before")
     @classmethod

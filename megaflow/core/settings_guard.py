@@ -50,6 +50,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "flower_port": (1, 65535),
     "metrics_port": (0, 65535),
     "events_maxlen": (1000, 10**9),
+    "events_retain_s": (0, 30 * DAY),
     "mongo_ttl_days": (0.001, 36_500),
     "max_batch_episodes": (1, 1_000_000),
     "max_spec_bytes": (1024, 256 * MIB),

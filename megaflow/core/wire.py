@@ -1,9 +1,9 @@
 """The wire contract: queue names, task names, routing, Flower's argument strings, broker messages.
 
 Every process agrees on these names; nothing here imports Celery. ``encode_message`` writes the
-exact message ``Celery.send_task`` would put on the Redis broker (kombu's Redis wire format: a JSON
-envelope around a base64 JSON body with Celery protocol-2 headers), so the engine can enqueue the
-next task inside its compare-and-set script and a sender needs no Celery app at all.
+message ``Celery.send_task`` would put on the Redis broker, in compact form (kombu's Redis wire
+format: a JSON envelope around a JSON body with Celery protocol-2 headers), so the engine can
+enqueue the next task inside its compare-and-set script and a sender needs no Celery app at all.
 """
 
 from __future__ import annotations
@@ -123,11 +123,19 @@ def task_argsrepr(name: str, args: list[Any], queue: str) -> str:
 _HOSTNAME = socket.gethostname()
 
 
+def dumps(obj: Any) -> str:
+    """Compact JSON (no spaces after separators): what MegaFlow writes to Redis and the broker."""
+    return json.dumps(obj, separators=(",", ":"))
+
+
 def encode_message(key_prefix: str, name: str, args: list[Any], queue: str, priority: int = 0) -> tuple[str, str]:
     """(broker list key, message) that ``send_task(name, args, queue=queue, priority=priority)`` would LPUSH.
 
     The body and headers are Celery's task protocol 2 in JSON; the envelope is kombu's Redis
-    transport format. JSON only: no binary serializer is ever on the wire.
+    transport format. JSON only: no binary serializer is ever on the wire. Headers at Celery's
+    default (``eta``, ``expires``, ``group``, ``shadow``, ``timelimit``, ``stamps``, ...: None or
+    empty) are left out and the body is plain JSON, not base64: a worker reads the same request,
+    and a message waiting in a queue or in kombu's unacked hash takes ~30% less Redis memory.
     """
     task_id = str(uuid.uuid4())
     body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
@@ -135,40 +143,29 @@ def encode_message(key_prefix: str, name: str, args: list[Any], queue: str, prio
         "lang": "py",
         "task": name,
         "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
         "retries": 0,
-        "timelimit": [None, None],
         "root_id": task_id,
-        "parent_id": None,
         "argsrepr": task_argsrepr(name, args, queue),
         "kwargsrepr": "{}",
         "origin": f"{os.getpid()}@{_HOSTNAME}",
-        "ignore_result": False,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
+        "ignore_result": True,  # as task_ignore_result: no result backend
     }
     properties = {
         "correlation_id": task_id,
         "reply_to": "",
         "delivery_mode": 2,
         "priority": priority_step(priority),
-        "body_encoding": "base64",
         "delivery_info": {"exchange": "", "routing_key": queue},
         "delivery_tag": str(uuid.uuid4()),
     }
     envelope = {
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "body": dumps(body),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
         "properties": properties,
     }
-    return broker_queue_key(key_prefix, queue, priority), json.dumps(envelope)
+    return broker_queue_key(key_prefix, queue, priority), dumps(envelope)
 
 
 def decode_message(message: str) -> tuple[str, list[Any]]:

@@ -191,7 +191,7 @@ class NextTask:
     queue: str
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "queue": self.queue})
+        return wire.dumps({"name": self.name, "queue": self.queue})
 
 
 class EpisodeEngine:
@@ -229,7 +229,8 @@ class EpisodeEngine:
                     "user": user,
                     "task_id": spec.task_id,
                     "index": i,
-                    "spec": spec.model_dump_json(),
+                    # defaults left out (re-validation restores them): a third of the size for a plain spec
+                    "spec": spec.model_dump_json(exclude_defaults=True),
                     "state": states.QUEUED,
                     "step": 0,
                     "attempt": 1,
@@ -253,7 +254,7 @@ class EpisodeEngine:
                 ev = dict(base, state=st, phase=st.lower(), fields=fields)
                 pipe.xadd(
                     self.keys.events,
-                    {"e": json.dumps(ev), "ts": now, "step": 0},
+                    {"e": wire.dumps(ev), "ts": now, "step": 0},
                     maxlen=self.settings.events_maxlen,
                     approximate=True,
                 )
@@ -316,14 +317,14 @@ class EpisodeEngine:
     ) -> bool:
         """Apply one step's results if ``ep`` is still at its step; send ``next_task`` if applied."""
         new_step = ep.step if keep_step else ep.step + 1
-        fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (fields or {}).items()}
+        fields = {k: v if isinstance(v, str) else wire.dumps(v) for k, v in (fields or {}).items()}
         if state:
             fields["state"] = state
         if next_task:
             fields["next"] = next_task.to_json()
         event = ""
         if state or phase or event_fields:
-            event = json.dumps(
+            event = wire.dumps(
                 {
                     "episode_id": ep.id,
                     "batch_id": ep.batch_id,
@@ -335,7 +336,7 @@ class EpisodeEngine:
                 }
             )
         now = time.time()
-        records = [json.dumps(dict(rec, t=rec.get("t", now))) for rec in (history or [])]
+        records = [wire.dumps(dict(rec, t=rec.get("t", now))) for rec in (history or [])]
         queue_key, message = self.keys.episode(ep.id), ""
         if next_task:
             queue_key, message = self.dispatcher.encode(
@@ -353,10 +354,10 @@ class EpisodeEngine:
             args=[
                 ep.step,
                 new_step,
-                json.dumps(fields),
-                json.dumps(records),
+                wire.dumps(fields),
+                wire.dumps(records),
                 event,
-                json.dumps(incr or {}),
+                wire.dumps(incr or {}),
                 "1" if terminal else "0",
                 self.settings.events_maxlen,
                 EPISODE_TTL_S,

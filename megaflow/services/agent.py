@@ -79,18 +79,18 @@ def apply_decision(rt: Runtime, ep: Any, d: Decision) -> str:
     """One advance for the decision: history records, agent fields, counters, and the next task."""
     fields: dict[str, Any] = {}
     if d.state is not None:
-        fields["agent_state"] = json.dumps(d.state)
+        fields["agent_state"] = wire.dumps(d.state)
     if d.request is not None:
-        fields["agent_request"] = json.dumps(d.request)
+        fields["agent_request"] = wire.dumps(d.request)
     if d.next == MODEL:
         rt.engine.advance(ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_model())
     elif d.next == EXEC:
-        fields["pending"] = json.dumps(d.exec)
+        fields["pending"] = wire.dumps(d.exec)
         rt.engine.advance(
             ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_host(lifecycle.ENV_EXEC, ep.host)
         )
     elif d.next == WAIT:  # the program runs on in the sandbox; its env host polls for its end
-        fields["pending"] = json.dumps(d.exec or {})
+        fields["pending"] = wire.dumps(d.exec or {})
         rt.engine.advance(
             ep, history=d.records, fields=fields, incr=d.incr, next_task=lifecycle.to_host(wire.ENV_WATCH, ep.host)
         )

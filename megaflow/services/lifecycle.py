@@ -42,7 +42,7 @@ def trajectory(ep: Episode) -> dict[str, Any]:
     from megaflow.agents.trajectory import token_data, trajectory_steps
     from megaflow.engine.episodes import episode_view
 
-    spec = json.loads(ep.fields.get("spec", "{}"))
+    spec = ep.spec.model_dump(mode="json") if ep.fields.get("spec") else {}  # stored without its defaults
     report = next((m.get("report") for m in reversed(ep.history) if m.get("role") == "evaluation"), None)
     return {
         **episode_view(ep),

@@ -130,35 +130,51 @@ class SQLiteMetadataStore:
     def upsert_task(self, doc: dict[str, Any]) -> None:
         episode_id = check_task_doc(doc)
         with self._write() as conn:
-            row = conn.execute("SELECT doc FROM tasks WHERE episode_id = ?", (episode_id,)).fetchone()
-            new = merge_task(json.loads(row["doc"]) if row else None, doc)
-            finished = (new.get("phases") or {}).get("finished")
-            conn.execute(
-                "INSERT INTO tasks (episode_id, batch_id, user, state, created_at, finished_at, doc) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (episode_id) DO UPDATE SET "
-                "batch_id = excluded.batch_id, user = excluded.user, state = excluded.state, "
-                "created_at = excluded.created_at, finished_at = excluded.finished_at, doc = excluded.doc",
-                (
-                    episode_id,
-                    new.get("batch_id"),
-                    new.get("user"),
-                    new.get("state"),
-                    new.get("created_at"),
-                    finished,
-                    json.dumps(new),
-                ),
-            )
+            self._upsert(conn, episode_id, doc)
+
+    def record(self, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """``add_event`` and ``upsert_task`` of each (event, task document) pair, in one transaction
+        (the recorder writes one batch of stream entries at a time: one commit instead of two per event)."""
+        checked = [(check_event(ev), ev, check_task_doc(doc), doc) for ev, doc in pairs]
+        with self._write() as conn:
+            for event_id, event, episode_id, doc in checked:
+                self._insert_event(conn, event_id, event)
+                self._upsert(conn, episode_id, doc)
+
+    def _upsert(self, conn: sqlite3.Connection, episode_id: str, doc: dict[str, Any]) -> None:
+        row = conn.execute("SELECT doc FROM tasks WHERE episode_id = ?", (episode_id,)).fetchone()
+        new = merge_task(json.loads(row["doc"]) if row else None, doc)
+        finished = (new.get("phases") or {}).get("finished")
+        conn.execute(
+            "INSERT INTO tasks (episode_id, batch_id, user, state, created_at, finished_at, doc) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (episode_id) DO UPDATE SET "
+            "batch_id = excluded.batch_id, user = excluded.user, state = excluded.state, "
+            "created_at = excluded.created_at, finished_at = excluded.finished_at, doc = excluded.doc",
+            (
+                episode_id,
+                new.get("batch_id"),
+                new.get("user"),
+                new.get("state"),
+                new.get("created_at"),
+                finished,
+                json.dumps(new),
+            ),
+        )
 
     def add_event(self, event: dict[str, Any]) -> bool:
         event_id = check_event(event)
-        ms, seq = stream_order(event)
         with self._write() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO events (event_id, episode_id, batch_id, stream_ms, stream_seq, doc) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (event_id, event.get("episode_id"), event.get("batch_id"), ms, seq, json.dumps(event)),
-            )
-            return cur.rowcount == 1
+            return self._insert_event(conn, event_id, event)
+
+    @staticmethod
+    def _insert_event(conn: sqlite3.Connection, event_id: str, event: dict[str, Any]) -> bool:
+        ms, seq = stream_order(event)
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO events (event_id, episode_id, batch_id, stream_ms, stream_seq, doc) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (event_id, event.get("episode_id"), event.get("batch_id"), ms, seq, json.dumps(event)),
+        )
+        return cur.rowcount == 1
 
     def get_task(self, episode_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT doc FROM tasks WHERE episode_id = ?", (episode_id,))

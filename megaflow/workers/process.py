@@ -258,6 +258,9 @@ def run_worker(
 
     p = plan(role, settings, host=host, concurrency=concurrency)
     app_module.configure(settings)
+    if not settings.task_log:  # Celery's "received" / "succeeded" INFO lines, two per step (retries: tasks.py)
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(loglevel.upper())))
     tasks.set_identity(role, host or settings.host_name if role == "env" else settings.host_name)
     app_module.app.worker_main(
         [

@@ -6,6 +6,7 @@ episode with a cause; a retryable one is retried by Celery first.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -15,6 +16,8 @@ from megaflow.core import wire
 from megaflow.services.guard import RETRYABLE, run_step
 from megaflow.services.root import Root
 from megaflow.workers.celery_app import app, settings
+
+log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
 _root: Root | None = None
@@ -54,7 +57,19 @@ def _guarded(task: Task, kind: str, episode_id: str, step: int, fn, *, on_env_ho
     except RETRYABLE as exc:
         if final:
             raise
-        raise task.retry(exc=exc, countdown=min(60, 2 ** (task.request.retries + 1)), max_retries=MAX_RETRIES) from exc
+        countdown = min(60, 2 ** (task.request.retries + 1))
+        log.warning(
+            "episode %s: %s step %s: %s: %s; retry %d of %d in %ds",
+            episode_id,
+            kind,
+            step,
+            type(exc).__name__,
+            exc,
+            task.request.retries + 1,
+            MAX_RETRIES,
+            countdown,
+        )
+        raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from exc
 
 
 @app.task(name=wire.AGENT_STEP, bind=True)
