@@ -36,7 +36,7 @@ class Proc:
 
 
 def fleet_plan(settings: Settings, env_hosts: int = 2) -> list[Proc]:
-    from megaflow.workers.process import node_name
+    from megaflow.core.wire import node_name
 
     procs = [
         Proc("control", ["control"]),

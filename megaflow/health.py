@@ -96,8 +96,8 @@ def _ping(settings: Settings, name: str, timeout_s: float) -> Check:
     import kombu.exceptions
     import redis
 
+    from megaflow.core.wire import node_name
     from megaflow.workers.celery_app import create_app
-    from megaflow.workers.process import node_name
 
     node = node_name("env", name)
     app = create_app(settings)

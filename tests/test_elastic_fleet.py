@@ -6,6 +6,7 @@ independently at the moment of each termination, from the resource manager's own
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -265,7 +266,11 @@ def test_fleet_gauges_on_a_real_metrics_endpoint(settings, redis_client):
     scaler.tick()  # launches rec-0 and rec-1 (min_hosts)
     res.register_host("rec-0", capacity=2, images=[], warm={}, disk_free_gb=5.0)
     res.register_host("static-1", capacity=2, images=[], warm={}, disk_free_gb=5.0)
+    health = {"usage": {"cpu_s": 3.5, "rss_mb": 120.0, "load1": 0.7, "mem_available_mb": 2048.0}}
+    redis_client.set(Keys(s.key_prefix).worker_health("env", "env@rec-0"), json.dumps(health))  # its heartbeat
     scaler.tick()  # rec-0 joined, rec-1 still pending
+    (row,) = [json.loads(x) for x in redis_client.lrange(scaler.keys.samples("rec-0"), -1, -1)]
+    assert (row["load1"], row["mem_available_mb"], row["used"]) == (0.7, 2048.0, 0)  # the utilisation series
     redis_client.hset(usage.ElasticKeys(s.key_prefix).pools, "img:1", 3)
     server = serve_metrics(s, port=0, address="127.0.0.1")
     try:

@@ -211,6 +211,11 @@ def test_scrape_of_a_running_fleet(fleet):
         assert {"env-1", "env-2"} <= hosts
         assert value(m, "megaflow_slots_limit", tier="host", name="env-1") == fleet.host_capacity
         assert value(m, "megaflow_env_host_up", host="env-2") == 1
+        for host in ("env-1", "env-2"):  # what each env worker's heartbeat reports about its machine
+            assert value(m, "megaflow_env_host_cpu_seconds", host=host) > 0
+            assert value(m, "megaflow_env_host_memory_rss_bytes", host=host) > 10 * 2**20
+            assert value(m, "megaflow_env_host_memory_available_bytes", host=host) > 0
+            assert value(m, "megaflow_env_host_load1", host=host) >= 0
         assert {"env.env-1", "env.env-2", "agent", "model", "env"} <= {
             dict(k)["queue"] for k in m["megaflow_queue_length"]
         }

@@ -32,6 +32,12 @@ def host_of_queue(queue: str) -> str | None:
     return queue.split(".", 1)[1] if queue.startswith(ENV_QUEUE + ".") else None
 
 
+def node_name(role: str, host: str) -> str:
+    """The Celery node name of a role's worker on ``host`` (unique per fleet), e.g. env@env-1; its
+    health report is ``Keys.worker_health(role, node_name(role, host))``."""
+    return f"{role}@{host}"
+
+
 # --- task names ----------------------------------------------------------------------------------
 AGENT_STEP = "megaflow.agent.step"
 MODEL_COMPLETE = "megaflow.model.complete"

@@ -11,7 +11,9 @@ import json
 import time
 from typing import Any
 
+from megaflow.core.keys import Keys
 from megaflow.elastic.config import ElasticConfig
+from megaflow.engine.host_usage import env_host_usage
 
 
 class ElasticKeys:
@@ -26,6 +28,7 @@ class ElasticKeys:
     """
 
     def __init__(self, prefix: str):
+        self.prefix = prefix
         self.base = f"{prefix}:elastic"
         self.events = f"{self.base}:events"
         self.hosts = f"{self.base}:hosts"
@@ -66,7 +69,13 @@ def sample(
     *,
     keep: int,
 ) -> None:
-    """One utilisation sample per registered host and one of the fleet, each list capped at ``keep``."""
+    """One utilisation sample per registered host and one of the fleet, each list capped at ``keep``.
+
+    A host's row has its slots, disk and warm pool, what its env worker last reported about its
+    machine (process CPU and memory, load, memory available), and the provider's own figures where
+    it has them (the local provider reads /proc).
+    """
+    reported = env_host_usage(r, Keys(keys.prefix), list(registered))
     pipe = r.pipeline(transaction=False)
     for name, h in registered.items():
         row = {
@@ -77,6 +86,7 @@ def sample(
             "disk_free_gb": h["disk_free_gb"],
             "warm": sum(h["warm"].values()),
             "drained": h["drained"],
+            **reported.get(name, {}),
         }
         rec = managed.get(name)
         if rec is not None and hasattr(provider, "usage"):

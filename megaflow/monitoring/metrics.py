@@ -37,6 +37,7 @@ from megaflow.core.errors import ConfigError
 from megaflow.core.keys import Keys
 from megaflow.core.settings import Settings
 from megaflow.core.wire import AGENT_QUEUE, ENV_QUEUE, MODEL_QUEUE, env_host_queue
+from megaflow.engine.host_usage import env_host_usage
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,19 @@ def collect(redis_client: redis.Redis, settings: Settings, keys: Keys) -> str:
         "Disk free for images on the env host.",
         [({"host": h["name"]}, h["disk_free_gb"]) for h in hosts],
     )
+    usage = env_host_usage(redis_client, keys, [h["name"] for h in hosts])
+    for name, help_text, field, scale in (
+        ("megaflow_env_host_cpu_seconds", "CPU seconds the env host's worker process used so far.", "cpu_s", 1),
+        ("megaflow_env_host_memory_rss_bytes", "Resident memory of the env host's worker process.", "rss_mb", 2**20),
+        ("megaflow_env_host_load1", "One-minute load average of the env host's machine.", "load1", 1),
+        (
+            "megaflow_env_host_memory_available_bytes",
+            "Memory available on the env host's machine.",
+            "mem_available_mb",
+            2**20,
+        ),
+    ):
+        out.family(name, help_text, [({"host": h}, u[field] * scale) for h, u in sorted(usage.items()) if field in u])
     out.family(
         "megaflow_warm_pool_size",
         "Warm (started, unclaimed) containers per env host and image.",

@@ -47,7 +47,7 @@ def plan(role: str, settings: Settings, *, host: str | None = None, concurrency:
     host = host or settings.host_name
     if role == "model":
         return RolePlan(
-            role, "threads", concurrency or settings.model_concurrency, [wire.MODEL_QUEUE], node_name(role, host)
+            role, "threads", concurrency or settings.model_concurrency, [wire.MODEL_QUEUE], wire.node_name(role, host)
         )
     if role == "agent":
         return RolePlan(
@@ -55,20 +55,32 @@ def plan(role: str, settings: Settings, *, host: str | None = None, concurrency:
             settings.agent_pool,
             concurrency or settings.agent_concurrency,
             [wire.AGENT_QUEUE],
-            node_name(role, host),
+            wire.node_name(role, host),
         )
     return RolePlan(
         role,
         "threads",
         concurrency or settings.env_concurrency,
         [wire.ENV_QUEUE, wire.env_host_queue(host)],
-        node_name(role, host),
+        wire.node_name(role, host),
     )
 
 
-def node_name(role: str, host: str) -> str:
-    """The Celery node name of a role's worker on ``host`` (unique per fleet), e.g. env@env-1."""
-    return f"{role}@{host}"
+def machine_usage() -> dict[str, float]:
+    """This worker's CPU seconds and resident memory, and its machine's load and available memory
+    (from /proc; what the fleet's metrics and utilisation samples show per host)."""
+    out: dict[str, float] = {}
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        out["cpu_s"] = round((int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"), 2)
+        out["rss_mb"] = round(int(stat[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+        out["load1"] = round(os.getloadavg()[0], 2)
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                out["mem_available_mb"] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
 
 
 class Heartbeat(threading.Thread):
@@ -116,6 +128,7 @@ class Heartbeat(threading.Thread):
                     "queues": self.queues,
                     "concurrency": self.concurrency,
                     "ts": time.time(),
+                    "usage": machine_usage(),
                     **({"sandbox_starts": report["sandbox_starts"]} if "sandbox_starts" in report else {}),
                 }
             ),
