@@ -198,3 +198,26 @@ def test_agent_config_option_applies_to_task_spec_lines():
     assert with_agent_section({**line, "agent": section}, section)["agent"] == section
     with pytest.raises(SpecError, match="f.jsonl:3: field 'agent': the line has its own agent section"):
         with_agent_section({**line, "agent": {"type": "bash"}}, section, "f.jsonl:3")
+
+
+def test_conversation_of_a_growing_history_is_built_incrementally_and_equal_to_a_fresh_build():
+    import copy
+
+    from megaflow.agents import conversation
+
+    def grow(hist: list[dict], i: int) -> list[dict]:
+        recs = [{"role": "assistant", "content": f"reply {i}", "tool_calls": []}]
+        if i % 3 == 2:  # a malformed reply: it leaves the conversation, as mini-swe-agent does
+            recs.append({"role": "user", "content": "format error", "drop_reply": True, "chat": False})
+        recs += [{"role": "env", "output": f"out {i}"}, {"role": "user", "content": f"observation {i}"}]
+        return hist + recs  # a new list holding the same record objects, as the engine's history cache does
+
+    hist = [{"role": "system", "content": "sys"}, {"role": "user", "content": "task", "name": None}]
+    for i in range(30):
+        hist = grow(hist, i)
+        got = conversation.chat_messages(hist)
+        assert got == conversation.chat_messages(copy.deepcopy(hist))  # re-read records: built from scratch
+        assert [m["content"] for m in got[:2]] == ["sys", "task"] and "name" not in got[1]
+        assert not any(m["content"] == f"reply {j}" for j in range(i + 1) if j % 3 == 2 for m in got)
+    memo = conversation._MEMO[id(hist[0])]
+    assert memo.n == len(hist) and memo.last is hist[-1]

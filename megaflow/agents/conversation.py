@@ -12,6 +12,8 @@ the episode's ``agent_request`` field (``tools``, ``tool_choice``, sampling keys
 from __future__ import annotations
 
 import copy
+import threading
+from collections import OrderedDict
 from typing import Any
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -19,10 +21,39 @@ MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
 LOCAL_OPTIONS = ("cache_control",)  # request options applied here, never sent as such
 
 
+class _Memo:
+    """The conversation made from a history's first ``n`` records (``first`` and ``last`` of them kept
+    to recognise that prefix: records are never changed, a re-read history has new objects)."""
+
+    __slots__ = ("first", "last", "messages", "n")
+
+    def __init__(self, first: dict, last: dict, n: int, messages: list[dict[str, Any]]):
+        self.first, self.last, self.n, self.messages = first, last, n, messages
+
+
+_MEMO: OrderedDict[int, _Memo] = OrderedDict()  # id(first record) -> memo, most recent last
+_MEMO_MAX = 1024
+_MEMO_LOCK = threading.Lock()
+
+
 def chat_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The conversation the model sees: chat records in order, OpenAI message keys only."""
-    out: list[dict[str, Any]] = []
-    for rec in history:
+    """The conversation the model sees: chat records in order, OpenAI message keys only.
+
+    A history only grows, and the engine's history cache hands out the same record objects for the
+    prefix it already holds, so the messages of that prefix are reused: a step converts only the
+    records added since the episode's last model call in this process (its cost does not grow with
+    the episode's length). The returned messages are shared: callers copy before changing them.
+    """
+    if not history:
+        return []
+    key = id(history[0])
+    with _MEMO_LOCK:
+        memo = _MEMO.get(key)
+    if memo is not None and memo.first is history[0] and memo.n <= len(history) and history[memo.n - 1] is memo.last:
+        out, start = list(memo.messages), memo.n
+    else:
+        out, start = [], 0
+    for rec in history[start:]:
         if rec.get("drop_reply") and out and out[-1].get("role") == "assistant":
             out.pop()
         if rec.get("role") not in CHAT_ROLES or rec.get("chat") is False:
@@ -31,6 +62,11 @@ def chat_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if msg.get("role") == "assistant" and not msg.get("tool_calls"):
             msg.pop("tool_calls", None)
         out.append(msg)
+    with _MEMO_LOCK:
+        _MEMO.pop(key, None)
+        _MEMO[key] = _Memo(history[0], history[-1], len(history), list(out))
+        while len(_MEMO) > _MEMO_MAX:
+            _MEMO.popitem(last=False)
     return out
 
 
