@@ -71,15 +71,20 @@ def _patterns(keys: Keys, role: str) -> list[str]:
     gateway = (
         f"{p}:gw:*"  # the per-episode gateway (services.episode_gateway): env hosts serve it, model workers answer
     )
+    # the elastic fleet (megaflow.elastic): the warm-pool sizes chosen at submit, read by env hosts with
+    # the record of the hosts it launched (an episode's "host launched" note at provision)
+    pools, launched = f"{p}:elastic:pools", f"{p}:elastic:hosts"
     if role == "model":
         rw += [keys.model("*"), health, gateway]
         ro = [quotas, keys.env("*")]
     elif role == "env":
         rw += [keys.env("*"), health, gateway]
-        ro = [quotas, keys.model("*")]
+        ro = [quotas, keys.model("*"), pools, launched]
     elif role == "agent":
         rw += [health]
         ro = [quotas, keys.env("*"), keys.model("*")]
+    else:  # submitter: automatic mode choice publishes pool sizes
+        rw += [pools]
     return [f"~{k}" for k in rw] + [f"%R~{k}" for k in ro]
 
 
