@@ -68,9 +68,7 @@ def _patterns(keys: Keys, role: str) -> list[str]:
         return [f"%R~{p}:*"]
     rw = [*episodes, *res_write, broker]
     ro = [quotas, health, keys.env("*"), keys.model("*")]
-    gateway = (
-        f"{p}:gw:*"  # the per-episode gateway (services.episode_gateway): env hosts serve it, model workers answer
-    )
+    gateway = keys.gateway("*")  # the per-episode gateway: env hosts serve it, model workers answer
     if role == "model":
         rw += [keys.model("*"), health, gateway]
         ro = [quotas, keys.env("*")]
