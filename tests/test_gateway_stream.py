@@ -1,0 +1,172 @@
+"""The episode gateway's ``stream: true`` answers (read by the real ``openai`` client over TCP and a Unix
+socket) and its cap on calls waiting at once (429 with Retry-After)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from megaflow import Client
+from megaflow.sandbox.gateway_http import GatewayHTTPServer, UnixGatewayServer
+from megaflow.services.episode_gateway import EpisodeGateway, call_limit
+from megaflow.services.root import Root
+
+TOOL_REPLY = {
+    "content": "",
+    "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": '{"cmd": "ls -la /work"}'}},
+        {"id": "c2", "type": "function", "function": {"name": "submit", "arguments": "{}"}},
+    ],
+}
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("bash", "submit")]
+TEXT = 'line one of the answer\nline two, with ünïcode and "quotes" and data: [DONE] inside'
+
+
+def _episode(client: Client, replies: list) -> str:
+    spec = {"task_id": "gw", "workdir": "/work", "eval": {"command": "true"}, "model": {"replies": replies}}
+    sub = client.submit([spec], user="gw-stream")
+    (res,) = client.results(sub.batch_id)
+    return res["episode_id"]
+
+
+@contextmanager
+def model_worker(settings) -> Iterator:
+    """A consumer of the model queue in a thread (the LocalRunner: the model service's code, Celery left out)."""
+    from megaflow.services.local import LocalRunner
+
+    stop = threading.Event()
+    runner = LocalRunner(Root(settings, role="model"), {})
+
+    def loop() -> None:
+        while not stop.is_set():
+            runner.run_one(0.2)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield runner
+    finally:
+        stop.set()
+        t.join(timeout=30)
+
+
+def test_a_streamed_answer_is_the_non_streamed_one_and_is_recorded_once(settings, tmp_path):
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root)
+    tcp = GatewayHTTPServer(gw).start()
+    unix = UnixGatewayServer(EpisodeGateway(root), str(tmp_path / "gw.sock")).start()
+    try:
+        with model_worker(settings) as runner, Client(settings) as client:
+            eid = _episode(client, [TEXT, TEXT, TOOL_REPLY, TOOL_REPLY, TEXT])
+            key = gw.issue_key(eid)
+            plain = openai.OpenAI(base_url=tcp.url, api_key=key, max_retries=0)
+            over_socket = httpx.Client(transport=httpx.HTTPTransport(uds=str(tmp_path / "gw.sock")))
+            streaming = openai.OpenAI(base_url="http://gateway/v1", api_key=key, max_retries=0, http_client=over_socket)
+            ask = [{"role": "user", "content": "hi"}]
+
+            whole = plain.chat.completions.create(model="m", messages=ask)  # call 1
+            chunks = list(
+                streaming.chat.completions.create(
+                    model="m", messages=ask, stream=True, stream_options={"include_usage": True}
+                )
+            )  # call 2
+            assert whole.choices[0].message.content == TEXT
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
+            assert chunks[0].choices[0].delta.role == "assistant"
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+            assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+            assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # the usage chunk comes last
+
+            whole_tools = plain.chat.completions.create(model="m", messages=ask, tools=TOOLS)  # call 3
+            with streaming.chat.completions.stream(model="m", messages=ask, tools=TOOLS) as events:  # call 4
+                final = events.get_final_completion()  # the SDK's own reassembly of the deltas
+
+            def calls(message) -> list:
+                return [(c.id, c.type, c.function.name, c.function.arguments) for c in message.tool_calls]
+
+            assert calls(final.choices[0].message) == calls(whole_tools.choices[0].message)
+            assert len(calls(final.choices[0].message)) == 2
+            assert final.choices[0].finish_reason == whole_tools.choices[0].finish_reason == "tool_calls"
+
+            # without include_usage no chunk carries usage (call 5)
+            plain_stream = list(plain.chat.completions.create(model="m", messages=ask, stream=True))
+            assert all(c.usage is None for c in plain_stream) and all(c.choices for c in plain_stream)
+
+            log = gw.drain(eid)  # what the env host's watch moves into the trajectory
+            assert [r["call"] for r in log] == [1, 2, 3, 4, 5]  # one record per call, streamed or not
+            assert [r["request"].get("stream", False) for r in log] == [False, True, False, True, True]
+            assert log[1]["reply"]["content"] == TEXT and log[3]["reply"]["tool_calls"][1]["id"] == "c2"
+            assert runner.handled.get("megaflow.model.gateway_call") == 5  # one model-service call per request
+
+            for bad, field in (({"stream": "yes"}, "'stream'"), ({"stream_options": {"include_usage": True}}, "only")):
+                with pytest.raises(openai.BadRequestError, match=field):
+                    plain.chat.completions.create(model="m", messages=ask, extra_body=bad)
+            assert gw.records(eid) == []  # refused requests make no call and leave no record
+    finally:
+        tcp.stop()
+        unix.stop()
+        root.close()
+
+
+def _post(url: str, key: str) -> http.client.HTTPResponse:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "q"}]})
+    conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"})
+    return conn.getresponse()
+
+
+def test_calls_beyond_the_cap_get_429_with_retry_after_until_a_slot_frees(settings):
+    openai = pytest.importorskip("openai")
+    assert call_limit(settings) == 4 * settings.host_capacity  # the default follows the host's size
+    assert call_limit(settings.model_copy(update={"gateway_max_calls": 3})) == 3
+
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root)
+    server = GatewayHTTPServer(gw, max_calls=1).start()
+    try:
+        with Client(settings) as client:
+            eid = _episode(client, ["first", "second"])
+        key = gw.issue_key(eid)
+        first: dict = {}
+
+        def waiting_call() -> None:  # no model worker yet: this call waits on the model queue, holding the slot
+            resp = _post(server.url, key)
+            first.update(status=resp.status, body=json.loads(resp.read()))
+
+        t = threading.Thread(target=waiting_call, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while server.slots.busy < 1:
+            assert time.monotonic() < deadline, "the first call never took its slot"
+            time.sleep(0.05)
+
+        refused = _post(server.url, key)
+        assert refused.status == 429 and refused.getheader("Retry-After") == "1"
+        assert "limit of 1 calls" in json.loads(refused.read())["error"]["message"]
+        oa = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}])
+        assert server.slots.refused == 2 and gw.records(eid) == []  # refused calls never reached the model
+
+        with model_worker(settings):  # the worker answers the waiting call; its slot frees
+            t.join(timeout=120)
+            assert first["status"] == 200, first
+            assert first["body"]["choices"][0]["message"]["content"] == "first"
+            assert server.slots.busy == 0
+            retry = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0)
+            second = retry.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}])
+            assert second.choices[0].message.content == "second"
+        assert [r["call"] for r in gw.drain(eid)] == [1, 2]
+    finally:
+        server.stop()
+        root.close()
