@@ -170,3 +170,86 @@ def test_calls_beyond_the_cap_get_429_with_retry_after_until_a_slot_frees(settin
     finally:
         server.stop()
         root.close()
+
+
+def test_litellm_streaming_reassembles_the_reply(settings, monkeypatch):
+    """litellm (mini-swe-agent's and OpenHands' client) with stream=True: text and tool calls come back whole."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price list at import
+    litellm = pytest.importorskip("litellm")
+
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root, in_process=True)  # the backend in the gateway's process: no model worker needed
+    server = GatewayHTTPServer(gw).start()
+    try:
+        with Client(settings) as client:
+            eid = _episode(client, [TEXT, TOOL_REPLY])
+        key = gw.issue_key(eid)
+        ask = [{"role": "user", "content": "hi"}]
+        chunks = list(litellm.completion(model="openai/m", api_base=server.url, api_key=key, messages=ask, stream=True))
+        assert litellm.stream_chunk_builder(chunks).choices[0].message.content == TEXT
+        chunks = list(
+            litellm.completion(
+                model="openai/m", api_base=server.url, api_key=key, messages=ask, stream=True, tools=TOOLS
+            )
+        )
+        whole = litellm.stream_chunk_builder(chunks).choices[0]
+        assert whole.finish_reason == "tool_calls"
+        assert [(c.id, c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
+            ("c1", "bash", '{"cmd": "ls -la /work"}'),
+            ("c2", "submit", "{}"),
+        ]
+        assert [r["call"] for r in gw.drain(eid)] == [1, 2]
+    finally:
+        server.stop()
+        root.close()
+
+
+# A program in a no-network container asks for a stream through the loopback relay (standard library only):
+# it joins the content deltas, checks that the usage chunk and [DONE] close the stream, and writes what it got.
+STREAM_THROUGH_RELAY = r"""
+import json, os, urllib.request
+body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": True,
+        "stream_options": {"include_usage": True}}
+req = urllib.request.Request(
+    os.environ["OPENAI_BASE_URL"] + "/chat/completions", data=json.dumps(body).encode(),
+    headers={"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"], "Content-Type": "application/json"},
+)
+resp = urllib.request.urlopen(req, timeout=60)
+kind = resp.headers["Content-Type"]
+events = [line[6:] for line in resp.read().decode().split("\n") if line.startswith("data: ")]
+chunks = [json.loads(e) for e in events[:-1]]
+text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+closed = events[-1] == "[DONE]" and chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+open("answer.txt", "w").write(text + "\n" + kind.split(";")[0] + "\n" + str(closed) + "\n")
+"""
+
+
+@pytest.mark.skipif(
+    "wait" not in __import__("megaflow.agents.base").agents.base.NEXT_KINDS,
+    reason="the agent service offers no 'wait' decision",
+)
+def test_a_program_in_a_no_network_container_gets_a_stream_through_the_relay(fleet):
+    from megaflow.agents import validate_agent_section
+    from megaflow.core import states
+
+    section = {
+        "type": "megaflow.agents.installed:InstalledAgent",
+        "config": {"gateway": True, "poll_s": 0.5, "command": "python3 {workdir}/call.py"},
+    }
+    spec = {
+        "task_id": "gw-stream-relay",
+        "workdir": "/work",
+        "files": {"/work/call.py": STREAM_THROUGH_RELAY},
+        "agent": validate_agent_section(section),
+        "eval": {"command": "printf 'streamed through the relay\\ntext/event-stream\\nTrue\\n' | cmp - answer.txt"},
+        "model": {"replies": ["streamed through the relay"]},
+    }
+    with Client(fleet) as client:
+        sub = client.submit([spec], user="gw-stream-relay")
+        client.wait(sub.batch_id, timeout=120)
+        (res,) = client.results(sub.batch_id)
+        traj = client.trajectory(res["episode_id"])
+    assert (res["state"], res["reward"]) == (states.SUCCEEDED, 1.0), (res, traj["messages"][-3:])
+    calls = [m for m in traj["messages"] if m.get("kind") == "model_call"]
+    assert len(calls) == 1 and calls[0]["request"]["stream"] is True  # recorded once, as the program sent it
+    assert calls[0]["reply"]["content"] == "streamed through the relay"
