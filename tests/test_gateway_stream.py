@@ -253,3 +253,108 @@ def test_a_program_in_a_no_network_container_gets_a_stream_through_the_relay(fle
     calls = [m for m in traj["messages"] if m.get("kind") == "model_call"]
     assert len(calls) == 1 and calls[0]["request"]["stream"] is True  # recorded once, as the program sent it
     assert calls[0]["reply"]["content"] == "streamed through the relay"
+
+
+def test_a_stream_whose_call_waits_is_kept_alive_then_answered(settings):
+    """A stream call that waits longer than the heartbeat opens at once (chunked) with keep-alive comments,
+    so a client with a short idle-read time-out keeps waiting; the answer follows on the same stream."""
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root, heartbeat_s=0.3)
+    server = GatewayHTTPServer(gw).start()
+    try:
+        with Client(settings) as client:
+            eid = _episode(client, [TEXT, TEXT])
+        key = gw.issue_key(eid)
+        host, port = server.server_address[:2]
+        beats = threading.Event()
+        raw: dict = {"lines": []}
+        sdk: dict = {}
+
+        def raw_client() -> None:  # reads the stream line by line as it comes
+            conn = http.client.HTTPConnection(host, port, timeout=120)
+            body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": True}
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()  # the headers come with the first keep-alive, before any answer
+            raw.update(status=resp.status, encoding=resp.getheader("Transfer-Encoding"))
+            while line := resp.readline():
+                raw["lines"].append(line.decode().rstrip("\n"))
+                if sum(x == ": keep-alive" for x in raw["lines"]) >= 25:
+                    beats.set()
+            conn.close()
+
+        def sdk_client() -> None:  # gives up if nothing arrives for 5 s
+            oa = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=httpx.Timeout(60, read=5.0))
+            stream = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], stream=True)
+            sdk["text"] = "".join(c.choices[0].delta.content or "" for c in stream)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (sdk_client, raw_client)]
+        for t in threads:
+            t.start()
+        assert beats.wait(120), raw  # >= 7.5 s of waiting, past the SDK's 5 s idle-read limit
+        assert (raw["status"], raw["encoding"]) == (200, "chunked") and gw.records(eid) == []
+        with model_worker(settings):
+            for t in threads:
+                t.join(timeout=120)
+        assert sdk.get("text") == TEXT
+        events = [x[6:] for x in raw["lines"] if x.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == TEXT
+        assert [r["request"]["stream"] for r in gw.drain(eid)] == [True, True]  # each call recorded once
+    finally:
+        server.stop()
+        root.close()
+
+
+def test_a_failure_after_the_stream_opened_is_an_error_event(settings):
+    """The episode ends while its streamed call waits: the model worker refuses the call and the open
+    stream carries an ``error`` event, which the openai client raises as an APIError."""
+    openai = pytest.importorskip("openai")
+
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root, heartbeat_s=0.3)
+    server = GatewayHTTPServer(gw).start()
+    try:
+        with Client(settings) as client:
+            eid = _episode(client, [TEXT, TEXT])
+        key = gw.issue_key(eid)
+        host, port = server.server_address[:2]
+        opened = threading.Event()
+        lines: list[str] = []
+        sdk: dict = {}
+
+        def raw_client() -> None:
+            conn = http.client.HTTPConnection(host, port, timeout=120)
+            body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": True}
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            while line := resp.readline():
+                lines.append(line.decode().rstrip("\n"))
+                if lines.count(": keep-alive") >= 3:
+                    opened.set()
+            conn.close()
+
+        def sdk_client() -> None:
+            oa = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0)
+            try:
+                list(oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], stream=True))
+            except openai.APIError as exc:
+                sdk["error"] = exc
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (sdk_client, raw_client)]
+        for t in threads:
+            t.start()
+        assert opened.wait(120), lines
+        root.redis.hset(root.keys.episode(eid), "state", "CANCELLED")
+        with model_worker(settings):
+            for t in threads:
+                t.join(timeout=120)
+        (event,) = [json.loads(x[6:]) for x in lines if x.startswith("data: ")]  # no chunks, no [DONE]
+        assert event["error"]["type"] == "authentication_error" and "finished" in event["error"]["message"]
+        assert "finished" in str(sdk.get("error")), sdk
+        assert gw.records(eid) == []  # a refused call leaves no record
+    finally:
+        server.stop()
+        root.close()

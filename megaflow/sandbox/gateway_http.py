@@ -29,6 +29,7 @@ from megaflow.sandbox.gateway_stream import sse_payload
 
 log = logging.getLogger(__name__)
 MAX_BODY = 32 * 1024 * 1024
+SSE_TYPE = "text/event-stream; charset=utf-8"
 RETRY_AFTER_S = 1  # what a 429 (all call slots busy) asks the client to wait
 
 
@@ -88,14 +89,56 @@ class _Handler(BaseHTTPRequestHandler):
             message = f"the gateway is answering its limit of {slots.limit} calls; retry after {RETRY_AFTER_S}s"
             return self._error(429, message, "rate_limit_error", {"Retry-After": str(RETRY_AFTER_S)})
         try:
-            answer = self.server.gateway.complete(key, body)
+            if not (isinstance(body, dict) and body.get("stream") is True):
+                return self._reply(200, self.server.gateway.complete(key, body))
+            return self._stream(key, body)
         finally:
             slots.give()
-        if isinstance(body, dict) and body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            headers = {"Cache-Control": "no-cache"}
-            return self._send(200, sse_payload(answer, usage), "text/event-stream; charset=utf-8", headers)
-        return self._reply(200, answer)
+
+    def _stream(self, key: str, body: dict[str, Any]) -> None:
+        """A ``stream: true`` call. A quick answer goes out whole with a Content-Length. While a call waits
+        longer than the gateway's heartbeat, the event stream opens (chunked) with ``: keep-alive`` comments,
+        so clients with an idle-read time-out keep waiting; a failure after that is an ``error`` event."""
+        opened = False
+
+        def keep_alive() -> None:
+            nonlocal opened
+            if not opened:
+                self.send_response(200)
+                self.send_header("Content-Type", SSE_TYPE)
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                opened = True
+            self._chunk(b": keep-alive\n\n")
+
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        try:
+            answer = self.server.gateway.complete(key, body, heartbeat=keep_alive)
+        except ConnectionError as exc:  # BrokenPipe/ConnectionReset from a keep-alive write
+            if opened:  # the client hung up while the call waited: the gateway abandoned it
+                log.info("episode gateway: stream client left while its call waited (%s)", exc)
+                self.close_connection = True
+                return
+            raise
+        except Exception as exc:
+            if not opened:
+                raise
+            log.warning("episode gateway: streamed call failed after the stream opened: %s", exc)
+            kind = "authentication_error" if isinstance(exc, PermissionError) else "model_error"
+            error = {"error": {"message": f"{type(exc).__name__}: {exc}"[:2000], "type": kind}}
+            self._chunk(b"data: " + json.dumps(error).encode() + b"\n\n")
+            self._chunk(b"")
+            return
+        if not opened:
+            return self._send(200, sse_payload(answer, usage), SSE_TYPE, {"Cache-Control": "no-cache"})
+        self._chunk(sse_payload(answer, usage))
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        """One chunk of a chunked body (empty: the last one)."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":

@@ -25,6 +25,7 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from megaflow.core import states, wire
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 KEY_TTL_S = 7 * 24 * 3600
 CALL_TTL_S = 3600  # a call waiting for a model worker, and its answer, are dropped after this
 REPLY_SLACK_S = 30.0  # the gateway waits the model's retry budget plus this for a worker's answer
+HEARTBEAT_S = 10.0  # while a call waits, the caller's heartbeat runs this often (stream keep-alives)
 
 
 # Request fields about how the agent receives the answer, never sent to the model: a streamed request makes
@@ -59,8 +61,9 @@ def _sha(key: str) -> str:
 class EpisodeGateway:
     """Issues per-episode keys and answers chat completions for them."""
 
-    def __init__(self, root: Root, *, in_process: bool = False):
+    def __init__(self, root: Root, *, in_process: bool = False, heartbeat_s: float = HEARTBEAT_S):
         self.root = root
+        self.heartbeat_s = heartbeat_s
         self.keys = root.keys  # every key name: megaflow.core.keys (gateway_*)
         self.in_process = in_process  # call the backend here instead of through the model queue
         self._waits: Any = None  # a pool of its own for the blocking waits: they never starve the root's pool
@@ -98,11 +101,13 @@ class EpisodeGateway:
             raise GatewayAuthError(f"episode {eid} is finished ({state or 'gone'}): its key no longer works")
         return eid
 
-    def complete(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    def complete(self, key: str, body: dict[str, Any], heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
         """One OpenAI chat completion for the key's episode; returns the OpenAI response body.
 
         The call goes to the model queue (a model worker answers, see :meth:`serve_call`) unless the
         gateway was made ``in_process``; either way the request and whole reply join the episode's log.
+        ``heartbeat`` runs every ``heartbeat_s`` while the call waits on the model queue (the HTTP front
+        keeps a stream's connection alive with it); an exception from it abandons the call.
         """
         eid = self.episode_for(key)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
@@ -113,7 +118,7 @@ class EpisodeGateway:
             backend, request = self._request(eid, body, n)
             reply = self.root.backend(backend).complete(request)
         else:
-            reply = self._via_queue(eid, body, n)
+            reply = self._via_queue(eid, body, n, heartbeat)
         record = {
             "role": "gateway",
             "kind": "model_call",
@@ -146,16 +151,27 @@ class EpisodeGateway:
         )
         return backend, request
 
-    def _via_queue(self, eid: str, body: dict[str, Any], n: int) -> ModelReply:
+    def _via_queue(
+        self, eid: str, body: dict[str, Any], n: int, heartbeat: Callable[[], None] | None = None
+    ) -> ModelReply:
         """Send the call to the model queue and wait (this HTTP thread only) for the worker's answer."""
         r = self.root.redis
         call_id = uuid.uuid4().hex
         r.set(self.keys.gateway_call(call_id), json.dumps({"body": body, "n": n}), ex=CALL_TTL_S)
         self.root.dispatcher.send(wire.MODEL_GATEWAY_CALL, [eid, call_id], wire.MODEL_QUEUE)
         wait = self.root.settings.model_retry_budget_s + REPLY_SLACK_S
-        item = self._wait_client().blpop([self.keys.gateway_reply(call_id)], timeout=wait)
+        deadline = time.monotonic() + wait
+        item = None
+        try:
+            while item is None and (left := deadline - time.monotonic()) > 0:
+                step = min(left, self.heartbeat_s) if heartbeat else left
+                item = self._wait_client().blpop([self.keys.gateway_reply(call_id)], timeout=max(step, 0.01))
+                if item is None and heartbeat and deadline - time.monotonic() > 0:
+                    heartbeat()
+        finally:
+            if item is None:  # no answer or the caller left: a worker that picks it up later finds nothing to do
+                r.delete(self.keys.gateway_call(call_id))
         if item is None:
-            r.delete(self.keys.gateway_call(call_id))  # a worker that picks it up later finds nothing to do
             raise GatewayModelError(f"no model worker answered within {wait:.0f}s (is `megaflow worker model` up?)")
         out = json.loads(item[1])
         if "error" in out:
