@@ -358,3 +358,25 @@ def test_a_failure_after_the_stream_opened_is_an_error_event(settings):
     finally:
         server.stop()
         root.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_and_its_thread_ends(settings):
+    root = Root(settings, role="client")
+    server = GatewayHTTPServer(EpisodeGateway(root), idle_timeout_s=0.5).start()
+    try:
+        before = threading.active_count()
+        host, port = server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request("GET", "/v1/models")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["data"][0]["id"] == "megaflow"
+        assert not resp.will_close and threading.active_count() >= before + 1  # kept alive
+        assert conn.sock.recv(1) == b""  # the server hangs up once the connection idles past 0.5 s
+        conn.close()
+        deadline = time.monotonic() + 60
+        while threading.active_count() > before:
+            assert time.monotonic() < deadline, "the connection's thread never ended"
+            time.sleep(0.05)
+    finally:
+        server.stop()
+        root.close()

@@ -11,7 +11,8 @@ events (megaflow.sandbox.gateway_stream).
 
 Every waiting call holds one server thread, so a server answers at most ``max_calls`` chat
 completions at a time; one more is refused at once with 429 and ``Retry-After`` (the OpenAI clients
-and litellm wait that long and retry). ``max_calls=0``: no cap.
+and litellm wait that long and retry). ``max_calls=0``: no cap. A connection idle between requests
+is closed after ``idle_timeout_s``, so kept-alive connections don't hold threads for ever.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 32 * 1024 * 1024
 SSE_TYPE = "text/event-stream; charset=utf-8"
 RETRY_AFTER_S = 1  # what a 429 (all call slots busy) asks the client to wait
+IDLE_TIMEOUT_S = 120.0  # a connection that sends nothing for this long is closed (its thread ends)
 
 
 class CallSlots:
@@ -63,6 +65,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: GatewayHTTPServer
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes: no delayed-ACK stall
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.idle_timeout_s)  # an idle kept-alive connection ends its thread
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("episode gateway: " + fmt, *args)
@@ -177,10 +183,19 @@ class GatewayHTTPServer(ThreadingHTTPServer):
         if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
             log.exception("request from %s failed", client_address)
 
-    def __init__(self, gateway: Any, host: str = "127.0.0.1", port: int = 0, *, max_calls: int = 0):
+    def __init__(
+        self,
+        gateway: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_calls: int = 0,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ):
         super().__init__((host, port), _Handler)
         self.gateway = gateway
         self.slots = CallSlots(max_calls)
+        self.idle_timeout_s = idle_timeout_s
 
     @property
     def url(self) -> str:
@@ -212,13 +227,14 @@ class UnixGatewayServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, gateway: Any, path: str, *, max_calls: int = 0):
+    def __init__(self, gateway: Any, path: str, *, max_calls: int = 0, idle_timeout_s: float = IDLE_TIMEOUT_S):
         if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
         super().__init__(path, _UnixHandler)
         os.chmod(path, 0o666)
         self.gateway = gateway
         self.slots = CallSlots(max_calls)
+        self.idle_timeout_s = idle_timeout_s
         self.path = path
         self._ino = os.lstat(path).st_ino
 
