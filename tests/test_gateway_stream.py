@@ -380,3 +380,27 @@ def test_an_idle_kept_alive_connection_is_closed_and_its_thread_ends(settings):
     finally:
         server.stop()
         root.close()
+
+
+def test_reasoning_and_a_null_content_come_back_as_without_streaming(settings):
+    """A reply like vLLM's with a reasoning parser and tools: reasoning_content, content null, tool calls."""
+    openai = pytest.importorskip("openai")
+
+    reply = {"content": None, "reasoning_content": "first think, then list", **{"tool_calls": TOOL_REPLY["tool_calls"]}}
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root, in_process=True)
+    server = GatewayHTTPServer(gw).start()
+    try:
+        with Client(settings) as client:
+            eid = _episode(client, [reply, reply])
+        oa = openai.OpenAI(base_url=server.url, api_key=gw.issue_key(eid), max_retries=0)
+        ask = [{"role": "user", "content": "hi"}]
+        whole = oa.chat.completions.create(model="m", messages=ask, tools=TOOLS).choices[0].message
+        with oa.chat.completions.stream(model="m", messages=ask, tools=TOOLS) as events:
+            streamed = events.get_final_completion().choices[0].message
+        assert whole.content is None and streamed.content is None
+        assert getattr(streamed, "reasoning_content", None) == whole.reasoning_content == "first think, then list"
+        assert [c.function.arguments for c in streamed.tool_calls] == [c.function.arguments for c in whole.tool_calls]
+    finally:
+        server.stop()
+        root.close()

@@ -21,9 +21,8 @@ def _choice_chunks(choice: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``choices`` entries (one per chunk) that stream one whole choice."""
     index = int(choice.get("index") or 0)
     message = choice.get("message") or {}
-    out: list[dict[str, Any]] = [
-        {"index": index, "delta": {"role": message.get("role") or "assistant", "content": ""}, "finish_reason": None}
-    ]
+    first = {"role": message.get("role") or "assistant", "content": None if message.get("content") is None else ""}
+    out: list[dict[str, Any]] = [{"index": index, "delta": first, "finish_reason": None}]
     reasoning = message.get("reasoning_content")
     if reasoning:
         out.append({"index": index, "delta": {"reasoning_content": reasoning}, "finish_reason": None})
