@@ -113,9 +113,13 @@ def main() -> None:
             def call(c):
                 return lambda: c.chat.completions.create(model=server.model, messages=messages)
 
+            def streamed(c):  # stream=true: the same one model call, the reply re-sent as events
+                return lambda: list(c.chat.completions.create(model=server.model, messages=messages, stream=True))
+
             a = _timed(call(direct), args.n)
             b = _timed(call(via), args.n)
             c = _timed(call(via_local), args.n)
+            d = _timed(streamed(via), args.n)
             logged = len(gw.drain(eid))
             for x in (direct, via, via_local):
                 x.close()
@@ -133,9 +137,10 @@ def main() -> None:
         ("direct to the server", a),
         ("gateway via the model queue", b),
         ("gateway, backend in-process", c),
+        ("gateway via the model queue, stream", d),
     ):
-        print(f"  {name:30s} p50 {_pct(xs, 0.5):7.2f} ms   p99 {_pct(xs, 0.99):7.2f} ms")
-    for name, xs in (("model queue", b), ("in-process", c)):
+        print(f"  {name:36s} p50 {_pct(xs, 0.5):7.2f} ms   p99 {_pct(xs, 0.99):7.2f} ms")
+    for name, xs in (("model queue", b), ("in-process", c), ("model queue, stream", d)):
         print(
             f"  ratio gateway ({name}) / direct (p50): {statistics.median(xs) / statistics.median(a):.2f}x; "
             f"added per call (p50): {(statistics.median(xs) - statistics.median(a)) * 1000:.2f} ms"

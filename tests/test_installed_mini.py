@@ -124,7 +124,7 @@ def test_cancel_ends_a_running_mini(fleet, mini_image, docker_client):
         while True:  # mini has made its first call (it now runs `sleep 600`)
             (res,) = client.results(sub.batch_id)
             eid = res["episode_id"]
-            if eid and client.rt.redis.llen(f"{fleet.key_prefix}:gw:log:{eid}") >= 1:
+            if eid and client.rt.redis.llen(client.rt.keys.gateway_log(eid)) >= 1:
                 break
             assert res["state"] not in states.TERMINAL and time.monotonic() < deadline, res
             time.sleep(0.3)

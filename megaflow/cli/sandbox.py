@@ -66,11 +66,13 @@ def gateway(
     Each call is a model-queue task (model workers answer) unless ``--in-process``.
     """
     from megaflow.sandbox.gateway_http import GatewayHTTPServer
-    from megaflow.services.episode_gateway import EpisodeGateway
+    from megaflow.services.episode_gateway import EpisodeGateway, call_limit
     from megaflow.services.root import Root
 
-    root = Root(load_settings(), role="client")
-    server = GatewayHTTPServer(EpisodeGateway(root, in_process=in_process), host, port).start()
+    settings = load_settings()
+    root = Root(settings, role="client")
+    gw = EpisodeGateway(root, in_process=in_process)
+    server = GatewayHTTPServer(gw, host, port, max_calls=call_limit(settings)).start()
     typer.echo(f"episode gateway on {server.url} (OPENAI_BASE_URL={server.url}, OPENAI_API_KEY=<episode key>)")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -89,6 +89,31 @@ class Keys:
         """Namespace for model-gateway keys (endpoint health, stickiness, semaphores)."""
         return ":".join((self.prefix, "model", *parts))
 
+    # --- per-episode gateway of installed agents (megaflow.services.episode_gateway) --------------
+    def gateway(self, *parts: str) -> str:
+        """Namespace ``<prefix>:gw`` of the per-episode gateway's keys (the ACL patterns use it)."""
+        return ":".join((self.prefix, "gw", *parts))
+
+    def gateway_key(self, key_sha256: str) -> str:
+        """String with TTL: episode id named by a gateway API key (stored by the key's SHA-256, never the key)."""
+        return self.gateway("key", key_sha256)
+
+    def gateway_log(self, episode_id: str) -> str:
+        """List: the episode's gateway calls (request and whole reply, JSON) not yet in its trajectory."""
+        return self.gateway("log", episode_id)
+
+    def gateway_count(self, episode_id: str) -> str:
+        """Counter: the episode's gateway calls so far (numbers each call)."""
+        return self.gateway("n", episode_id)
+
+    def gateway_call(self, call_id: str) -> str:
+        """String with TTL: a gateway call waiting for a model worker (JSON body and number)."""
+        return self.gateway("call", call_id)
+
+    def gateway_reply(self, call_id: str) -> str:
+        """List with TTL: the model worker's answer to a gateway call (the gateway BLPOPs it)."""
+        return self.gateway("reply", call_id)
+
 
 # The resource manager's keys under ``<prefix>:res`` (what each holds: ResourceManager's docstring).
 # The Lua scripts get their key names from ``resource_lua_prelude()``, built from these tables, so

@@ -218,6 +218,12 @@ class Settings(BaseSettings):
         "DIR/<host>/gateway.sock and mounts DIR/<host> read-only at /run/megaflow in its containers, where a "
         "loopback relay gives installed agents OPENAI_BASE_URL (default: STATE_DIR/gateway; off: no socket).",
     )
+    gateway_max_calls: int = Field(
+        0,
+        ge=0,
+        description="Chat completions the per-episode gateway answers at once per server (each waiting call holds "
+        "one thread); one more is refused with 429 and Retry-After (0: 4 x host_capacity).",
+    )
 
     # --- time limits (command < agent budget < container lifetime < episode guard) -------------
     command_timeout_s: float = Field(60.0, gt=0, description="Time limit of one shell command in a container.")

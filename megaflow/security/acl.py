@@ -68,9 +68,7 @@ def _patterns(keys: Keys, role: str) -> list[str]:
         return [f"%R~{p}:*"]
     rw = [*episodes, *res_write, broker]
     ro = [quotas, health, keys.env("*"), keys.model("*")]
-    gateway = (
-        f"{p}:gw:*"  # the per-episode gateway (services.episode_gateway): env hosts serve it, model workers answer
-    )
+    gateway = keys.gateway("*")  # the per-episode gateway: env hosts serve it, model workers answer
     # the elastic fleet (megaflow.elastic): the warm-pool sizes chosen at submit, read by env hosts with
     # the record of the hosts it launched (an episode's "host launched" note at provision)
     pools, launched = f"{p}:elastic:pools", f"{p}:elastic:hosts"

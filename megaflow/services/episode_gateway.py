@@ -9,9 +9,13 @@ the whole reply (token ids and logprobs where the server gives them) is appended
 gateway log, which the env host's watch moves into the trajectory when the program ends. A key
 works only for its episode and only while the episode is live.
 
-Keys owned (``G`` = ``<prefix>:gw``): ``G:key:<sha256>`` -> episode id; ``G:log:<episode>`` list of
-JSON records; ``G:n:<episode>`` the episode's gateway call counter; ``G:call:<id>`` a call waiting for a
-model worker (JSON body and number); ``G:reply:<id>`` list holding the worker's answer.
+A ``stream: true`` request is the same one call; the HTTP front sends the whole reply back as an
+OpenAI-compatible event stream (megaflow.sandbox.gateway_stream), and the log records the request as sent.
+
+Keys owned (named in megaflow.core.keys, ``Keys.gateway_*`` under ``<prefix>:gw``): ``key:<sha256>`` ->
+episode id; ``log:<episode>`` list of JSON records; ``n:<episode>`` the episode's gateway call counter;
+``call:<id>`` a call waiting for a model worker (JSON body and number); ``reply:<id>`` list holding the
+worker's answer.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from megaflow.core import states, wire
@@ -33,6 +38,12 @@ if TYPE_CHECKING:
 KEY_TTL_S = 7 * 24 * 3600
 CALL_TTL_S = 3600  # a call waiting for a model worker, and its answer, are dropped after this
 REPLY_SLACK_S = 30.0  # the gateway waits the model's retry budget plus this for a worker's answer
+HEARTBEAT_S = 10.0  # while a call waits, the caller's heartbeat runs this often (stream keep-alives)
+
+
+# Request fields about how the agent receives the answer, never sent to the model: a streamed request makes
+# the same one model-service call and the HTTP front re-sends its whole reply as events (sandbox.gateway_stream).
+CLIENT_ONLY = ("messages", "model", "stream", "stream_options")
 
 
 class GatewayAuthError(MegaflowError, PermissionError):
@@ -50,9 +61,10 @@ def _sha(key: str) -> str:
 class EpisodeGateway:
     """Issues per-episode keys and answers chat completions for them."""
 
-    def __init__(self, root: Root, *, in_process: bool = False):
+    def __init__(self, root: Root, *, in_process: bool = False, heartbeat_s: float = HEARTBEAT_S):
         self.root = root
-        self.base = f"{root.settings.key_prefix}:gw"
+        self.heartbeat_s = heartbeat_s
+        self.keys = root.keys  # every key name: megaflow.core.keys (gateway_*)
         self.in_process = in_process  # call the backend here instead of through the model queue
         self._waits: Any = None  # a pool of its own for the blocking waits: they never starve the root's pool
 
@@ -72,15 +84,15 @@ class EpisodeGateway:
     def issue_key(self, episode_id: str) -> str:
         """A new key for the episode (``OPENAI_API_KEY`` of its installed agent)."""
         key = f"mf-{secrets.token_urlsafe(24)}"
-        self.root.redis.set(f"{self.base}:key:{_sha(key)}", episode_id, ex=KEY_TTL_S)
+        self.root.redis.set(self.keys.gateway_key(_sha(key)), episode_id, ex=KEY_TTL_S)
         return key
 
     def revoke(self, key: str) -> None:
-        self.root.redis.delete(f"{self.base}:key:{_sha(key)}")
+        self.root.redis.delete(self.keys.gateway_key(_sha(key)))
 
     def episode_for(self, key: str) -> str:
         """The live episode a key names; GatewayAuthError otherwise."""
-        raw = self.root.redis.get(f"{self.base}:key:{_sha(key)}") if key else None
+        raw = self.root.redis.get(self.keys.gateway_key(_sha(key))) if key else None
         if not raw:
             raise GatewayAuthError("unknown or revoked API key")
         eid = str(raw)
@@ -89,23 +101,24 @@ class EpisodeGateway:
             raise GatewayAuthError(f"episode {eid} is finished ({state or 'gone'}): its key no longer works")
         return eid
 
-    def complete(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    def complete(self, key: str, body: dict[str, Any], heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
         """One OpenAI chat completion for the key's episode; returns the OpenAI response body.
 
         The call goes to the model queue (a model worker answers, see :meth:`serve_call`) unless the
         gateway was made ``in_process``; either way the request and whole reply join the episode's log.
+        ``heartbeat`` runs every ``heartbeat_s`` while the call waits on the model queue (the HTTP front
+        keeps a stream's connection alive with it); an exception from it abandons the call.
         """
         eid = self.episode_for(key)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise ValueError("the body must be a chat-completion request with a 'messages' list")
-        if body.get("stream"):
-            raise ValueError("stream=true is not supported by the episode gateway yet; send stream=false")
-        n = int(self.root.redis.incr(f"{self.base}:n:{eid}"))
+        check_stream_fields(body)
+        n = int(self.root.redis.incr(self.keys.gateway_count(eid)))
         if self.in_process:
             backend, request = self._request(eid, body, n)
             reply = self.root.backend(backend).complete(request)
         else:
-            reply = self._via_queue(eid, body, n)
+            reply = self._via_queue(eid, body, n, heartbeat)
         record = {
             "role": "gateway",
             "kind": "model_call",
@@ -115,8 +128,8 @@ class EpisodeGateway:
             "t": time.time(),
         }
         pipe = self.root.redis.pipeline()
-        pipe.rpush(f"{self.base}:log:{eid}", json.dumps(record))
-        pipe.expire(f"{self.base}:log:{eid}", KEY_TTL_S)
+        pipe.rpush(self.keys.gateway_log(eid), json.dumps(record))
+        pipe.expire(self.keys.gateway_log(eid), KEY_TTL_S)
         pipe.execute()
         return openai_body(reply, body.get("model") or reply.model_name or "megaflow")
 
@@ -125,7 +138,7 @@ class EpisodeGateway:
         ep = self.root.engine.load(eid, history=False)
         model = ep.spec.model.model_dump(exclude_none=True)
         backend = model.pop("backend", None) or self.root.settings.model_backend
-        params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream") and k not in model}
+        params = {k: v for k, v in body.items() if k not in CLIENT_ONLY and k not in model}
         request = ModelRequest(
             messages=body["messages"],
             model=model,
@@ -138,16 +151,27 @@ class EpisodeGateway:
         )
         return backend, request
 
-    def _via_queue(self, eid: str, body: dict[str, Any], n: int) -> ModelReply:
+    def _via_queue(
+        self, eid: str, body: dict[str, Any], n: int, heartbeat: Callable[[], None] | None = None
+    ) -> ModelReply:
         """Send the call to the model queue and wait (this HTTP thread only) for the worker's answer."""
         r = self.root.redis
         call_id = uuid.uuid4().hex
-        r.set(f"{self.base}:call:{call_id}", json.dumps({"body": body, "n": n}), ex=CALL_TTL_S)
+        r.set(self.keys.gateway_call(call_id), json.dumps({"body": body, "n": n}), ex=CALL_TTL_S)
         self.root.dispatcher.send(wire.MODEL_GATEWAY_CALL, [eid, call_id], wire.MODEL_QUEUE)
         wait = self.root.settings.model_retry_budget_s + REPLY_SLACK_S
-        item = self._wait_client().blpop([f"{self.base}:reply:{call_id}"], timeout=wait)
+        deadline = time.monotonic() + wait
+        item = None
+        try:
+            while item is None and (left := deadline - time.monotonic()) > 0:
+                step = min(left, self.heartbeat_s) if heartbeat else left
+                item = self._wait_client().blpop([self.keys.gateway_reply(call_id)], timeout=max(step, 0.01))
+                if item is None and heartbeat and deadline - time.monotonic() > 0:
+                    heartbeat()
+        finally:
+            if item is None:  # no answer or the caller left: a worker that picks it up later finds nothing to do
+                r.delete(self.keys.gateway_call(call_id))
         if item is None:
-            r.delete(f"{self.base}:call:{call_id}")  # a worker that picks it up later finds nothing to do
             raise GatewayModelError(f"no model worker answered within {wait:.0f}s (is `megaflow worker model` up?)")
         out = json.loads(item[1])
         if "error" in out:
@@ -165,7 +189,7 @@ class EpisodeGateway:
         The call record is taken with GETDEL, so a redelivered task (or one the gateway gave up on) does nothing.
         """
         r = self.root.redis
-        raw = r.getdel(f"{self.base}:call:{call_id}")
+        raw = r.getdel(self.keys.gateway_call(call_id))
         if raw is None:
             return "dropped"
         call = json.loads(str(raw))
@@ -186,24 +210,44 @@ class EpisodeGateway:
                 }
             }
         pipe = r.pipeline()
-        pipe.rpush(f"{self.base}:reply:{call_id}", json.dumps(out))
-        pipe.expire(f"{self.base}:reply:{call_id}", CALL_TTL_S)
+        pipe.rpush(self.keys.gateway_reply(call_id), json.dumps(out))
+        pipe.expire(self.keys.gateway_reply(call_id), CALL_TTL_S)
         pipe.execute()
         return "error" if "error" in out else "ok"
 
     def records(self, episode_id: str) -> list[dict[str, Any]]:
         """The episode's gateway records not yet moved into its trajectory, oldest first."""
-        return [json.loads(r) for r in self.root.redis.lrange(f"{self.base}:log:{episode_id}", 0, -1)]
+        return [json.loads(r) for r in self.root.redis.lrange(self.keys.gateway_log(episode_id), 0, -1)]
 
     def forget(self, episode_id: str, n: int) -> None:
         """Drop the ``n`` oldest records (after they reached the trajectory)."""
-        self.root.redis.ltrim(f"{self.base}:log:{episode_id}", n, -1)
+        self.root.redis.ltrim(self.keys.gateway_log(episode_id), n, -1)
 
     def drain(self, episode_id: str) -> list[dict[str, Any]]:
         """Take the episode's gateway records, oldest first."""
         out = self.records(episode_id)
         self.forget(episode_id, len(out))
         return out
+
+
+def call_limit(settings: Any) -> int:
+    """How many calls one gateway server answers at once: ``gateway_max_calls``, or 4 per container slot of a host
+    (an installed agent waits on one call at a time; the slack is for agents that call in parallel)."""
+    return int(settings.gateway_max_calls) or 4 * int(settings.host_capacity)
+
+
+def check_stream_fields(body: dict[str, Any]) -> None:
+    """``stream`` is a boolean; ``stream_options`` an object, only with ``stream: true`` (ValueError: HTTP 400)."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ValueError(f"'stream' must be true or false, not {stream!r}")
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not stream:
+        raise ValueError("'stream_options' is only allowed with 'stream': true")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ValueError("'stream_options' must be an object like {\"include_usage\": true}")
 
 
 def openai_body(reply: Any, model: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from megaflow.agents.installed import RUN_DIR
 from megaflow.core.errors import InfraError
 from megaflow.engine.episodes import to_agent
 from megaflow.env_hosts.gateway_socket import host_socket, relay_port, relay_start_script
-from megaflow.services.episode_gateway import EpisodeGateway
+from megaflow.services.episode_gateway import EpisodeGateway, call_limit
 
 if TYPE_CHECKING:
     from megaflow.services.root import Root
@@ -118,6 +118,7 @@ def serve_gateway_socket(root: Root):
     if path is None:
         return None
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    server = UnixGatewayServer(EpisodeGateway(root), path).start()
-    log.info("episode gateway on unix socket %s (mounted at /run/megaflow in containers)", path)
+    limit = call_limit(root.settings)
+    server = UnixGatewayServer(EpisodeGateway(root), path, max_calls=limit).start()
+    log.info("episode gateway on unix socket %s (at /run/megaflow in containers; %d calls at once)", path, limit)
     return server
