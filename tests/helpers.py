@@ -5,6 +5,30 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(cond: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
+    """Poll ``cond()`` until it returns something truthy and return that; fail naming ``what`` after ``timeout_s``.
+
+    The condition is checked once more at the deadline, so a slow (loaded) machine that gets there
+    just in time still passes. Use generous timeouts: they cost nothing when the condition comes early.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            value = cond()
+            if value:
+                return value
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(interval_s)
 
 
 def run_cli(settings, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -107,14 +107,18 @@ def test_lost_host_episodes_move_then_end_as_infra_after_max_attempts(redis_serv
     rt.resources.drain_host("h1", True)  # being drained (scale in) when it is lost: its record says so
     # h1 stops beating; h2 joins: the episodes move to h2 as attempt 2, steps moved on, slots re-taken there
     steps = {e: rt.engine.load(e, history=False).step for e in ids}
+    per_attempt = {"agent_state": '{"phase": "waiting"}', "agent_request": "{}", "installed_started": "1"}
+    for e in ids:  # what the first attempt's agent knew (its program ran in h1's container)
+        redis_client.hset(rt.keys.episode(e), mapping={**per_attempt, "submission": "diff"})
     _sweep_until(ctl, lambda: all(rt.engine.load(e, history=False).host == "h2" for e in ids), keep_alive=("h2",))
     for e in ids:
         ep = rt.engine.load(e, history=False)
         assert ep.state == states.ADMITTED and ep.num("attempt") == 2 and ep.step > steps[e]
         assert rt.resources.placement(e)["host"] == "h2"
+        assert not set(ep.fields) & {*per_attempt, "submission"}, ep.fields  # the new attempt's agent starts over
         [move] = ep.fleet_events()  # the episode's own record of the move (results, status, report)
         assert (move["event"], move["from_host"], move["attempt"]) == ("moved", "h1", 2)
-        assert move["reason"].endswith("lost (no heartbeat for 0.5s) while draining"), move
+        assert move["reason"].endswith(f"lost (no heartbeat for {rt.settings.host_ttl_s:g}s) while draining"), move
         assert rt.engine.summaries([e])[0]["fleet"] == [move]
     assert "h1" in rt.resources.host_loss.lost()
     # h2 is lost too: out of attempts, each ends FAILED (infra) with its slots freed

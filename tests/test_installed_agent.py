@@ -14,6 +14,7 @@ from megaflow.agents.installed import WAIT, InstalledAgent, InstalledConfig, _fi
 from megaflow.core import states
 from megaflow.core.errors import SpecError
 from megaflow.core.spec import TaskSpec
+from tests.helpers import wait_until
 
 AGENT = "megaflow.agents.installed:InstalledAgent"
 
@@ -120,3 +121,28 @@ def test_no_worker_slot_is_held_while_the_program_runs(fleet):
         client.wait(sub.batch_id, timeout=60)
         (res,) = client.results(sub.batch_id)
     assert (res["state"], seen_waiting > 0) == (states.SUCCEEDED, True), res
+
+
+def test_an_installed_agent_moved_to_a_new_attempt_starts_over(fleet):
+    """A host judged lost mid-run (a heartbeat late on a loaded machine) re-queues the episode as a new
+    attempt: its agent starts over in the new container instead of polling, until its deadline, for a
+    program that never ran there (which ended such episodes TIMED_OUT)."""
+    s = spec("sleep 3; echo fixed > {workdir}/answer.txt", timeout_s=45, poll_s=0.5)
+    with Client(fleet) as client:
+        rt = client.rt
+        sub = client.submit([s], user="installed")
+        (eid,) = rt.engine.batch_ids(sub.batch_id)
+
+        def waiting():
+            return "poll_s" in (rt.redis.hget(rt.keys.episode(eid), "pending") or "")
+
+        wait_until(waiting, 120, "the first attempt's program runs and is polled")
+        ep = rt.engine.load(eid, history=False)
+        assert rt.resources.host_loss.retry(eid, ep.step, reason="test: host lost", host=ep.host) == 1
+        rt.lifecycle.admit()
+        client.wait(sub.batch_id, timeout=180)
+        (res,) = client.results(sub.batch_id)
+        traj = client.trajectory(eid)
+    assert (res["state"], res["reward"], res["attempt"]) == (states.SUCCEEDED, 1.0, 2), res
+    launches = [m for m in traj["messages"] if m["role"] == "env" and "agent started" in str(m.get("output"))]
+    assert len(launches) == 1, traj["messages"]  # the second attempt installed and started its own program
