@@ -20,6 +20,7 @@ from megaflow.control import Control, audit
 from megaflow.core import states
 from megaflow.core.settings import Settings
 from megaflow.services.root import Root
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -88,12 +89,15 @@ def _submit(rt: Root, n: int) -> list[str]:
 
 
 def _sweep_until(ctl: Control, done, keep_alive: tuple[str, ...] = (), timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "condition not reached"
+
+    def swept() -> bool:
+        if done():
+            return True
         _beat(ctl.rt, *keep_alive)
         ctl.sweep_once()
-        time.sleep(0.1)
+        return False
+
+    wait_until(swept, timeout, "the sweeps to reach the condition")
 
 
 def test_lost_host_episodes_move_then_end_as_infra_after_max_attempts(redis_server, redis_client, tmp_path):
