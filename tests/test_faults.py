@@ -10,7 +10,9 @@ Host loss and the stall sweep are also checked without a fleet, on a plain Redis
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 
 import pytest
@@ -166,3 +168,48 @@ def test_no_host_judged_lost_right_after_redis_comes_back(redis_server, redis_cl
     assert rt.engine.load(ids[0], history=False).host == "h1"
     assert rt.resources.host_loss.lost() == {}
     rt.close()
+
+
+class SlowUpkeepHost:
+    """An env backend whose upkeep pass hangs until released (container removals on a loaded machine)."""
+
+    backend = "slow"
+
+    def __init__(self):
+        self.in_pass = threading.Event()
+        self.release = threading.Event()
+
+    def report(self) -> dict:
+        return {"capacity": 2, "images": [], "warm": {}, "disk_free_gb": 10.0}
+
+    def maintain(self, is_live=None) -> dict:
+        self.in_pass.set()
+        self.release.wait(120)
+        return {}
+
+
+def test_a_slow_upkeep_pass_does_not_hold_the_heartbeat(redis_server, redis_client, tmp_path):
+    """A beat held past host_ttl_s by the host's upkeep got the host judged lost and its episodes moved."""
+    from megaflow.workers.process import Heartbeat
+
+    env_host = SlowUpkeepHost()
+    rt = Root(_root(redis_server, tmp_path).settings, role="env", host="h1", env_host=env_host)
+    hb = Heartbeat(rt, "env@h1", [], 1)
+    hb.maintain_every = 0.5
+    hb.start()
+    try:
+        assert env_host.in_pass.wait(30), "no upkeep pass started"
+        stuck_since = time.time()
+        key = rt.keys.worker_health("env", "env@h1")
+
+        def beat_after_a_ttl() -> bool:
+            assert env_host.in_pass.is_set() and not env_host.release.is_set()
+            return float(json.loads(redis_client.get(key) or "{}").get("ts", 0)) > stuck_since + rt.settings.host_ttl_s
+
+        wait_until(beat_after_a_ttl, 30, "a beat more than host_ttl_s into the hanging upkeep pass")
+        assert [h["alive"] for h in rt.resources.hosts() if h["name"] == "h1"] == [True]
+    finally:
+        env_host.release.set()
+        hb.stop.set()
+        hb.join(10)
+        rt.close()
