@@ -6,13 +6,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from megaflow.core.settings import Settings
+from tests.helpers import wait_until
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -59,15 +59,15 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
+
+        def answers() -> bool:
             try:
-                client.ping()
-                break
+                return bool(client.ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+                return False
+
+        wait_until(answers, 10, f"redis-server on port {self.port} to answer", 0.05)
         client.close()
 
     def stop(self) -> None:

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from megaflow.cli.base import EXIT_EPISODES_FAILED, EXIT_INFRA, EXIT_OK
 from megaflow.client import Client
 from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(
@@ -133,13 +133,14 @@ def test_cancel_right_after_submit_ends_every_unfinished_episode(fleet, tmp_path
     assert cancel.returncode == 0, stderr
     asked = json.loads(stdout)["cancelling"]
     with Client(fleet) as client:
-        deadline = time.monotonic() + 60  # "within seconds"; generous for this shared machine
-        status = client.status(batch)
-        while status["done"] < status["total"] and time.monotonic() < deadline:
-            time.sleep(0.5)
-            status = client.status(batch)
+        # "within seconds"; generous for this shared machine
+        wait_until(
+            lambda: (st := client.status(batch))["done"] == st["total"],
+            60,
+            lambda: f"every episode to finish after cancel: {client.status(batch)}",
+            0.5,
+        )
         results = client.results(batch)
-    assert status["done"] == status["total"], f"episodes still unfinished a minute after cancel: {status}"
     cancelled = [r for r in results if r["state"] == states.CANCELLED]
     assert len(cancelled) == asked, [(r["task_id"], r["state"], r["cause"]) for r in results]
     assert all(r["cause"] == states.CAUSE_CANCELLED for r in cancelled)
@@ -167,21 +168,29 @@ def test_cancel_stops_an_episode_busy_in_a_long_step(fleet, tmp_path, docker_cli
     assert sub.returncode == 0, stderr
     batch, (eid,) = json.loads(stdout)["batch_id"], json.loads(stdout)["episode_ids"]
     with Client(fleet) as client:
-        deadline = time.monotonic() + 120
-        while client.results(batch)[0]["state"] != where:
-            assert time.monotonic() < deadline, f"never reached {where}: {client.results(batch)[0]}"
-            time.sleep(0.2)
+        wait_until(
+            lambda: client.results(batch)[0]["state"] == where,
+            120,
+            lambda: f"{where}: {client.results(batch)[0]}",
+            0.2,
+        )
         cancel = start(fleet, "cancel", batch)
         _, stderr = cancel.communicate(timeout=60)
         assert cancel.returncode == 0, stderr
-        deadline = time.monotonic() + 25  # well before the 50 s step would end by itself
-        while client.results(batch)[0]["state"] not in states.TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.2)
-        final = client.results(batch)[0]
+        final = wait_until(  # well before the 50 s step would end by itself
+            lambda: (r := client.results(batch)[0])["state"] in states.TERMINAL and r,
+            25,
+            lambda: f"a cancel during {where} to end the episode: {client.results(batch)[0]}",
+            0.2,
+        )
     assert final["state"] == states.CANCELLED, f"a cancel during {where} did not end the episode: {final}"
-    deadline = time.monotonic() + 20  # the close runs on the episode's env host right after the cancel
-    while (
-        left := docker_client.containers.list(all=True, filters={"label": f"{labels.EPISODE}={eid}"})
-    ) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"containers of the cancelled episode remain: {[c.name for c in left]}"
+
+    def containers_left() -> list:
+        return docker_client.containers.list(all=True, filters={"label": f"{labels.EPISODE}={eid}"})
+
+    wait_until(  # the close runs on the episode's env host right after the cancel
+        lambda: not containers_left(),
+        20,
+        lambda: f"the cancelled episode's containers to go: {[c.name for c in containers_left()]}",
+        0.2,
+    )

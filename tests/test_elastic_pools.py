@@ -14,14 +14,13 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 from megaflow.core.keys import Keys
 from megaflow.elastic.modes import published_pools
 from megaflow.elastic.usage import ElasticKeys
 from megaflow.engine.resources import ResourceManager
 from megaflow.env_hosts import labels as L
 from megaflow.env_hosts.pool import WarmPool
+from tests.helpers import wait_until
 
 
 def _pool(settings) -> WarmPool:
@@ -67,13 +66,7 @@ def test_env_worker_applies_the_published_pool_size(settings, redis_client, dock
     log_path = tmp_path / f"{host}.log"
 
     def wait(cond, what: str, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not cond():
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"{what}: not reached in {timeout_s}s; warm={_warm(res, host)}\n{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.3)
+        wait_until(cond, timeout_s, lambda: f"{what}; warm={_warm(res, host)}\n{log_path.read_text()[-3000:]}", 0.3)
 
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -120,10 +113,7 @@ def test_sim_backend_models_the_warm_pool(settings):
         assert first.data["warm"] is False  # (its pool's refill boots meanwhile, in the background)
 
         def wait(cond) -> None:
-            deadline = time.monotonic() + 20
-            while not cond():
-                assert time.monotonic() < deadline, host.report()
-                time.sleep(0.05)
+            wait_until(cond, 20, lambda: f"the pool to settle: {host.report()}", 0.05)
 
         wait(lambda: host.report()["warm"] == {"img:a": 1})  # the static size, refilled in the background
         assert host.create("e2", "img:a", mode="persistent").data["warm"] is True

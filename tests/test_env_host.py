@@ -12,6 +12,7 @@ from megaflow.env_hosts import DockerHost, ExecResult
 from megaflow.env_hosts import labels as L
 from megaflow.env_hosts.errors import ContainerLostError
 from megaflow.env_hosts.images import api_with_timeout
+from tests.helpers import wait_until
 
 
 def remove_host_containers(docker_client, name: str) -> None:
@@ -111,10 +112,7 @@ def test_ephemeral_container_gets_a_session_after_its_first_exec(make_host):
     handle = host.create("ep-sess", host.settings.default_image, labels={})
     parent = "ps -o comm= -p $PPID"  # who started the command's shell
     assert host.execute(handle, parent, timeout=10).output == "timeout\n"  # plain docker exec
-    deadline = time.monotonic() + 20
-    while handle.id not in host.exec_sessions:
-        assert time.monotonic() < deadline, "no exec session was opened"
-        time.sleep(0.05)
+    wait_until(lambda: handle.id in host.exec_sessions, 20, "an exec session to open", 0.05)
     session = host.exec_sessions.get(handle.id)
     assert host.execute(handle, parent, timeout=10).output == "python3\n"  # the session's runner
     assert not session.broken and host.exec_sessions.get(handle.id) is session
@@ -191,10 +189,12 @@ def test_file_round_trip(box):
 def test_dead_mans_switch_ends_the_container(make_host, docker_client):
     host = make_host(container_lifetime_s=2)
     handle = host.create("ep-dms", host.settings.default_image, labels={})
-    deadline = time.monotonic() + 20
-    while docker_client.api.inspect_container(handle.id)["State"]["Running"]:
-        assert time.monotonic() < deadline, "the container outlived its lifetime"
-        time.sleep(0.5)
+    wait_until(
+        lambda: not docker_client.api.inspect_container(handle.id)["State"]["Running"],
+        20,
+        "the container to end at its 2 s lifetime",
+        0.5,
+    )
     with pytest.raises(ContainerLostError):
         host.execute(handle, "true", timeout=5)
 

@@ -9,6 +9,7 @@ import pytest
 
 from megaflow.env_hosts import DockerHost
 from megaflow.env_hosts import labels as L
+from tests.helpers import wait_until
 
 
 @pytest.fixture
@@ -24,10 +25,7 @@ def warm_host(docker_client, sandbox_image, settings, redis_client):
 
 
 def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
+    wait_until(predicate, timeout, getattr(predicate, "__name__", "a condition"))
 
 
 def test_pool_fills_hands_out_and_refills(warm_host, docker_client, sandbox_image, redis_client):

@@ -10,7 +10,9 @@ Host loss and the stall sweep are also checked without a fleet, on a plain Redis
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from megaflow.control import Control, audit
 from megaflow.core import states
 from megaflow.core.settings import Settings
 from megaflow.services.root import Root
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -88,12 +91,15 @@ def _submit(rt: Root, n: int) -> list[str]:
 
 
 def _sweep_until(ctl: Control, done, keep_alive: tuple[str, ...] = (), timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "condition not reached"
+
+    def swept() -> bool:
+        if done():
+            return True
         _beat(ctl.rt, *keep_alive)
         ctl.sweep_once()
-        time.sleep(0.1)
+        return False
+
+    wait_until(swept, timeout, "the sweeps to reach the condition")
 
 
 def test_lost_host_episodes_move_then_end_as_infra_after_max_attempts(redis_server, redis_client, tmp_path):
@@ -107,14 +113,18 @@ def test_lost_host_episodes_move_then_end_as_infra_after_max_attempts(redis_serv
     rt.resources.drain_host("h1", True)  # being drained (scale in) when it is lost: its record says so
     # h1 stops beating; h2 joins: the episodes move to h2 as attempt 2, steps moved on, slots re-taken there
     steps = {e: rt.engine.load(e, history=False).step for e in ids}
+    per_attempt = {"agent_state": '{"phase": "waiting"}', "agent_request": "{}", "installed_started": "1"}
+    for e in ids:  # what the first attempt's agent knew (its program ran in h1's container)
+        redis_client.hset(rt.keys.episode(e), mapping={**per_attempt, "submission": "diff"})
     _sweep_until(ctl, lambda: all(rt.engine.load(e, history=False).host == "h2" for e in ids), keep_alive=("h2",))
     for e in ids:
         ep = rt.engine.load(e, history=False)
         assert ep.state == states.ADMITTED and ep.num("attempt") == 2 and ep.step > steps[e]
         assert rt.resources.placement(e)["host"] == "h2"
+        assert not set(ep.fields) & {*per_attempt, "submission"}, ep.fields  # the new attempt's agent starts over
         [move] = ep.fleet_events()  # the episode's own record of the move (results, status, report)
         assert (move["event"], move["from_host"], move["attempt"]) == ("moved", "h1", 2)
-        assert move["reason"].endswith("lost (no heartbeat for 0.5s) while draining"), move
+        assert move["reason"].endswith(f"lost (no heartbeat for {rt.settings.host_ttl_s:g}s) while draining"), move
         assert rt.engine.summaries([e])[0]["fleet"] == [move]
     assert "h1" in rt.resources.host_loss.lost()
     # h2 is lost too: out of attempts, each ends FAILED (infra) with its slots freed
@@ -158,3 +168,48 @@ def test_no_host_judged_lost_right_after_redis_comes_back(redis_server, redis_cl
     assert rt.engine.load(ids[0], history=False).host == "h1"
     assert rt.resources.host_loss.lost() == {}
     rt.close()
+
+
+class SlowUpkeepHost:
+    """An env backend whose upkeep pass hangs until released (container removals on a loaded machine)."""
+
+    backend = "slow"
+
+    def __init__(self):
+        self.in_pass = threading.Event()
+        self.release = threading.Event()
+
+    def report(self) -> dict:
+        return {"capacity": 2, "images": [], "warm": {}, "disk_free_gb": 10.0}
+
+    def maintain(self, is_live=None) -> dict:
+        self.in_pass.set()
+        self.release.wait(120)
+        return {}
+
+
+def test_a_slow_upkeep_pass_does_not_hold_the_heartbeat(redis_server, redis_client, tmp_path):
+    """A beat held past host_ttl_s by the host's upkeep got the host judged lost and its episodes moved."""
+    from megaflow.workers.process import Heartbeat
+
+    env_host = SlowUpkeepHost()
+    rt = Root(_root(redis_server, tmp_path).settings, role="env", host="h1", env_host=env_host)
+    hb = Heartbeat(rt, "env@h1", [], 1)
+    hb.maintain_every = 0.5
+    hb.start()
+    try:
+        assert env_host.in_pass.wait(30), "no upkeep pass started"
+        stuck_since = time.time()
+        key = rt.keys.worker_health("env", "env@h1")
+
+        def beat_after_a_ttl() -> bool:
+            assert env_host.in_pass.is_set() and not env_host.release.is_set()
+            return float(json.loads(redis_client.get(key) or "{}").get("ts", 0)) > stuck_since + rt.settings.host_ttl_s
+
+        wait_until(beat_after_a_ttl, 30, "a beat more than host_ttl_s into the hanging upkeep pass")
+        assert [h["alive"] for h in rt.resources.hosts() if h["name"] == "h1"] == [True]
+    finally:
+        env_host.release.set()
+        hb.stop.set()
+        hb.join(10)
+        rt.close()

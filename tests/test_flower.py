@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +23,7 @@ from megaflow.core.settings import Settings
 from megaflow.core.wire import task_argsrepr
 from megaflow.demo_tasks import demo_specs
 from megaflow.monitoring.flower import flower_options
+from tests.helpers import wait_until
 
 USER, PASSWORD = "flower-admin", "pa:ss,word with spaces"
 
@@ -79,16 +79,17 @@ class FlowerProc:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 60
-        while True:
+
+        def answers() -> bool:
             try:
                 if httpx.get(f"{self.url}/healthcheck", timeout=2).status_code == 200:
-                    return
+                    return True
             except httpx.TransportError:
                 pass
             assert self.proc.poll() is None, f"flower exited:\n{self.log.read_text()}"
-            assert time.monotonic() < deadline, f"flower did not answer:\n{self.log.read_text()}"
-            time.sleep(0.3)
+            return False
+
+        wait_until(answers, 60, lambda: f"flower to answer:\n{self.log.read_text()}", 0.3)
 
     def get(self, path: str, auth=(USER, PASSWORD)) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", auth=auth, timeout=15)
@@ -107,14 +108,14 @@ class FlowerProc:
 
 def poll(what: str, fn, timeout: float = 60.0):
     """Call ``fn`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
     last = None
-    while time.monotonic() < deadline:
+
+    def attempt():
+        nonlocal last
         last = fn()
-        if last:
-            return last
-        time.sleep(0.5)
-    pytest.fail(f"{what} not seen after {timeout:.0f}s (last: {last!r})")
+        return last
+
+    return wait_until(attempt, timeout, lambda: f"{what} (last: {last!r})", 0.5)
 
 
 def chromium_dom(url: str, profile: Path) -> str:

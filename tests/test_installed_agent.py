@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -14,6 +13,7 @@ from megaflow.agents.installed import WAIT, InstalledAgent, InstalledConfig, _fi
 from megaflow.core import states
 from megaflow.core.errors import SpecError
 from megaflow.core.spec import TaskSpec
+from tests.helpers import wait_until
 
 AGENT = "megaflow.agents.installed:InstalledAgent"
 
@@ -81,12 +81,7 @@ def test_cancel_ends_a_running_installed_agent(fleet):
     s = spec("sleep 600", timeout_s=600)
     with Client(fleet) as client:
         sub = client.submit([s], user="installed")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            (res,) = client.results(sub.batch_id)
-            if res["state"] == states.RUNNING:
-                break
-            time.sleep(0.2)
+        wait_until(lambda: client.results(sub.batch_id)[0]["state"] == states.RUNNING, 120, "RUNNING", 0.2)
         client.cancel(sub.batch_id)
         client.wait(sub.batch_id, timeout=60)
         (res,) = client.results(sub.batch_id)
@@ -102,11 +97,12 @@ def test_no_worker_slot_is_held_while_the_program_runs(fleet):
     with Client(fleet) as client:
         sub = client.submit([s], user="installed")
         seen_waiting = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def sample_until_terminal() -> bool:  # every sample while it runs is checked
+            nonlocal seen_waiting
             (res,) = client.results(sub.batch_id)
             if res["state"] in states.TERMINAL:
-                break
+                return True
             eid = res["episode_id"]
             pending = client.rt.redis.hget(client.rt.keys.episode(eid), "pending") or ""
             if "poll_s" in pending:  # waiting: the program runs, the env host polls it with a countdown
@@ -116,7 +112,53 @@ def test_no_worker_slot_is_held_while_the_program_runs(fleet):
                 later = [t for ts in (insp.scheduled() or {}).values() for t in ts if eid in str(t["request"]["args"])]
                 if later and not active:  # the poll waits for its countdown in memory: no pool slot is taken
                     seen_waiting += 1
-            time.sleep(0.3)
-        client.wait(sub.batch_id, timeout=60)
+            return False
+
+        wait_until(sample_until_terminal, 180, "the episode to end", 0.3)
         (res,) = client.results(sub.batch_id)
     assert (res["state"], seen_waiting > 0) == (states.SUCCEEDED, True), res
+
+
+def test_an_installed_agent_moved_to_a_new_attempt_starts_over(fleet):
+    """A host judged lost mid-run (a heartbeat late on a loaded machine) re-queues the episode as a new
+    attempt: its agent starts over in the new container instead of polling, until its deadline, for a
+    program that never ran there (which ended such episodes TIMED_OUT)."""
+    s = spec("sleep 3; echo fixed > {workdir}/answer.txt", timeout_s=45, poll_s=0.5)
+    with Client(fleet) as client:
+        rt = client.rt
+        sub = client.submit([s], user="installed")
+        (eid,) = rt.engine.batch_ids(sub.batch_id)
+
+        def waiting():
+            return "poll_s" in (rt.redis.hget(rt.keys.episode(eid), "pending") or "")
+
+        wait_until(waiting, 120, "the first attempt's program runs and is polled")
+        ep = rt.engine.load(eid, history=False)
+        assert rt.resources.host_loss.retry(eid, ep.step, reason="test: host lost", host=ep.host) == 1
+        rt.lifecycle.admit()
+        client.wait(sub.batch_id, timeout=180)
+        (res,) = client.results(sub.batch_id)
+        traj = client.trajectory(eid)
+    assert (res["state"], res["reward"], res["attempt"]) == (states.SUCCEEDED, 1.0, 2), res
+    launches = [m for m in traj["messages"] if m["role"] == "env" and "agent started" in str(m.get("output"))]
+    assert len(launches) == 1, traj["messages"]  # the second attempt installed and started its own program
+
+
+# a setsid that is slow to get going, as a forked child is on a loaded machine: it sleeps in the
+# start's process group first, then execs the real setsid
+SLOW_SETSID = r"""mkdir -p /tmp/slowbin
+printf '#!/bin/sh\nsleep 2\nexec %s "$@"\n' "$(command -v setsid)" > /tmp/slowbin/setsid
+chmod +x /tmp/slowbin/setsid
+export PATH=/tmp/slowbin:$PATH"""
+
+
+def test_a_program_slow_to_detach_survives_the_end_of_its_start(fleet):
+    """The exec that starts the program kills its process group when the start script ends: the start
+    waits until the program is in its own session (before, it was killed and the episode waited for
+    its end until TIMED_OUT)."""
+    s = spec("echo fixed > {workdir}/answer.txt", install=SLOW_SETSID, timeout_s=40)
+    with Client(fleet) as client:
+        sub = client.submit([s], user="installed")
+        client.wait(sub.batch_id, timeout=180)
+        (res,) = client.results(sub.batch_id)
+    assert (res["state"], res["reward"]) == (states.SUCCEEDED, 1.0), res

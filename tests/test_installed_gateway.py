@@ -8,6 +8,7 @@ from megaflow import Client
 from megaflow.sandbox.gateway_http import GatewayHTTPServer
 from megaflow.services.episode_gateway import EpisodeGateway, GatewayAuthError
 from megaflow.services.root import Root
+from tests.helpers import wait_until
 
 
 def _episode(client: Client, replies: list) -> str:
@@ -86,7 +87,6 @@ def test_openai_client_through_the_gateway_is_recorded_and_scoped(settings):
     reason="the agent service offers no 'wait' decision yet (see the report)",
 )
 def test_gateway_calls_of_a_running_installed_agent_land_in_its_trajectory(fleet):
-    import time
 
     from megaflow.agents import validate_agent_section
     from megaflow.core import states
@@ -109,10 +109,12 @@ def test_gateway_calls_of_a_running_installed_agent_land_in_its_trajectory(fleet
             sub = client.submit([spec], user="gw-inst")
             (res,) = client.results(sub.batch_id)
             eid = res["episode_id"]
-            deadline = time.monotonic() + 60
-            while "poll_s" not in (root.redis.hget(root.keys.episode(eid), "pending") or ""):
-                assert time.monotonic() < deadline, "the installed agent never started"
-                time.sleep(0.2)
+            wait_until(
+                lambda: "poll_s" in (root.redis.hget(root.keys.episode(eid), "pending") or ""),
+                60,
+                "the installed agent to start",
+                0.2,
+            )
             key = gw.issue_key(eid)  # the program's OPENAI_API_KEY; here the test makes its call
             reply = gw.complete(key, {"model": "m", "messages": [{"role": "user", "content": "q"}]})
             assert reply["choices"][0]["message"]["content"] == "from the gateway"

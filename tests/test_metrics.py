@@ -23,6 +23,7 @@ from megaflow.demo_tasks import demo_specs
 from megaflow.engine.resources import ResourceManager
 from megaflow.monitoring.metrics import CONTENT_TYPE, Exposition, collect, serve_metrics
 from megaflow.workers.celery_app import create_app
+from tests.helpers import wait_until
 
 
 def parse(text: str) -> dict[str, dict[tuple, float]]:
@@ -43,6 +44,19 @@ def scrape(port: int) -> dict:
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"] == CONTENT_TYPE
     return parse(resp.text)
+
+
+def scrape_when_up(port: int, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> dict:
+    """The first scrape that answers (the server may still be starting); a dead ``proc`` fails at once."""
+
+    def attempt() -> dict | None:
+        try:
+            return scrape(port)
+        except httpx.TransportError:
+            assert proc is None or proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            return None
+
+    return wait_until(attempt, timeout_s, what, 0.2)
 
 
 def test_empty_redis_gives_zero_gauges(settings, redis_client):
@@ -145,15 +159,7 @@ def test_metrics_command_serves_and_stops_on_sigterm(settings, redis_client):
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                m = scrape(port)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "megaflow metrics did not start"
-                time.sleep(0.2)
+        m = scrape_when_up(port, 30, "megaflow metrics to start", proc)
         assert value(m, "megaflow_queue_length", queue="agent") == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
@@ -184,14 +190,7 @@ def test_control_service_starts_the_endpoint_on_metrics_port(settings):
     t = threading.Thread(target=ctl.run, daemon=True)
     t.start()
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                scrape(port)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "control did not serve metrics"
-                time.sleep(0.2)
+        scrape_when_up(port, 20, "control to serve metrics")
     finally:
         ctl.stop.set()
         t.join(15)
@@ -221,9 +220,11 @@ def test_scrape_of_a_running_fleet(fleet):
         }
         with Client(fleet) as client:
             sub = client.submit(demo_specs("fix")[:1], user="metrics-test")
-            deadline = time.monotonic() + 180
-            while client.status(sub.batch_id)["done"] < 1:
-                assert time.monotonic() < deadline, "batch did not finish"
+
+            def sample_until_done() -> bool:  # every scrape while the batch runs is checked
+                nonlocal seen_user_slots
+                if client.status(sub.batch_id)["done"] >= 1:
+                    return True
                 m = scrape(server.port)
                 for labels, v in m["megaflow_episodes"].items():
                     if v > 0:
@@ -232,17 +233,19 @@ def test_scrape_of_a_running_fleet(fleet):
                 seen_user_slots = max(seen_user_slots, m["megaflow_slots_used"].get(key, 0))
                 assert all(v >= 0 for fam in m.values() for v in fam.values())
                 assert value(m, "megaflow_slots_used", tier="global", name="global") <= fleet.global_limit
-                time.sleep(0.3)
+                return False
+
+            wait_until(sample_until_done, 180, "the batch to finish", 0.3)
         assert seen_user_slots == 1
         assert seen_live & {states.ADMITTED, states.ENV_STARTING, states.RUNNING, states.EVALUATING}, seen_live
-        deadline = time.monotonic() + 20
-        while True:  # slots are released just after the terminal state is written
-            m = scrape(server.port)
-            used = m["megaflow_slots_used"].get((("name", "metrics-test"), ("tier", "user")), 0)
-            if used == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert used == 0
+        user_slots = (("name", "metrics-test"), ("tier", "user"))
+        # slots are released just after the terminal state is written
+        wait_until(
+            lambda: scrape(server.port)["megaflow_slots_used"].get(user_slots, 0) == 0,
+            20,
+            "the user's slots to read 0",
+            0.3,
+        )
     finally:
         server.close()
 

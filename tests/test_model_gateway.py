@@ -19,6 +19,7 @@ from megaflow.core.keys import Keys
 from megaflow.model_gateway import ModelRequest, load_backend
 from megaflow.model_gateway.openai import backoff_delay, parse_model_section
 from megaflow.model_gateway.registry import deregister_endpoint, register_endpoint, registered_endpoints
+from tests.helpers import wait_until
 
 
 @pytest.fixture
@@ -241,9 +242,8 @@ def test_unhealthy_endpoint_is_taken_out_and_probed_back(settings, redis_client,
     assert {r["endpoint"]: r["healthy"] for r in pool.status()} == {a.base_url: True, b.base_url: False}
     assert redis_client.get(pool.sticky_key("ep-b")) == a.base_url  # the episode moved with its endpoint
     b.down = False
-    time.sleep(0.4)  # past the cool-down: the next choice probes b
-    ask(backend, session="fresh")
-    assert b.probes >= 1
+    # past the cool-down (0.3 s) a choice probes b: calls go on (to a) until one has
+    wait_until(lambda: ask(backend, session="fresh") and b.probes >= 1, 30, "a probe of b after its cool-down")
     assert all(r["healthy"] for r in pool.status())
 
 
@@ -254,10 +254,17 @@ def test_unreachable_endpoint_fails_over(settings, redis_client, two_servers):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     # a long cool-down: the dead endpoint stays out while the test looks (a slow machine passes 0.3 s)
     backend = make_backend(settings, redis_client, [dead, a.base_url], model_cooldown_s=60.0)
-    replies = [ask(backend, session=f"s{i}") for i in range(6)]
-    assert all(r.endpoint == a.base_url for r in replies)
     pool = backend.pool("test-model", [dead, a.base_url])
-    assert {r["endpoint"]: r["healthy"] for r in pool.status()}[dead] is False
+    asked = 0
+
+    def dead_is_out() -> bool:  # ties are broken at random: ask until the dead one was tried enough
+        nonlocal asked
+        asked += 1
+        assert ask(backend, session=f"s{asked}").endpoint == a.base_url  # every call answered, by a
+        return {r["endpoint"]: r["healthy"] for r in pool.status()}[dead] is False
+
+    wait_until(dead_is_out, 30, "the dead endpoint to be taken out", 0)
+    assert ask(backend, session="after").endpoint == a.base_url
 
 
 def test_all_endpoints_down_is_unavailable(settings, redis_client, two_servers):
@@ -308,8 +315,7 @@ def test_registered_endpoints_join_and_expire(settings, redis_client, two_server
     deregister_endpoint(redis_client, keys, "test-model", b.base_url)
     register_endpoint(redis_client, keys, "test-model", f"http://127.0.0.1:{a.port}", ttl=0.2)  # /v1 added
     assert registered_endpoints(redis_client, keys, "test-model") == [a.base_url]
-    time.sleep(0.3)
-    assert registered_endpoints(redis_client, keys, "test-model") == []
+    wait_until(lambda: registered_endpoints(redis_client, keys, "test-model") == [], 10, "the 0.2 s TTL to expire it")
 
 
 def test_openai_backend_module_loads_only_when_chosen():

@@ -20,6 +20,7 @@ from megaflow.cli.model import app
 from megaflow.core.keys import Keys
 from megaflow.model_gateway import ModelRequest, load_backend
 from megaflow.model_gateway.registry import registered_endpoints
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,11 +76,12 @@ def test_serve_registers_heartbeats_and_deregisters(tmp_path, settings, redis_se
     )
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 30
-        while registered_endpoints(redis_client, Keys(), "fleet-model") != [url]:
+
+        def registered() -> bool:
             assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "endpoint never registered"
-            time.sleep(0.1)
+            return registered_endpoints(redis_client, Keys(), "fleet-model") == [url]
+
+        wait_until(registered, 30, "the endpoint to be registered")
         argv = args_file.read_text().split()
         assert argv[:2] == ["serve", "org/some-model"]
         for flag in (

@@ -9,6 +9,9 @@ import pytest
 from megaflow.core.errors import NotFoundError, QuotaError, SpecError
 from megaflow.core.keys import Keys
 from megaflow.engine.resources import ResourceManager
+from tests.helpers import let_lapse, wait_until
+
+RENEW_EVERY_S = 0.3  # a holder's renewal period in these tests (leases of 1.5 s)
 
 
 @pytest.fixture
@@ -29,6 +32,10 @@ def eps(*specs: str, image: str = "img") -> list[dict]:
 
 def ids(admissions) -> list[str]:
     return [a.episode_id for a in admissions]
+
+
+def alive(m: ResourceManager, name: str) -> bool:
+    return any(h["name"] == name and h["alive"] for h in m.hosts())
 
 
 def test_fifo_in_submission_order_and_user_at_limit_does_not_block(make):
@@ -111,7 +118,7 @@ def test_image_index_follows_heartbeats(make, redis_client):
     assert m.acquire("x1", "v", "h2") == m.acquire("x2", "v", "h2") == "ok"  # h2: 2 of 4, h1: 1 of 4
     m.enqueue([{"episode_id": "a2", "user": "u", "image": "img-a"}])
     assert [a.host for a in m.admit()] == ["h2"]  # image present beats less loaded
-    time.sleep(0.6)
+    wait_until(lambda: not alive(m, "h2"), 10, "h2's heartbeat (TTL 0.5 s) to go stale")
     m.register_host("h1", capacity=4, images=["img-b"], warm={}, disk_free_gb=1)
     assert m.sweep()["hosts_removed"] == 1
     assert redis_client.hgetall(idx) == {}  # h2 gone, and out of the index
@@ -120,7 +127,7 @@ def test_image_index_follows_heartbeats(make, redis_client):
 def test_drained_and_stale_hosts_get_no_admissions(make):
     m = make(host_ttl_s=0.4)
     m.register_host("old", capacity=5, images=[], warm={}, disk_free_gb=1)
-    time.sleep(0.5)
+    wait_until(lambda: not alive(m, "old"), 10, "old's heartbeat (TTL 0.4 s) to go stale")
     assert m.register_host("new", capacity=5, images=[], warm={}, disk_free_gb=1) is True
     assert m.register_host("new", capacity=5, images=[], warm={}, disk_free_gb=1) is False
     m.drain_host("new")
@@ -170,12 +177,12 @@ def test_renew_keeps_slots_and_lapse_frees_them(make):
     m.enqueue(eps("A1", "B1"))
     assert ids(m.admit()) == ["A1"]
     started = time.monotonic()
-    while time.monotonic() - started < 2.0:  # renewed every 0.3 s: held past its first lease
-        time.sleep(0.3)
+    while time.monotonic() - started < 2.0:  # renewed every RENEW_EVERY_S: held past its first lease
+        time.sleep(RENEW_EVERY_S)
         assert m.renew_host("h") == 1
     assert m.admit() == []  # still held after more than one lease thanks to renewals
     assert m.renew("A1")
-    time.sleep(1.7)  # nobody renews: the lease lapses
+    let_lapse(1.5)  # nobody renews: the lease lapses
     assert not m.renew("A1")
     assert ids(m.admit()) == ["B1"]
 
@@ -186,7 +193,7 @@ def test_sweep_reclaims_lapsed_and_requeues_never_started(make):
     m.enqueue(eps("A1", "A2", "A3"))
     assert ids(m.admit(2)) == ["A1", "A2"]
     assert m.mark_started("A2")
-    time.sleep(1.2)
+    let_lapse(1.0)  # admit_start_timeout_s: A1 was admitted and never started
     fixed = m.sweep()
     assert fixed["requeued"] == 1 and fixed["leases_reclaimed"] == 0
     assert not m.mark_started("A1")  # it no longer holds slots: its late provision must not run
@@ -195,7 +202,7 @@ def test_sweep_reclaims_lapsed_and_requeues_never_started(make):
 
     short = make(lease_s=0.2)
     short.acquire("X1", "X", "h")
-    time.sleep(0.3)
+    let_lapse(0.2)
     assert short.sweep()["leases_reclaimed"] == 1
     assert short.placement("X1") is None
 
@@ -206,14 +213,14 @@ def test_lapsed_lease_of_a_never_started_episode_puts_it_back_in_the_fifo(make):
     m.enqueue(eps("A1", "A2", "B1"))
     assert ids(m.admit()) == ["A1", "A2", "B1"]
     assert m.mark_started("A2")
-    time.sleep(1.2)  # the host died: nobody renews
+    let_lapse(1.0)  # the host died: nobody renews
     fixed = m.sweep()
     assert (fixed["requeued"], fixed["leases_reclaimed"]) == (2, 1)  # A1, B1 back; A2 had started
     assert m.placement("A2") is None and m.queue_length() == 2
     m.drain_host("dead")
     m.register_host("alive", capacity=5, images=[], warm={}, disk_free_gb=1)
     assert [(a.episode_id, a.host) for a in m.admit()] == [("A1", "alive"), ("B1", "alive")]
-    time.sleep(1.2)
+    let_lapse(1.0)
     assert m.renew_host("alive") == 0  # the heartbeat came too late: same repair on that path
     assert m.queue_length() == 2
 
@@ -251,7 +258,7 @@ def test_boot_limiter_cap_and_rate(make):
     r = make(boot_concurrency=10, boot_rate_per_s=4.0)
     got = [r.acquire_boot("r", f"x{i}") for i in range(6)]
     assert got == [True] * 4 + [False] * 2  # a burst of one second's worth, then the rate
-    time.sleep(0.3)
+    let_lapse(1 / 4.0)  # one token of the 4/s rate comes back
     assert r.acquire_boot("r", "y")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -19,7 +18,7 @@ from megaflow.core import states
 from megaflow.core.spec import SUBMIT_WORD
 from megaflow.demo_tasks import demo_specs, fix_replies, instances, noop_replies, task_spec
 from megaflow.stores import open_metadata_store
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_until
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -35,13 +34,16 @@ def wait_records(settings, batch_id: str, n: int, timeout: float = 30.0) -> list
     """The batch's task documents once the recorder has written all of them as terminal."""
     store = open_metadata_store(settings.metadata_url, settings)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def complete() -> list[dict] | None:
             docs = store.find_tasks(batch_id=batch_id)
             if len(docs) == n and all(d["state"] in states.TERMINAL and d.get("artifact_uri") for d in docs):
                 return docs
-            assert time.monotonic() < deadline, f"only {len(docs)} of {n} records after {timeout}s"
-            time.sleep(0.3)
+            return None
+
+        return wait_until(
+            complete, timeout, lambda: f"{n} records ({len(store.find_tasks(batch_id=batch_id))} so far)", 0.3
+        )
     finally:
         store.close()
 

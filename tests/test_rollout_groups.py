@@ -7,11 +7,11 @@ episodes through the engine, which lets it choose exactly which attempt fails fo
 from __future__ import annotations
 
 import threading
-import time
 
 from megaflow import Client
 from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
+from tests.helpers import wait_until
 
 
 def end(client: Client, episode_id: str, state: str, *, cause: str | None = None, reward: float | None = None):
@@ -26,10 +26,7 @@ def end(client: Client, episode_id: str, state: str, *, cause: str | None = None
 
 
 def batch_eps(client: Client, batch_id: str) -> list[str]:
-    deadline = time.monotonic() + 10
-    while not client.rt.redis.exists(client.rt.keys.batch_episodes(batch_id)):
-        assert time.monotonic() < deadline, f"batch {batch_id} never appeared"
-        time.sleep(0.02)
+    wait_until(lambda: client.rt.redis.exists(client.rt.keys.batch_episodes(batch_id)), 30, f"batch {batch_id}", 0.02)
     return client.rt.engine.batch_ids(batch_id)
 
 
@@ -53,10 +50,7 @@ def test_a_retry_that_succeeds_unmasks_the_group_and_groups_come_as_they_finish(
         end(client, g1b, states.FAILED, cause=states.CAUSE_TESTS, reward=0.0)
         end(client, g0a, states.SUCCEEDED, reward=1.0)
         end(client, g0b, states.FAILED, cause=states.CAUSE_INFRA)  # retried as a new episode
-        deadline = time.monotonic() + 10
-        while len(groups) < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: len(groups) >= 1, 30, "the first complete group", 0.05)
         assert [g["index"] for g in groups] == [1] and groups[0]["rewards"] == [1.0, 0.0]
         (retry,) = batch_eps(client, f"{root}-retry1")
         end(client, retry, states.FAILED, cause=states.CAUSE_INFRA)  # and once more

@@ -7,13 +7,13 @@ workers' part by ending episodes itself, which fixes the order in which replicas
 from __future__ import annotations
 
 import threading
-import time
 
 from megaflow import Client
 from megaflow.core import states, wire
 from megaflow.core.spec import validate_specs
 from megaflow.engine.episodes import TRAJECTORY_PRIORITY, to_model
 from megaflow.rollout import _Slot, choose_kept
+from tests.helpers import wait_until
 
 
 def specs(n: int) -> list[dict]:
@@ -28,10 +28,7 @@ def specs(n: int) -> list[dict]:
 
 
 def batch_eps(client: Client, batch_id: str) -> list[str]:
-    deadline = time.monotonic() + 60
-    while not client.rt.redis.exists(client.rt.keys.batch_episodes(batch_id)):
-        assert time.monotonic() < deadline, f"batch {batch_id} never appeared"
-        time.sleep(0.02)
+    wait_until(lambda: client.rt.redis.exists(client.rt.keys.batch_episodes(batch_id)), 60, f"batch {batch_id}", 0.02)
     return client.rt.engine.batch_ids(batch_id)
 
 
@@ -43,10 +40,7 @@ def finish(client: Client, episode_id: str, reward: float) -> None:
 
 
 def wait_for(cond, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    wait_until(cond, timeout_s, what, 0.02)
 
 
 def test_oversampled_group_keeps_k_cancels_the_rest_and_frees_their_slots(settings):

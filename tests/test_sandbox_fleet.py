@@ -18,6 +18,7 @@ from megaflow.sandbox import errors as E
 from megaflow.sandbox import models as M
 from megaflow.services.root import Root
 from megaflow.services.sandbox_api import SandboxService
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -175,9 +176,7 @@ def test_idle_sandbox_is_closed_by_the_sweep_and_its_slot_freed(fleet):
     try:
         sb = Sandbox.open(svc, user=user())
         assert root.resources.placement(sb.id) is not None
-        deadline = time.monotonic() + 30
-        while svc.sweep() == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: svc.sweep() > 0, 30, "the sweep to close the idle sandbox", 0.2)
         assert root.resources.placement(sb.id) is None
         assert root.redis.hget(root.keys.episode(sb.id), "state") is None  # the reaper may take its container
         with pytest.raises(E.SandboxNotFoundError):

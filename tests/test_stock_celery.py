@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from megaflow import Client
 from megaflow.core import states
 from megaflow.demo_tasks import demo_specs
 from megaflow.services.root import Root
+from tests.helpers import wait_until
 
 CELERY = [sys.executable, "-m", "celery", "-A", "megaflow.workers"]
 
@@ -64,11 +64,12 @@ def test_stock_worker_joins_as_an_env_host_and_runs_episodes(fleet, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while "stock-1" not in {h["name"] for h in root.resources.hosts()}:
+
+        def registered() -> bool:
             assert proc.poll() is None, (tmp_path / "stock-env.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the stock worker never registered its env host"
-            time.sleep(0.2)
+            return "stock-1" in {h["name"] for h in root.resources.hosts()}
+
+        wait_until(registered, 60, "the stock worker to register its env host", 0.2)
         for h in ("env-1", "env-2"):  # only the stock worker's host takes new episodes
             root.resources.drain_host(h)
         with Client(fleet) as client:

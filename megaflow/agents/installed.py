@@ -61,12 +61,22 @@ def _fill(template: str, task: Any) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: shlex.quote(str(values[m[1]])) if m[1] in values else m[0], template)
 
 
-# start run.sh detached in its own session; its output to RUN_DIR/out, its exit status to RUN_DIR/exit
+START_WAIT_S = 20  # the start waits this long at most for the program to be in its own session
+
+# Start run.sh detached in its own session; its output to RUN_DIR/out, its exit status to RUN_DIR/exit.
+# The exec that runs this kills its own process group when the script ends: the script returns only
+# once the program wrote its pid from inside the new session (a forked child not yet through setsid
+# on a loaded machine would be killed with the group, and the episode would wait for a program that
+# never ran). The pid is the new session's and process group's id (kill_script signals the group).
 START_SCRIPT = (
-    f"D={RUN_DIR}\n"
-    'setsid nohup bash -c \'bash "$0/run.sh" > "$0/out" 2>&1; echo $? > "$0/exit.tmp"; '
+    f'D={RUN_DIR}\nrm -f "$D/pid"\n'
+    'setsid nohup bash -c \'echo $$ > "$0/pid.tmp"; mv "$0/pid.tmp" "$0/pid"; '
+    'bash "$0/run.sh" > "$0/out" 2>&1; echo $? > "$0/exit.tmp"; '
     'mv "$0/exit.tmp" "$0/exit"\' "$D" < /dev/null > /dev/null 2>&1 &\n'
-    'echo $! > "$D/pid"\necho "megaflow: agent started (pid $(cat "$D/pid"))"\n'
+    f'i=0\nwhile [ ! -s "$D/pid" ] && [ $i -lt {START_WAIT_S * 10} ]; do sleep 0.1; i=$((i+1)); done\n'
+    '[ -s "$D/pid" ] || { echo "megaflow: the agent did not start within '
+    f'{START_WAIT_S}s" >&2; exit 1; }}\n'
+    'echo "megaflow: agent started (pid $(cat "$D/pid"))"\n'
 )
 
 

@@ -4,7 +4,8 @@
 - agent: threads by default (decisions are short; no IPC per task), or a small prefork pool
          (``agent_pool=prefork``) for CPU-heavy custom agents
 - env:   threads (container API calls); consumes ``env`` and its own ``env.<host>``; runs the host
-         heartbeat (registration, lease renewal, warm pool, image eviction, reaper)
+         heartbeat (registration, lease renewal) and, on a thread of its own, its upkeep (warm pool,
+         image eviction, reaper)
 """
 
 from __future__ import annotations
@@ -171,14 +172,12 @@ class Heartbeat(threading.Thread):
         os.kill(os.getpid(), signal.SIGTERM)
 
     def run(self) -> None:
-        last_maintain = 0.0
+        if self.root.role == "env":  # upkeep on a thread of its own: a slow pass never delays a beat
+            threading.Thread(target=self.maintain_loop, name="megaflow-maintain", daemon=True).start()
         failures = 0
         while not self.stop.is_set():
             try:
                 self.beat()
-                if self.root.role == "env" and time.monotonic() - last_maintain > self.maintain_every:
-                    last_maintain = time.monotonic()
-                    self.root.env_host.maintain(is_live=self.is_live)
                 if failures:
                     log.warning("heartbeat of %s works again after %d failed attempts", self.node, failures)
                 failures = 0
@@ -196,6 +195,24 @@ class Heartbeat(threading.Thread):
                 log.debug("heartbeat failure", exc_info=True)
             # retry at the beat's own period: a host must beat again within its TTL once Redis is back
             self.stop.wait(self.interval)
+
+    def maintain_loop(self) -> None:
+        """The env host's upkeep (reaper, warm pools, image eviction) every ``maintain_every`` seconds.
+
+        Apart from the beat: a pass that takes long (container removals and warm boots on a loaded
+        machine) would otherwise hold the next beat past ``host_ttl_s``, and the host would be judged
+        lost with its episodes moved to new attempts.
+        """
+        failures = 0
+        while not self.stop.wait(self.maintain_every):
+            try:
+                self.root.env_host.maintain(is_live=self.is_live)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures & (failures - 1) == 0:  # one line at failures 1, 2, 4, 8, ...
+                    log.warning("maintenance of env host %s failed (attempt %d): %s", self.root.host, failures, exc)
+                log.debug("maintenance failure", exc_info=True)
 
     def stop_and_shutdown(self) -> None:
         """Stop beating; an env worker's warm containers go with it."""

@@ -1,8 +1,8 @@
 """Host loss: an env host whose heartbeat lapsed is marked lost and its live episodes move elsewhere.
 
 Each live episode of a lost host is re-queued at its old place in the FIFO as a new attempt
-(fresh history and counters, its slots freed, the step moved on so every task still addressed to
-the old attempt is dropped), or, past ``infra_max_attempts``, left for the caller to end as an
+(fresh history, counters and agent state, its slots freed, the step moved on so every task still
+addressed to the old attempt is dropped), or, past ``infra_max_attempts``, left for the caller to end as an
 infrastructure failure. One Lua script does the episode's and the resource manager's part at once.
 
 Keys owned: ``<prefix>:env:lost`` (hash host -> Redis time in ms it was marked lost; cleared when
@@ -44,6 +44,9 @@ local fleet = (fl and fl ~= '') and cjson.decode(fl) or {}
 table.insert(fleet, {event = 'moved', from_host = ARGV[7], reason = reason, attempt = attempt + 1,
   t = tonumber(nowstr)})
 redis.call('HSET', KEYS[1], 'fleet', cjson.encode(fleet))
+-- what the old attempt's agent knew belongs to its container: the new attempt's agent starts over
+-- (an installed agent kept 'waiting' for a program never started in the new container, to TIMED_OUT)
+redis.call('HDEL', KEYS[1], 'agent_state', 'agent_request', 'submission', 'installed_started')
 for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(k, 1, 2) == 't:' and k ~= 't:submitted' and k ~= 't:queued' then redis.call('HDEL', KEYS[1], k) end
 end
