@@ -110,3 +110,20 @@ def test_a_second_worker_for_a_served_env_host_name_refuses_to_start(fleet):
         sub = client.submit(demo_specs("fix")[:2], user="dup-host")
         client.wait(sub.batch_id, timeout=180)
         assert client.status(sub.batch_id)["counts"] == {states.SUCCEEDED: 2}
+
+
+def test_redis_brokers_use_megaflows_transport_and_keep_their_scheme():
+    """One Redis client per channel (megaflow.workers.transport) for redis://; the URL keeps its scheme,
+    which Flower reads to pick its queue-length reader; other schemes keep kombu's transport."""
+    from kombu.transport.redis import Transport as KombuRedis
+
+    from megaflow.core.settings import Settings
+    from megaflow.workers.celery_app import create_app
+    from megaflow.workers.transport import Transport
+
+    app = create_app(Settings.load(redis_url="redis://127.0.0.1:6379/0"))
+    with app.connection() as conn:
+        assert type(conn.transport) is Transport and conn.as_uri().startswith("redis://")
+    app = create_app(Settings.load(redis_url="rediss://127.0.0.1:6380/0"))
+    with app.connection() as conn:
+        assert type(conn.transport) is KombuRedis

@@ -14,7 +14,9 @@ from kombu import Exchange, Queue
 
 from megaflow.core import wire
 from megaflow.core.settings import Settings
-from megaflow.workers.transport import TRANSPORT
+from megaflow.workers import transport
+
+transport.install()  # redis:// brokers use one Redis client per channel (megaflow.workers.transport)
 
 _settings: Settings | None = None
 
@@ -28,8 +30,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings of a MegaFlow app bound to ``settings.redis_url``."""
     return dict(
         broker_url=settings.redis_url,
-        # kombu's Redis transport with one client per channel (see its module); other schemes stock
-        broker_transport=TRANSPORT if settings.redis_url.startswith("redis://") else None,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a Redis restart is waited out, never fatal to a worker
         broker_transport_options={

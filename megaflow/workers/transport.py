@@ -38,3 +38,13 @@ class Transport(kombu_redis.Transport):
 
 
 TRANSPORT = f"{__name__}:Transport"
+
+
+def install() -> None:
+    """Make ``redis://`` broker URLs use this transport in this process (``rediss://`` and
+    ``redis+socket://`` keep kombu's). Done through kombu's alias table rather than Celery's
+    ``broker_transport``, so the connection's URL keeps its ``redis`` scheme: Flower chooses its
+    queue-length reader from that scheme."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES["redis"] = TRANSPORT
