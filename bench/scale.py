@@ -531,31 +531,76 @@ def main() -> None:
 
 
 def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile: str) -> None:
-    """Admit ``n`` episodes whose model calls take long; print admission lag and RSS while they wait."""
-    from megaflow.core import states
+    """Admit ``n`` episodes whose model calls take long; print admission lag and RSS while they wait.
 
+    Admission lag is ``t:admitted - t:queued`` of each episode (the whole batch is queued at once, so
+    the last ones wait for every admission before theirs). "Waiting" counts episodes whose model
+    call is running: their step was taken by a model worker thread (state RUNNING, at the model).
+    """
+    import redis as redis_mod
+
+    pids = {name: p.pid for name, p in fleet.procs.items()} | {"redis": redis_pid}
+    r = redis_mod.Redis.from_url(settings.redis_url, decode_responses=True)
+    rss0 = sum(rss_bytes(p) for p in pids.values())
+    mem0 = int(r.info("memory")["used_memory"])
     run = run_batch(settings, fleet, redis_pid, n, profile, model_s=600.0, wait=False)
-    client, r = run["client"], run["r"]
+    client = run["client"]
+    t_submit = time.time() - run["t0"]
+    print(f"submitted {n} episodes in {t_submit:.1f}s (validate, write, enqueue, first admission pass)")
+    from megaflow.core import wire
+
+    model_queue = wire.broker_queue_key(settings.key_prefix, wire.MODEL_QUEUE)
+    keys = [client.rt.keys.episode(e) for e in client.rt.engine.batch_ids(run["batch"])]
     deadline = time.time() + 600
-    ids = client.rt.engine.batch_ids(run["batch"])
+    rows: list = []
+    t_admitted = t_waiting = None
     while time.time() < deadline:
-        views = client.rt.engine.summaries(ids)
-        admitted = [v for v in views if v["state"] not in (states.QUEUED, states.SUBMITTED)]
-        if len(admitted) >= n:
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(k, "t:queued", "t:admitted", "t:step_1", "model_calls", "next")
+        rows = pipe.execute()
+        admitted = sum(1 for x in rows if x[1])
+        waiting = sum(1 for x in rows if x[4] and "model" in x[4])
+        backlog = r.llen(model_queue)  # sent to the model service, not yet taken by a worker thread
+        now = time.time() - run["t0"]
+        if t_admitted is None and admitted >= n:
+            t_admitted = now
+        if waiting >= n and backlog == 0:
+            t_waiting = now
             break
-        time.sleep(1)
-    time.sleep(3)
-    views = client.rt.engine.summaries(ids)
-    lag = [v["phases"]["admitted"] - v["phases"]["queued"] for v in views if "admitted" in v["phases"]]
-    rss = sum(rss_bytes(p.pid) for p in fleet.procs.values()) + rss_bytes(redis_pid)
+        print(f"  {now:6.1f}s admitted {admitted}, sent to the model {waiting}, model queue {backlog}", flush=True)
+        time.sleep(5)
+    lag = [float(x[1]) - float(x[0]) for x in rows if x[1]]
+    waiting = sum(1 for x in rows if x[4] and "model" in x[4])
+    time.sleep(5)  # let the model workers take the last messages
+    rss = {name: rss_bytes(pid) for name, pid in pids.items()}
+    threads = {name: sum(_threads(p) for p in [pid, *descendants(pid)]) for name, pid in pids.items()}
     mem = int(r.info("memory")["used_memory"])
+    clients = int(r.info("clients")["connected_clients"])
     print(
-        f"in flight: {len(lag)}/{n} admitted; admission p50 {statistics.median(lag):.3f}s p99 {pct(lag, 0.99):.3f}s "
-        f"(goal < 1 s); total RSS {rss / 2**30:.2f} GB (goal < 4 GB); Redis {mem / n / 1024:.1f} KB/episode"
+        f"in flight: {len(lag)}/{n} admitted in {t_admitted or float('nan'):.1f}s, {waiting}/{n} waiting in "
+        f"model calls (model queue empty) at {t_waiting or float('nan'):.1f}s; "
+        f"admission p50 {statistics.median(lag):.3f}s p99 {pct(lag, 0.99):.3f}s "
+        f"max {max(lag):.3f}s (goal p99 < 1 s); total RSS {sum(rss.values()) / 2**30:.2f} GB "
+        f"(before the batch {rss0 / 2**30:.2f} GB; goal < 4 GB); Redis {(mem - mem0) / n / 1024:.1f} KB/episode, "
+        f"{clients} clients"
     )
+    print("  RSS MB by process: " + ", ".join(f"{k}={v / 2**20:.0f}" for k, v in rss.items()))
+    print("  threads by process: " + ", ".join(f"{k}={v}" for k, v in threads.items()))
     run["stop"].set()
     client.cancel(run["batch"])
     client.close()
+    r.close()
+
+
+def _threads(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 if __name__ == "__main__":
