@@ -128,17 +128,21 @@ class Fleet:
         )
         log.close()
 
-    def close(self) -> None:
+    def close(self, cold: bool = False) -> None:
+        """Stop every process: a warm shutdown (tasks finish), or ``cold`` (SIGQUIT: Celery's cold
+        shutdown, for in-flight runs whose model calls would hold a warm shutdown for 600 s)."""
         for p in self.procs.values():
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, signal.SIGQUIT if cold else signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 30
         for p in self.procs.values():
             try:
-                p.wait(30)
+                p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
 
 
 def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -489,7 +493,10 @@ def main() -> None:
             fleet.start(f"env-{h}", ["worker", "env", "--host", f"env-{h}"])
         wait_workers(settings, fleet, 1 + model_workers + a.env_hosts)
         if a.in_flight:
-            in_flight(settings, fleet, redis_proc.pid, a.in_flight, a.profile, a.arrival_batch)
+            try:
+                in_flight(settings, fleet, redis_proc.pid, a.in_flight, a.profile, a.arrival_batch)
+            finally:
+                fleet.close(cold=True)
             return
         rows = []
         for n in a.ns:
@@ -599,7 +606,7 @@ def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile:
             t_waiting = now
             break
         print(f"  {now:6.1f}s admitted {admitted}, sent to the model {waiting}, model queue {backlog}", flush=True)
-        time.sleep(5)
+        time.sleep(2)
     lag = [float(x[1]) - float(x[0]) for x in rows if x[1]]
     last = [float(x[1]) - float(x[0]) for x in rows[-size:] if x[1]]
     waiting = sum(1 for x in rows if x[2] and "model" in x[2])
@@ -618,11 +625,7 @@ def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile:
     )
     print("  RSS MB by process: " + ", ".join(f"{k}={v / 2**20:.0f}" for k, v in rss.items()))
     print("  threads by process: " + ", ".join(f"{k}={v}" for k, v in threads.items()))
-    t = time.time()
-    for b in batches:
-        client.cancel(b)
-    print(f"  cancelled {n} in {time.time() - t:.1f}s")
-    client.close()
+    client.close()  # the fleet and its Redis go next: their model calls are not cancelled one by one
     r.close()
 
 
