@@ -181,7 +181,9 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
 
 
-def fleet_settings(url: str, tmp: Path, n_max: int, profile: str, env_hosts: int, *, events: bool) -> Settings:
+def fleet_settings(
+    url: str, tmp: Path, n_max: int, profile: str, env_hosts: int, *, events: bool, env_threads: int = 4096
+) -> Settings:
     _m, cmd_s, _c = PROFILES[profile]
     per_host = math.ceil(n_max / env_hosts)
     return Settings.load(
@@ -196,7 +198,9 @@ def fleet_settings(url: str, tmp: Path, n_max: int, profile: str, env_hosts: int
         boot_concurrency=min(per_host, 1000),
         max_batch_episodes=max(n_max, 10_000),  # --in-flight 30000 is one batch
         model_concurrency=min(n_max, 8000),  # sizes each model worker's Redis pool (its threads: --concurrency)
-        env_concurrency=per_host,
+        # threads start on demand; a cap keeps a burst of provisions from taking the PIDs that 30,000 model
+        # threads need (kernel.pid_max is 32768 on this box: every thread takes one)
+        env_concurrency=min(per_host, env_threads),
         lease_s=120.0,
         host_ttl_s=60.0,
         sweep_interval_s=30.0,
@@ -478,7 +482,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mf-scale-"))
     redis_proc, url = start_redis(tmp)
     n_max = a.in_flight or max(a.ns)
-    settings = fleet_settings(url, tmp, n_max, a.profile, a.env_hosts, events=a.events)
+    settings = fleet_settings(
+        url, tmp, n_max, a.profile, a.env_hosts, events=a.events, env_threads=512 if a.in_flight else 4096
+    )
     fleet = Fleet(settings, tmp)
     try:
         limit = dispatch_limit(url, tmp, a.events)
