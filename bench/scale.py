@@ -10,6 +10,7 @@ go to --out.
     .venv/bin/python bench/scale.py                       # 12 s episodes, N = 1 10 100 1000 3000 10000
     .venv/bin/python bench/scale.py --profile 75 --ns 1 100 1000
     .venv/bin/python bench/scale.py --in-flight 30000     # admitted and waiting on long model calls
+    .venv/bin/python bench/scale.py --in-flight 30000 --arrival-batch 1000   # arriving 1,000 at a time
 """
 
 from __future__ import annotations
@@ -127,17 +128,21 @@ class Fleet:
         )
         log.close()
 
-    def close(self) -> None:
+    def close(self, cold: bool = False) -> None:
+        """Stop every process: a warm shutdown (tasks finish), or ``cold`` (SIGQUIT: Celery's cold
+        shutdown, for in-flight runs whose model calls would hold a warm shutdown for 600 s)."""
         for p in self.procs.values():
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, signal.SIGQUIT if cold else signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 30
         for p in self.procs.values():
             try:
-                p.wait(30)
+                p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
 
 
 def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -176,7 +181,9 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
 
 
-def fleet_settings(url: str, tmp: Path, n_max: int, profile: str, env_hosts: int, *, events: bool) -> Settings:
+def fleet_settings(
+    url: str, tmp: Path, n_max: int, profile: str, env_hosts: int, *, events: bool, env_threads: int = 4096
+) -> Settings:
     _m, cmd_s, _c = PROFILES[profile]
     per_host = math.ceil(n_max / env_hosts)
     return Settings.load(
@@ -188,9 +195,12 @@ def fleet_settings(url: str, tmp: Path, n_max: int, profile: str, env_hosts: int
         global_limit=n_max,
         user_limit=n_max,
         host_capacity=per_host,
-        boot_concurrency=per_host,
-        model_concurrency=n_max,
-        env_concurrency=per_host,
+        boot_concurrency=min(per_host, 1000),
+        max_batch_episodes=max(n_max, 10_000),  # --in-flight 30000 is one batch
+        model_concurrency=min(n_max, 8000),  # sizes each model worker's Redis pool (its threads: --concurrency)
+        # threads start on demand; a cap keeps a burst of provisions from taking the PIDs that 30,000 model
+        # threads need (kernel.pid_max is 32768 on this box: every thread takes one)
+        env_concurrency=min(per_host, env_threads),
         lease_s=120.0,
         host_ttl_s=60.0,
         sweep_interval_s=30.0,
@@ -440,6 +450,12 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also print Redis bytes by key pattern mid-run")
     ap.add_argument("--in-flight", type=int, help="instead: admit this many episodes waiting on long model calls")
     ap.add_argument(
+        "--arrival-batch",
+        type=int,
+        default=0,
+        help="with --in-flight: submit batches of this many back to back (default: one batch of all)",
+    )
+    ap.add_argument(
         "--model-workers",
         type=int,
         help="model worker processes (default: one per 8,000 calls in flight; a process holds ~30k threads at most)",
@@ -466,7 +482,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mf-scale-"))
     redis_proc, url = start_redis(tmp)
     n_max = a.in_flight or max(a.ns)
-    settings = fleet_settings(url, tmp, n_max, a.profile, a.env_hosts, events=a.events)
+    settings = fleet_settings(
+        url, tmp, n_max, a.profile, a.env_hosts, events=a.events, env_threads=512 if a.in_flight else 4096
+    )
     fleet = Fleet(settings, tmp)
     try:
         limit = dispatch_limit(url, tmp, a.events)
@@ -481,7 +499,10 @@ def main() -> None:
             fleet.start(f"env-{h}", ["worker", "env", "--host", f"env-{h}"])
         wait_workers(settings, fleet, 1 + model_workers + a.env_hosts)
         if a.in_flight:
-            in_flight(settings, fleet, redis_proc.pid, a.in_flight, a.profile)
+            try:
+                in_flight(settings, fleet, redis_proc.pid, a.in_flight, a.profile, a.arrival_batch)
+            finally:
+                fleet.close(cold=True)
             return
         rows = []
         for n in a.ns:
@@ -530,32 +551,98 @@ def main() -> None:
         redis_proc.wait(10)
 
 
-def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile: str) -> None:
-    """Admit ``n`` episodes whose model calls take long; print admission lag and RSS while they wait."""
-    from megaflow.core import states
+def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile: str, chunk: int = 0) -> None:
+    """Admit ``n`` episodes whose model calls take long; print admission lag and RSS while they wait.
 
-    run = run_batch(settings, fleet, redis_pid, n, profile, model_s=600.0, wait=False)
-    client, r = run["client"], run["r"]
-    deadline = time.time() + 600
-    ids = client.rt.engine.batch_ids(run["batch"])
-    while time.time() < deadline:
-        views = client.rt.engine.summaries(ids)
-        admitted = [v for v in views if v["state"] not in (states.QUEUED, states.SUBMITTED)]
-        if len(admitted) >= n:
-            break
-        time.sleep(1)
-    time.sleep(3)
-    views = client.rt.engine.summaries(ids)
-    lag = [v["phases"]["admitted"] - v["phases"]["queued"] for v in views if "admitted" in v["phases"]]
-    rss = sum(rss_bytes(p.pid) for p in fleet.procs.values()) + rss_bytes(redis_pid)
-    mem = int(r.info("memory")["used_memory"])
+    Admission lag is ``t:admitted - t:queued`` of each episode. With ``chunk`` 0 the ``n`` episodes are
+    one batch, queued at once, so the last ones wait for every admission before theirs; with ``chunk``
+    K they arrive as batches of K submitted back to back (each submit returns once its batch is
+    admitted), so the lag is what an arriving batch sees while the fleet already holds up to ``n``.
+    "Waiting" counts episodes whose model call is running: handed to the model service (``next``) and
+    the model queue empty (every message taken by a model worker thread).
+    """
+    import redis as redis_mod
+
+    from megaflow.client import Client
+    from megaflow.core import wire
+    from megaflow.services.root import Root
+
+    pids = {name: p.pid for name, p in fleet.procs.items()} | {"redis": redis_pid}
+    r = redis_mod.Redis.from_url(settings.redis_url, decode_responses=True)
+    root = Root(settings)
+    deadline = time.monotonic() + 60
+    while len(root.resources.hosts()) < len([p for p in fleet.procs if p.startswith("env-")]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("env hosts did not register")
+        time.sleep(0.2)
+    root.close()
+    rss0 = sum(rss_bytes(p) for p in pids.values())
+    mem0 = int(r.info("memory")["used_memory"])
+    specs = [episode_spec(i, profile, 600.0) for i in range(n)]
+    size = chunk or n
+    client = Client(settings)
+    t0 = time.time()
+    batches, submit_s = [], []
+    for lo in range(0, n, size):
+        t = time.time()
+        batches.append(client.submit(specs[lo : lo + size], user="scale").batch_id)
+        submit_s.append(time.time() - t)
+    t_submit = time.time() - t0
     print(
-        f"in flight: {len(lag)}/{n} admitted; admission p50 {statistics.median(lag):.3f}s p99 {pct(lag, 0.99):.3f}s "
-        f"(goal < 1 s); total RSS {rss / 2**30:.2f} GB (goal < 4 GB); Redis {mem / n / 1024:.1f} KB/episode"
+        f"submitted {n} episodes in {len(batches)} batch(es) in {t_submit:.1f}s (each: validate, write, enqueue, "
+        f"admit; longest {max(submit_s):.1f}s)"
     )
-    run["stop"].set()
-    client.cancel(run["batch"])
-    client.close()
+    model_queue = wire.broker_queue_key(settings.key_prefix, wire.MODEL_QUEUE)
+    keys = [client.rt.keys.episode(e) for b in batches for e in client.rt.engine.batch_ids(b)]
+    deadline = time.time() + 600
+    rows: list = []
+    t_admitted = t_waiting = None
+    while time.time() < deadline:
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(k, "t:queued", "t:admitted", "next")
+        rows = pipe.execute()
+        admitted = sum(1 for x in rows if x[1])
+        waiting = sum(1 for x in rows if x[2] and "model" in x[2])
+        backlog = r.llen(model_queue)  # sent to the model service, not yet taken by a worker thread
+        now = time.time() - t0
+        if t_admitted is None and admitted >= n:
+            t_admitted = now
+        if waiting >= n and backlog == 0:
+            t_waiting = now
+            break
+        print(f"  {now:6.1f}s admitted {admitted}, sent to the model {waiting}, model queue {backlog}", flush=True)
+        time.sleep(2)
+    lag = [float(x[1]) - float(x[0]) for x in rows if x[1]]
+    last = [float(x[1]) - float(x[0]) for x in rows[-size:] if x[1]]
+    waiting = sum(1 for x in rows if x[2] and "model" in x[2])
+    time.sleep(5)  # let the model workers take the last messages
+    rss = {name: rss_bytes(pid) for name, pid in pids.items()}
+    threads = {name: sum(_threads(p) for p in [pid, *descendants(pid)]) for name, pid in pids.items()}
+    mem = int(r.info("memory")["used_memory"])
+    clients = int(r.info("clients")["connected_clients"])
+    print(
+        f"in flight: {len(lag)}/{n} admitted at {t_admitted or float('nan'):.1f}s, {waiting}/{n} waiting in "
+        f"model calls (model queue empty) at {t_waiting or float('nan'):.1f}s; "
+        f"admission p50 {statistics.median(lag):.3f}s p99 {pct(lag, 0.99):.3f}s max {max(lag):.3f}s (goal p99 < 1 s)"
+        + (f", last batch p99 {pct(last, 0.99):.3f}s" if chunk else "")
+        + f"; total RSS {sum(rss.values()) / 2**30:.2f} GB (before the batch {rss0 / 2**30:.2f} GB; goal < 4 GB); "
+        f"Redis {(mem - mem0) / n / 1024:.1f} KB/episode, {clients} clients"
+    )
+    print("  RSS MB by process: " + ", ".join(f"{k}={v / 2**20:.0f}" for k, v in rss.items()))
+    print("  threads by process: " + ", ".join(f"{k}={v}" for k, v in threads.items()))
+    client.close()  # the fleet and its Redis go next: their model calls are not cancelled one by one
+    r.close()
+
+
+def _threads(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 if __name__ == "__main__":

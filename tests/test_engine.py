@@ -139,3 +139,35 @@ def test_wire_message_is_what_celery_sends(settings):
     assert ours["content-type"] == "application/json"
     assert wire.decode_message(json.dumps(ours)) == ("megaflow.agent.step", args)
     app.close()
+
+
+def test_admission_in_pipelined_chunks_admits_each_once_in_order(engine, redis_client, settings):
+    """A batch larger than one admission chunk: every episode is admitted once, FIFO, with its
+    first task sent; one cancelled while queued gets no task and gives its slot back."""
+    from megaflow.engine.admission import admit
+    from megaflow.engine.resources import ResourceManager
+
+    s = settings.model_copy(update={"global_limit": 1000, "user_limit": 1000})
+    resources = ResourceManager(redis_client, s, Keys(s.key_prefix))
+    resources.register_host("h1", capacity=1000, images=[], warm={}, disk_free_gb=1)
+    specs = validate_specs([{"task_id": f"t{i}", "eval": {"command": "true"}} for i in range(7)])
+    _, ids = engine.create_batch(specs, "alice")
+    more = validate_specs([{"task_id": f"u{i}", "eval": {"command": "true"}} for i in range(8)])
+    _, ids2 = engine.create_batch(more, "alice")
+    all_ids = ids + ids2
+    resources.enqueue([{"episode_id": e, "user": "alice", "image": "img"} for e in all_ids])
+    gone = engine.load(ids[3], history=False)
+    assert engine.advance(gone, state=states.CANCELLED, terminal=True)
+    assert admit(engine, resources, max_n=4) == len(all_ids) - 1  # four chunks, the last one short
+    for eid in all_ids:
+        ep = engine.load(eid, history=False)
+        if eid == ids[3]:
+            assert ep.state == states.CANCELLED and resources.placement(eid) is None
+            continue
+        assert (ep.state, ep.step, ep.host) == (states.ADMITTED, 0, "h1")
+        assert resources.placement(eid)["host"] == "h1"
+    sent = queued(engine, wire.env_host_queue("h1"))
+    assert [args[0] for _, args in sent] == [e for e in all_ids if e != ids[3]]
+    assert {task for task, _ in sent} == {wire.ENV_PROVISION}
+    assert admit(engine, resources, max_n=4) == 0  # nothing left: nothing sent twice
+    assert len(queued(engine, wire.env_host_queue("h1"))) == len(all_ids) - 1

@@ -26,13 +26,14 @@ DAY = guards.DAY
 
 # (lowest, highest) on top of each field's own ge/gt; names not listed fall back to _generic_bounds()
 BOUNDS: dict[str, tuple[float, float]] = {
-    "model_concurrency": (1, 4096),
+    # one thread per model call in flight; a process holds ~30,000 (vm.max_map_count 65530: two maps a thread)
+    "model_concurrency": (1, 30_000),
     "agent_concurrency": (1, 1024),
-    "env_concurrency": (1, 4096),
+    "env_concurrency": (1, 30_000),
     "visibility_timeout_s": (0, 30 * DAY),
     "global_limit": (1, 1_000_000),
     "user_limit": (1, 1_000_000),
-    "host_capacity": (1, 10_000),
+    "host_capacity": (1, 100_000),  # a sim host holds tens of thousands of sandboxes
     "boot_concurrency": (1, 1000),
     "boot_rate_per_s": (0.001, 10_000),
     "lease_s": (0.05, DAY),

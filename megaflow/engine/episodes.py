@@ -300,6 +300,19 @@ class EpisodeEngine:
             return None
         return ep if ep.step == step else None
 
+    def load_many(self, episode_ids: list[str]) -> dict[str, Episode]:
+        """Many episodes without their history in one pipelined round trip; missing ones are left out."""
+        if not episode_ids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for eid in episode_ids:
+            self._load(keys=[self.keys.episode(eid), self.keys.history(eid)], args=[""], client=pipe)
+        out = {}
+        for eid, (flat, n, _hist) in zip(episode_ids, pipe.execute()):
+            if flat:
+                out[eid] = Episode(eid, dict(zip(flat[::2], flat[1::2])), [], int(n))
+        return out
+
     # --- advancing -------------------------------------------------------------------------
     def advance(
         self,
@@ -316,6 +329,66 @@ class EpisodeEngine:
         keep_step: bool = False,
     ) -> bool:
         """Apply one step's results if ``ep`` is still at its step; send ``next_task`` if applied."""
+        change = dict(
+            fields=fields,
+            history=history,
+            state=state,
+            phase=phase,
+            event_fields=event_fields,
+            incr=incr,
+            next_task=next_task,
+            terminal=terminal,
+            keep_step=keep_step,
+        )
+        return self.advance_many([(ep, change)])[0]
+
+    def advance_many(self, changes: list[tuple[Episode, dict[str, Any]]]) -> list[bool]:
+        """Advance many episodes in one pipelined round trip (each one still its own compare-and-set
+        script); returns, per episode, whether its advance applied.
+
+        Each change is ``(episode, {fields, history, state, phase, event_fields, incr, next_task,
+        terminal, keep_step})``, every key optional: hash fields to set, history records to append,
+        the new state, the phase to stamp, extra fields for the event, numeric increments, the task
+        to hand the episode to, whether it becomes terminal, and whether the step number stays.
+        """
+        if not changes:
+            return []
+        plans = [self._advance_plan(ep, **change) for ep, change in changes]
+        if len(plans) == 1:
+            keys, args, *_ = plans[0]
+            results = [self._advance(keys=keys, args=args)]
+        else:
+            pipe = self.r.pipeline(transaction=False)
+            for keys, args, *_ in plans:
+                self._advance(keys=keys, args=args, client=pipe)
+            results = pipe.execute()
+        out = []
+        for (ep, _change), (_k, _a, fields, new_step, n_records), applied in zip(changes, plans, results):
+            if not applied:
+                log.info("episode %s moved past step %s; dropping this result", ep.id, ep.step)
+                out.append(False)
+                continue
+            ep.fields.update(fields)
+            ep.fields["step"] = str(new_step)
+            ep.history_len += n_records
+            out.append(True)
+        return out
+
+    def _advance_plan(
+        self,
+        ep: Episode,
+        *,
+        fields: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        state: str | None = None,
+        phase: str | None = None,
+        event_fields: dict[str, Any] | None = None,
+        incr: dict[str, float] | None = None,
+        next_task: NextTask | None = None,
+        terminal: bool = False,
+        keep_step: bool = False,
+    ) -> tuple[list[str], list[Any], dict[str, str], int, int]:
+        """The advance script's keys and args for one episode, with the fields and step it sets."""
         new_step = ep.step if keep_step else ep.step + 1
         fields = {k: v if isinstance(v, str) else wire.dumps(v) for k, v in (fields or {}).items()}
         if state:
@@ -342,37 +415,29 @@ class EpisodeEngine:
             queue_key, message = self.dispatcher.encode(
                 next_task.name, [ep.id, new_step], next_task.queue, **_priority(ep, next_task)
             )
-        applied = self._advance(
-            keys=[
-                self.keys.episode(ep.id),
-                self.keys.history(ep.id),
-                self.keys.events,
-                self.keys.live,
-                self.keys.batch_done(ep.batch_id),
-                queue_key,
-            ],
-            args=[
-                ep.step,
-                new_step,
-                wire.dumps(fields),
-                wire.dumps(records),
-                event,
-                wire.dumps(incr or {}),
-                "1" if terminal else "0",
-                self.settings.events_maxlen,
-                EPISODE_TTL_S,
-                ep.id,
-                phase or "",
-                message,
-            ],
-        )
-        if not applied:
-            log.info("episode %s moved past step %s; dropping this result", ep.id, ep.step)
-            return False
-        ep.fields.update(fields)
-        ep.fields["step"] = str(new_step)
-        ep.history_len += len(records)
-        return True
+        keys = [
+            self.keys.episode(ep.id),
+            self.keys.history(ep.id),
+            self.keys.events,
+            self.keys.live,
+            self.keys.batch_done(ep.batch_id),
+            queue_key,
+        ]
+        args = [
+            ep.step,
+            new_step,
+            wire.dumps(fields),
+            wire.dumps(records),
+            event,
+            wire.dumps(incr or {}),
+            "1" if terminal else "0",
+            self.settings.events_maxlen,
+            EPISODE_TTL_S,
+            ep.id,
+            phase or "",
+            message,
+        ]
+        return keys, args, fields, new_step, len(records)
 
     # --- queries ---------------------------------------------------------------------------
     def batch_ids(self, batch_id: str) -> list[str]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from megaflow.core import states, wire
 from megaflow.core.errors import NotFoundError
+from megaflow.engine.admission import ADMIT_CHUNK
 from megaflow.engine.admission import admit as admit_queued
 from megaflow.engine.episodes import Episode, NextTask, to_agent, to_host, to_model
 
@@ -64,7 +65,7 @@ class Lifecycle:
         self.resources = root.resources
         self.dispatcher = root.dispatcher
 
-    def admit(self, max_n: int = 100) -> int:
+    def admit(self, max_n: int = ADMIT_CHUNK) -> int:
         """Admit what capacity allows and send each admitted episode's first task; return the count."""
         return admit_queued(self.engine, self.resources, max_n)
 
@@ -175,7 +176,7 @@ class Lifecycle:
 
 
 # Function forms, for step code written as functions of the root.
-def admit(rt: Root, max_n: int = 100) -> int:
+def admit(rt: Root, max_n: int = ADMIT_CHUNK) -> int:
     return rt.lifecycle.admit(max_n)
 
 
