@@ -89,6 +89,20 @@ class ExecResult:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def history_record(self, command: str) -> dict:
+        """The episode history's record of this result (role ``env``, kind ``exec``): what the agent
+        renders its observation from."""
+        return {
+            "role": "env",
+            "kind": "exec",
+            "command": command,
+            "exit_code": self.exit_code,
+            "output": self.output,
+            "timed_out": self.timed_out,
+            "duration_s": round(self.duration_s, 4),
+            "truncated": self.truncated,
+        }
+
     @classmethod
     def from_json(cls, data: dict) -> ExecResult:
         return cls(**{k: data[k] for k in ("exit_code", "output", "timed_out", "duration_s", "truncated")})

@@ -117,16 +117,7 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
     except (RetryableError, InfraError) as exc:
         return _infra_failure(rt, ep, exc, "exec", final_attempt)
     # the raw result; the agent renders its observation from it when it next steps
-    record = {
-        "role": "env",
-        "kind": "exec",
-        "command": command,
-        "exit_code": res.exit_code,
-        "output": res.output,
-        "timed_out": res.timed_out,
-        "duration_s": round(res.duration_s, 4),
-        "truncated": res.truncated,
-    }
+    record = res.history_record(command)
     rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=to_agent())
     return "ok"
 

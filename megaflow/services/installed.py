@@ -56,16 +56,7 @@ class InstalledWatch:
         ahead = time.time() < float(pending.get("deadline") or 0)
         if running and ahead and ep.fields.get("cancel") != "1":
             return f"{AGAIN}{float(pending.get('poll_s') or 2.0):g}"
-        record = {
-            "role": "env",
-            "kind": "exec",
-            "command": command,
-            "exit_code": res.exit_code,
-            "output": res.output,
-            "timed_out": res.timed_out,
-            "duration_s": round(res.duration_s, 4),
-            "truncated": res.truncated,
-        }
+        record = res.history_record(command)
         gateway = EpisodeGateway(rt)
         calls = gateway.records(ep.id)  # the program's model calls through its gateway, in order
         if (
