@@ -54,11 +54,15 @@ def main() -> None:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="12")
     ap.add_argument("--ns", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--env-hosts", type=int, default=2)
+    ap.add_argument("--agent-inline", choices=["on", "off"], default="on", help="MEGAFLOW_AGENT_INLINE for the fleet")
     a = ap.parse_args()
     goal = {"75": 1.05, "12": 1.25}[a.profile]
     tmp = Path(tempfile.mkdtemp(prefix="mf-baseline-"))
     redis_proc, url = start_redis(tmp)
-    settings = fleet_settings(url, tmp, max(a.ns), a.profile, a.env_hosts, events=False)
+    settings = fleet_settings(
+        url, tmp, max(a.ns), a.profile, a.env_hosts, events=False, agent_inline=a.agent_inline == "on"
+    )
+    print(f"agent decisions: {'inline in the model/env steps' if settings.agent_inline else 'agent-service tasks'}")
     fleet = Fleet(settings, tmp)
     try:
         fleet.start("control", ["control"])

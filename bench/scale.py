@@ -182,7 +182,15 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 
 def fleet_settings(
-    url: str, tmp: Path, n_max: int, profile: str, env_hosts: int, *, events: bool, env_threads: int = 4096
+    url: str,
+    tmp: Path,
+    n_max: int,
+    profile: str,
+    env_hosts: int,
+    *,
+    events: bool,
+    env_threads: int = 4096,
+    agent_inline: bool = True,
 ) -> Settings:
     _m, cmd_s, _c = PROFILES[profile]
     per_host = math.ceil(n_max / env_hosts)
@@ -191,6 +199,7 @@ def fleet_settings(
         state_dir=str(tmp / "state"),
         host_name="scale",
         task_events=events,
+        agent_inline=agent_inline,  # the bash agent decides in the model/env step (MEGAFLOW_AGENT_INLINE)
         metrics_port=0,
         global_limit=n_max,
         user_limit=n_max,
@@ -460,6 +469,12 @@ def main() -> None:
         type=int,
         help="model worker processes (default: one per 8,000 calls in flight; a process holds ~30k threads at most)",
     )
+    ap.add_argument(
+        "--agent-inline",
+        choices=["on", "off"],
+        default="on",
+        help="MEGAFLOW_AGENT_INLINE for the fleet: on (decisions in the model/env step) or off (agent-service tasks)",
+    )
     ap.add_argument("--out", default="bench-out/scale")
     ap.add_argument("--raw-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -483,8 +498,16 @@ def main() -> None:
     redis_proc, url = start_redis(tmp)
     n_max = a.in_flight or max(a.ns)
     settings = fleet_settings(
-        url, tmp, n_max, a.profile, a.env_hosts, events=a.events, env_threads=512 if a.in_flight else 4096
+        url,
+        tmp,
+        n_max,
+        a.profile,
+        a.env_hosts,
+        events=a.events,
+        env_threads=512 if a.in_flight else 4096,
+        agent_inline=a.agent_inline == "on",
     )
+    print(f"agent decisions: {'inline in the model/env steps' if settings.agent_inline else 'agent-service tasks'}")
     fleet = Fleet(settings, tmp)
     try:
         limit = dispatch_limit(url, tmp, a.events)

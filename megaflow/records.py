@@ -51,8 +51,9 @@ def event_documents(entry_id: str, fields: dict[str, str]) -> tuple[dict[str, An
         "updated_at": ts,
     }
     doc.update(event["data"])
-    if ev.get("phase"):
-        doc["phases"] = {ev["phase"]: ts}
+    phases = [*(ev.get("also_phases") or []), ev.get("phase")]
+    if any(phases):  # also_phases: earlier phases passed within the same advance (an inline agent decision)
+        doc["phases"] = {p: ts for p in phases if p}
     return event, doc
 
 

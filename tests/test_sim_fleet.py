@@ -18,3 +18,29 @@ def test_demo_batch_on_sim_without_docker(settings, monkeypatch, tmp_path):
     console.file.close()
     out = (tmp_path / "demo.txt").read_text()
     assert "all SUCCEEDED: yes" in out and "all FAILED: yes" in out, out
+
+
+def test_demo_batch_with_inline_agent_decisions(settings, monkeypatch, tmp_path):
+    """The same demo on real Celery workers with MEGAFLOW_AGENT_INLINE: no decision goes through the agent queue."""
+    from megaflow.services.root import Root
+
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    s = settings.model_copy(
+        update={"env_backend": {"type": "sim", "preset": "demo"}, "metrics_port": 0, "agent_inline": True}
+    )
+    console = Console(file=open(tmp_path / "demo.txt", "w"), width=120)
+    assert run_demo(s, console=console, env_hosts=2, timeout_s=120)
+    console.file.close()
+    out = (tmp_path / "demo.txt").read_text()
+    assert "all SUCCEEDED: yes" in out and "all FAILED: yes" in out, out
+    # every episode's steps: provision, model and exec steps, evaluation; no agent step in between
+    root = Root(s, role="client")
+    ids = [e for b in root.redis.zrange(root.keys.batches, 0, -1) for e in root.engine.batch_ids(b)]
+    assert ids
+    for eid in ids:
+        ep = root.engine.load(eid)
+        calls = int(ep.num("model_calls"))
+        execs = sum(1 for h in ep.history if h.get("role") == "env" and h.get("kind") == "exec")
+        # one step each for provision, every model call and command, the evaluation and the finish
+        # (with an agent step after each of them, it would be about twice that)
+        assert calls >= 1 and ep.step == calls + execs + 3, (eid, ep.step, calls, execs)

@@ -99,11 +99,14 @@ class AgentBase:
     """Optional base class: the constructor and hooks the agent service uses, with defaults.
 
     ``needs_history``: "tail" (only the newest record, the default) or "all" (the whole history
-    at every step; costlier). ``validate_section`` checks an agent section at submit (raise
-    ``ValueError`` or ``SpecError`` naming the key) and returns it normalised.
+    at every step; costlier). ``inline``: True when ``decide`` is cheap and touches nothing outside
+    its context (no I/O): with ``settings.agent_inline`` the model and env workers then run it
+    right after the step it reacts to, in that step's advance. ``validate_section`` checks an agent
+    section at submit (raise ``ValueError`` or ``SpecError`` naming the key) and returns it normalised.
     """
 
     needs_history: ClassVar[str] = "tail"
+    inline: ClassVar[bool] = False
 
     def __init__(self, spec: AgentSpec, settings: Any = None):
         self.spec = spec

@@ -58,6 +58,7 @@ class BashAgent(AgentBase):
     """MegaFlow's own agent: decides an episode's next move from its newest history record."""
 
     default_regex = _BLOCK
+    inline = True  # a regex over the newest record: cheap enough to run in the model/env step (agent_inline)
 
     def __init__(self, spec: AgentSpec, settings: Any = None):
         super().__init__(spec, settings)

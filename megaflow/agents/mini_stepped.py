@@ -52,6 +52,8 @@ class _DispatchModel:
 class MiniSweAgent(AgentBase):
     """Runs a mini-swe-agent config (``agent.config``) with mini's own classes, one event per step."""
 
+    inline = True  # templates and parsing only, no I/O: may run in the model/env step (agent_inline)
+
     def __init__(self, spec: AgentSpec, settings: Any = None):
         super().__init__(spec, settings)
         self.config = spec.config

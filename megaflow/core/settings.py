@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="Agent worker pool: threads (no IPC per task; decisions are short) or prefork "
         "(a process per slot, for CPU-heavy custom agents).",
     )
+    agent_inline: bool = Field(
+        False,
+        description="Let agents that declare a cheap decision (inline = True: the built-in bash and mini "
+        "agents) decide in the model or env worker, in the same advance as the step they react to, instead "
+        "of as an agent-service task: ~40% fewer Celery tasks per episode. Off: every decision is an "
+        "agent-service task.",
+    )
     env_concurrency: int = Field(8, ge=1, description="Threads per env worker.")
     redis_max_connections: int = Field(
         512,

@@ -42,7 +42,7 @@ EPISODE_TTL_S = 7 * 24 * 3600
 # ARGV[4] JSON array of history records (each already a JSON string), ARGV[5] event JSON or "",
 # ARGV[6] JSON object of numeric increments, ARGV[7] "1" when the episode becomes terminal,
 # ARGV[8] stream max length, ARGV[9] TTL of a terminal episode, ARGV[10] episode id,
-# ARGV[11] phase name to stamp with Redis time, or "", ARGV[12] the next task's broker message or ""
+# ARGV[11] phase names to stamp with Redis time (comma-separated), or "", ARGV[12] the next task's broker message or ""
 # Returns 1 when applied, 0 when the episode is not at the expected step (or already terminal).
 ADVANCE_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'step')
@@ -54,7 +54,7 @@ redis.call('HSET', KEYS[1], 'step', ARGV[2], 'updated_at', nowstr)
 for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
 for k, v in pairs(cjson.decode(ARGV[6])) do redis.call('HINCRBYFLOAT', KEYS[1], k, v) end
 for _, rec in ipairs(cjson.decode(ARGV[4])) do redis.call('RPUSH', KEYS[2], rec) end
-if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 't:' .. ARGV[11], nowstr) end
+for name in string.gmatch(ARGV[11], '[^,]+') do redis.call('HSET', KEYS[1], 't:' .. name, nowstr) end
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'e', ARGV[5], 'ts', nowstr, 'step', ARGV[2])
 end
@@ -327,6 +327,7 @@ class EpisodeEngine:
         next_task: NextTask | None = None,
         terminal: bool = False,
         keep_step: bool = False,
+        also_phases: list[str] | tuple[str, ...] = (),
     ) -> bool:
         """Apply one step's results if ``ep`` is still at its step; send ``next_task`` if applied."""
         change = dict(
@@ -339,6 +340,7 @@ class EpisodeEngine:
             next_task=next_task,
             terminal=terminal,
             keep_step=keep_step,
+            also_phases=also_phases,
         )
         return self.advance_many([(ep, change)])[0]
 
@@ -347,9 +349,10 @@ class EpisodeEngine:
         script); returns, per episode, whether its advance applied.
 
         Each change is ``(episode, {fields, history, state, phase, event_fields, incr, next_task,
-        terminal, keep_step})``, every key optional: hash fields to set, history records to append,
-        the new state, the phase to stamp, extra fields for the event, numeric increments, the task
-        to hand the episode to, whether it becomes terminal, and whether the step number stays.
+        terminal, keep_step, also_phases})``, every key optional: hash fields to set, history records
+        to append, the new state, the phase to stamp, extra fields for the event, numeric increments,
+        the task to hand the episode to, whether it becomes terminal, whether the step number stays,
+        and earlier phases passed within the same advance (stamped with the same time).
         """
         if not changes:
             return []
@@ -387,6 +390,7 @@ class EpisodeEngine:
         next_task: NextTask | None = None,
         terminal: bool = False,
         keep_step: bool = False,
+        also_phases: list[str] | tuple[str, ...] = (),
     ) -> tuple[list[str], list[Any], dict[str, str], int, int]:
         """The advance script's keys and args for one episode, with the fields and step it sets."""
         new_step = ep.step if keep_step else ep.step + 1
@@ -406,6 +410,7 @@ class EpisodeEngine:
                     "state": state or ep.state,
                     "phase": phase,
                     "fields": event_fields or {},
+                    **({"also_phases": list(also_phases)} if also_phases else {}),
                 }
             )
         now = time.time()
@@ -434,7 +439,7 @@ class EpisodeEngine:
             self.settings.events_maxlen,
             EPISODE_TTL_S,
             ep.id,
-            phase or "",
+            ",".join([*also_phases, phase] if phase else also_phases),
             message,
         ]
         return keys, args, fields, new_step, len(records)

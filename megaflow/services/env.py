@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from megaflow.core import states
 from megaflow.core.errors import InfraError, RetryableError, TaskError
-from megaflow.engine.episodes import to_agent
 from megaflow.services import lifecycle
+from megaflow.services.agent import advance_to_agent
 from megaflow.services.sandbox import labels as _labels
 from megaflow.services.sandbox import setup as _setup
 
@@ -62,13 +62,8 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
         fleet = [*ep.fleet_events(), note]
         fields["fleet"] = fleet
         event_fields["fleet"] = fleet
-    applied = rt.engine.advance(
-        ep,
-        state=states.RUNNING,
-        phase="env_ready",
-        fields=fields,
-        event_fields=event_fields,
-        next_task=to_agent(),
+    applied = advance_to_agent(
+        rt, ep, history=[], state=states.RUNNING, phase="env_ready", fields=fields, event_fields=event_fields
     )
     if not applied:  # a duplicate delivery won the race: this container is ours to remove
         rt.env_host.close(handle)
@@ -118,7 +113,7 @@ def execute(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = Tr
         return _infra_failure(rt, ep, exc, "exec", final_attempt)
     # the raw result; the agent renders its observation from it when it next steps
     record = res.history_record(command)
-    rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=to_agent())
+    advance_to_agent(rt, ep, history=[record], fields={"pending": ""})
     return "ok"
 
 

@@ -18,6 +18,7 @@ from megaflow.core.errors import ModelError, ModelUnavailableError
 from megaflow.model_gateway.base import ModelRequest, chat_message
 from megaflow.model_gateway.errors import cause_of
 from megaflow.services import lifecycle
+from megaflow.services.agent import advance_to_agent
 
 
 def _call_params(raw: str | None) -> dict:
@@ -72,7 +73,8 @@ def model_step(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool =
         cause = cause_of(exc)
         lifecycle.finish(rt, ep, states.FAILED, cause=cause, error=f"model: {exc}")
         return cause
-    rt.engine.advance(
+    advance_to_agent(
+        rt,
         ep,
         history=[reply.history_record(step)],
         phase=f"step_{int(ep.num('model_calls')) + 1}",
@@ -82,7 +84,6 @@ def model_step(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool =
             "completion_tokens": reply.completion_tokens,
             "model_latency_s": reply.latency_s,
         },
-        next_task=lifecycle.to_agent(),
     )
     return "ok"
 
