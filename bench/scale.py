@@ -350,7 +350,10 @@ def run_batch(
         "redis_bytes_per_episode_peak": (peak["mem"] - base_mem) / n,
         "redis_bytes_per_episode_after": (after_mem - base_mem) / n,
         "rss_peak_mb": peak["rss"] / 2**20,
-        "tasks_per_episode": statistics.mean(steps) + 1 if steps else None,  # every hop advances the step; + close
+        # Celery tasks an episode took: messages pushed onto the broker's queue lists (LPUSH, in the advance
+        # script or by a sender), counted by Redis itself; the step count over-counts (an evaluation advances twice)
+        "tasks_per_episode": cmds.get("lpush") or (statistics.mean(steps) if steps else None),
+        "steps_per_episode": statistics.mean(steps) if steps else None,
         "redis_commands_per_episode": cmds,
         "redis_memory_mid_run": {
             k: (int(snap["info"][k]) - int(base_info[k])) / n

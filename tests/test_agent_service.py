@@ -21,14 +21,18 @@ from megaflow.agents import build_request
 from megaflow.core import states
 from megaflow.core.spec import validate_specs
 from megaflow.services import lifecycle
-from megaflow.services.agent import agent_step
+from megaflow.services.agent import advance_to_agent, agent_step
 from megaflow.services.root import Root as Runtime
 
 Reply = dict[str, Any]  # an OpenAI assistant message (content, tool_calls) plus optional finish_reason
 
 
 class Harness:
-    """One process plays every service: the engine and agent step are real, model and env are stand-ins."""
+    """One process plays every service: the engine and agent step are real, model and env are stand-ins.
+
+    The stand-ins hand their results on as the real services do (``advance_to_agent``), so with
+    ``settings.agent_inline`` the agent decides inside them and its own step runs only for fallbacks.
+    """
 
     def __init__(self, settings, redis_client, workdir: str, executor: Callable[[dict], dict] | None = None):
         self.rt = Runtime(settings, role="test")  # its engine's next tasks land on queue lists nobody reads
@@ -88,11 +92,8 @@ class Harness:
         }
         if reply.get("tool_calls"):
             record["tool_calls"] = reply["tool_calls"]
-        self.rt.engine.advance(
-            ep,
-            history=[record],
-            incr={"model_calls": 1, "prompt_tokens": 10, "completion_tokens": 5},
-            next_task=lifecycle.to_agent(),
+        advance_to_agent(
+            self.rt, ep, history=[record], incr={"model_calls": 1, "prompt_tokens": 10, "completion_tokens": 5}
         )
 
     def env_step(self, ep) -> None:
@@ -100,7 +101,7 @@ class Harness:
         pending = ep.pending or {}
         if self.executor is not None:
             record = self.executor(pending)
-            self.rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
+            advance_to_agent(self.rt, ep, history=[record], fields={"pending": ""})
             return
         timeout = float(pending.get("timeout") or 60)
         started = time.monotonic()
@@ -129,7 +130,7 @@ class Harness:
             "timed_out": timed_out,
             "duration_s": round(time.monotonic() - started, 4),
         }
-        self.rt.engine.advance(ep, history=[record], fields={"pending": ""}, next_task=lifecycle.to_agent())
+        advance_to_agent(self.rt, ep, history=[record], fields={"pending": ""})
 
 
 def task(agent: dict[str, Any], **kw: Any) -> dict[str, Any]:

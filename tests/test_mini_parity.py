@@ -282,6 +282,28 @@ STEPS = [
 ]
 
 
+INLINE_CASES = [c for c in CASES if c[0] in ("mini", "swebench_backticks+textbased")]
+
+
+@pytest.mark.parametrize("case,names,model_class", INLINE_CASES, ids=[c[0] for c in INLINE_CASES])
+def test_same_conversation_as_mini_with_inline_decisions(case, names, model_class, settings, redis_client, tmp_path):
+    """MEGAFLOW_AGENT_INLINE: mini's decisions taken inside the model and env steps give the same run."""
+    (tmp_path / "x.py").write_text("print('x')\n")
+    config = configure(names, model_class, str(tmp_path))
+    replies = script(config, STEPS)
+    mini_msgs, mini_reqs = run_mini(config, replies, "Fix x.py")
+    steps = {}
+    for inline in (False, True):
+        harness = Harness(settings.model_copy(update={"agent_inline": inline}), redis_client, str(tmp_path))
+        ep, history = run_megaflow(harness, config, replies, "Fix x.py")
+        assert ep.fields["submission"] == mini_msgs[-1]["extra"]["submission"]
+        assert_same(mini_msgs, mini_reqs, history, harness)
+        steps[inline] = ep.step
+    # each model reply and command result was decided on inside its own step, not in a step of its own
+    calls = len(mini_reqs)
+    assert steps[True] <= steps[False] - calls, steps
+
+
 @pytest.mark.parametrize("case,names,model_class", CASES, ids=[c[0] for c in CASES])
 def test_same_conversation_as_mini(case, names, model_class, harness, tmp_path):
     (tmp_path / "x.py").write_text("print('x')\n")  # both runs share the directory; no command changes it

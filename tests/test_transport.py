@@ -1,0 +1,70 @@
+"""MegaFlow's kombu transport keeps kombu's ``acks_late`` bookkeeping exactly, with one script per step.
+
+A delivered, unacknowledged message is recorded in the unacked index and hash (under the broker's
+global key prefix); an ack removes it; a message never acknowledged is restored to its queue by
+kombu's own restore (at channel close and after the visibility timeout), as with stock kombu.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kombu import Connection
+
+from megaflow.workers import transport
+
+PREFIX = "mfx:celery:"
+
+
+def connection(url: str, **options) -> Connection:
+    transport.install()
+    return Connection(url, transport_options={"global_keyprefix": PREFIX, **options})
+
+
+def test_a_delivery_is_recorded_until_acked(redis_server, redis_client):
+    with connection(redis_server.url) as conn:
+        assert isinstance(conn.default_channel, transport.Channel)
+        q = conn.SimpleQueue("tq-ack")
+        q.put({"n": 1})
+        msg = q.get(timeout=5)
+        tag = msg.delivery_tag
+        assert redis_client.zscore(PREFIX + "unacked_index", tag) is not None
+        assert tag in redis_client.hkeys(PREFIX + "unacked")
+        msg.ack()
+        assert redis_client.zscore(PREFIX + "unacked_index", tag) is None
+        assert tag not in redis_client.hkeys(PREFIX + "unacked")
+        q.close()
+
+
+def test_a_rejected_message_is_dropped_or_requeued(redis_server, redis_client):
+    with connection(redis_server.url) as conn:
+        q = conn.SimpleQueue("tq-reject")
+        q.put({"n": 1})
+        msg = q.get(timeout=5)
+        msg.reject(requeue=True)
+        again = q.get(timeout=5)
+        assert again.payload == {"n": 1}
+        again.reject()
+        assert redis_client.hlen(PREFIX + "unacked") == 0
+        assert redis_client.llen(PREFIX + "tq-reject") == 0
+        q.close()
+
+
+def test_an_unacked_message_comes_back_after_the_visibility_timeout(redis_server, redis_client):
+    with connection(redis_server.url, visibility_timeout=1) as conn:
+        q = conn.SimpleQueue("tq-lost")
+        q.put({"n": 7})
+        msg = q.get(timeout=5)
+        assert msg.payload == {"n": 7}
+        # the consumer "dies": its delivery is neither acked nor restored at close
+        conn.default_channel.qos._delivered.clear()
+        conn.default_channel.qos.restore_at_shutdown = False
+    time.sleep(1.5)
+    with connection(redis_server.url, visibility_timeout=1) as conn:
+        conn.default_channel.qos.restore_visible(num=100, interval=1)
+        q = conn.SimpleQueue("tq-lost")
+        back = q.get(timeout=5)
+        assert back.payload == {"n": 7}
+        back.ack()
+        assert redis_client.hlen(PREFIX + "unacked") == 0
+        q.close()
