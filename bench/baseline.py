@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--env-hosts", type=int, default=2)
     ap.add_argument("--agent-inline", choices=["on", "off"], default="on", help="MEGAFLOW_AGENT_INLINE for the fleet")
+    ap.add_argument(
+        "--model-workers", type=int, default=2, help="model worker processes (one per core here: a process is one GIL)"
+    )
     a = ap.parse_args()
     goal = {"75": 1.05, "12": 1.25}[a.profile]
     tmp = Path(tempfile.mkdtemp(prefix="mf-baseline-"))
@@ -62,15 +65,19 @@ def main() -> None:
     settings = fleet_settings(
         url, tmp, max(a.ns), a.profile, a.env_hosts, events=False, agent_inline=a.agent_inline == "on"
     )
-    print(f"agent decisions: {'inline in the model/env steps' if settings.agent_inline else 'agent-service tasks'}")
+    print(
+        f"agent decisions: {'inline in the model/env steps' if settings.agent_inline else 'agent-service tasks'}; "
+        f"{a.model_workers} model worker process(es), {a.env_hosts} env hosts"
+    )
     fleet = Fleet(settings, tmp)
     try:
         fleet.start("control", ["control"])
-        fleet.start("model", ["worker", "model"])
+        for m in range(1, a.model_workers + 1):
+            fleet.start(f"model-{m}", ["worker", "model", "--host", f"base-m{m}"])
         fleet.start("agent", ["worker", "agent"])
         for h in range(1, a.env_hosts + 1):
             fleet.start(f"env-{h}", ["worker", "env", "--host", f"env-{h}"])
-        wait_workers(settings, fleet, 2 + a.env_hosts)
+        wait_workers(settings, fleet, 1 + a.model_workers + a.env_hosts)
         for n in a.ns:
             base_wall, base_cpu = asyncio_baseline(n, a.profile, limit=n)
             row = run_batch(settings, fleet, redis_proc.pid, n, a.profile)

@@ -470,7 +470,7 @@ def main() -> None:
     ap.add_argument(
         "--model-workers",
         type=int,
-        help="model worker processes (default: one per 8,000 calls in flight; a process holds ~30k threads at most)",
+        help="model worker processes (default: one per 8,000 calls in flight, at least 2; <= ~30k threads each)",
     )
     ap.add_argument(
         "--agent-inline",
@@ -516,7 +516,9 @@ def main() -> None:
         limit = dispatch_limit(url, tmp, a.events)
         print(f"dispatch limit: raw Celery no-op throughput {limit:.0f} tasks/s (threads worker, same Redis)")
         fleet.start("control", ["control"])
-        model_workers = a.model_workers or max(1, math.ceil(n_max / 8000))
+        model_workers = a.model_workers or max(
+            2, math.ceil(n_max / 8000)
+        )  # one per core at least: a process is one GIL
         for m in range(1, model_workers + 1):  # each thread waits in one model call; threads share Redis connections
             threads = str(math.ceil(n_max / model_workers))
             fleet.start(f"model-{m}", ["worker", "model", "--host", f"scale-m{m}", "--concurrency", threads])
