@@ -12,6 +12,7 @@ tasks of a step: agent, model, exec), the history's size in Redis, and the ratio
 (1.0 means a step costs the same whatever the history's length).
 
     .venv/bin/python bench/steps.py --steps 200
+    .venv/bin/python bench/steps.py --steps 200 --agent-inline   # decisions inside the model/exec steps
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def history_bytes(root: Root, episode_id: str) -> int:
     return total
 
 
-def run(steps: int, window: int) -> dict:
+def run(steps: int, window: int, agent_inline: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="mf-steps-"))
     proc, url = start_redis(tmp)
     try:
@@ -67,6 +68,7 @@ def run(steps: int, window: int) -> dict:
             max_steps=steps + 1,
             metrics_port=0,
             task_events=False,
+            agent_inline=agent_inline,
         )
         root = Root(s, role="client")
         env_root = Root(s, role="env", host=HOST)
@@ -131,10 +133,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--window", type=int, default=20, help="Steps averaged at each end.")
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
+    ap.add_argument(
+        "--agent-inline", action="store_true", help="decisions inside the model/exec steps (MEGAFLOW_AGENT_INLINE)"
+    )
     a = ap.parse_args()
     if a.steps < 2 * a.window:
         ap.error("--steps must be at least twice --window")
-    out = run(a.steps, a.window)
+    out = run(a.steps, a.window, a.agent_inline)
     if out["state"] != "SUCCEEDED":
         sys.exit(f"the episode ended {out['state']}, not SUCCEEDED: nothing to compare")
     first, last = out["first"], out["last"]

@@ -6,13 +6,24 @@ import os
 import signal
 import time
 
+import pytest
+
 from megaflow import Client, fleet
 from megaflow.core import states
 from megaflow.core.settings import Settings
 from megaflow.demo_tasks import demo_specs
 
 
-def test_kill_9_agent_and_env_workers_loses_no_episode(redis_server, redis_client, sandbox_image, tmp_path):
+@pytest.mark.parametrize(
+    "inline,victim_names",
+    [(False, ("agent", "env-1")), (True, ("model", "env-1"))],
+    ids=["agent-service-decisions", "inline-decisions"],
+)
+def test_kill_9_deciding_workers_loses_no_episode(
+    redis_server, redis_client, sandbox_image, tmp_path, inline, victim_names
+):
+    """Kill -9 the workers that decide (the agent worker, or with MEGAFLOW_AGENT_INLINE the model worker)
+    and the env worker while episodes are mid-flight: every episode still ends SUCCEEDED."""
     # short limits so the visibility timeout (the redelivery delay after a crash) is under a minute
     s = Settings.load(
         redis_url=redis_server.url,
@@ -34,12 +45,13 @@ def test_kill_9_agent_and_env_workers_loses_no_episode(redis_server, redis_clien
         sweep_interval_s=2,
         host_capacity=3,
         metrics_port=0,
+        agent_inline=inline,
     )
     fleet.up(s, env_hosts=1, wait_s=120, echo=lambda m: None)
     try:
         with Client(s) as client:
             sub = client.submit(demo_specs("fix")[:6], user="crash")
-            victims = {name: pid for name, pid in fleet.running(s).items() if name in ("agent", "env-1")}
+            victims = {name: pid for name, pid in fleet.running(s).items() if name in victim_names}
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:  # kill once episodes are mid-flight
                 views = client.results(sub.batch_id)
