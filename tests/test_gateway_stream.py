@@ -259,7 +259,6 @@ def test_a_stream_whose_call_waits_is_kept_alive_then_answered(settings):
     """A stream call that waits longer than the heartbeat opens at once (chunked) with keep-alive comments,
     so a client with a short idle-read time-out keeps waiting; the answer follows on the same stream."""
     openai = pytest.importorskip("openai")
-    import httpx
 
     root = Root(settings, role="client")
     gw = EpisodeGateway(root, heartbeat_s=0.3)
@@ -286,7 +285,9 @@ def test_a_stream_whose_call_waits_is_kept_alive_then_answered(settings):
             conn.close()
 
         def sdk_client() -> None:  # gives up if nothing arrives for 5 s
-            oa = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=httpx.Timeout(60, read=5.0))
+            # the SDK's own Timeout type: newer openai releases are built on httpx2 and refuse httpx's
+            timeout = openai.Timeout(60, read=5.0)
+            oa = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=timeout)
             stream = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], stream=True)
             sdk["text"] = "".join(c.choices[0].delta.content or "" for c in stream)
 
