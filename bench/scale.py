@@ -265,6 +265,21 @@ def command_counts(r: Any) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
 
 
+def wait_hosts(settings: Settings, fleet: Fleet, timeout_s: float = 60) -> None:
+    """Until every env worker of the fleet has registered its host with the resource manager."""
+    from megaflow.services.root import Root
+
+    root = Root(settings)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(root.resources.hosts()) < len([p for p in fleet.procs if p.startswith("env-")]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("env hosts did not register")
+            time.sleep(0.2)
+    finally:
+        root.close()
+
+
 # --- one batch -------------------------------------------------------------------------------------
 def run_batch(
     settings: Settings,
@@ -281,15 +296,8 @@ def run_batch(
     from megaflow.client import Client
 
     r = redis_mod.Redis.from_url(settings.redis_url, decode_responses=True)
-    from megaflow.services.root import Root
 
-    root = Root(settings)
-    deadline = time.monotonic() + 60
-    while len(root.resources.hosts()) < len([p for p in fleet.procs if p.startswith("env-")]):
-        if time.monotonic() > deadline:
-            raise RuntimeError("env hosts did not register")
-        time.sleep(0.2)
-    root.close()
+    wait_hosts(settings, fleet)
     base_info = r.info("memory")
     base_mem = int(base_info["used_memory"])
     pids = {name: p.pid for name, p in fleet.procs.items()} | {"redis": redis_pid}
@@ -593,17 +601,10 @@ def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile:
 
     from megaflow.client import Client
     from megaflow.core import wire
-    from megaflow.services.root import Root
 
     pids = {name: p.pid for name, p in fleet.procs.items()} | {"redis": redis_pid}
     r = redis_mod.Redis.from_url(settings.redis_url, decode_responses=True)
-    root = Root(settings)
-    deadline = time.monotonic() + 60
-    while len(root.resources.hosts()) < len([p for p in fleet.procs if p.startswith("env-")]):
-        if time.monotonic() > deadline:
-            raise RuntimeError("env hosts did not register")
-        time.sleep(0.2)
-    root.close()
+    wait_hosts(settings, fleet)
     rss0 = sum(rss_bytes(p) for p in pids.values())
     mem0 = int(r.info("memory")["used_memory"])
     specs = [episode_spec(i, profile, 600.0) for i in range(n)]

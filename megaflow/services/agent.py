@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from megaflow.agents import Decision, StepContext, make_agent
+from megaflow.agents import Decision, StepContext, agent_class, make_agent
 from megaflow.agents.base import END, EXEC, MODEL, SUBMIT, WAIT
 from megaflow.core import states, wire
 from megaflow.core.errors import SpecError
@@ -177,10 +177,11 @@ def _inline_change(rt: Runtime, ep: Any, step: dict[str, Any]) -> dict[str, Any]
     if ep.fields.get("cancel") == "1":
         return None
     try:
-        agent = make_agent(ep.spec.agent, rt.settings)
+        cls = agent_class(ep.spec.agent.type)
+        if not getattr(cls, "inline", False):  # asked of the class: an agent that is not inline is never built here
+            return None
+        agent = cls(ep.spec.agent, rt.settings)
     except Exception:  # the agent service ends it with the cause
-        return None
-    if not getattr(agent, "inline", False):
         return None
     now = time.time()
     if _over_budget(rt, ep, now) is not None:
