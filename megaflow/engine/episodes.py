@@ -85,6 +85,13 @@ return {redis.call('HGETALL', KEYS[1]), n, hist}
 """
 
 
+def _stamped_in_hash(phase: str) -> bool:
+    """Whether the episode's hash keeps the time of ``phase`` (``t:<phase>``): every named phase and
+    the first step do; ``step_2`` onwards only in their events (the records' phases) and history
+    records, so a long episode's hash, read whole by every step, does not grow with its steps."""
+    return not (phase.startswith("step_") and phase[5:].isdigit() and phase != "step_1")
+
+
 @lru_cache(maxsize=4096)
 def parse_spec(raw: str) -> TaskSpec:
     """The task spec stored with an episode, validated once per process (specs never change)."""
@@ -439,7 +446,7 @@ class EpisodeEngine:
             self.settings.events_maxlen,
             EPISODE_TTL_S,
             ep.id,
-            ",".join([*also_phases, phase] if phase else also_phases),
+            ",".join(p for p in (*also_phases, phase) if p and _stamped_in_hash(p)),
             message,
         ]
         return keys, args, fields, new_step, len(records)

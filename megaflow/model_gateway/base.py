@@ -31,7 +31,11 @@ def chat_message(record: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class ModelRequest:
-    """One chat-completion request of one episode step."""
+    """One chat-completion request of one episode step.
+
+    ``messages`` may share its dicts with the episode's next request (the conversation is built
+    incrementally, megaflow.agents.conversation): a backend reads them and never changes them.
+    """
 
     messages: list[dict[str, Any]]
     model: dict[str, Any] = field(default_factory=dict)  # the task spec's "model" section (backend's config)

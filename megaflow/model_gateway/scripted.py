@@ -11,7 +11,9 @@ batch can script heavy-tailed latencies per episode (bench/rollout_tail.py).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
@@ -53,6 +55,31 @@ def _count_tokens(text: str) -> int:
     return max(1, len(text.split())) if text else 0
 
 
+class _PromptCounts:
+    """Prompt token counts per conversation, extended by the messages added since its last call: an
+    episode's conversation only grows (a dropped reply changes its end, which is then recounted),
+    so counting a long episode's prompt does not cost more with every step."""
+
+    def __init__(self, max_sessions: int = 4096):
+        self.max = max_sessions
+        self._memo: OrderedDict[str, tuple[int, dict[str, Any], int]] = OrderedDict()  # session -> (n, last, tokens)
+        self._lock = threading.Lock()
+
+    def count(self, session: str, messages: list[dict[str, Any]]) -> int:
+        with self._lock:
+            memo = self._memo.pop(session, None) if session else None
+        start, tokens = 0, 0
+        if memo is not None and 0 < memo[0] <= len(messages) and messages[memo[0] - 1] == memo[1]:
+            start, tokens = memo[0], memo[2]
+        tokens += sum(_count_tokens(str(m.get("content") or "")) for m in messages[start:])
+        if session and messages:
+            with self._lock:
+                self._memo[session] = (len(messages), messages[-1], tokens)
+                while len(self._memo) > self.max:
+                    self._memo.popitem(last=False)
+        return tokens
+
+
 class ScriptedBackend:
     """Replays ``request.model["replies"]`` in order; past the end it raises ModelError."""
 
@@ -60,6 +87,7 @@ class ScriptedBackend:
 
     def __init__(self, settings: Any = None, redis_client: Any = None):
         self.settings = settings
+        self._prompts = _PromptCounts()
 
     def complete(self, request: ModelRequest) -> ModelReply:
         started = time.perf_counter()
@@ -84,7 +112,7 @@ class ScriptedBackend:
         latency = _reply_latency(message.pop("latency_s", None), config.latency_s, n)
         finish = str(message.pop("finish_reason", None) or ("tool_calls" if message.get("tool_calls") else "stop"))
         content = str(message.get("content") or "")
-        prompt = sum(_count_tokens(str(m.get("content") or "")) for m in request.messages)
+        prompt = self._prompts.count(request.session_id, request.messages)
         if latency:  # simulated generation time (scale runs); holds this worker thread like a real call
             time.sleep(latency)
         return ModelReply(

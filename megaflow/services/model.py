@@ -15,7 +15,7 @@ import redis
 from megaflow.agents import build_request
 from megaflow.core import states
 from megaflow.core.errors import ModelError, ModelUnavailableError
-from megaflow.model_gateway.base import ModelRequest, chat_message
+from megaflow.model_gateway.base import ModelRequest
 from megaflow.model_gateway.errors import cause_of
 from megaflow.services import lifecycle
 from megaflow.services.agent import advance_to_agent
@@ -49,7 +49,9 @@ def model_step(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool =
     backend_name = model.pop("backend", None) or rt.settings.model_backend
     # the agent's request (messages, tools, its model kwargs); the spec's model section stays on top
     built = build_request(ep.history, _call_params(ep.fields.get("agent_request")))
-    messages = [chat_message(m) for m in built.pop("messages")]
+    # already chat messages (build_request keeps only the keys a chat API takes, and the cache marks
+    # mini-swe-agent sets), shared with the conversation's memo: nothing per message is redone here
+    messages = built.pop("messages")
     params = {k: v for k, v in built.items() if k not in model}
     params.update(_call_params(ep.fields.get("model_params")))
     request = ModelRequest(
