@@ -45,23 +45,26 @@ EPISODE_TTL_S = 7 * 24 * 3600
 # ARGV[11] phase names to stamp with Redis time (comma-separated), or "", ARGV[12] the next task's broker message or ""
 # Returns 1 when applied, 0 when the episode is not at the expected step (or already terminal).
 ADVANCE_LUA = """
-local cur = redis.call('HGET', KEYS[1], 'step')
-if (not cur) or cur ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'terminal') == '1' then return 0 end
+local function in_chunks(cmd, key, args)  -- one command per 1,000 arguments (Lua's unpack has a limit)
+  for i = 1, #args, 1000 do redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args))) end
+end
+local cur = redis.call('HMGET', KEYS[1], 'step', 'terminal')
+if (not cur[1]) or cur[1] ~= ARGV[1] then return 0 end
+if cur[2] == '1' then return 0 end
 local t = redis.call('TIME')
 local nowstr = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-redis.call('HSET', KEYS[1], 'step', ARGV[2], 'updated_at', nowstr)
-for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
+local hs = {'step', ARGV[2], 'updated_at', nowstr}
+for k, v in pairs(cjson.decode(ARGV[3])) do hs[#hs + 1] = k; hs[#hs + 1] = v end
+for name in string.gmatch(ARGV[11], '[^,]+') do hs[#hs + 1] = 't:' .. name; hs[#hs + 1] = nowstr end
+if ARGV[7] == '1' then hs[#hs + 1] = 'terminal'; hs[#hs + 1] = '1' end
+in_chunks('HSET', KEYS[1], hs)
 for k, v in pairs(cjson.decode(ARGV[6])) do redis.call('HINCRBYFLOAT', KEYS[1], k, v) end
-for _, rec in ipairs(cjson.decode(ARGV[4])) do redis.call('RPUSH', KEYS[2], rec) end
-for name in string.gmatch(ARGV[11], '[^,]+') do redis.call('HSET', KEYS[1], 't:' .. name, nowstr) end
+in_chunks('RPUSH', KEYS[2], cjson.decode(ARGV[4]))
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'e', ARGV[5], 'ts', nowstr, 'step', ARGV[2])
 end
 if ARGV[7] == '1' then
-  redis.call('HSET', KEYS[1], 'terminal', '1')
   redis.call('ZREM', KEYS[4], ARGV[10])
-  local b = redis.call('HGET', KEYS[1], 'batch_id')
   redis.call('SADD', KEYS[5], ARGV[10])
   redis.call('EXPIRE', KEYS[1], ARGV[9])
   redis.call('EXPIRE', KEYS[2], ARGV[9])
