@@ -4,8 +4,10 @@ running N simulated episodes at once, for N = 1 ... 10,000, against this box's d
 Per N it prints T(N), T(N)/T(1), admission lag p50/p99, overhead per episode (its time minus the
 ideal episode time), CPU seconds per episode per service and for Redis, Redis bytes per episode
 (peak in flight and after), total RSS; and, measured in the same run, the dispatch limit: raw
-Celery no-op throughput on the same Redis times the tasks an episode needs. JSON and an SVG plot
-go to --out.
+Celery no-op throughput on the same Redis times the tasks an episode needs, and the CPU each no-op
+task costs (publish, worker, Redis), so each row also prints Celery's own CPU floor per episode
+(its task count times that) and the fleet's CPU per episode against it. JSON and an SVG plot go to
+--out.
 
     .venv/bin/python bench/scale.py                       # 12 s episodes, N = 1 10 100 1000 3000 10000
     .venv/bin/python bench/scale.py --profile 75 --ns 1 100 1000
@@ -405,17 +407,23 @@ def raw_app(url: str, events: bool):
     return app
 
 
-def dispatch_limit(url: str, tmp: Path, events: bool, tasks: int = 3000) -> float:
-    """Raw Celery no-op tasks per second through one threads worker on the same Redis."""
+def dispatch_limit(url: str, tmp: Path, events: bool, redis_pid: int, tasks: int = 4000) -> dict[str, float]:
+    """Raw Celery no-op tasks per second through one threads worker on the same Redis, and the CPU
+    each costs (publish, worker, Redis): the floor under any Celery fleet's cost per task.
+
+    The tasks are queued first; the clock and the CPU counters start when the worker has taken the
+    first of them (its start-up is not counted) and stop when the queue is empty.
+    """
     import redis as redis_mod
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     app = raw_app(url, events)
+    c0 = time.process_time()
     for i in range(tasks):
         app.send_task("raw.noop", args=[i])
+    publish_s = time.process_time() - c0
     r = redis_mod.Redis.from_url(url)
     log = open(tmp / "raw-worker.log", "wb")
-    t0 = time.monotonic()
     w = subprocess.Popen(
         [sys.executable, __file__, "--raw-worker", url, *(["--events"] if events else [])],
         env=env,
@@ -424,24 +432,38 @@ def dispatch_limit(url: str, tmp: Path, events: bool, tasks: int = 3000) -> floa
         start_new_session=True,
     )
     try:
+        while (left := int(r.llen("raw:celery"))) >= tasks:
+            time.sleep(0.005)
+        t0, worker0, redis0 = time.monotonic(), cpu_s(w.pid), cpu_s(redis_pid)
         while r.llen("raw:celery") > 0:
-            time.sleep(0.05)
+            time.sleep(0.02)
         elapsed = time.monotonic() - t0
+        worker_s, redis_s = cpu_s(w.pid) - worker0, cpu_s(redis_pid) - redis0
     finally:
         os.killpg(w.pid, signal.SIGTERM)
         w.wait(30)
         log.close()
         app.close()
-    return tasks / elapsed
+    per = 1000 / left  # ms per task, over the tasks consumed while measured
+    return {
+        "tasks_per_s": left / elapsed,
+        "cpu_ms_per_task": publish_s * 1000 / tasks + (worker_s + redis_s) * per,
+        "publish_ms": publish_s * 1000 / tasks,
+        "worker_ms": worker_s * per,
+        "redis_ms": redis_s * per,
+    }
 
 
 # --- report ----------------------------------------------------------------------------------------
-def write_report(out: Path, rows: list[dict], limit: float | None, profile: str) -> None:
+def write_report(out: Path, rows: list[dict], raw: dict[str, float], profile: str) -> None:
     from megaflow.report_svg import bar_chart, step_chart
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(
-        json.dumps({"profile": profile, "dispatch_limit_tasks_per_s": limit, "rows": rows}, indent=1)
+        json.dumps(
+            {"profile": profile, "dispatch_limit_tasks_per_s": raw["tasks_per_s"], "raw_celery": raw, "rows": rows},
+            indent=1,
+        )
     )
     t1 = rows[0]["wall_s"]
     curve = step_chart(
@@ -521,8 +543,13 @@ def main() -> None:
     print(f"agent decisions: {'inline in the model/env steps' if settings.agent_inline else 'agent-service tasks'}")
     fleet = Fleet(settings, tmp)
     try:
-        limit = dispatch_limit(url, tmp, a.events)
-        print(f"dispatch limit: raw Celery no-op throughput {limit:.0f} tasks/s (threads worker, same Redis)")
+        raw = dispatch_limit(url, tmp, a.events, redis_proc.pid)
+        limit = raw["tasks_per_s"]
+        print(
+            f"dispatch limit: raw Celery no-op throughput {limit:.0f} tasks/s (threads worker, same Redis); "
+            f"CPU per no-op task {raw['cpu_ms_per_task']:.2f} ms (publish {raw['publish_ms']:.2f}, "
+            f"worker {raw['worker_ms']:.2f}, Redis {raw['redis_ms']:.2f})"
+        )
         fleet.start("control", ["control"])
         model_workers = a.model_workers or max(
             2, math.ceil(n_max / 8000)
@@ -555,9 +582,13 @@ def main() -> None:
                 f"tasks/ep={row['tasks_per_episode']:.1f} dispatch-limit time={lim_s:.1f}s "
                 f"T/limit={row['wall_s'] / lim_s if lim_s else float('nan'):.2f} states={row['states']}"
             )
+            floor = (row["tasks_per_episode"] or 0) * raw["cpu_ms_per_task"]
+            row["celery_floor_cpu_ms_per_episode"] = floor
             print(
                 "        CPU ms/episode by process: "
                 + ", ".join(f"{k}={v:.1f}" for k, v in row["cpu_ms_per_episode"].items())
+                + f"; Celery's own floor ({row['tasks_per_episode']:.1f} no-op tasks) {floor:.1f} ms, "
+                f"CPU/ep / floor = {row['cpu_ms_per_episode_total'] / floor if floor else float('nan'):.2f}"
             )
             cmds = row["redis_commands_per_episode"]
             print(
@@ -579,7 +610,7 @@ def main() -> None:
                         for k, v in list(row["redis_keys_mid_run"].items())[:12]
                     )
                 )
-        write_report(Path(a.out), rows, limit, a.profile)
+        write_report(Path(a.out), rows, raw, a.profile)
         print(f"wrote {a.out}/scale.json and scale.html (logs in {tmp})")
     finally:
         fleet.close()
