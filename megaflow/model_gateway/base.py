@@ -8,7 +8,7 @@ usage, logprobs and token ids when the server returns them, plus the call's acco
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,9 +80,10 @@ class ModelReply:
     def history_record(self, step: int) -> dict[str, Any]:
         """The assistant message for the episode history: the message's own keys first, accounting beside."""
         record: dict[str, Any] = {**(self.message or {}), "role": "assistant", "content": self.content, "step": step}
-        for key, value in self.to_json().items():
-            if key not in ("content", "message") and value is not None and key not in record:
-                record[key] = value
+        for f in fields(self):  # not asdict: no deep copy of token ids and logprobs (the record is encoded once)
+            value = getattr(self, f.name)
+            if f.name not in ("content", "message") and value is not None and f.name not in record:
+                record[f.name] = value
         return record
 
 
