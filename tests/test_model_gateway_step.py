@@ -75,6 +75,32 @@ def test_the_whole_reply_goes_on_the_history(rt, server):
     assert record["streamed"] is True and record["policy_version"] == "v7"
 
 
+def test_cache_marks_reach_the_server_as_mini_swe_agent_sets_them(rt, server):
+    """``cache_control: default_end`` (mini-swe-agent's Anthropic configs): the last message carries the
+    mark, on the message itself for a tool message, and the model step sends it as the agent set it."""
+    (eid,) = episodes(rt, 1)
+    ep = rt.engine.load(eid)
+    call = {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{}"}}
+    rt.engine.advance(
+        ep,
+        history=[
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "obs", "tool_call_id": "c1"},
+        ],
+    )
+    rt.redis.hset(rt.keys.episode(eid), "agent_request", json.dumps({"cache_control": "default_end"}))
+    assert model_step(rt, eid, rt.engine.load(eid).step) == "ok"
+    body = server.requests[-1]["body"]
+    assert "cache_control" not in body
+    assert body["messages"][-1] == {
+        "role": "tool",
+        "content": [{"type": "text", "text": "obs"}],
+        "tool_call_id": "c1",
+        "cache_control": {"type": "ephemeral"},
+    }
+    assert body["messages"][:2] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "fix it"}]
+
+
 @pytest.mark.parametrize(
     ("fault", "cause"),
     [

@@ -162,11 +162,20 @@ def evaluate(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = T
             "duration_s": round(res.duration_s, 4),
         }
         fields = {"eval_exit_code": str(res.exit_code)}
-    if not rt.engine.advance(ep, history=[record], fields=fields):
-        return "dropped"
-    ep.history.append(record)
     state = states.SUCCEEDED if reward > 0 else states.FAILED
-    lifecycle.finish(rt, ep, state, reward=reward, cause=None if reward > 0 else states.CAUSE_TESTS, close_here=True)
+    # the record, the scores and the end in one advance (claim read the whole history just now)
+    if not lifecycle.finish(
+        rt,
+        ep,
+        state,
+        reward=reward,
+        cause=None if reward > 0 else states.CAUSE_TESTS,
+        close_here=True,
+        history=[record],
+        fields=fields,
+        loaded=True,
+    ):
+        return "dropped"
     return state
 
 

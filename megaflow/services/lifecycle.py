@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from megaflow.core import states, wire
@@ -78,17 +80,29 @@ class Lifecycle:
         cause: str | None = None,
         error: str | None = None,
         close_here: bool = False,
+        history: list[dict[str, Any]] | None = None,
+        fields: dict[str, Any] | None = None,
+        loaded: bool = False,
     ) -> bool:
         """End the episode: save its trajectory, mark it terminal, then close its container and release.
 
         ``close_here`` is for callers on the episode's env host (they remove the container in-process);
-        elsewhere the close is sent to ``env.<host>``. Returns False if another task ended it first.
+        elsewhere the close is sent to ``env.<host>``. ``history`` and ``fields`` are what the ending
+        step adds (the evaluation's record and scores), written by the same advance that ends it.
+        ``loaded``: ``ep`` was just read with its whole history, so it is not read again (the advance
+        still checks that the episode did not move). Returns False if another task ended it first.
         """
-        current = self.engine.load(ep.id)  # the whole history (callers may hold only its tail)
-        if current.step != ep.step or current.terminal:  # another task moved the episode on: not ours to end
-            return False
-        ep = current
-        fields: dict[str, Any] = {
+        if not loaded:
+            current = self.engine.load(ep.id)  # the whole history (callers may hold only its tail)
+            if current.step != ep.step or current.terminal:  # another task moved the episode on: not ours to end
+                return False
+            ep = current
+        now = time.time()
+        records = [dict(rec, t=rec.get("t", now)) for rec in (history or [])]
+        if records:
+            ep = replace(ep, history=[*ep.history, *records])
+        fields = {
+            **(fields or {}),
             "reward": "" if reward is None else str(reward),
             "cause": cause or "",
             "error": (error or "")[:2000],
@@ -104,6 +118,7 @@ class Lifecycle:
             log.exception("episode %s: trajectory not saved: %s", ep.id, exc)
         applied = self.engine.advance(
             ep,
+            history=records,
             state=state,
             phase="finished",
             fields=fields,
