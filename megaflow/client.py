@@ -37,6 +37,7 @@ PERSON_TIMEOUT_S = 300.0  # a per-person request waits this long for the control
 # Reserve a batch id, refused when that batch exists in any form, so no submit overwrites another's
 # episodes. KEYS[1] batch hash, KEYS[2] batch episode list, KEYS[3] batch index (sorted set);
 # ARGV[1] batch id, ARGV[2] user, ARGV[3] time of the reservation. Returns 1 if reserved, else 0.
+SUBMIT_PART = 500  # episodes written (one MULTI with their FIFO places) and admitted at a time by a submit
 RESERVE_BATCH = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return 0
@@ -153,20 +154,49 @@ class Client:
             )
             return Submission(done["batch_id"], done["episode_ids"])
         valid = self._auto_modes(valid)
+        submitted_at = time.time()
         bid = self._reserve(batch_id, user)
+        ids: list[str] = []
         try:
-            bid, ids = self.rt.engine.create_batch(valid, user, bid)
-        except BaseException:
-            self.rt.redis.delete(self.rt.keys.batch(bid))  # one MULTI: nothing else of the batch was written
+            for lo in range(0, len(valid), SUBMIT_PART):
+                part = valid[lo : lo + SUBMIT_PART]
+                images = [spec.image or self.settings.default_image for spec in part]
+
+                def fifo(pipe: Any, part_ids: list[str], images: list[str] = images) -> None:
+                    rows = [{"episode_id": e, "user": user, "image": im} for e, im in zip(part_ids, images)]
+                    self.rt.resources.enqueue_in(pipe, rows)
+
+                _, part_ids = self.rt.engine.create_batch(
+                    part, user, bid, start=lo, size=len(valid), submitted_at=submitted_at, also=fifo
+                )
+                ids += part_ids
+                lifecycle.admit(self.rt)  # this part starts while the next one is written
+        except BaseException as exc:
+            self._abandon(bid, len(ids), len(valid), exc)
             raise
-        self.rt.resources.enqueue(
-            [
-                {"episode_id": eid, "user": user, "image": spec.image or self.settings.default_image}
-                for eid, spec in zip(ids, valid)
-            ]
-        )
-        lifecycle.admit(self.rt)
         return Submission(bid, ids)
+
+    def _abandon(self, batch_id: str, written: int, size: int, exc: BaseException) -> None:
+        """A submit failed part way: cancel the episodes it wrote (each part is one MULTI), or drop the batch."""
+        try:
+            # no part written (its MULTI did not happen, or its reply was lost after it did: check)
+            if not written and not self.rt.redis.exists(self.rt.keys.batch_episodes(batch_id)):
+                self.rt.redis.delete(self.rt.keys.batch(batch_id))  # only the reservation was written
+                return
+            why = f"cancelled: the submit of batch {batch_id} failed after {written} of {size} episodes: "
+            why = (why + f"{type(exc).__name__}: {exc}")[:500]
+            n = sum(1 for eid in self.rt.engine.batch_ids(batch_id) if self.rt.lifecycle.cancel(eid, error=why))
+            log.error("batch %s: submit failed part way (%s); cancelled the %d episodes it wrote", batch_id, exc, n)
+        except Exception as again:  # Redis is gone: they stay queued, each with its FIFO place, and will run
+            log.error(
+                "batch %s: submit failed part way (%s) and its %d written episodes could not be cancelled (%s): "
+                "cancel it with `megaflow batch cancel %s` once Redis is back",
+                batch_id,
+                exc,
+                written,
+                again,
+                batch_id,
+            )
 
     def _reserve(self, batch_id: str | None, user: str) -> str:
         """Reserve ``batch_id`` (or a generated id) atomically; an id in use raises SpecError."""

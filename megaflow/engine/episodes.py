@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -217,16 +218,36 @@ class EpisodeEngine:
         self._load = redis_client.register_script(LOAD_LUA)
 
     # --- creation --------------------------------------------------------------------------
-    def create_batch(self, specs: list[TaskSpec], user: str, batch_id: str | None = None) -> tuple[str, list[str]]:
-        """Write the episodes of a validated batch (state QUEUED) in one MULTI; return (batch, ids)."""
+    def create_batch(
+        self,
+        specs: list[TaskSpec],
+        user: str,
+        batch_id: str | None = None,
+        *,
+        start: int = 0,
+        size: int | None = None,
+        submitted_at: float | None = None,
+        also: Callable[[Any, list[str]], None] | None = None,
+    ) -> tuple[str, list[str]]:
+        """Write the episodes of a validated batch (state QUEUED) in one MULTI; return (batch, ids).
+
+        A large batch may be written as several parts: ``start`` is the index of this part's first
+        episode and ``size`` the whole batch's length (the batch hash keeps ``size`` and ``written``,
+        the episodes written so far). ``submitted_at`` is when the submit began (``t:submitted``;
+        ``t:queued`` is this write). ``also(pipe, ids)`` adds commands to the same MULTI (the FIFO
+        enqueue), so they happen with the episodes or not at all.
+        """
         batch_id = batch_id or f"b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        ids = [f"{batch_id}-{i:05d}" for i in range(len(specs))]
+        ids = [f"{batch_id}-{i:05d}" for i in range(start, start + len(specs))]
         now = f"{time.time():.6f}"
+        submitted = now if submitted_at is None else f"{submitted_at:.6f}"
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.keys.batch(batch_id), mapping={"user": user, "size": len(specs), "created_at": now})
-        pipe.zadd(self.keys.batches, {batch_id: float(now)})
+        if start == 0:
+            pipe.hset(self.keys.batch(batch_id), mapping={"user": user, "size": size or len(specs), "created_at": now})
+            pipe.zadd(self.keys.batches, {batch_id: float(now)})
+        pipe.hset(self.keys.batch(batch_id), "written", start + len(specs))
         pipe.rpush(self.keys.batch_episodes(batch_id), *ids)
-        for i, (eid, spec) in enumerate(zip(ids, specs)):
+        for i, (eid, spec) in enumerate(zip(ids, specs), start):
             image = spec.image or self.settings.default_image
             mode = spec.mode or self.settings.env_mode
             if spec.metadata.get("priority") == TRAJECTORY_PRIORITY:  # model calls ordered by progress
@@ -247,7 +268,7 @@ class EpisodeEngine:
                     "image": image,
                     "mode": mode,
                     "created_at": now,
-                    "t:submitted": now,
+                    "t:submitted": submitted,
                     "t:queued": now,
                     "policy_version": spec.policy_version or self.settings.policy_version or "",
                 },
@@ -260,14 +281,16 @@ class EpisodeEngine:
                 "created_at": float(now),
                 "policy_version": spec.policy_version or self.settings.policy_version,
             }
-            for st in (states.SUBMITTED, states.QUEUED):
+            for st, ts in ((states.SUBMITTED, submitted), (states.QUEUED, now)):
                 ev = dict(base, state=st, phase=st.lower(), fields=fields)
                 pipe.xadd(
                     self.keys.events,
-                    {"e": wire.dumps(ev), "ts": now, "step": 0},
+                    {"e": wire.dumps(ev), "ts": ts, "step": 0},
                     maxlen=self.settings.events_maxlen,
                     approximate=True,
                 )
+        if also is not None:
+            also(pipe, ids)
         pipe.execute()
         return batch_id, ids
 

@@ -155,7 +155,7 @@ class Lifecycle:
             return False
         return self.finish(ep, states.FAILED, cause=cause, error=error, close_here=close_here)
 
-    def cancel(self, episode_id: str) -> bool:
+    def cancel(self, episode_id: str, error: str = "cancelled by request") -> bool:
         """End a live episode as CANCELLED now, whatever its state; False if it was already final.
 
         A task in flight for it finds the episode terminal and drops its result; its container is
@@ -168,7 +168,7 @@ class Lifecycle:
                 return False
             if ep.terminal:
                 return False
-            if self.finish(ep, states.CANCELLED, cause=states.CAUSE_CANCELLED, error="cancelled by request"):
+            if self.finish(ep, states.CANCELLED, cause=states.CAUSE_CANCELLED, error=error):
                 return True
         raise RuntimeError(f"episode {episode_id} kept moving; cancel did not take after {CANCEL_ATTEMPTS} tries")
 

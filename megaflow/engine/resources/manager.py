@@ -91,22 +91,16 @@ class ResourceManager:
         Episodes already queued or holding slots are skipped (a retried submit is harmless).
         Returns how many were appended. Call ``admit()`` afterwards.
         """
-        clean = []
-        seen: set[str] = set()
-        for i, item in enumerate(items):
-            row = {}
-            for field in ("episode_id", "user", "image"):
-                value = item.get(field) if isinstance(item, dict) else None
-                if not isinstance(value, str) or not value:
-                    raise SpecError(f"{field} must be a non-empty string", index=i, field=field)
-                row[field] = value
-            if row["episode_id"] in seen:
-                raise SpecError(f"episode_id {row['episode_id']!r} appears twice", index=i, field="episode_id")
-            seen.add(row["episode_id"])
-            clean.append(row)
+        clean = _fifo_rows(items)
         if not clean:
             return 0
         return int(self._enqueue(args=[self.base, json.dumps(clean)]))
+
+    def enqueue_in(self, pipe: Any, items: list[dict]) -> None:
+        """``enqueue`` as one more command of the caller's MULTI ``pipe`` (with the episodes it writes)."""
+        clean = _fifo_rows(items)
+        if clean:
+            self._enqueue(args=[self.base, json.dumps(clean)], client=pipe)
 
     def admit(self, max_n: int = 100) -> list[Admission]:
         """Admit up to ``max_n`` of the oldest eligible episodes, with their slots reserved.
@@ -429,3 +423,21 @@ def _chunks(items: Iterable[str], size: int) -> Iterable[list[str]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _fifo_rows(items: list[dict]) -> list[dict[str, str]]:
+    """The FIFO rows of ``items``, checked: each names a non-empty episode_id, user and image, once."""
+    clean = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        row = {}
+        for field in ("episode_id", "user", "image"):
+            value = item.get(field) if isinstance(item, dict) else None
+            if not isinstance(value, str) or not value:
+                raise SpecError(f"{field} must be a non-empty string", index=i, field=field)
+            row[field] = value
+        if row["episode_id"] in seen:
+            raise SpecError(f"episode_id {row['episode_id']!r} appears twice", index=i, field="episode_id")
+        seen.add(row["episode_id"])
+        clean.append(row)
+    return clean
