@@ -246,7 +246,11 @@ class Client:
         ]
 
     def status(self, batch_id: str) -> dict[str, Any]:
-        """Counts by state of a batch, from the live episode state."""
+        """Counts by state of a batch, from the live episode state.
+
+        ``unwritten`` (only when > 0): episodes of the batch its submit has not written (yet: a submit
+        writes 500 at a time; or ever: a submit that died part way).
+        """
         if person := self.person():
             return dict(self._ask(person, "status", batch_id=batch_id))
         ids = self.rt.engine.batch_ids(batch_id)
@@ -254,7 +258,11 @@ class Client:
         for view in self.rt.engine.summaries(ids):
             counts[view["state"]] = counts.get(view["state"], 0) + 1
         done = sum(counts.get(s, 0) for s in states.TERMINAL)
-        return {"batch_id": batch_id, "total": len(ids), "done": done, "counts": counts}
+        out = {"batch_id": batch_id, "total": len(ids), "done": done, "counts": counts}
+        size = self.rt.redis.hget(self.rt.keys.batch(batch_id), "size")
+        if size is not None and int(size) > len(ids):
+            out["unwritten"] = int(size) - len(ids)
+        return out
 
     def wait(
         self,

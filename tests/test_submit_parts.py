@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import redis
 
 from megaflow import Client
 from megaflow import client as client_mod
+from megaflow.core.keys import Keys
 from megaflow.demo_tasks import demo_specs
 from megaflow.engine.episodes import EpisodeEngine
 
@@ -52,7 +58,8 @@ def test_a_batch_longer_than_a_part_is_queued_and_admitted_part_by_part(settings
         assert all(float(e["t:submitted"]) <= float(e["t:queued"]) <= float(e["t:admitted"]) for e in eps)
         assert float(eps[2]["t:admitted"]) <= float(eps[3]["t:queued"])
         assert float(eps[5]["t:admitted"]) <= float(eps[6]["t:queued"])
-        assert client.status("big")["counts"] == {"ADMITTED": 7}
+        status = client.status("big")
+        assert status["counts"] == {"ADMITTED": 7} and "unwritten" not in status
 
 
 def test_a_submit_failing_part_way_cancels_the_episodes_it_wrote(settings, redis_client, parts_of_three, monkeypatch):
@@ -71,7 +78,8 @@ def test_a_submit_failing_part_way_cancels_the_episodes_it_wrote(settings, redis
             assert "ConnectionError: Connection reset by peer (injected)" in ep["error"]
         assert client.rt.resources.queue_length() == 0
         assert not redis_client.hlen(keys.res() + ":held")  # every slot the admitted ones held is free again
-        assert client.status("half")["counts"] == {"CANCELLED": 6}
+        status = client.status("half")
+        assert status["counts"] == {"CANCELLED": 6} and status["unwritten"] == 2  # the part it never wrote
 
 
 def test_a_submit_whose_first_part_fails_leaves_nothing(settings, redis_client, parts_of_three, monkeypatch):
@@ -80,3 +88,44 @@ def test_a_submit_whose_first_part_fails_leaves_nothing(settings, redis_client, 
         with pytest.raises(redis.ConnectionError, match="injected"):
             client.submit(specs(5), user="alice", batch_id="none")
     assert redis_client.keys("*") == []
+
+
+SUBMITTER = """
+import sys
+from megaflow import Client
+from megaflow.demo_tasks import demo_specs
+base = demo_specs("fix")[0]
+with Client() as client:
+    client.rt.resources.register_host("h1", capacity=100000, images=[], warm={}, disk_free_gb=10.0)
+    client.submit([dict(base, task_id=f"t{i}") for i in range(int(sys.argv[1]))], user="alice", batch_id="killed")
+"""
+
+
+def test_a_submitter_killed_part_way_leaves_every_written_episode_queued_or_admitted(settings, redis_client):
+    env = dict(os.environ, MEGAFLOW_REDIS_URL=settings.redis_url, MEGAFLOW_STATE_DIR=settings.state_dir,
+               MEGAFLOW_MAX_BATCH_EPISODES="20000", PYTHONPATH=os.getcwd())  # fmt: skip
+    keys = Keys(settings.key_prefix)
+    proc = subprocess.Popen([sys.executable, "-c", SUBMITTER, "20000"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while redis_client.llen(keys.batch_episodes("killed")) < 1000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL: no clean-up runs
+    finally:
+        proc.wait(10)
+    ids = redis_client.lrange(keys.batch_episodes("killed"), 0, -1)
+    assert 1000 <= len(ids) < 20000 and len(ids) % 500 == 0, len(ids)  # whole parts only
+    assert redis_client.hget(keys.batch("killed"), "written") == str(len(ids))
+    pipe = redis_client.pipeline(transaction=False)
+    for eid in ids:
+        pipe.hget(keys.episode(eid), "state")
+    states_ = pipe.execute()
+    queued = set(redis_client.hkeys(keys.res() + ":queued"))
+    held = set(redis_client.hkeys(keys.res() + ":held"))
+    assert {s for s in states_} <= {"QUEUED", "ADMITTED"}
+    for eid, state in zip(ids, states_):  # none stranded: each waits in the FIFO or holds its slots
+        assert (eid in queued) if state == "QUEUED" else (eid in held), (eid, state)
+    hashes = [k for k in redis_client.keys(keys.episode("killed-*")) if k.count(":") == keys.episode("x").count(":")]
+    assert len(hashes) == len(ids)  # nothing written outside the list
+    with Client(settings) as client:
+        assert client.status("killed")["unwritten"] == 20000 - len(ids)
