@@ -623,7 +623,7 @@ def in_flight(settings: Settings, fleet: Fleet, redis_pid: int, n: int, profile:
 
     Admission lag is ``t:admitted - t:queued`` of each episode; "from the submit call" is
     ``t:admitted - t:submitted`` (when the submit that carried it began). With ``chunk`` 0 the ``n``
-    episodes are one batch: the submit writes and admits it 500 at a time (``client.SUBMIT_PART``), so
+    episodes are one batch: the submit writes and admits it 250 at a time (``client.SUBMIT_PART``), so
     each part is queued when written and the last parts wait for the whole submit from the call. With
     ``chunk`` K they arrive as batches of K submitted back to back (each submit returns once its batch
     is admitted), so the lag is what an arriving batch sees while the fleet already holds up to ``n``.

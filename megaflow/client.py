@@ -37,7 +37,7 @@ PERSON_TIMEOUT_S = 300.0  # a per-person request waits this long for the control
 # Reserve a batch id, refused when that batch exists in any form, so no submit overwrites another's
 # episodes. KEYS[1] batch hash, KEYS[2] batch episode list, KEYS[3] batch index (sorted set);
 # ARGV[1] batch id, ARGV[2] user, ARGV[3] time of the reservation. Returns 1 if reserved, else 0.
-SUBMIT_PART = 500  # episodes written (one MULTI with their FIFO places) and admitted at a time by a submit
+SUBMIT_PART = 250  # episodes written (one MULTI with their FIFO places) and admitted at a time by a submit
 RESERVE_BATCH = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return 0
@@ -170,7 +170,8 @@ class Client:
                     part, user, bid, start=lo, size=len(valid), submitted_at=submitted_at, also=fifo
                 )
                 ids += part_ids
-                lifecycle.admit(self.rt)  # this part starts while the next one is written
+                # this part starts while the next one is written (one round admits it all, no empty round after)
+                lifecycle.admit(self.rt, len(part) + 1)
         except BaseException as exc:
             self._abandon(bid, len(ids), len(valid), exc)
             raise
@@ -249,7 +250,7 @@ class Client:
         """Counts by state of a batch, from the live episode state.
 
         ``unwritten`` (only when > 0): episodes of the batch its submit has not written (yet: a submit
-        writes 500 at a time; or ever: a submit that died part way).
+        writes 250 at a time; or ever: a submit that died part way).
         """
         if person := self.person():
             return dict(self._ask(person, "status", batch_id=batch_id))

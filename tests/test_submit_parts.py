@@ -114,7 +114,7 @@ def test_a_submitter_killed_part_way_leaves_every_written_episode_queued_or_admi
     finally:
         proc.wait(10)
     ids = redis_client.lrange(keys.batch_episodes("killed"), 0, -1)
-    assert 1000 <= len(ids) < 20000 and len(ids) % 500 == 0, len(ids)  # whole parts only
+    assert 1000 <= len(ids) < 20000 and len(ids) % client_mod.SUBMIT_PART == 0, len(ids)  # whole parts only
     assert redis_client.hget(keys.batch("killed"), "written") == str(len(ids))
     pipe = redis_client.pipeline(transaction=False)
     for eid in ids:
