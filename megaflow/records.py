@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 GROUP = "recorder"
 TRIM_EVERY_S = 2.0  # how often ``run`` trims recorded entries off the stream
+CLAIM_EVERY_S = 5.0  # how often ``run`` claims entries a dead recorder left pending (idle >= claim_idle_ms)
+LINGER_S = 0.1  # after a batch, ``run`` lets events gather this long: one read, ack and commit per many events
 
 
 def event_documents(entry_id: str, fields: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -104,12 +106,14 @@ class Recorder:
             self.r.xack(self.keys.events, GROUP, *[e[0] for e in entries])
         return len(entries)
 
-    def run_once(self, block_ms: int | None = 1000, count: int = 500) -> int:
-        """Record one batch of events (first any stale pending ones); ``block_ms=None`` never waits."""
-        _, claimed, *_ = self.r.xautoclaim(
-            self.keys.events, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count
-        )
-        n = self.apply([c for c in claimed if c and c[1]])
+    def run_once(self, block_ms: int | None = 1000, count: int = 500, *, claim: bool = True) -> int:
+        """Record one batch of events (first, with ``claim``, any stale pending ones); ``block_ms=None`` never waits."""
+        n = 0
+        if claim:
+            _, claimed, *_ = self.r.xautoclaim(
+                self.keys.events, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count
+            )
+            n = self.apply([c for c in claimed if c and c[1]])
         resp: Any = self.r.xreadgroup(GROUP, self.consumer, {self.keys.events: ">"}, count=count, block=block_ms)
         for _stream, entries in resp or []:
             n += self.apply(entries)
@@ -155,10 +159,14 @@ class Recorder:
     def run(self, stop: threading.Event) -> None:
         """Record until ``stop``; a Redis outage is logged once and waited out, never fatal."""
         down = False
-        trimmed_at = 0.0
+        trimmed_at = claimed_at = -1e9
         while not stop.is_set():
             try:
-                self.run_once()
+                claim = time.monotonic() - claimed_at > CLAIM_EVERY_S
+                if claim:
+                    claimed_at = time.monotonic()
+                if self.run_once(claim=claim) < 500:  # not behind: let the next batch gather
+                    stop.wait(LINGER_S)
                 if time.monotonic() - trimmed_at > TRIM_EVERY_S:
                     trimmed_at = time.monotonic()
                     self.trim()

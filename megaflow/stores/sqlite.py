@@ -137,13 +137,24 @@ class SQLiteMetadataStore:
         (the recorder writes one batch of stream entries at a time: one commit instead of two per event)."""
         checked = [(check_event(ev), ev, check_task_doc(doc), doc) for ev, doc in pairs]
         with self._write() as conn:
+            merged: dict[str, dict[str, Any]] = {}  # each episode read once and written once per batch
             for event_id, event, episode_id, doc in checked:
                 self._insert_event(conn, event_id, event)
-                self._upsert(conn, episode_id, doc)
+                old = merged[episode_id] if episode_id in merged else self._stored(conn, episode_id)
+                merged[episode_id] = merge_task(old, doc)
+            for episode_id, new in merged.items():
+                self._write_task(conn, episode_id, new)
+
+    @staticmethod
+    def _stored(conn: sqlite3.Connection, episode_id: str) -> dict[str, Any] | None:
+        row = conn.execute("SELECT doc FROM tasks WHERE episode_id = ?", (episode_id,)).fetchone()
+        return json.loads(row["doc"]) if row else None
 
     def _upsert(self, conn: sqlite3.Connection, episode_id: str, doc: dict[str, Any]) -> None:
-        row = conn.execute("SELECT doc FROM tasks WHERE episode_id = ?", (episode_id,)).fetchone()
-        new = merge_task(json.loads(row["doc"]) if row else None, doc)
+        self._write_task(conn, episode_id, merge_task(self._stored(conn, episode_id), doc))
+
+    @staticmethod
+    def _write_task(conn: sqlite3.Connection, episode_id: str, new: dict[str, Any]) -> None:
         finished = (new.get("phases") or {}).get("finished")
         conn.execute(
             "INSERT INTO tasks (episode_id, batch_id, user, state, created_at, finished_at, doc) "
