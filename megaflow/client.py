@@ -128,7 +128,12 @@ class Client:
         user: str,
         batch_id: str | None = None,
     ) -> Submission:
-        """Validate every spec, then enqueue them all as one batch; a bad spec enqueues nothing."""
+        """Validate every spec, then enqueue them all as one batch; a bad spec enqueues nothing.
+
+        The batch is written ``SUBMIT_PART`` episodes at a time, each part one MULTI with its FIFO
+        places, and each part is admitted before the next is written. A failure part way (Redis
+        lost) cancels the episodes already written, then raises.
+        """
         if not isinstance(user, str) or not _USER.fullmatch(user):
             raise SpecError(
                 "field 'user': must be 1-64 characters of letters, digits, '_', '.', '@' or '-'", field="user"
