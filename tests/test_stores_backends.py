@@ -442,3 +442,30 @@ def test_local_store_in_a_directory_with_odd_characters(tmp_path):
     uri = store.put_bytes("a b/c%41.txt", b"x")  # keys are taken as they are
     assert uri == f"file://{tmp_path / 'my art'}/a b/c%41.txt" and (tmp_path / "my art/a b/c%41.txt").exists()
     assert store.get_bytes(uri) == b"x" and store.list("a b/") == ["a b/c%41.txt"]
+
+
+def test_a_recorded_batch_equals_its_events_upserted_one_by_one(tmp_path):
+    """The SQLite store's ``record`` merges an episode's events within a batch; the result is the same."""
+    events = [
+        ({"event_id": "1-0", "episode_id": "e1", "ts": 1.0}, {"episode_id": "e1", "batch_id": "b", "state": "QUEUED",
+                                                              "updated_at": 1.0, "phases": {"queued": 1.0}}),
+        ({"event_id": "3-0", "episode_id": "e1", "ts": 3.0}, {"episode_id": "e1", "state": "RUNNING",
+                                                              "updated_at": 3.0, "phases": {"step_1": 3.0}}),
+        ({"event_id": "2-0", "episode_id": "e1", "ts": 2.0}, {"episode_id": "e1", "state": "ADMITTED", "host": "h",
+                                                              "updated_at": 2.0, "phases": {"admitted": 2.0}}),
+        ({"event_id": "4-0", "episode_id": "e2", "ts": 4.0}, {"episode_id": "e2", "batch_id": "b", "state": "QUEUED",
+                                                              "updated_at": 4.0, "phases": {"queued": 4.0}}),
+    ]  # fmt: skip
+    batched = open_metadata_store(f"sqlite:///{tmp_path / 'batched.db'}")
+    single = open_metadata_store(f"sqlite:///{tmp_path / 'single.db'}")
+    batched.record(events[:1])  # the second batch merges onto what the first one stored
+    batched.record(events[1:])
+    for event, doc in events:
+        single.add_event(event)
+        single.upsert_task(doc)
+    for eid in ("e1", "e2"):
+        assert batched.get_task(eid) == single.get_task(eid)
+    e1 = batched.get_task("e1")
+    assert e1["state"] == "RUNNING" and "host" not in e1  # the late (redelivered) event moves nothing back
+    assert e1["phases"] == {"queued": 1.0, "admitted": 2.0, "step_1": 3.0}
+    assert [e["event_id"] for e in batched.events("e1")] == ["1-0", "2-0", "3-0"]
