@@ -186,7 +186,9 @@ def test_cancel_stops_an_episode_busy_in_a_long_step(fleet, tmp_path, docker_cli
     assert final["state"] == states.CANCELLED, f"a cancel during {where} did not end the episode: {final}"
 
     def containers_left() -> list:
-        return docker_client.containers.list(all=True, filters={"label": f"{labels.EPISODE}={eid}"})
+        return docker_client.containers.list(
+            all=True, filters={"label": f"{labels.EPISODE}={eid}"}, ignore_removed=True
+        )
 
     wait_until(  # the close runs on the episode's env host right after the cancel
         lambda: not containers_left(),

@@ -74,7 +74,9 @@ def test_kill_9_deciding_workers_loses_no_episode(
             while True:
                 left = [
                     c
-                    for c in d.containers.list(all=True, filters={"label": f"megaflow.fleet={s.fleet_id}"})
+                    for c in d.containers.list(
+                        all=True, filters={"label": f"megaflow.fleet={s.fleet_id}"}, ignore_removed=True
+                    )
                     if c.labels.get("megaflow.episode")
                 ]
                 if not left or time.monotonic() > deadline:

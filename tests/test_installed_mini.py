@@ -133,6 +133,6 @@ def test_cancel_ends_a_running_mini(fleet, mini_image, docker_client):
         (res,) = client.results(sub.batch_id)
     assert res["state"] == states.CANCELLED, res
     deadline = time.monotonic() + 180
-    while docker_client.containers.list(all=True, filters={"label": f"{L.EPISODE}={eid}"}):
+    while docker_client.containers.list(all=True, filters={"label": f"{L.EPISODE}={eid}"}, ignore_removed=True):
         assert time.monotonic() < deadline, "the cancelled episode's container (and mini in it) is still there"
         time.sleep(0.5)

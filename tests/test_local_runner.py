@@ -57,7 +57,9 @@ def assert_nothing_held(runner: LocalRunner, ids: list[str]) -> None:
                 c.name
                 for eid in ids
                 for c in client.containers.list(
-                    all=True, filters={"label": [f"megaflow.episode={eid}", f"megaflow.host={r.host}"]}
+                    all=True,
+                    filters={"label": [f"megaflow.episode={eid}", f"megaflow.host={r.host}"]},
+                    ignore_removed=True,  # one removed between docker's list and inspect is gone, not an error
                 )
             ]
             client.close()
