@@ -33,11 +33,11 @@ log = logging.getLogger(__name__)
 _USER = guards.USER_NAME  # fullmatch: no trailing newline
 _EPISODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,160}")  # <batch id>-<index>
 PERSON_TIMEOUT_S = 300.0  # a per-person request waits this long for the control service's answer
+SUBMIT_PART = 250  # episodes written (one MULTI with their FIFO places) and admitted at a time by a submit
 
 # Reserve a batch id, refused when that batch exists in any form, so no submit overwrites another's
 # episodes. KEYS[1] batch hash, KEYS[2] batch episode list, KEYS[3] batch index (sorted set);
 # ARGV[1] batch id, ARGV[2] user, ARGV[3] time of the reservation. Returns 1 if reserved, else 0.
-SUBMIT_PART = 250  # episodes written (one MULTI with their FIFO places) and admitted at a time by a submit
 RESERVE_BATCH = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 or redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return 0

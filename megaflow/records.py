@@ -27,6 +27,7 @@ GROUP = "recorder"
 TRIM_EVERY_S = 2.0  # how often ``run`` trims recorded entries off the stream
 CLAIM_EVERY_S = 5.0  # how often ``run`` claims entries a dead recorder left pending (idle >= claim_idle_ms)
 LINGER_S = 0.1  # after a batch, ``run`` lets events gather this long: one read, ack and commit per many events
+READ_COUNT = 500  # stream entries read (and committed) at a time
 
 
 def event_documents(entry_id: str, fields: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,7 +107,7 @@ class Recorder:
             self.r.xack(self.keys.events, GROUP, *[e[0] for e in entries])
         return len(entries)
 
-    def run_once(self, block_ms: int | None = 1000, count: int = 500, *, claim: bool = True) -> int:
+    def run_once(self, block_ms: int | None = 1000, count: int = READ_COUNT, *, claim: bool = True) -> int:
         """Record one batch of events (first, with ``claim``, any stale pending ones); ``block_ms=None`` never waits."""
         n = 0
         if claim:
@@ -165,7 +166,7 @@ class Recorder:
                 claim = time.monotonic() - claimed_at > CLAIM_EVERY_S
                 if claim:
                     claimed_at = time.monotonic()
-                if self.run_once(claim=claim) < 500:  # not behind: let the next batch gather
+                if self.run_once(claim=claim) < READ_COUNT:  # not behind: let the next batch gather
                     stop.wait(LINGER_S)
                 if time.monotonic() - trimmed_at > TRIM_EVERY_S:
                     trimmed_at = time.monotonic()
