@@ -30,6 +30,7 @@ from megaflow.core.errors import NotFoundError
 from megaflow.core.keys import Keys
 from megaflow.core.settings import Settings
 from megaflow.core.spec import TaskSpec
+from megaflow.engine import delivery
 from megaflow.engine.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,14 @@ EPISODE_TTL_S = 7 * 24 * 3600
 
 # Compare-and-set advance of one episode.
 # KEYS[1] episode hash, KEYS[2] history list, KEYS[3] events stream, KEYS[4] live zset,
-# KEYS[5] batch done set, KEYS[6] broker list of the next task's queue (or any key when none)
+# KEYS[5] batch done set, KEYS[6] broker list of the next task's queue (or any key when none),
+# KEYS[7] broker unacked index, KEYS[8] broker unacked hash
 # ARGV[1] expected step, ARGV[2] new step, ARGV[3] JSON object of hash fields (string values),
 # ARGV[4] JSON array of history records (each already a JSON string), ARGV[5] event JSON or "",
 # ARGV[6] JSON object of numeric increments, ARGV[7] "1" when the episode becomes terminal,
 # ARGV[8] stream max length, ARGV[9] TTL of a terminal episode, ARGV[10] episode id,
-# ARGV[11] phase names to stamp with Redis time (comma-separated), or "", ARGV[12] the next task's broker message or ""
+# ARGV[11] phase names to stamp with Redis time (comma-separated), or "", ARGV[12] the next task's broker message or "",
+# ARGV[13] delivery tag of the step's own broker message to acknowledge (megaflow.engine.delivery), or ""
 # Returns 1 when applied, 0 when the episode is not at the expected step (or already terminal).
 ADVANCE_LUA = """
 local function in_chunks(cmd, key, args)  -- one command per 1,000 arguments (Lua's unpack has a limit)
@@ -73,6 +76,10 @@ else
   redis.call('ZADD', KEYS[4], nowstr, ARGV[10])
 end
 if ARGV[12] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[12]) end
+if ARGV[13] ~= '' then
+  redis.call('ZREM', KEYS[7], ARGV[13])
+  redis.call('HDEL', KEYS[8], ARGV[13])
+end
 return 1
 """
 
@@ -216,6 +223,7 @@ class EpisodeEngine:
         self.histories = HistoryCache()
         self._advance = redis_client.register_script(ADVANCE_LUA)
         self._load = redis_client.register_script(LOAD_LUA)
+        self._unacked = delivery.unacked_keys(settings.key_prefix)
 
     # --- creation --------------------------------------------------------------------------
     def create_batch(
@@ -399,11 +407,13 @@ class EpisodeEngine:
                 self._advance(keys=keys, args=args, client=pipe)
             results = pipe.execute()
         out = []
-        for (ep, _change), (_k, _a, fields, new_step, n_records), applied in zip(changes, plans, results):
+        for (ep, _change), (_k, args, fields, new_step, n_records), applied in zip(changes, plans, results):
             if not applied:
                 log.info("episode %s moved past step %s; dropping this result", ep.id, ep.step)
                 out.append(False)
                 continue
+            if args[12]:
+                delivery.acknowledged(args[12])
             ep.fields.update(fields)
             ep.fields["step"] = str(new_step)
             ep.history_len += n_records
@@ -460,6 +470,7 @@ class EpisodeEngine:
             self.keys.live,
             self.keys.batch_done(ep.batch_id),
             queue_key,
+            *self._unacked,
         ]
         args = [
             ep.step,
@@ -474,6 +485,8 @@ class EpisodeEngine:
             ep.id,
             ",".join(p for p in (*also_phases, phase) if p and _stamped_in_hash(p)),
             message,
+            # the step's own message is acknowledged with its result (not by an advance within the step)
+            "" if keep_step else (delivery.take(ep.id, ep.step) or ""),
         ]
         return keys, args, fields, new_step, len(records)
 

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Task
 
 from megaflow.core import wire
+from megaflow.engine import delivery
 from megaflow.services.guard import RETRYABLE, run_step
 from megaflow.services.root import Root
 from megaflow.workers.celery_app import app, settings
@@ -49,9 +50,18 @@ def check_ids(episode_id: Any, step: Any) -> None:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
 
 
+def _delivery_tag(task: Task) -> str | None:
+    """The broker delivery tag of the message this task runs for (kombu's Redis transport puts it in
+    the message properties), or None when run another way (eagerly, by a test)."""
+    tag = (getattr(task.request, "properties", None) or {}).get("delivery_tag")
+    return tag if isinstance(tag, str) and tag else None
+
+
 def _guarded(task: Task, kind: str, episode_id: str, step: int, fn, *, on_env_host: bool = False) -> str:
     check_ids(episode_id, step)
     final = task.request.retries >= MAX_RETRIES
+    # the step's advance acknowledges this message in its own script (megaflow.engine.delivery)
+    delivery.running(episode_id, step, _delivery_tag(task) if task.acks_late else None)
     try:
         return run_step(root(), kind, episode_id, step, fn, final_attempt=final, on_env_host=on_env_host)
     except RETRYABLE as exc:
@@ -70,6 +80,8 @@ def _guarded(task: Task, kind: str, episode_id: str, step: int, fn, *, on_env_ho
             countdown,
         )
         raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from exc
+    finally:
+        delivery.done()
 
 
 @app.task(name=wire.AGENT_STEP, bind=True)

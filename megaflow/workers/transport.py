@@ -13,7 +13,9 @@ index, HSET of the message) and removes it on ack (ZREM, HDEL), each as a MULTI/
 redis-py's transaction pipeline made those two the next largest costs (~30-45% of an env or
 model worker's GIL samples at 1,000 episodes, py-spy). Here each is one ``EVAL`` of a two-line
 script: the same keys and values, as atomic as the transaction, and what kombu's restore
-(``restore_visible``, ``restore_unacked``) reads is unchanged.
+(``restore_visible``, ``restore_unacked``) reads is unchanged. And a step task's message is
+usually acknowledged by its episode's advance script already (``megaflow.engine.delivery``): its
+ack then skips Redis altogether.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
+
+from megaflow.engine import delivery
 
 # KEYS: unacked index (zset), unacked (hash); ARGV: delivery tag, time, [message, exchange, routing key] JSON
 APPEND_LUA = "redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) return 1"
@@ -48,11 +52,14 @@ class QoS(kombu_redis.QoS):
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        self._eval(REMOVE_LUA, self._keys(), delivery_tag)
+        if not delivery.settled(delivery_tag):  # else the step's advance script removed it already
+            self._eval(REMOVE_LUA, self._keys(), delivery_tag)
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if requeue:
+        if delivery.settled(delivery_tag):
+            pass  # the step advanced: its message is acknowledged, there is nothing to requeue
+        elif requeue:
             self.restore_by_tag(delivery_tag, leftmost=True)
         else:
             self._eval(REMOVE_LUA, self._keys(), delivery_tag)
