@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 
@@ -28,8 +29,8 @@ log = logging.getLogger(__name__)
 RESENDS = 3  # a stalled episode's next task is sent again at most this often before the episode is ended
 
 
-def _task_of(envelope: dict) -> tuple[str, int] | None:
-    """(episode id, step) a broker message carries, or None for another kind of task."""
+def _task_of(envelope: Any) -> tuple[str, int] | None:
+    """(episode id, step) a broker message carries, or None for another kind of task (or not a message)."""
     import base64
 
     try:
@@ -37,10 +38,10 @@ def _task_of(envelope: dict) -> tuple[str, int] | None:
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             raw = base64.b64decode(raw).decode()
         args = json.loads(raw)[0]
-    except (KeyError, ValueError, TypeError, IndexError):
-        return None
-    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], int):
-        return args[0], args[1]
+        if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], int):
+            return args[0], args[1]
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError):
+        pass  # junk on a queue (workers drop it): not a step of anything
     return None
 
 
@@ -68,8 +69,10 @@ def pending_tasks(rt: Root) -> set[tuple[str, int]]:
     for raw in unacked:
         try:
             envelope, _exchange, routing_key = json.loads(raw)
-        except ValueError:
+        except (ValueError, TypeError):
             continue
+        if not isinstance(routing_key, str):
+            routing_key = ""
         host = wire.host_of_queue(routing_key or "")
         t = _task_of(envelope)
         if t and (host is None or host in alive):

@@ -68,3 +68,35 @@ def test_an_unacked_message_comes_back_after_the_visibility_timeout(redis_server
         back.ack()
         assert redis_client.hlen(PREFIX + "unacked") == 0
         q.close()
+
+
+def test_items_that_are_not_messages_are_dropped_and_kept_aside(redis_server, redis_client):
+    """Bytes that are not a kombu envelope would end a worker inside kombu; they are skipped and kept."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_server.url)
+    junk = [b"\x00\xff not json", b"[1, 2]", b"{}", b'{"properties": {"delivery_tag": "t"}}', b'{"body": 5}']
+    with connection(redis_server.url) as conn:
+        q = conn.SimpleQueue("tq-junk")
+        for read in (lambda: q.get(timeout=5), q.get_nowait):  # the consumer's BRPOP, then basic_get
+            q.put({"n": 1})
+            raw.rpush(PREFIX + "tq-junk", *junk)  # at the list's consuming end: read before the message
+            msg = read()
+            assert msg.payload == {"n": 1}
+            msg.ack()
+            assert raw.lrange(PREFIX + transport.UNDELIVERABLE, 0, len(junk) - 1) == junk
+        assert raw.llen(PREFIX + transport.UNDELIVERABLE) == 2 * len(junk)
+        assert redis_client.hlen(PREFIX + "unacked") == 0
+        q.close()
+
+
+def test_envelope_problem_names_what_is_missing():
+    good = {"body": "e30=", "properties": {"delivery_tag": "t", "delivery_info": {}, "body_encoding": "base64"}}
+    assert transport.envelope_problem(good) is None
+    assert transport.envelope_problem([]) == "not a JSON object"
+    assert "delivery_tag" in transport.envelope_problem({"properties": {}})
+    assert "delivery_info" in transport.envelope_problem({"properties": {"delivery_tag": "t"}})
+    assert "base64" in transport.envelope_problem({**good, "body": "@@"})
+    bad_encoding = {**good, "properties": {**good["properties"], "body_encoding": "zip"}}
+    assert "body_encoding" in transport.envelope_problem(bad_encoding)
+    assert "headers" in transport.envelope_problem({**good, "headers": [1]})

@@ -58,11 +58,14 @@ class Root:
     def redis(self) -> redis.Redis:
         """One pool per process, sized to the role's concurrency up to ``redis_max_connections``: a
         thread waits for a connection (BlockingConnectionPool) instead of failing with
-        MaxConnectionsError under load, and thousands of threads don't open thousands of connections."""
+        MaxConnectionsError under load, and thousands of threads don't open thousands of connections.
+        Bytes that are not UTF-8 (MegaFlow writes none; junk pushed onto a broker queue can hold them)
+        read as U+FFFD instead of failing the whole read, e.g. the control's scan of every queue."""
         threads = int(getattr(self.settings, ROLE_CONCURRENCY.get(self.role, ""), 0) or 0)
         pool = redis.BlockingConnectionPool.from_url(
             self.settings.redis_url,
             decode_responses=True,
+            encoding_errors="replace",
             health_check_interval=30,
             max_connections=min(max(16, threads + 16), self.settings.redis_max_connections),
             timeout=30,

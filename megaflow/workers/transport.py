@@ -20,13 +20,26 @@ ack then skips Redis altogether.
 
 from __future__ import annotations
 
+import binascii
+import logging
+from base64 import b64decode
+from queue import Empty
 from time import time
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from megaflow.engine import delivery
+
+log = logging.getLogger(__name__)
+
+# Broker list (under the global key prefix) that keeps the last UNDELIVERABLE_KEEP items dropped from a
+# queue because they were not a message kombu can deliver (see ``Channel._decode_item``).
+UNDELIVERABLE = "undeliverable"
+UNDELIVERABLE_KEEP = 1000
 
 # KEYS: unacked index (zset), unacked (hash); ARGV: delivery tag, time, [message, exchange, routing key] JSON
 APPEND_LUA = "redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) return 1"
@@ -46,8 +59,8 @@ class QoS(kombu_redis.QoS):
             client.execute_command("EVAL", script, len(keys), *keys, *args)
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        delivery = message.delivery_info or {}
+        record = dumps([message._raw, delivery.get("exchange", ""), delivery.get("routing_key", "")])
         self._eval(APPEND_LUA, self._keys(), delivery_tag, time(), record)
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
 
@@ -66,11 +79,110 @@ class QoS(kombu_redis.QoS):
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
 
+def envelope_problem(payload: Any) -> str | None:
+    """Why a decoded queue item is not a message kombu's Redis transport can deliver, or None.
+
+    kombu builds a message from the item without checking it: an item that is not a JSON object with
+    a ``properties`` object holding a ``delivery_tag`` raises inside the worker's consumer loop, and
+    Celery ends the worker ("Unrecoverable error"); so does a body it cannot decode. What Celery can
+    judge from a well-formed envelope (the content type, an unknown task, wrong arguments) it judges
+    itself: it rejects such a message and logs it.
+    """
+    if not isinstance(payload, dict):
+        return "not a JSON object"
+    props = payload.get("properties")
+    if not isinstance(props, dict):
+        return "no 'properties' object"
+    if not isinstance(props.get("delivery_tag"), str) or not props["delivery_tag"]:
+        return "no 'properties.delivery_tag' string"
+    if not isinstance(props.get("delivery_info"), dict):
+        return "no 'properties.delivery_info' object"
+    body = payload.get("body")
+    if body is not None and not isinstance(body, str):
+        return "'body' is not a string"
+    encoding = props.get("body_encoding")
+    if encoding == "base64":
+        try:
+            b64decode(body or "", validate=True)
+        except (binascii.Error, ValueError):
+            return "'body' is not base64"
+    elif encoding is not None:
+        return f"unknown 'properties.body_encoding' {encoding!r}"
+    if not isinstance(payload.get("headers") or {}, dict):
+        return "'headers' is not an object"
+    for name in ("content-type", "content-encoding"):
+        if not isinstance(payload.get(name) or "", str):
+            return f"'{name}' is not a string"
+    return None
+
+
 class Channel(kombu_redis.Channel):
-    """A Redis channel that reuses its synchronous client while its connection pool lives."""
+    """A Redis channel that reuses its synchronous client while its connection pool lives, and drops
+    queue items that are not messages instead of letting them end the worker."""
 
     QoS = QoS
     _mf_client: Any = None
+
+    def _decode_item(self, queue: str, item: Any) -> dict | None:
+        """The envelope of a queue item, or None when it is not one (logged and kept aside)."""
+        problem: str | None
+        try:
+            payload = loads(bytes_to_str(item))
+        except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problem = f"not JSON ({exc})"
+        else:
+            problem = envelope_problem(payload)
+            if problem is None:
+                return payload
+        log.error(
+            "dropped an item from queue %s that is not a broker message (%s): %.300r; the last %d such "
+            "items are kept in the Redis list %s",
+            queue,
+            problem,
+            item,
+            UNDELIVERABLE_KEEP,
+            self.global_keyprefix + UNDELIVERABLE,
+        )
+        try:
+            with self.conn_or_acquire() as client:
+                client.lpush(UNDELIVERABLE, item)  # kombu's client prefixes LPUSH's key itself, not LTRIM's
+                client.ltrim(self.global_keyprefix + UNDELIVERABLE, 0, UNDELIVERABLE_KEEP - 1)
+        except redis.RedisError as exc:
+            log.warning("could not keep the dropped item aside: %s", exc)
+        return None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu's _brpop_read (kombu 5.7.0), with the item checked before it is delivered
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next poll reconnects
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            payload = self._decode_item(dest, item)
+            if payload is not None:
+                self.connection._deliver(payload, dest)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu's own reset (its annotation says bool)
+            self._flush_brpop_reauth()
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict:
+        # kombu's _get (basic_get, a consumer without the event loop), skipping items that are not messages
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                while item := client.rpop(self._q_for_pri(queue, pri)):
+                    self._maybe_update_queues_expire(client, queue)
+                    payload = self._decode_item(queue, item)
+                    if payload is not None:
+                        return payload
+            self._maybe_update_queues_expire(client, queue)
+            raise Empty()
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
