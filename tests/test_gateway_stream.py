@@ -405,3 +405,47 @@ def test_reasoning_and_a_null_content_come_back_as_without_streaming(settings):
     finally:
         server.stop()
         root.close()
+
+
+def test_junk_requests_get_a_4xx_and_the_gateway_keeps_serving(settings):
+    """Bodies that are not JSON or not objects, bad or negative lengths, unknown routes and keys: each
+    gets a 4xx in the OpenAI error shape within a second, and the gateway answers /v1/models after."""
+    root = Root(settings, role="client")
+    server = GatewayHTTPServer(EpisodeGateway(root)).start()
+    host, port = server.server_address[:2]
+
+    def send(path: str, body: bytes, length: str | None = None, auth: str = "Bearer nope"):
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            conn.putrequest("POST", path)
+            conn.putheader("Content-Length", length if length is not None else str(len(body)))
+            conn.putheader("Authorization", auth)
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    try:
+        chat = "/v1/chat/completions"
+        cases = [
+            (chat, b"not json", None, "Bearer nope"),
+            (chat, b"[1, 2]", None, "Bearer nope"),
+            (chat, b"\xff\xfe", None, "Bearer nope"),
+            (chat, b"", "-3", "Bearer nope"),
+            (chat, b"", "lots", "Bearer nope"),
+            (chat, b'{"messages": "x"}', None, "Bearer nope"),
+            (chat, b'{"messages": []}', None, ""),
+            ("/v1/other", b"{}", None, "Bearer nope"),
+        ]
+        for path, body, length, auth in cases:
+            status, reply = send(path, body, length, auth)
+            assert 400 <= status < 500, (path, body, length, auth, status, reply)
+            assert reply["error"]["message"], reply
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request("GET", "/v1/models")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        server.stop()
+        root.close()

@@ -185,3 +185,47 @@ def test_idle_sandbox_is_closed_by_the_sweep_and_its_slot_freed(fleet):
             other.execute(M.Command(command="true", timeout=10**9))
     finally:
         root.close()
+
+
+def test_junk_requests_get_a_4xx_and_the_server_keeps_serving(server):
+    """Bodies that are not JSON, wrong shapes, bad or negative lengths, unknown routes: each gets a
+    4xx naming the problem within a second (no thread left reading), and the API then works as before."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(server.url)
+
+    def send(method: str, path: str, body: bytes = b"", length: str | None = None, **headers: str):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+        try:
+            conn.putrequest(method, path)
+            conn.putheader("Content-Length", length if length is not None else str(len(body)))
+            for k, v in headers.items():
+                conn.putheader(k.replace("_", "-"), v)
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    cases = [
+        ("POST", "/sandboxes", b"not json", None),
+        ("POST", "/sandboxes", b"[1, 2]", None),
+        ("POST", "/sandboxes", b'{"user": "u", "bogus": 1}', None),
+        ("POST", "/sandboxes", b"{}", None),
+        ("POST", "/sandboxes", b"", "-5"),
+        ("POST", "/sandboxes", b"", "many"),
+        ("POST", "/sandboxes/no-such/execute", b'{"command": "true"}', None),
+        ("POST", "/execute", b'{"command": "true"}', None),
+        ("GET", "/a/b/c/d", b"", None),
+        ("POST", "/sandboxes/x/" + "y" * 5000, b"{}", None),
+    ]
+    for method, path, body, length in cases:
+        status, reply = send(method, path, body, length)
+        assert 400 <= status < 500, (method, path, body, length, status, reply)
+        assert b"detail" in reply, reply
+    sbx = Sandbox.open(HttpTransport(server.url), user=user())
+    try:
+        assert sbx.execute("echo still").stdout == "still\n"
+    finally:
+        sbx.close()

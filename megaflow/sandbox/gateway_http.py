@@ -154,6 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         try:
             n = int(self.headers.get("Content-Length") or 0)
+            if n < 0:
+                raise ValueError(f"Content-Length must not be negative, got {n}")
             if n > MAX_BODY:
                 return self._error(413, f"request body over {MAX_BODY} bytes", "invalid_request_error")
             body = json.loads(self.rfile.read(n) or b"{}")

@@ -85,6 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         n = int(self.headers.get("Content-Length") or 0)
+        if n < 0:  # rfile.read(-1) would read until the client closes, holding a thread
+            raise ValueError(f"Content-Length must not be negative, got {n}")
         if n > MAX_BODY:
             raise ValueError(f"request body over {MAX_BODY} bytes")
         return self.rfile.read(n) if n else b""
