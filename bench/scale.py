@@ -262,6 +262,25 @@ def key_breakdown(r: Any, batch_id: str) -> dict[str, list[float]]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
 
 
+def hash_fields(r: Any, key_prefix: str, batch_id: str, sample: int = 200) -> dict[str, float]:
+    """Mean bytes (name + value) of each episode-hash field over a sample of the batch's live episodes,
+    largest first: what the episode hash is made of mid-run."""
+    from megaflow.core.keys import Keys
+
+    keys = Keys(key_prefix)
+    ids = r.lrange(keys.batch_episodes(batch_id), 0, sample - 1)
+    pipe = r.pipeline(transaction=False)
+    for eid in ids:
+        pipe.hgetall(keys.episode(eid))
+    total: dict[str, float] = {}
+    hashes = [h for h in pipe.execute() if h]
+    for h in hashes:
+        for name, value in h.items():
+            total[name] = total.get(name, 0) + len(name) + len(value)
+    n = max(1, len(hashes))
+    return dict(sorted(((k, v / n) for k, v in total.items()), key=lambda kv: -kv[1]))
+
+
 def command_counts(r: Any) -> dict[str, int]:
     """Redis commands served so far, by command (INFO commandstats)."""
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
@@ -319,6 +338,7 @@ def run_batch(
                 info = r.info("memory")
                 clients = int(r.info("clients")["connected_clients"])
                 snap.update(mem=mem, keys=key_breakdown(r, snap_batch[0]), info=info, clients=clients)
+                snap["fields"] = hash_fields(r, settings.key_prefix, snap_batch[0])
             peak["rss"] = max(peak["rss"], sum(rss_bytes(pid) for pid in pids.values()))
 
     snap_batch, t_sub = [""], [time.time()]
@@ -374,6 +394,7 @@ def run_batch(
         "redis_keys_mid_run": {
             k: {"keys": c, "bytes_per_episode": b / n} for k, (c, b) in snap.get("keys", {}).items()
         },
+        "episode_hash_fields_mid_run": snap.get("fields", {}),
     }
 
 
@@ -609,6 +630,13 @@ def main() -> None:
                         f"{k} ({int(v['keys'])} keys)={v['bytes_per_episode']:.0f}"
                         for k, v in list(row["redis_keys_mid_run"].items())[:12]
                     )
+                )
+            if row["episode_hash_fields_mid_run"]:
+                fields = row["episode_hash_fields_mid_run"]
+                print(
+                    f"        episode hash mid-run, bytes of its {len(fields)} fields (name + value, mean): "
+                    + ", ".join(f"{k}={v:.0f}" for k, v in list(fields.items())[:16])
+                    + f"; all {sum(fields.values()):.0f}"
                 )
         write_report(Path(a.out), rows, raw, a.profile)
         print(f"wrote {a.out}/scale.json and scale.html (logs in {tmp})")
