@@ -161,7 +161,8 @@ class SimHost:
             episode_id=episode_id,
             image=image,
             mode=mode,
-            data={"warm": warm, "labels": dict(labels or {}), "user": user or self.settings.container_user},
+            # no labels: nothing reads them back from a handle (the handle lives in the episode hash)
+            data={"warm": warm, "user": user or self.settings.container_user},
         )
 
     def close_episode(self, episode_id: str) -> list[str]:
