@@ -8,6 +8,8 @@ advance in the step leaves the message to the worker's ack, as before.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from kombu import Connection
 
@@ -126,3 +128,70 @@ def test_a_message_acknowledged_by_its_advance_is_not_requeued_by_a_reject(engin
     nxt.ack()
     assert engine.r.llen(wire.broker_queue_key(engine.settings.key_prefix, wire.MODEL_QUEUE)) == 0
     assert evals == ["append", "append", "remove"]  # the reject sent nothing
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """A worker whose steps run in the consuming process (a thread pool)."""
+    monkeypatch.setattr(delivery, "defer_appends", True)
+    yield
+    delivery._records.clear()
+
+
+def test_a_deferred_delivery_is_recorded_by_its_steps_first_read(engine, model_queue, evals, deferred):
+    ids = started(engine, 1)
+    msg = model_queue.get(timeout=5)
+    tag = msg.delivery_tag
+    assert not unacked(engine, tag)  # held: the consumer sent nothing
+    delivery.running(ids[0], 1, tag)
+    try:
+        ep = engine.claim(ids[0], 1)
+        assert ep is not None and unacked(engine, tag)  # the read wrote it, as kombu would have
+        _index, hash_key = delivery.unacked_keys(engine.settings.key_prefix)
+        envelope, exchange, routing_key = json.loads(engine.r.hget(hash_key, tag))
+        assert envelope == msg._raw and routing_key == wire.MODEL_QUEUE and exchange is not None
+        engine.load(ids[0])  # a second read writes nothing more
+        assert engine.advance(ep, next_task=to_model())
+    finally:
+        delivery.done()
+    assert not unacked(engine, tag)
+    msg.ack()
+    assert evals == [] and not delivery._records  # no EVAL for this delivery at all
+
+
+def test_a_deferred_delivery_never_read_is_dropped_or_restored_from_memory(engine, model_queue, evals, deferred):
+    ids = started(engine, 3)
+    queue_key = wire.broker_queue_key(engine.settings.key_prefix, wire.MODEL_QUEUE)
+    first = model_queue.get(timeout=5)  # its task fails before reading its episode: acked (rejected)
+    first.ack()
+    assert not unacked(engine, first.delivery_tag) and not delivery._records
+    second = model_queue.get(timeout=5)  # a lost worker's prefork child: requeued
+    second.reject(requeue=True)  # back on the queue (behind the third, as kombu requeues)
+    third, again = model_queue.get(timeout=5), model_queue.get(timeout=5)
+    assert again.delivery_tag == second.delivery_tag and again.payload == second.payload
+    assert third.delivery_tag not in (first.delivery_tag, second.delivery_tag)
+    assert evals == []
+    # a warm shutdown with deliveries held (prefetched, not started): kombu restores them to the queue
+    model_queue.channel.close()  # what a worker's warm shutdown does: kombu's restore_unacked_once
+    left = engine.r.llen(queue_key)
+    assert left == 2, left  # `third` and `again`, both back
+    assert {wire.decode_message(m)[1][0] for m in engine.r.lrange(queue_key, 0, -1)} <= set(ids)
+    assert not delivery._records and engine.r.hlen(delivery.unacked_keys(engine.settings.key_prefix)[1]) == 0
+
+
+def test_deliveries_that_cannot_wait_are_appended_at_once(engine, model_queue, evals, deferred, settings):
+    """Tasks that are not steps, and steps with a countdown (they wait in the worker), keep kombu's append."""
+    ids = started(engine, 1)
+    msg = model_queue.get(timeout=5)
+    msg.ack()
+    key, raw = wire.encode_message(settings.key_prefix, wire.ENV_CLOSE, [ids[0], {"id": "x"}], wire.MODEL_QUEUE)
+    env = json.loads(raw)
+    engine.r.lpush(key, raw)
+    env["headers"]["eta"] = "2026-01-01T00:00:00+00:00"
+    env["properties"]["delivery_tag"] = "eta-tag"
+    engine.r.lpush(key, json.dumps(env))
+    for _ in range(2):
+        m = model_queue.get(timeout=5)
+        assert unacked(engine, m.delivery_tag)
+        m.ack()
+    assert evals == ["append", "remove", "append", "remove"]

@@ -47,10 +47,11 @@ def test_demo_batch_with_inline_agent_decisions(settings, monkeypatch, tmp_path)
         # one step each for provision, every model call and command, and the evaluation (its record
         # and the end are one advance); with an agent step after each of them, about twice that
         assert calls >= 1 and ep.step == calls + execs + 2, (eid, ep.step, calls, execs)
-    # each step's message was acknowledged by the script that advanced its episode: a delivery costs
-    # one EVAL (kombu's unacked append), not two (append, then the worker's ack: 2 x steps)
+    # each step's delivery was recorded as unacknowledged by its first read of the episode and
+    # acknowledged by the script that advanced it (megaflow.engine.delivery): no EVAL of kombu's
+    # bookkeeping is left per step (stock: two per step, append and ack; 2 x steps)
     steps = sum(root.engine.load(eid).step for eid in ids)
-    assert steps <= evals < 1.5 * steps, (evals, steps)
+    assert steps > 0 and evals < 0.25 * steps, (evals, steps)
 
 
 def _eval_calls(r) -> int:

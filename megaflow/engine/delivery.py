@@ -16,6 +16,16 @@ Only the advance of the named episode at the named step acknowledges, once; any 
 the same task (another episode, a later step) leaves the message to the worker's acknowledgement. A
 process whose acknowledgement runs elsewhere (a prefork pool acknowledges in the parent) still
 sends its own; removing an entry that is gone is a no-op.
+
+The other end of the same bookkeeping: where the step runs in the consuming process (a thread
+pool: ``defer_appends``), the delivery's unacked record is not written by the consumer on its own
+(one Redis call per delivery, the largest single cost of a model worker's consumer). The transport
+holds it here (``hold``) and the step's first read of its episode writes it in the same script
+(``take_record``), an instant later. A record never written (the step failed before reading, or the
+worker shut down with the message prefetched) is dropped with the ack, or restored to its queue
+from here (``drop_record``). What this gives up: a worker killed between a delivery and its step's
+first read (a few milliseconds with a free thread per prefetched message) loses that message, and
+the control's stall sweep sends the step again after ``stall_timeout_s``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ _current: ContextVar[tuple[str, int, str] | None] = ContextVar("megaflow_deliver
 _settled: OrderedDict[str, None] = OrderedDict()  # tags acknowledged by an advance, until the worker's ack
 _SETTLED_MAX = 10_000  # a task that raised after its advance is never acknowledged by the worker: forget it
 _lock = Lock()
+_records: dict[str, str] = {}  # tag -> kombu's unacked record, held until the step's first read writes it
+defer_appends = False  # set by a worker whose steps run in the consuming process (a thread pool)
 
 
 def running(episode_id: str, step: int, tag: str | None) -> None:
@@ -64,6 +76,25 @@ def settled(tag: str) -> bool:
     """Whether an advance already acknowledged ``tag`` (forgotten once asked)."""
     with _lock:
         return _settled.pop(tag, 0) is None
+
+
+def hold(tag: str, record: str) -> None:
+    """Keep a delivery's unacked record until its step's first read of the episode writes it."""
+    _records[tag] = record
+
+
+def take_record(episode_id: str) -> tuple[str, str] | None:
+    """(tag, record) of the delivery the current step of ``episode_id`` runs for, if it is still held."""
+    cur = _current.get()
+    if cur is None or cur[0] != episode_id:
+        return None
+    record = _records.pop(cur[2], None)
+    return (cur[2], record) if record is not None else None
+
+
+def drop_record(tag: str) -> str | None:
+    """The held record of ``tag`` if it was never written to Redis (forgotten here), else None."""
+    return _records.pop(tag, None)
 
 
 def unacked_keys(key_prefix: str) -> tuple[str, str]:

@@ -85,10 +85,15 @@ return 1
 
 
 # One round trip to read an episode: its hash, its history length and all or the tail of its history.
-# KEYS[1] episode hash, KEYS[2] history list
-# ARGV[1] first history index to return ("0" all, "-1" the last record), or "" for none
+# KEYS[1] episode hash, KEYS[2] history list, [KEYS[3] broker unacked index, KEYS[4] broker unacked hash]
+# ARGV[1] first history index to return ("0" all, "-1" the last record), or "" for none,
+# [ARGV[2] delivery tag, ARGV[3] delivery time, ARGV[4] kombu's unacked record of the step's own message]
 # Returns {flat hash fields, history length, history records}.
 LOAD_LUA = """
+if ARGV[2] then  -- the step's first read records its delivery as unacknowledged (megaflow.engine.delivery)
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[4])
+end
 local n = redis.call('LLEN', KEYS[2])
 local hist = {}
 if ARGV[1] ~= '' then hist = redis.call('LRANGE', KEYS[2], ARGV[1], -1) end
@@ -311,7 +316,13 @@ class EpisodeEngine:
         """
         known = self.histories.known(episode_id) if history is True else 0
         start = {True: str(known), False: "", "tail": "-1"}[history]
-        flat, n, hist = self._load(keys=[self.keys.episode(episode_id), self.keys.history(episode_id)], args=[start])
+        keys, args = [self.keys.episode(episode_id), self.keys.history(episode_id)], [start]
+        held = delivery.take_record(episode_id)
+        if held is not None:
+            tag, record = held
+            keys += self._unacked
+            args += [tag, repr(time.time()), record]  # kombu scores a delivery with its own clock
+        flat, n, hist = self._load(keys=keys, args=args)
         if not flat:
             self.histories.drop(episode_id)
             raise NotFoundError(f"episode {episode_id} not found (expired or never submitted)")

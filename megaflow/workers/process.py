@@ -283,6 +283,7 @@ def run_worker(
     role: str, settings: Settings, *, host: str | None = None, concurrency: int | None = None, loglevel: str = "INFO"
 ) -> None:
     """Start one role's Celery worker in this process (blocks until it stops)."""
+    from megaflow.engine import delivery
     from megaflow.workers import celery_app as app_module
     from megaflow.workers import tasks
 
@@ -292,6 +293,8 @@ def run_worker(
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(loglevel.upper())))
     tasks.set_identity(role, host or settings.host_name if role == "env" else settings.host_name)
+    # steps run in this process: their deliveries' unacked records are written by their first read
+    delivery.defer_appends = p.pool == "threads"
     app_module.app.worker_main(
         [
             "worker",

@@ -32,9 +32,14 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from megaflow.core import wire
 from megaflow.engine import delivery
 
 log = logging.getLogger(__name__)
+
+# Tasks whose first Redis call reads their episode (megaflow.workers.tasks._guarded): their delivery's
+# unacked record can wait for that read (megaflow.engine.delivery.defer_appends)
+STEP_TASKS = frozenset({wire.AGENT_STEP, wire.MODEL_COMPLETE, wire.ENV_PROVISION, wire.ENV_EXEC, wire.ENV_EVALUATE})
 
 # Broker list (under the global key prefix) that keeps the last UNDELIVERABLE_KEEP items dropped from a
 # queue because they were not a message kombu can deliver (see ``Channel._decode_item``).
@@ -59,24 +64,47 @@ class QoS(kombu_redis.QoS):
             client.execute_command("EVAL", script, len(keys), *keys, *args)
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        delivery = message.delivery_info or {}
-        record = dumps([message._raw, delivery.get("exchange", ""), delivery.get("routing_key", "")])
-        self._eval(APPEND_LUA, self._keys(), delivery_tag, time(), record)
+        info = message.delivery_info or {}
+        record = dumps([message._raw, info.get("exchange", ""), info.get("routing_key", "")])
+        headers = message.headers or {}
+        if delivery.defer_appends and headers.get("task") in STEP_TASKS and headers.get("eta") is None:
+            delivery.hold(delivery_tag, record)  # the step's first read of its episode writes it
+        else:
+            self._eval(APPEND_LUA, self._keys(), delivery_tag, time(), record)
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if not delivery.settled(delivery_tag):  # else the step's advance script removed it already
+        held = delivery.drop_record(delivery_tag)  # never written: its step never read its episode
+        settled = delivery.settled(delivery_tag)  # the step's advance removed it
+        if held is None and not settled:
             self._eval(REMOVE_LUA, self._keys(), delivery_tag)
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        held = delivery.drop_record(delivery_tag)
         if delivery.settled(delivery_tag):
             pass  # the step advanced: its message is acknowledged, there is nothing to requeue
+        elif requeue and held is not None:
+            self._restore_held(held, leftmost=True)
         elif requeue:
-            self.restore_by_tag(delivery_tag, leftmost=True)
-        else:
+            super().restore_by_tag(delivery_tag, leftmost=True)
+        elif held is None:
             self._eval(REMOVE_LUA, self._keys(), delivery_tag)
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        held = delivery.drop_record(tag)
+        if held is None:  # written (or never held): kombu's restore from the unacked hash
+            super().restore_by_tag(tag, client, leftmost)
+        else:
+            self._restore_held(held, client=client, leftmost=leftmost)
+
+    def _restore_held(self, record: str, client: Any = None, leftmost: bool = False) -> None:
+        """Put a delivery whose record was never written back on its queue (as kombu's restore would)."""
+        message, exchange, routing_key = loads(record)
+        with self.channel.conn_or_acquire(client) as c, c.pipeline() as pipe:
+            self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+            pipe.execute()
 
 
 def envelope_problem(payload: Any) -> str | None:
