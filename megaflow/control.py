@@ -73,7 +73,7 @@ def pending_tasks(rt: Root) -> set[tuple[str, int]]:
             continue
         if not isinstance(routing_key, str):
             routing_key = ""
-        host = wire.host_of_queue(routing_key or "")
+        host = wire.host_of_queue(routing_key)
         t = _task_of(envelope)
         if t and (host is None or host in alive):
             out.add(t)
