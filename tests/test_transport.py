@@ -7,6 +7,7 @@ kombu's own restore (at channel close and after the visibility timeout), as with
 
 from __future__ import annotations
 
+import json
 import time
 
 from kombu import Connection
@@ -30,6 +31,10 @@ def test_a_delivery_is_recorded_until_acked(redis_server, redis_client):
         tag = msg.delivery_tag
         assert redis_client.zscore(PREFIX + "unacked_index", tag) is not None
         assert tag in redis_client.hkeys(PREFIX + "unacked")
+        # kombu's record, [envelope, exchange, routing key], made from the queue item's own text
+        envelope, exchange, routing_key = json.loads(redis_client.hget(PREFIX + "unacked", tag))
+        assert envelope["properties"]["delivery_tag"] == tag and (exchange, routing_key) == ("tq-ack", "tq-ack")
+        assert json.loads(msg.body) == {"n": 1}
         msg.ack()
         assert redis_client.zscore(PREFIX + "unacked_index", tag) is None
         assert tag not in redis_client.hkeys(PREFIX + "unacked")

@@ -65,7 +65,11 @@ class QoS(kombu_redis.QoS):
 
     def append(self, message: Any, delivery_tag: str) -> None:
         info = message.delivery_info or {}
-        record = dumps([message._raw, info.get("exchange", ""), info.get("routing_key", "")])
+        text = self.channel.item_text(message._raw)
+        if text is None:
+            record = dumps([message._raw, info.get("exchange", ""), info.get("routing_key", "")])
+        else:  # the queue item as read is the envelope's JSON: no need to encode it again
+            record = f"[{text}, {dumps(info.get('exchange', ''))}, {dumps(info.get('routing_key', ''))}]"
         headers = message.headers or {}
         if delivery.defer_appends and headers.get("task") in STEP_TASKS and headers.get("eta") is None:
             delivery.hold(delivery_tag, record)  # the step's first read of its episode writes it
@@ -150,17 +154,27 @@ class Channel(kombu_redis.Channel):
 
     QoS = QoS
     _mf_client: Any = None
+    _mf_item: tuple[Any, str] | None = None  # the envelope being delivered and its queue item's text
+
+    def item_text(self, payload: Any) -> str | None:
+        """The JSON text of the queue item ``payload`` was decoded from, while it is being delivered (kombu
+        appends a delivery to the unacked hash within the read that decoded it)."""
+        item = self._mf_item
+        return item[1] if item is not None and item[0] is payload else None
 
     def _decode_item(self, queue: str, item: Any) -> dict | None:
         """The envelope of a queue item, or None when it is not one (logged and kept aside)."""
         problem: str | None
+        self._mf_item = None
         try:
-            payload = loads(bytes_to_str(item))
+            text = bytes_to_str(item)
+            payload = loads(text)
         except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             problem = f"not JSON ({exc})"
         else:
             problem = envelope_problem(payload)
             if problem is None:
+                self._mf_item = (payload, text)
                 return payload
         log.error(
             "dropped an item from queue %s that is not a broker message (%s): %.300r; the last %d such "
@@ -197,6 +211,7 @@ class Channel(kombu_redis.Channel):
                 self.connection._deliver(payload, dest)
             return True
         finally:
+            self._mf_item = None
             self._in_poll = None  # type: ignore[assignment]  # kombu's own reset (its annotation says bool)
             self._flush_brpop_reauth()
 
