@@ -529,6 +529,12 @@ def main() -> None:
         default="on",
         help="MEGAFLOW_AGENT_INLINE for the fleet: on (decisions in the model/env step) or off (agent-service tasks)",
     )
+    ap.add_argument(
+        "--env-threads",
+        type=int,
+        default=4096,
+        help="most threads per env worker (MEGAFLOW_ENV_CONCURRENCY; default 4096, 512 with --in-flight)",
+    )
     ap.add_argument("--out", default="bench-out/scale")
     ap.add_argument("--raw-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -558,7 +564,7 @@ def main() -> None:
         a.profile,
         a.env_hosts,
         events=a.events,
-        env_threads=512 if a.in_flight else 4096,
+        env_threads=min(512, a.env_threads) if a.in_flight else a.env_threads,
         agent_inline=a.agent_inline == "on",
     )
     print(f"agent decisions: {'inline in the model/env steps' if settings.agent_inline else 'agent-service tasks'}")

@@ -77,6 +77,7 @@ class SimHost:
         ]
         self._default = (self.config.default, re.compile(self.config.default.match), None, None)
         self._boxes: dict[str, _Box] = {}
+        self._of_episode: dict[str, set[str]] = {}  # episode id -> its sandbox ids (a close reads no other)
         self._lock = threading.Lock()
         self._images: set[str] | None = set(self.config.images) if self.config.images is not None else None
         self._rng = random.Random(f"{self.config.seed}:host:{name}")  # host-level draws (boots, pulls)
@@ -154,6 +155,7 @@ class SimHost:
         box = _Box("sim-" + uuid.uuid4().hex[:16], episode_id, image, mode, self.config.seed)
         with self._lock:
             self._boxes[box.id] = box
+            self._of_episode.setdefault(episode_id, set()).add(box.id)
         return EnvHandle(
             backend=self.backend,
             host=self.name,
@@ -168,14 +170,24 @@ class SimHost:
     def close_episode(self, episode_id: str) -> list[str]:
         """Drop every sandbox of ``episode_id`` (its own, a fresh evaluation one); ids dropped."""
         with self._lock:
-            gone = [sid for sid, b in self._boxes.items() if b.episode_id == episode_id]
+            gone = sorted(self._of_episode.pop(episode_id, ()))
             for sid in gone:
                 self._boxes.pop(sid, None)
         return gone
 
     def close(self, handle: EnvHandle | dict) -> None:
         with self._lock:
-            self._boxes.pop(EnvHandle.coerce(handle).id, None)
+            self._drop(EnvHandle.coerce(handle).id)
+
+    def _drop(self, sandbox_id: str) -> None:
+        """Forget a sandbox (the caller holds the lock)."""
+        box = self._boxes.pop(sandbox_id, None)
+        if box is not None:
+            ids = self._of_episode.get(box.episode_id)
+            if ids is not None:
+                ids.discard(sandbox_id)
+                if not ids:
+                    del self._of_episode[box.episode_id]
 
     # --- files ----------------------------------------------------------------------------------
     def put_files(self, handle: EnvHandle | dict, files: dict[str, str | bytes]) -> None:
@@ -388,7 +400,7 @@ class SimHost:
         reaped = [b.id for b in boxes if b.created < lapse or (is_live is not None and not is_live(b.episode_id))]
         with self._lock:
             for sid in reaped:
-                self._boxes.pop(sid, None)
+                self._drop(sid)
         if self.config.warm_pool:
             for image in sorted(self._wanted | set(self._sizes)):
                 self._refill_async(image)
@@ -455,3 +467,4 @@ class SimHost:
         self._stop.set()
         with self._lock:
             self._boxes.clear()
+            self._of_episode.clear()
