@@ -123,3 +123,47 @@ def test_demo_batch_grades_as_with_docker(settings, kind):
     host = SimHost({"type": "sim", "preset": "demo", "time_scale": 0}, settings, name="h")
     codes = [_episode(host, raw, settings) for raw in demo_specs(kind, grading="exit_code")]
     assert codes == [0 if kind == "fix" else 1] * len(codes)
+
+
+@pytest.mark.redis
+def test_a_maintenance_pass_asks_redis_once_per_thousand_episodes(settings, redis_client):
+    """The env worker's liveness check (``LiveEpisodes``) answers a host's whole reaper pass in pipelined
+    round trips, not one HMGET round trip per sandbox; a closed episode's sandboxes go by its index."""
+    from megaflow.core.keys import Keys
+    from megaflow.workers.process import LiveEpisodes
+
+    class Counting:  # the client, counting round trips: pipelines and single HMGETs
+        def __init__(self, r):
+            self.r, self.pipelines, self.single = r, 0, 0
+
+        def pipeline(self, **kwargs):
+            self.pipelines += 1
+            return self.r.pipeline(**kwargs)
+
+        def hmget(self, *args):
+            self.single += 1
+            return self.r.hmget(*args)
+
+    keys = Keys(settings.key_prefix)
+    client = Counting(redis_client)
+    root = types.SimpleNamespace(redis=client, keys=keys, host="h")
+    for i in range(2500):
+        state, host = ("RUNNING", "h") if i % 3 else ("SUCCEEDED", "h")
+        if i % 5 == 0:
+            host = "other-host"  # moved to another host: not ours any more
+        redis_client.hset(keys.episode(f"ep-{i}"), mapping={"state": state, "host": host})
+    live = LiveEpisodes(root)
+    assert live("ep-1") and not live("ep-3") and not live("ep-5") and not live("ep-missing")
+    h = SimHost({"type": "sim"}, settings, name="h")
+    for i in range(2500):
+        h.create(f"ep-{i}", "img")
+    h.create("ep-missing", "img")
+    calls = redis_client.info("commandstats")["cmdstat_hmget"]["calls"]
+    client.pipelines = client.single = 0
+    reaped = h.maintain(live)["reaped"]
+    assert redis_client.info("commandstats")["cmdstat_hmget"]["calls"] - calls == 2501  # every episode, once
+    assert (client.pipelines, client.single) == (3, 0)  # 2,501 episodes in three round trips
+    expected_live = {f"ep-{i}" for i in range(2500) if i % 3 and i % 5}
+    assert h.report()["sandboxes"] == len(expected_live) and len(reaped) == 2501 - len(expected_live)
+    assert h.close_episode("ep-1") and h.close_episode("ep-1") == []
+    h.shutdown()

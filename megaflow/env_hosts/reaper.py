@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from megaflow.env_hosts import labels as L
+from megaflow.env_hosts.base import live_among
 
 
 def reap(host, is_live: Callable[[str], bool] | None = None) -> list[str]:
@@ -23,29 +24,25 @@ def reap(host, is_live: Callable[[str], bool] | None = None) -> list[str]:
     now = time.time()
     containers = host.containers.list_mine()
     claims = host.claims()
+    ours = [c for c in containers if _ours(host, c.get("Labels") or {})]
+    # one batched question for every episode these containers belong to, not one per container
+    live = live_among(is_live, {e for c in ours if (e := _episode_of(c, claims))}) if is_live is not None else None
     removed: list[str] = []
-    for c in containers:
+    for c in ours:
         labels = c.get("Labels") or {}
-        if (
-            not L.is_megaflow(labels)
-            or labels.get(L.HOST) != host.name
-            or labels.get(L.FLEET) != host.settings.fleet_id
-        ):
-            continue
         cid = c["Id"]
         try:
             expiry = float(labels.get(L.LEASE_EXPIRY) or 0)
         except ValueError:
             expiry = 0.0
-        episode = labels.get(L.EPISODE) or ""
+        episode = _episode_of(c, claims)
         claim = claims.get(cid)
         if claim:
-            episode = claim.get("episode_id") or episode
             expiry = min(expiry, float(claim.get("lease_expiry") or expiry))
         if now > expiry:
             why = "lease lapsed"
         elif episode:
-            if is_live is None or is_live(episode):
+            if live is None or episode in live:
                 continue
             why = f"episode {episode} finished or unknown"
         else:  # a warm container not handed out
@@ -64,3 +61,14 @@ def reap(host, is_live: Callable[[str], bool] | None = None) -> list[str]:
         if cid not in existing:
             host.claim_store.drop(cid)
     return removed
+
+
+def _ours(host, labels: dict) -> bool:
+    """A container with the full MegaFlow label set, of this host and this fleet."""
+    return L.is_megaflow(labels) and labels.get(L.HOST) == host.name and labels.get(L.FLEET) == host.settings.fleet_id
+
+
+def _episode_of(container: dict, claims: dict) -> str:
+    """The episode a container serves: its claim's (a warm container handed out), else its label's."""
+    claim = claims.get(container["Id"])
+    return (claim.get("episode_id") if claim else None) or (container.get("Labels") or {}).get(L.EPISODE) or ""

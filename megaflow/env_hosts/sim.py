@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 
 from megaflow.core.errors import RetryableInfraError, TaskError
-from megaflow.env_hosts.base import EnvHandle, ExecResult, OutputCap
+from megaflow.env_hosts.base import EnvHandle, ExecResult, OutputCap, live_among
 from megaflow.env_hosts.errors import ContainerLostError
 from megaflow.env_hosts.sim_config import SimEnvConfig, SimRule, draw
 
@@ -397,7 +397,8 @@ class SimHost:
         lapse = time.time() - self.settings.container_lifetime_s
         with self._lock:
             boxes = list(self._boxes.values())
-        reaped = [b.id for b in boxes if b.created < lapse or (is_live is not None and not is_live(b.episode_id))]
+        live = live_among(is_live, {b.episode_id for b in boxes}) if is_live is not None else None
+        reaped = [b.id for b in boxes if b.created < lapse or (live is not None and b.episode_id not in live)]
         with self._lock:
             for sid in reaped:
                 self._drop(sid)
