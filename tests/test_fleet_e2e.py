@@ -174,3 +174,26 @@ def test_cli_submit_accepts_swebench_instances(fleet, tmp_path):
     with Client(fleet) as client:
         res = client.results(batch_id)
     assert [(r["task_id"], r["state"]) for r in res] == [(inst["instance_id"], states.SUCCEEDED)]
+
+
+def test_thread_workers_run_megaflows_pool_and_answer_inspection(fleet):
+    """The model, agent and env workers run megaflow.workers.pool (Celery's threads pool without a
+    Future per task); Celery's remote inspection sees it with each worker's limit."""
+    from megaflow.workers.pool import POOL
+    from megaflow.workers.process import plan
+
+    app = create_app(fleet)
+    seen: dict = {}
+
+    def all_roles() -> dict | None:
+        seen.update(app.control.inspect(timeout=3).stats() or {})
+        return seen if {"model", "agent", "env"} <= {name.split("@")[0] for name in seen} else None
+
+    try:
+        stats = wait_until(all_roles, 60, lambda: f"workers answering: {sorted(seen)}")
+    finally:
+        app.close()
+    roles = {name.split("@")[0]: s for name, s in stats.items()}
+    for name, s in stats.items():
+        assert s["pool"]["implementation"] == POOL, (name, s["pool"])
+    assert roles["model"]["pool"]["max-concurrency"] == plan("model", fleet).concurrency

@@ -311,7 +311,7 @@ def run_worker(
     """Start one role's Celery worker in this process (blocks until it stops)."""
     from megaflow.engine import delivery
     from megaflow.workers import celery_app as app_module
-    from megaflow.workers import tasks
+    from megaflow.workers import pool, tasks
 
     p = plan(role, settings, host=host, concurrency=concurrency)
     app_module.configure(settings)
@@ -321,13 +321,16 @@ def run_worker(
     tasks.set_identity(role, host or settings.host_name if role == "env" else settings.host_name)
     # steps run in this process: their deliveries' unacked records are written by their first read
     delivery.defer_appends = p.pool == "threads"
+    if p.pool == "threads":
+        app_module.app.conf.worker_pool = pool.POOL
     app_module.app.worker_main(
         [
             "worker",
             "--queues",
             ",".join(p.queues),
-            "--pool",
-            p.pool,
+            # the threads pool is MegaFlow's (megaflow.workers.pool): Celery's CLI takes a pool class only
+            # through the app's worker_pool setting, which stands in for its default ("prefork")
+            *(["--pool", p.pool] if p.pool != "threads" else []),
             "--concurrency",
             str(p.concurrency),
             "--hostname",
