@@ -105,3 +105,55 @@ def test_envelope_problem_names_what_is_missing():
     bad_encoding = {**good, "properties": {**good["properties"], "body_encoding": "zip"}}
     assert "body_encoding" in transport.envelope_problem(bad_encoding)
     assert "headers" in transport.envelope_problem({**good, "headers": [1]})
+
+
+def test_the_brpop_read_is_kombus_command_packed_once_per_order_of_the_queues(redis_server, redis_client):
+    """The consumer's BRPOP names every queue at every priority step under the prefix, with kombu's
+    timeout; it is packed once for each order the queue cycle gives and then reused."""
+    from kombu import Exchange, Queue
+
+    queues = [Queue(n, Exchange(n, type="direct"), routing_key=n) for n in ("tq-pa", "tq-pb")]
+    with connection(redis_server.url) as conn:
+        channel = conn.default_channel
+        got: list[dict] = []
+        with conn.Producer() as producer:
+            for i in range(6):
+                q = queues[i % 2]
+                producer.publish({"n": i}, exchange=q.exchange, routing_key=q.routing_key, declare=[q], priority=i)
+        with conn.Consumer(queues, callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            deadline = time.monotonic() + 10
+            while len(got) < 6 and time.monotonic() < deadline:
+                conn.drain_events(timeout=2)
+        assert sorted(b["n"] for b in got) == list(range(6))
+        connection_, packed = channel._mf_brpop
+        assert 1 <= len(packed) <= 2  # the two orders of two queues at most
+        for key, command in packed.items():
+            *order, timeout = key
+            keys = [PREFIX + q + (f"{channel.sep}{pri}" if pri else "") for pri in (0, 3, 6, 9) for q in order]
+            assert command == connection_.pack_command("BRPOP", *keys, timeout)
+            assert set(order) == {"tq-pa", "tq-pb"} and timeout == channel.brpop_timeout
+        # the same order sends the very same packed command again
+        before = {k: id(v) for k, v in packed.items()}
+        with conn.Producer() as producer:
+            producer.publish({"n": 6}, exchange=queues[0].exchange, routing_key="tq-pa")
+        with conn.Consumer(queues, callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            conn.drain_events(timeout=5)
+        assert got[-1] == {"n": 6}
+        assert all(id(channel._mf_brpop[1][k]) == v for k, v in before.items() if k in channel._mf_brpop[1])
+    assert redis_client.hlen(PREFIX + "unacked") == 0
+
+
+def test_message_bodies_decode_as_with_kombus_json():
+    """The shared decoder gives what kombu's own json loads gives, its type hook included."""
+    import datetime
+    import uuid
+
+    from kombu.serialization import dumps, loads
+    from kombu.utils import json as kombu_json
+
+    transport.install()
+    value = {"when": datetime.datetime(2026, 12, 5, 10, 0), "id": uuid.UUID(int=7), "n": [1, 2.5, None, "x"]}
+    _ctype, _enc, body = dumps(value, serializer="json")
+    assert loads(body, "application/json", "utf-8") == kombu_json.loads(body) == value
+    for raw in (body.encode(), bytearray(body.encode()), memoryview(body.encode())):
+        assert transport.loads(raw) == value
