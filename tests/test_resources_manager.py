@@ -262,6 +262,22 @@ def test_boot_limiter_cap_and_rate(make):
     assert r.acquire_boot("r", "y")
 
 
+def test_start_boot_marks_started_and_takes_a_boot_slot_in_one_call(make):
+    m = make(boot_concurrency=1, admit_start_timeout_s=1.0)
+    m.register_host("h", capacity=5, images=[], warm={}, disk_free_gb=1)
+    m.enqueue(eps("A1", "A2", "A3"))
+    assert ids(m.admit()) == ["A1", "A2", "A3"]
+    assert m.start_boot("h", "A1") == "ok"
+    assert m.start_boot("h", "A1") == "ok"  # a redelivered provision renews its own slot
+    assert m.start_boot("h", "A2") == "busy"  # started (the sweep leaves it), but the one boot slot is A1's
+    assert not m.acquire_boot("h", "X")  # A2 took no slot
+    m.release_boot("h", "A1")
+    let_lapse(1.0)  # admit_start_timeout_s: A3 never started; A1 and A2 did
+    assert m.sweep()["requeued"] == 1
+    assert m.start_boot("h", "A3") == "requeued"  # it no longer holds slots: no boot slot taken either
+    assert m.acquire_boot("h", "A2")  # the slot A3 did not take
+
+
 def test_quota_and_capacity_view(make):
     m = make(user_limit=3)
     m.set_quota("alice", 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from megaflow.core import states
@@ -24,11 +25,19 @@ def provision(rt: Runtime, episode_id: str, step: int, *, final_attempt: bool = 
         return "dropped"
     if ep.host and ep.host != rt.host:  # re-admitted to another host since this task was sent
         return "dropped"
-    if not rt.resources.mark_started(ep.id):  # the sweep re-queued it (never started in time): not ours now
+    # mark it started and take a boot slot (one script)
+    boot = rt.resources.start_boot(rt.host, ep.id)
+    if boot == "requeued":  # the sweep re-queued it (never started in time): not ours now
         return "requeued"
     if ep.state != states.ENV_STARTING:
-        rt.engine.advance(ep, keep_step=True, state=states.ENV_STARTING, phase="env_starting")
-    if not rt.resources.acquire_boot(rt.host, ep.id):
+        try:
+            rt.engine.advance(ep, keep_step=True, state=states.ENV_STARTING, phase="env_starting")
+        except BaseException:
+            if boot == "ok":  # its retry takes the slot again (the same holder renews it)
+                with contextlib.suppress(Exception):  # else its lease frees it
+                    rt.resources.release_boot(rt.host, ep.id)
+            raise
+    if boot == "busy":  # the host's boot limiter is full: the task comes back shortly, holding nothing
         return BOOT_BUSY
     spec = ep.spec
     try:

@@ -451,6 +451,30 @@ return gone
 """
 )
 
+# take_boot(key, bucket, holder, limit, lease, rate, burst): 1 when the holder has one of the host's
+# container-creation slots (taken or renewed), 0 when the cap or the rate refuses; needs ``now``
+BOOT_FN = """
+local function take_boot(key, bucket, holder, limit, lease, rate, burst)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZSCORE', key, holder) then redis.call('ZADD', key, now + lease, holder); return 1 end
+  if redis.call('ZCARD', key) >= limit then return 0 end
+  if rate > 0 then
+    local b = redis.call('HMGET', bucket, 'tokens', 'ts')
+    local tokens, ts = tonumber(b[1] or burst), tonumber(b[2] or now)
+    tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+    if tokens < 1 then
+      redis.call('HSET', bucket, 'tokens', tokens, 'ts', now)
+      return 0
+    end
+    redis.call('HSET', bucket, 'tokens', tokens - 1, 'ts', now)
+    redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
+  end
+  redis.call('ZADD', key, now + lease, holder)
+  redis.call('PEXPIRE', key, lease)
+  return 1
+end
+"""
+
 # Boot limiter: take one of a host's container-creation slots, subject to an optional rate.
 # KEYS[1]: boot sorted set of the host (holder -> lease expiry)  KEYS[2]: rate bucket hash (tokens, ts)
 # ARGV[1]: holder  ARGV[2]: concurrency  ARGV[3]: lease (ms)  ARGV[4]: rate per s (0: none)
@@ -458,25 +482,25 @@ return gone
 # Returns 1 if taken (or already held: renewed), 0 if at the cap or over the rate.
 ACQUIRE_BOOT_LUA = (
     LUA_NOW
+    + BOOT_FN
     + """
-local key, bucket, holder = KEYS[1], KEYS[2], ARGV[1]
-local limit, lease, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-if redis.call('ZSCORE', key, holder) then redis.call('ZADD', key, now + lease, holder); return 1 end
-if redis.call('ZCARD', key) >= limit then return 0 end
-if rate > 0 then
-  local b = redis.call('HMGET', bucket, 'tokens', 'ts')
-  local tokens, ts = tonumber(b[1] or burst), tonumber(b[2] or now)
-  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
-  if tokens < 1 then
-    redis.call('HSET', bucket, 'tokens', tokens, 'ts', now)
-    return 0
-  end
-  redis.call('HSET', bucket, 'tokens', tokens - 1, 'ts', now)
-  redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
-end
-redis.call('ZADD', key, now + lease, holder)
-redis.call('PEXPIRE', key, lease)
-return 1
+return take_boot(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+"""
+)
+
+# An episode's provision begins: MARK_STARTED, then (only if it still holds its slots) ACQUIRE_BOOT, in
+# one round trip.
+# KEYS[1]: the host's boot slots  KEYS[2]: its rate bucket (the resource keys come from the namespace)
+# ARGV[1]: namespace  ARGV[2]: episode id (the boot slot's holder)  ARGV[3..6]: limit, lease ms, rate, burst
+# Returns 0: not held (re-queued or released: its provision must not run), 1: started but no boot
+# slot free now, 2: started with a boot slot.
+START_BOOT_LUA = (
+    PRELUDE
+    + BOOT_FN
+    + """
+if redis.call('HEXISTS', K.held, ARGV[2]) == 0 then return 0 end
+redis.call('ZREM', K.admitted, ARGV[2])
+return 1 + take_boot(KEYS[1], KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+  tonumber(ARGV[6]))
 """
 )

@@ -81,6 +81,7 @@ class ResourceManager:
         self._requeue = reg(lua.REQUEUE_LUA)
         self._remove_stale = reg(lua.REMOVE_STALE_HOSTS_LUA)
         self._acquire_boot = reg(lua.ACQUIRE_BOOT_LUA)
+        self._start_boot = reg(lua.START_BOOT_LUA)
         self.host_loss = HostLoss(redis_client, settings, keys)
 
     # --- FIFO and admission ----------------------------------------------------------------------
@@ -271,16 +272,23 @@ class ResourceManager:
         The slot's lease is ``boot_timeout_s + lease_s``: a creator that crashes frees it after that.
         With ``boot_rate_per_s`` set, a token bucket allows one second's worth (at least one) at once.
         """
+        return bool(self._acquire_boot(keys=self._boot_keys(host), args=[holder, *self._boot_args()]))
+
+    def start_boot(self, host: str, episode_id: str) -> str:
+        """``mark_started`` and then, if the episode still holds its slots, ``acquire_boot`` for it on
+        ``host``, in one round trip: "requeued" (it no longer holds slots: its provision must not run),
+        "busy" (started, but no boot slot is free now) or "ok" (started, holding a boot slot)."""
+        got = self._start_boot(keys=self._boot_keys(host), args=[self.base, episode_id, *self._boot_args()])
+        return ("requeued", "busy", "ok")[int(got)]
+
+    def _boot_keys(self, host: str) -> list[str]:
+        return [self._k("boot", host), self._k("bootrate", host)]
+
+    def _boot_args(self) -> list[float]:
+        """The boot limiter's cap, lease (ms), rate per second (0: none) and burst."""
         s = self.settings
         rate = s.boot_rate_per_s or 0.0
-        burst = max(1.0, rate)
-        lease = lease_ms(s.boot_timeout_s + s.lease_s)
-        return bool(
-            self._acquire_boot(
-                keys=[self._k("boot", host), self._k("bootrate", host)],
-                args=[holder, s.boot_concurrency, lease, rate, burst],
-            )
-        )
+        return [s.boot_concurrency, lease_ms(s.boot_timeout_s + s.lease_s), rate, max(1.0, rate)]
 
     def release_boot(self, host: str, holder: str) -> None:
         """Give a boot slot back; idempotent."""
