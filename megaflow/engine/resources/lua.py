@@ -374,14 +374,11 @@ return joined
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: episode id
 # Returns 1 if the episode holds its slots, 0 if not (it was released or re-queued meanwhile).
-MARK_STARTED_LUA = (
-    PRELUDE
-    + """
+MARK_STARTED = """
 if redis.call('HEXISTS', K.held, ARGV[2]) == 0 then return 0 end
 redis.call('ZREM', K.admitted, ARGV[2])
-return 1
 """
-)
+MARK_STARTED_LUA = PRELUDE + MARK_STARTED + "return 1\n"
 
 # Let parked users be checked again (after a quota change).
 # KEYS: none (see module docstring)
@@ -497,9 +494,8 @@ return take_boot(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 START_BOOT_LUA = (
     PRELUDE
     + BOOT_FN
+    + MARK_STARTED
     + """
-if redis.call('HEXISTS', K.held, ARGV[2]) == 0 then return 0 end
-redis.call('ZREM', K.admitted, ARGV[2])
 return 1 + take_boot(KEYS[1], KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
   tonumber(ARGV[6]))
 """
