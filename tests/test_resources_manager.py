@@ -57,8 +57,8 @@ def test_global_and_host_limits_stop_admission_then_oldest_goes_first(make):
     m.register_host("h", capacity=5, images=[], warm={}, disk_free_gb=1)
     m.enqueue(eps("A1", "B1", "A2", "B2"))
     assert ids(m.admit()) == ["A1", "B1"]
-    m.release("B1")
-    m.release("B1")  # idempotent: frees nothing more
+    assert m.release("B1") == 2  # what still waits in the FIFO: admission has work
+    assert m.release("B1") == 2  # idempotent: frees nothing more
     assert ids(m.admit()) == ["A2"]
     m2 = make(global_limit=10, user_limit=5)
     m2.release("A1")
@@ -154,12 +154,13 @@ def test_drain_survives_re_registration(make):
 def test_release_of_a_queued_episode_removes_it(make):
     m = make()
     m.enqueue(eps("A1", "A2", "B1"))
-    m.release("A1")
-    m.release("B1")
+    assert m.release("A1") == 2
+    assert m.release("B1") == 1
     assert m.queue_length() == 1
     m.register_host("h", capacity=5, images=[], warm={}, disk_free_gb=1)
     assert ids(m.admit()) == ["A2"]
     assert m.capacity()["queue"]["length"] == 0
+    assert m.release("A2") == 0  # nothing waits: a release needs no admission pass after it
 
 
 def test_enqueue_is_all_or_nothing_on_bad_items(make):

@@ -185,9 +185,10 @@ class Lifecycle:
         self.release(episode_id)
 
     def release(self, episode_id: str) -> None:
-        """Give back every slot the episode holds (and its FIFO place), then admit what that frees."""
-        self.resources.release(episode_id)
-        self.admit()
+        """Give back every slot the episode holds (and its FIFO place), then admit what that frees
+        (nothing to admit, and no round trip for it, when no episode waits)."""
+        if self.resources.release(episode_id):
+            self.admit()
 
 
 # Function forms, for step code written as functions of the root.

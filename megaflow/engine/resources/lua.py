@@ -264,19 +264,19 @@ return 'ok'
 # Free every tier an episode holds and take it out of the FIFO if still queued (idempotent).
 # KEYS: none (see module docstring)
 # ARGV[1]: namespace  ARGV[2]: episode id
-# Returns 1 if it held slots, 2 if it was queued, 0 if neither.
+# Returns how many episodes wait in the FIFO now (nothing to admit when 0).
 RELEASE_LUA = (
     PRELUDE
     + """
 local ep = ARGV[2]
-if drop(ep) then return 1 end
+if drop(ep) then return redis.call('HLEN', K.queued) end
 local raw = redis.call('HGET', K.queued, ep)
-if not raw then return 0 end
+if not raw then return redis.call('HLEN', K.queued) end
 local item = cjson.decode(raw)
 redis.call('HDEL', K.queued, ep)
 redis.call('ZREM', qkey(item.user), ep)
 set_head(item.user)
-return 2
+return redis.call('HLEN', K.queued)
 """
 )
 

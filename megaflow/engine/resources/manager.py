@@ -148,12 +148,13 @@ class ResourceManager:
             args=[self.base, episode_id, user, host, image, s.global_limit, s.user_limit, self.lease_ms]
         )
 
-    def release(self, episode_id: str) -> None:
+    def release(self, episode_id: str) -> int:
         """Free every tier the episode holds, or take it out of the FIFO; idempotent.
 
-        Call ``admit()`` afterwards: a slot may have freed.
+        Returns how many episodes wait in the FIFO now: when any do, call ``admit()`` afterwards
+        (a slot may have freed).
         """
-        self._release(args=[self.base, episode_id])
+        return int(self._release(args=[self.base, episode_id]))
 
     def renew(self, episode_id: str) -> bool:
         """Extend the episode's leases; False if they were lost (its slots may be someone else's now)."""
