@@ -269,13 +269,15 @@ RELEASE_LUA = (
     PRELUDE
     + """
 local ep = ARGV[2]
-if drop(ep) then return redis.call('HLEN', K.queued) end
-local raw = redis.call('HGET', K.queued, ep)
-if not raw then return redis.call('HLEN', K.queued) end
-local item = cjson.decode(raw)
-redis.call('HDEL', K.queued, ep)
-redis.call('ZREM', qkey(item.user), ep)
-set_head(item.user)
+if not drop(ep) then
+  local raw = redis.call('HGET', K.queued, ep)
+  if raw then
+    local item = cjson.decode(raw)
+    redis.call('HDEL', K.queued, ep)
+    redis.call('ZREM', qkey(item.user), ep)
+    set_head(item.user)
+  end
+end
 return redis.call('HLEN', K.queued)
 """
 )
