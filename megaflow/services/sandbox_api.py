@@ -148,7 +148,8 @@ class SandboxService:
             pipe.delete(f"{self.k.base}:token:{sha!s}")
         pipe.zrem(self.k.index, sid)
         pipe.execute()
-        self.root.resources.release(sid)
+        if not self.root.resources.release(sid):
+            return  # nothing waits in the FIFO: no admission pass to run
         try:
             self.root.lifecycle.admit()  # a slot freed: queued episodes may start
         except Exception:
