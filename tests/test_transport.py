@@ -157,3 +157,50 @@ def test_message_bodies_decode_as_with_kombus_json():
     assert loads(body, "application/json", "utf-8") == kombu_json.loads(body) == value
     for raw in (body.encode(), bytearray(body.encode()), memoryview(body.encode())):
         assert transport.loads(raw) == value
+
+
+def test_the_event_loop_hands_a_socket_to_the_hub_once_and_the_new_one_after_a_reconnection(redis_server, redis_client):
+    """kombu hands its sockets to the hub on every turn of the worker's event loop (a failing
+    ``epoll_ctl`` each); this transport hands a socket over once, and again when a reconnection
+    replaced it, and messages keep coming in both cases."""
+    from kombu import Exchange, Queue
+    from kombu.asynchronous import Hub
+
+    q = Queue("tq-hub", Exchange("tq-hub", type="direct"), routing_key="tq-hub")
+    got: list[int] = []
+    handed: list[int] = []
+    hub = Hub()
+    add_reader = hub.add_reader
+    hub.add_reader = lambda fd, *args: (handed.append(fd), add_reader(fd, *args))[1]  # type: ignore[method-assign]
+
+    def publish(*ns: int) -> None:
+        with connection(redis_server.url) as pub, pub.Producer() as producer:
+            for n in ns:
+                producer.publish({"n": n}, exchange=q.exchange, routing_key=q.routing_key, declare=[q])
+
+    def turn_until(count: int) -> int:
+        turns, deadline = 0, time.monotonic() + 15
+        while len(got) < count and time.monotonic() < deadline:
+            hub.run_once()
+            turns += 1
+        assert len(got) == count, f"{len(got)} of {count} messages after {turns} turns"
+        return turns
+
+    try:
+        with connection(redis_server.url) as conn:
+            conn.transport.register_with_event_loop(conn.connection, hub)
+            with conn.Consumer([q], callbacks=[lambda body, m: (got.append(body["n"]), m.ack())]):
+                publish(*range(5))
+                turns = turn_until(5)
+                assert turns >= 5 and len(handed) == 1, (turns, handed)  # kombu's own: once per turn
+                channel = conn.default_channel
+                first = channel.client.connection._sock
+                channel.client.connection.disconnect()  # as a failed BRPOP read does
+                publish(5, 6)
+                turn_until(7)
+                assert channel.client.connection._sock is not first
+                assert len(handed) == 2 and handed[1] == channel.client.connection._sock.fileno()
+                assert sorted(got) == list(range(7))
+    finally:
+        hub.close()
+    assert redis_client.hlen(PREFIX + "unacked") == 0

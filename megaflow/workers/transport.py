@@ -284,9 +284,49 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with MegaFlow's Channel (``broker_transport`` of every MegaFlow app)."""
+    """kombu's Redis transport with MegaFlow's Channel (``broker_transport`` of every MegaFlow app).
+
+    And without two failing system calls per turn of the worker's event loop: kombu hands each of
+    its sockets to the hub again on every turn (``add_reader``: an ``epoll_ctl`` that fails with
+    EEXIST, raised and caught), to be sure a socket that replaced another is polled. That is one
+    turn per message under load, and each call lets go of the GIL in the consumer thread, which
+    then waits among the task threads to take it back. Here a socket is handed to the hub when its
+    descriptor is not among the hub's readers, or is now another socket object than the one handed
+    over last (a reconnection); kombu's own registration of a new socket is unchanged.
+    """
 
     Channel = Channel
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        before = set(loop.on_tick)
+        super().register_with_event_loop(connection, loop)
+        added = [f for f in loop.on_tick if f not in before and getattr(f, "__name__", "") == "on_poll_start"]
+        if len(added) != 1:  # another kombu than the one this was written against: keep its own
+            return
+        loop.on_tick.discard(added[0])
+        loop.on_tick.add(self._on_poll_start(loop))
+
+    def _on_poll_start(self, loop: Any) -> Any:
+        cycle: Any = self.cycle  # kombu creates it with the transport (annotated as None)
+        on_readable, readers = self.on_readable, loop.readers
+        handed: dict[int, Any] = {}  # descriptor -> the socket it was last handed to the hub for
+
+        def on_poll_start() -> None:
+            cycle.on_poll_start()
+            socks = {}
+            for sock in cycle._chan_to_sock.values():
+                try:
+                    socks[sock.fileno()] = sock
+                except (AttributeError, OSError):  # not a socket object: let the hub decide, as kombu does
+                    pass
+            for fd in cycle.fds:
+                sock = socks.get(fd)
+                if sock is not None and fd in readers and handed.get(fd) is sock:
+                    continue
+                loop.add_reader(fd, on_readable, fd)
+                handed[fd] = sock
+
+        return on_poll_start
 
 
 TRANSPORT = f"{__name__}:Transport"
