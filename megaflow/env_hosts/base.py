@@ -252,7 +252,7 @@ class EnvHost(Protocol):
         """One upkeep pass (reap what is not live, refill warm pools, evict images); returns counts.
 
         ``is_live(episode_id)`` may also offer ``many(episode_ids) -> set`` (the env worker's does: one
-        pipelined round trip per 1,000 episodes); ``live_among`` asks it that way when it can.
+        script call per 1,000 episodes); ``live_among`` asks it that way when it can.
         """
         ...
 
