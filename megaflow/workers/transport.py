@@ -308,7 +308,7 @@ class Transport(kombu_redis.Transport):
 
     def _on_poll_start(self, loop: Any) -> Any:
         cycle: Any = self.cycle  # kombu creates it with the transport (annotated as None)
-        on_readable, readers = self.on_readable, loop.readers
+        on_readable = self.on_readable
         handed: dict[int, Any] = {}  # descriptor -> the socket it was last handed to the hub for
 
         def on_poll_start() -> None:
@@ -321,7 +321,7 @@ class Transport(kombu_redis.Transport):
                     pass
             for fd in cycle.fds:
                 sock = socks.get(fd)
-                if sock is not None and fd in readers and handed.get(fd) is sock:
+                if sock is not None and fd in loop.readers and handed.get(fd) is sock:
                     continue
                 loop.add_reader(fd, on_readable, fd)
                 handed[fd] = sock
