@@ -175,6 +175,16 @@ def cluster(tmp_path_factory):
         testhosts.remove(PREFIX)
 
 
+def _journals(lines: int = 40) -> str:
+    """The last lines of every unit's journal on every host: what a failed check shows."""
+    out = []
+    for host, units in UNITS.items():
+        for unit in units:
+            log = _exec(host, "journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "short-monotonic")
+            out.append(f"--- {host} {unit}\n{log.stdout}{log.stderr}")
+    return "\n".join(out)
+
+
 def test_every_unit_is_active_on_every_host(cluster):
     for host, units in UNITS.items():
         proc = _exec(host, "systemctl", "is-active", *units)
@@ -275,9 +285,16 @@ def test_changed_setting_restarts_only_its_units_and_loses_no_episode(cluster, t
     before = cluster.unit_ids()
     with Client(settings) as client:
         sub = client.submit(demo_specs("fix")[:8], user="deploy-restart")
-        deadline = time.monotonic() + 120
-        while not any(r["state"] == "RUNNING" for r in client.results(sub.batch_id)):
-            assert time.monotonic() < deadline, "no episode started"
+        # Normally seconds; the wait is long enough for a host's heartbeat to lapse and come back on a
+        # loaded machine, and a failure shows where each episode was and what every unit logged.
+        deadline = time.monotonic() + 300
+        while True:
+            results = client.results(sub.batch_id)
+            if any(r["state"] == "RUNNING" for r in results):
+                break
+            if time.monotonic() > deadline:
+                states = [(r["task_id"], r["state"], r.get("host")) for r in results]
+                pytest.fail(f"no episode started in 300 s: {states}\n{_journals()}")
             time.sleep(0.5)
         # A group variable of env_hosts, as an operator would change it (an -e would reach every host).
         with (cluster.inventory / "group_vars" / "env_hosts.yml").open("a") as fh:
