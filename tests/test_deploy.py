@@ -277,16 +277,22 @@ def test_second_run_changes_nothing(cluster):
 
 
 def test_changed_setting_restarts_only_its_units_and_loses_no_episode(cluster, tmp_path):
-    """env_concurrency of the env hosts changes while a batch runs: only the env workers restart (warmly)."""
+    """env_concurrency of the env hosts changes while a batch runs: only the env workers restart (warmly).
+
+    Each model reply takes 30 s (the scripted model's simulated generation), so the episodes are in
+    the middle of their work, containers up, when the playbook restarts the env workers: a demo
+    episode alone is over in seconds, sooner than a playbook run."""
     from megaflow.client import Client
+    from megaflow.core.states import TERMINAL
     from megaflow.demo_tasks import demo_specs
 
     settings = cluster.settings(tmp_path)
     before = cluster.unit_ids()
+    specs = demo_specs("fix")[:8]
+    for spec in specs:
+        spec["model"]["latency_s"] = 30
     with Client(settings) as client:
-        sub = client.submit(demo_specs("fix")[:8], user="deploy-restart")
-        # Normally seconds; the wait is long enough for a host's heartbeat to lapse and come back on a
-        # loaded machine, and a failure shows where each episode was and what every unit logged.
+        sub = client.submit(specs, user="deploy-restart")
         deadline = time.monotonic() + 300
         while True:
             results = client.results(sub.batch_id)
@@ -304,6 +310,8 @@ def test_changed_setting_restarts_only_its_units_and_loses_no_episode(cluster, t
             f"[deploy] config run (env_concurrency 4 -> 3) mid-batch: {took:.1f}s; "
             f"changed per host: { {h: r['changed'] for h, r in recap.items()} }"
         )
+        unfinished = [r["task_id"] for r in client.results(sub.batch_id) if r["state"] not in TERMINAL]
+        assert unfinished, "the batch ended before the playbook restarted the env workers: not a mid-batch change"
         client.wait(sub.batch_id, timeout=420)
         results = client.results(sub.batch_id)
     _assert_own_results(results, "SUCCEEDED")
