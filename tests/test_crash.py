@@ -50,13 +50,17 @@ def test_kill_9_deciding_workers_loses_no_episode(
     fleet.up(s, env_hosts=1, wait_s=120, echo=lambda m: None)
     try:
         with Client(s) as client:
-            sub = client.submit(demo_specs("fix")[:6], user="crash")
+            specs = demo_specs("fix")[:6]
+            for spec in specs:  # a second per reply: episodes stay RUNNING long enough to be seen there
+                spec["model"]["latency_s"] = 1.0
+            sub = client.submit(specs, user="crash")
             victims = {name: pid for name, pid in fleet.running(s).items() if name in victim_names}
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # kill once episodes are mid-flight
+            while True:  # kill once episodes are mid-flight
                 views = client.results(sub.batch_id)
                 if sum(v["state"] == states.RUNNING for v in views) >= 2:
                     break
+                assert time.monotonic() < deadline, f"never 2 episodes RUNNING at once: {views}"
                 time.sleep(0.2)
             for pid in victims.values():
                 os.killpg(pid, signal.SIGKILL)
