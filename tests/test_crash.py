@@ -12,6 +12,7 @@ from megaflow import Client, fleet
 from megaflow.core import states
 from megaflow.core.settings import Settings
 from megaflow.demo_tasks import demo_specs
+from tests.helpers import wait_until
 
 
 @pytest.mark.parametrize(
@@ -55,13 +56,12 @@ def test_kill_9_deciding_workers_loses_no_episode(
                 spec["model"]["latency_s"] = 1.0
             sub = client.submit(specs, user="crash")
             victims = {name: pid for name, pid in fleet.running(s).items() if name in victim_names}
-            deadline = time.monotonic() + 60
-            while True:  # kill once episodes are mid-flight
-                views = client.results(sub.batch_id)
-                if sum(v["state"] == states.RUNNING for v in views) >= 2:
-                    break
-                assert time.monotonic() < deadline, f"never 2 episodes RUNNING at once: {views}"
-                time.sleep(0.2)
+            wait_until(  # kill once episodes are mid-flight
+                lambda: sum(v["state"] == states.RUNNING for v in client.results(sub.batch_id)) >= 2,
+                60,
+                lambda: f"2 episodes RUNNING at once: {client.results(sub.batch_id)}",
+                0.2,
+            )
             for pid in victims.values():
                 os.killpg(pid, signal.SIGKILL)
             time.sleep(1)

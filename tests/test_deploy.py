@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.core.settings import Settings
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.deploy
 
@@ -293,15 +294,16 @@ def test_changed_setting_restarts_only_its_units_and_loses_no_episode(cluster, t
         spec["model"]["latency_s"] = 30
     with Client(settings) as client:
         sub = client.submit(specs, user="deploy-restart")
-        deadline = time.monotonic() + 300
-        while True:
-            results = client.results(sub.batch_id)
-            if any(r["state"] == "RUNNING" for r in results):
-                break
-            if time.monotonic() > deadline:
-                states = [(r["task_id"], r["state"], r.get("host")) for r in results]
-                pytest.fail(f"no episode started in 300 s: {states}\n{_journals()}")
-            time.sleep(0.5)
+
+        def seen() -> list[tuple]:
+            return [(r["task_id"], r["state"], r.get("host")) for r in client.results(sub.batch_id)]
+
+        wait_until(
+            lambda: any(state == "RUNNING" for _, state, _ in seen()),
+            300,
+            lambda: f"an episode RUNNING: {seen()}\n{_journals()}",
+            0.5,
+        )
         # A group variable of env_hosts, as an operator would change it (an -e would reach every host).
         with (cluster.inventory / "group_vars" / "env_hosts.yml").open("a") as fh:
             fh.write("megaflow_env_concurrency: 3\n")
