@@ -39,6 +39,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # the visibility timeout), not every 100 s as kombu's default throttle would
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # the lock around that scan: a worker killed while holding it (kill -9 of a whole fleet)
+            # left it for kombu's default 300 s, and no worker redelivered anything until it expired
+            "unacked_mutex_expire": 30,
         },
         result_backend=None,
         task_ignore_result=True,
